@@ -1,0 +1,16 @@
+//! The object model of the Avi-compatible API, as data, and the pure functions over it:
+//! validation and defaults, references, rendering, OpenAPI.
+//!
+//! Architecture invariant: this crate does no I/O and knows nothing of HTTP or storage.
+
+pub mod model;
+pub mod openapi;
+pub mod refs;
+pub mod render;
+pub mod types;
+pub mod validate;
+
+pub use model::{Field, Kind, ListKey, ListSpec, ObjectSchema, Scope, TypeDef};
+pub use render::{RenderOptions, object_path, render};
+pub use types::Registry;
+pub use validate::{SchemaError, entry_key, for_each_ref, normalize, rewrite_refs};
