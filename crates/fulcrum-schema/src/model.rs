@@ -9,7 +9,10 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
     Str,
-    Int { min: i64, max: i64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
     Bool,
     Enum(&'static [&'static str]),
     /// A reference to an object of the named API type (`pool`, `tenant`, ...).
@@ -51,7 +54,13 @@ pub struct Field {
 
 impl Field {
     pub fn new(name: &'static str, kind: Kind) -> Field {
-        Field { name, kind, default: None, required: false, description: "" }
+        Field {
+            name,
+            kind,
+            default: None,
+            required: false,
+            description: "",
+        }
     }
     pub fn required(mut self) -> Field {
         self.required = true;

@@ -27,7 +27,9 @@ impl Registry {
     }
 
     pub fn schema(&self, name: &str) -> &ObjectSchema {
-        self.schemas.get(name).unwrap_or_else(|| panic!("schema {name} is not defined"))
+        self.schemas
+            .get(name)
+            .unwrap_or_else(|| panic!("schema {name} is not defined"))
     }
 
     pub fn type_def(&self, path: &str) -> Option<&TypeDef> {
@@ -71,10 +73,18 @@ fn o(schema: &'static str) -> Kind {
     Kind::Obj(schema)
 }
 fn list(item: Kind, key: ListKey) -> Kind {
-    Kind::List(Box::new(ListSpec { item, max: None, key }))
+    Kind::List(Box::new(ListSpec {
+        item,
+        max: None,
+        key,
+    }))
 }
 fn list_max(item: Kind, key: ListKey, max: usize) -> Kind {
-    Kind::List(Box::new(ListSpec { item, max: Some(max), key }))
+    Kind::List(Box::new(ListSpec {
+        item,
+        max: Some(max),
+        key,
+    }))
 }
 /// A list of references: each entry is its own key.
 fn refs(target: &'static str) -> Kind {
@@ -95,11 +105,21 @@ const U16: (i64, i64) = (1, 65535);
 const U32_MAX: i64 = u32::MAX as i64;
 
 fn schema(name: &'static str, fields: Vec<Field>) -> ObjectSchema {
-    ObjectSchema { name, fields, hook: None }
+    ObjectSchema {
+        name,
+        fields,
+        hook: None,
+    }
 }
 
 fn api_type(path: &'static str, schema: &'static str, scope: Scope) -> TypeDef {
-    TypeDef { path, schema, scope, singleton: false, system_created: false }
+    TypeDef {
+        path,
+        schema,
+        scope,
+        singleton: false,
+        system_created: false,
+    }
 }
 
 /// Common to most configuration objects.
@@ -107,7 +127,10 @@ fn named(mut fields: Vec<Field>) -> Vec<Field> {
     let mut all = vec![
         f("name", s()).required(),
         f("description", s()),
-        f("markers", list(o("RoleFilterMatchLabel"), ListKey::Fields(&["key"]))),
+        f(
+            "markers",
+            list(o("RoleFilterMatchLabel"), ListKey::Fields(&["key"])),
+        ),
     ];
     all.append(&mut fields);
     all
@@ -121,18 +144,29 @@ fn check_ip_addr(obj: &mut Map<String, Value>) -> Result<(), String> {
         "V6" => addr.parse::<Ipv6Addr>().is_ok(),
         _ => !addr.is_empty(),
     };
-    if ok { Ok(()) } else { Err(format!("'{addr}' is not a valid {kind} address")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("'{addr}' is not a valid {kind} address"))
+    }
 }
 
 /// A server without a port takes the pool's `default_server_port`; its hostname defaults to
 /// its address, as the controller stores it.
 fn fill_pool_servers(pool: &mut Map<String, Value>) -> Result<(), String> {
-    let default_port = pool.get("default_server_port").cloned().unwrap_or(json!(80));
+    let default_port = pool
+        .get("default_server_port")
+        .cloned()
+        .unwrap_or(json!(80));
     if let Some(Value::Array(servers)) = pool.get_mut("servers") {
         for server in servers.iter_mut().filter_map(Value::as_object_mut) {
             server.entry("port").or_insert_with(|| default_port.clone());
             if !server.contains_key("hostname") {
-                let addr = server.get("ip").and_then(|ip| ip.get("addr")).cloned().unwrap_or(Value::Null);
+                let addr = server
+                    .get("ip")
+                    .and_then(|ip| ip.get("addr"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 server.insert("hostname".into(), addr);
             }
         }
@@ -222,9 +256,17 @@ const HM_TYPES: &[&str] = &[
     "HEALTH_MONITOR_LDAPS",
     "HEALTH_MONITOR_SCTP",
 ];
-const LICENSE_TIERS: &[&str] =
-    &["ENTERPRISE_16", "ENTERPRISE", "ENTERPRISE_18", "BASIC", "ESSENTIALS", "ENTERPRISE_WITH_CLOUD_SERVICES"];
-const HTTP_CODES: &[&str] = &["HTTP_ANY", "HTTP_1XX", "HTTP_2XX", "HTTP_3XX", "HTTP_4XX", "HTTP_5XX"];
+const LICENSE_TIERS: &[&str] = &[
+    "ENTERPRISE_16",
+    "ENTERPRISE",
+    "ENTERPRISE_18",
+    "BASIC",
+    "ESSENTIALS",
+    "ENTERPRISE_WITH_CLOUD_SERVICES",
+];
+const HTTP_CODES: &[&str] = &[
+    "HTTP_ANY", "HTTP_1XX", "HTTP_2XX", "HTTP_3XX", "HTTP_4XX", "HTTP_5XX",
+];
 const ACCESS_TYPES: &[&str] = &["NO_ACCESS", "READ_ACCESS", "WRITE_ACCESS"];
 
 fn sub_schemas() -> Vec<ObjectSchema> {
@@ -493,14 +535,26 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("default_tenant_ref", r("tenant")),
             ],
         ),
-        schema("Role", named(vec![f("privileges", keyed("Permission", &["resource"]))])),
+        schema(
+            "Role",
+            named(vec![f("privileges", keyed("Permission", &["resource"]))]),
+        ),
         schema(
             "Cloud",
             named(vec![
                 f("vtype", en(CLOUD_TYPES)).required(),
                 f("mtu", int(68, 9000)).default(1500),
                 f("dhcp_enabled", b()).default(false),
-                f("license_type", en(&["LIC_BACKEND_SERVERS", "LIC_SOCKETS", "LIC_CORES", "LIC_HOSTS", "LIC_SE_BANDWIDTH"])),
+                f(
+                    "license_type",
+                    en(&[
+                        "LIC_BACKEND_SERVERS",
+                        "LIC_SOCKETS",
+                        "LIC_CORES",
+                        "LIC_HOSTS",
+                        "LIC_SE_BANDWIDTH",
+                    ]),
+                ),
                 f("license_tier", en(LICENSE_TIERS)),
                 f("ipam_provider_ref", r("ipamdnsproviderprofile")),
                 f("dns_provider_ref", r("ipamdnsproviderprofile")),
@@ -512,7 +566,10 @@ fn object_schemas() -> Vec<ObjectSchema> {
         ),
         schema(
             "VrfContext",
-            named(vec![f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")), f("system_default", b()).default(false)]),
+            named(vec![
+                f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
+                f("system_default", b()).default(false),
+            ]),
         ),
         ObjectSchema {
             name: "Pool",
@@ -522,28 +579,49 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("enabled", b()).default(true),
                 f("default_server_port", int(U16.0, U16.1)).default(80),
                 f("lb_algorithm", en(LB_ALGORITHMS)).default("LB_ALGORITHM_LEAST_CONNECTIONS"),
-                f("lb_algorithm_hash", en(LB_HASHES)).default("LB_ALGORITHM_CONSISTENT_HASH_SOURCE_IP_ADDRESS"),
+                f("lb_algorithm_hash", en(LB_HASHES))
+                    .default("LB_ALGORITHM_CONSISTENT_HASH_SOURCE_IP_ADDRESS"),
                 f("lb_algorithm_consistent_hash_hdr", s()),
                 f("request_queue_enabled", b()).default(false),
                 f("request_queue_depth", int(0, U32_MAX)).default(128),
-                f("servers", list_max(o("Server"), ListKey::Fields(&["ip.addr", "port"]), 5000)),
-                f("health_monitor_refs", list_max(r("healthmonitor"), ListKey::Value, 50)),
+                f(
+                    "servers",
+                    list_max(o("Server"), ListKey::Fields(&["ip.addr", "port"]), 5000),
+                ),
+                f(
+                    "health_monitor_refs",
+                    list_max(r("healthmonitor"), ListKey::Value, 50),
+                ),
                 f("inline_health_monitor", b()).default(true),
                 f("min_servers_up", int(1, U32_MAX)),
                 f("graceful_disable_timeout", int(-1, 7200)).default(1),
                 f("connection_ramp_duration", int(0, 300)).default(10),
                 f("max_concurrent_connections_per_server", int(0, U32_MAX)).default(0),
                 f("use_service_port", b()).default(false),
-                f("append_port", en(&["NON_DEFAULT_80_443", "NEVER", "ALWAYS"])).default("NON_DEFAULT_80_443"),
+                f(
+                    "append_port",
+                    en(&["NON_DEFAULT_80_443", "NEVER", "ALWAYS"]),
+                )
+                .default("NON_DEFAULT_80_443"),
                 f("sni_enabled", b()).default(true),
                 f("server_name", s()),
                 f("ssl_profile_ref", r("sslprofile")),
                 f("ssl_key_and_certificate_ref", r("sslkeyandcertificate")),
                 f("fail_action", o("FailAction")),
                 f("server_timeout", int(0, 21_600_000)).default(0),
-                f("pool_type", en(&["POOL_TYPE_GENERIC_APP", "POOL_TYPE_OAUTH"])).default("POOL_TYPE_GENERIC_APP"),
-                f("server_disable_type", en(&["DISALLOW_NEW_CONNECTION", "ALLOW_NEW_CONNECTION_IF_PERSISTENCE_PRESENT"]))
-                    .default("DISALLOW_NEW_CONNECTION"),
+                f(
+                    "pool_type",
+                    en(&["POOL_TYPE_GENERIC_APP", "POOL_TYPE_OAUTH"]),
+                )
+                .default("POOL_TYPE_GENERIC_APP"),
+                f(
+                    "server_disable_type",
+                    en(&[
+                        "DISALLOW_NEW_CONNECTION",
+                        "ALLOW_NEW_CONNECTION_IF_PERSISTENCE_PRESENT",
+                    ]),
+                )
+                .default("DISALLOW_NEW_CONNECTION"),
                 f("analytics_profile_ref", r("analyticsprofile"))
                     .default(ref_default("analyticsprofile", "System-Analytics-Profile")),
                 f("ipaddrgroup_ref", r("ipaddrgroup")),
@@ -570,15 +648,21 @@ fn object_schemas() -> Vec<ObjectSchema> {
             named(vec![
                 f("enabled", b()).default(true),
                 f("traffic_enabled", b()).default(true),
-                f("type", en(&["VS_TYPE_NORMAL", "VS_TYPE_VH_PARENT", "VS_TYPE_VH_CHILD"])).default("VS_TYPE_NORMAL"),
+                f(
+                    "type",
+                    en(&["VS_TYPE_NORMAL", "VS_TYPE_VH_PARENT", "VS_TYPE_VH_CHILD"]),
+                )
+                .default("VS_TYPE_NORMAL"),
                 f("services", list(o("Service"), ListKey::Fields(&["port"]))),
                 f("vsvip_ref", r("vsvip")),
                 f("pool_ref", r("pool")),
                 f("pool_group_ref", r("poolgroup")),
                 f("application_profile_ref", r("applicationprofile"))
                     .default(ref_default("applicationprofile", "System-HTTP")),
-                f("network_profile_ref", r("networkprofile")).default(ref_default("networkprofile", "System-TCP-Proxy")),
-                f("se_group_ref", r("serviceenginegroup")).default(ref_default("serviceenginegroup", "Default-Group")),
+                f("network_profile_ref", r("networkprofile"))
+                    .default(ref_default("networkprofile", "System-TCP-Proxy")),
+                f("se_group_ref", r("serviceenginegroup"))
+                    .default(ref_default("serviceenginegroup", "Default-Group")),
                 f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
                 f("cloud_type", en(CLOUD_TYPES)).default("CLOUD_NONE"),
                 f("vrf_context_ref", r("vrfcontext")).default(ref_default("vrfcontext", "global")),
@@ -589,8 +673,15 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("analytics_profile_ref", r("analyticsprofile"))
                     .default(ref_default("analyticsprofile", "System-Analytics-Profile")),
                 f("east_west_placement", b()).default(false),
-                f("flow_dist", en(&["LOAD_AWARE", "CONSISTENT_HASH_SOURCE_IP_ADDRESS", "CONSISTENT_HASH_SOURCE_IP_ADDRESS_AND_PORT"]))
-                    .default("LOAD_AWARE"),
+                f(
+                    "flow_dist",
+                    en(&[
+                        "LOAD_AWARE",
+                        "CONSISTENT_HASH_SOURCE_IP_ADDRESS",
+                        "CONSISTENT_HASH_SOURCE_IP_ADDRESS_AND_PORT",
+                    ]),
+                )
+                .default("LOAD_AWARE"),
                 f("created_by", s()),
             ]),
         ),
@@ -615,10 +706,21 @@ fn object_schemas() -> Vec<ObjectSchema> {
             "ServiceEngineGroup",
             named(vec![
                 f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
-                f("ha_mode", en(&["HA_MODE_SHARED_PAIR", "HA_MODE_SHARED", "HA_MODE_LEGACY_ACTIVE_STANDBY"]))
-                    .default("HA_MODE_SHARED"),
+                f(
+                    "ha_mode",
+                    en(&[
+                        "HA_MODE_SHARED_PAIR",
+                        "HA_MODE_SHARED",
+                        "HA_MODE_LEGACY_ACTIVE_STANDBY",
+                    ]),
+                )
+                .default("HA_MODE_SHARED"),
                 f("active_standby", b()).default(false),
-                f("algo", en(&["PLACEMENT_ALGO_PACKED", "PLACEMENT_ALGO_DISTRIBUTED"])).default("PLACEMENT_ALGO_PACKED"),
+                f(
+                    "algo",
+                    en(&["PLACEMENT_ALGO_PACKED", "PLACEMENT_ALGO_DISTRIBUTED"]),
+                )
+                .default("PLACEMENT_ALGO_PACKED"),
                 f("max_se", int(0, 1000)).default(10),
                 f("max_vs_per_se", int(1, 1000)).default(10),
                 f("min_scaleout_per_vs", int(1, 64)).default(1),
@@ -630,7 +732,16 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("se_name_prefix", s()).default("Avi"),
                 f("se_deprovision_delay", int(0, 10080)).default(120),
                 f("placement_mode", en(&["PLACEMENT_MODE_AUTO"])).default("PLACEMENT_MODE_AUTO"),
-                f("license_type", en(&["LIC_BACKEND_SERVERS", "LIC_SOCKETS", "LIC_CORES", "LIC_HOSTS", "LIC_SE_BANDWIDTH"])),
+                f(
+                    "license_type",
+                    en(&[
+                        "LIC_BACKEND_SERVERS",
+                        "LIC_SOCKETS",
+                        "LIC_CORES",
+                        "LIC_HOSTS",
+                        "LIC_SE_BANDWIDTH",
+                    ]),
+                ),
                 f("license_tier", en(LICENSE_TIERS)),
                 f("reboot_on_panic", b()).default(true),
                 f("vs_scalein_timeout_for_upgrade", int(0, U32_MAX)).default(30),
@@ -641,18 +752,26 @@ fn object_schemas() -> Vec<ObjectSchema> {
             "ServiceEngine",
             vec![
                 f("name", s()).default("VM name unknown"),
-                f("se_group_ref", r("serviceenginegroup")).default(ref_default("serviceenginegroup", "Default-Group")),
+                f("se_group_ref", r("serviceenginegroup"))
+                    .default(ref_default("serviceenginegroup", "Default-Group")),
                 f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
-                f("enable_state", en(&[
-                    "SE_STATE_ENABLED",
-                    "SE_STATE_DISABLED_FOR_PLACEMENT",
-                    "SE_STATE_DISABLED",
-                    "SE_STATE_DISABLED_FORCE",
-                ]))
+                f(
+                    "enable_state",
+                    en(&[
+                        "SE_STATE_ENABLED",
+                        "SE_STATE_DISABLED_FOR_PLACEMENT",
+                        "SE_STATE_DISABLED",
+                        "SE_STATE_DISABLED_FORCE",
+                    ]),
+                )
                 .default("SE_STATE_ENABLED"),
                 f("controller_ip", s()),
                 f("container_mode", b()).default(false),
-                f("container_type", en(&["CONTAINER_TYPE_HOST", "CONTAINER_TYPE_BRIDGE"])).default("CONTAINER_TYPE_HOST"),
+                f(
+                    "container_type",
+                    en(&["CONTAINER_TYPE_HOST", "CONTAINER_TYPE_BRIDGE"]),
+                )
+                .default("CONTAINER_TYPE_HOST"),
                 f("controller_created", b()).default(true),
                 f("availability_zone", s()),
                 f("flavor", s()),
@@ -672,24 +791,54 @@ fn object_schemas() -> Vec<ObjectSchema> {
         schema(
             "StringGroup",
             named(vec![
-                f("type", en(&["SG_TYPE_STRING", "SG_TYPE_KEYVAL"])).required().default("SG_TYPE_STRING"),
+                f("type", en(&["SG_TYPE_STRING", "SG_TYPE_KEYVAL"]))
+                    .required()
+                    .default("SG_TYPE_STRING"),
                 f("kv", keyed("KeyValue", &["key"])),
                 f("longest_match", b()).default(false),
             ]),
         ),
-        schema("MicroService", named(vec![f("application_name", s()), f("orchestrator_name", s()), f("created_by", s())])),
-        schema("MicroServiceGroup", named(vec![f("service_refs", refs("microservice")), f("created_by", s())])),
+        schema(
+            "MicroService",
+            named(vec![
+                f("application_name", s()),
+                f("orchestrator_name", s()),
+                f("created_by", s()),
+            ]),
+        ),
+        schema(
+            "MicroServiceGroup",
+            named(vec![
+                f("service_refs", refs("microservice")),
+                f("created_by", s()),
+            ]),
+        ),
         schema(
             "GslbService",
             named(vec![
                 f("enabled", b()).default(true),
                 f("domain_names", strs()),
                 f("groups", keyed("GslbPool", &["name"])),
-                f("health_monitor_refs", list_max(r("healthmonitor"), ListKey::Value, 6)),
-                f("health_monitor_scope", en(&["GSLB_SERVICE_HEALTH_MONITOR_ALL_MEMBERS", "GSLB_SERVICE_HEALTH_MONITOR_ONLY_NON_AVI_MEMBERS"]))
-                    .default("GSLB_SERVICE_HEALTH_MONITOR_ALL_MEMBERS"),
-                f("pool_algorithm", en(&["GSLB_SERVICE_ALGORITHM_PRIORITY", "GSLB_SERVICE_ALGORITHM_GEO"]))
-                    .default("GSLB_SERVICE_ALGORITHM_PRIORITY"),
+                f(
+                    "health_monitor_refs",
+                    list_max(r("healthmonitor"), ListKey::Value, 6),
+                ),
+                f(
+                    "health_monitor_scope",
+                    en(&[
+                        "GSLB_SERVICE_HEALTH_MONITOR_ALL_MEMBERS",
+                        "GSLB_SERVICE_HEALTH_MONITOR_ONLY_NON_AVI_MEMBERS",
+                    ]),
+                )
+                .default("GSLB_SERVICE_HEALTH_MONITOR_ALL_MEMBERS"),
+                f(
+                    "pool_algorithm",
+                    en(&[
+                        "GSLB_SERVICE_ALGORITHM_PRIORITY",
+                        "GSLB_SERVICE_ALGORITHM_GEO",
+                    ]),
+                )
+                .default("GSLB_SERVICE_ALGORITHM_PRIORITY"),
                 f("ttl", int(0, 86400)),
                 f("num_dns_ip", int(1, 20)),
                 f("min_members", int(0, 65535)).default(0),
@@ -705,11 +854,14 @@ fn object_schemas() -> Vec<ObjectSchema> {
         schema(
             "SSLKeyAndCertificate",
             named(vec![
-                f("type", en(&[
-                    "SSL_CERTIFICATE_TYPE_VIRTUALSERVICE",
-                    "SSL_CERTIFICATE_TYPE_SYSTEM",
-                    "SSL_CERTIFICATE_TYPE_CA",
-                ]))
+                f(
+                    "type",
+                    en(&[
+                        "SSL_CERTIFICATE_TYPE_VIRTUALSERVICE",
+                        "SSL_CERTIFICATE_TYPE_SYSTEM",
+                        "SSL_CERTIFICATE_TYPE_CA",
+                    ]),
+                )
                 .default("SSL_CERTIFICATE_TYPE_VIRTUALSERVICE"),
                 f("certificate", o("SSLCertificate")),
                 f("key", s()),
@@ -726,33 +878,66 @@ fn object_schemas() -> Vec<ObjectSchema> {
             named(vec![
                 f("accepted_versions", list(Kind::Any, ListKey::None)),
                 f("accepted_ciphers", s()),
-                f("type", en(&["SSL_PROFILE_TYPE_APPLICATION", "SSL_PROFILE_TYPE_SYSTEM"])).default("SSL_PROFILE_TYPE_APPLICATION"),
+                f(
+                    "type",
+                    en(&["SSL_PROFILE_TYPE_APPLICATION", "SSL_PROFILE_TYPE_SYSTEM"]),
+                )
+                .default("SSL_PROFILE_TYPE_APPLICATION"),
             ]),
         ),
         schema(
             "ApplicationProfile",
             named(vec![
-                f("type", en(&[
-                    "APPLICATION_PROFILE_TYPE_L4",
-                    "APPLICATION_PROFILE_TYPE_HTTP",
-                    "APPLICATION_PROFILE_TYPE_SYSLOG",
-                    "APPLICATION_PROFILE_TYPE_DNS",
-                    "APPLICATION_PROFILE_TYPE_SSL",
-                    "APPLICATION_PROFILE_TYPE_SIP",
-                ]))
+                f(
+                    "type",
+                    en(&[
+                        "APPLICATION_PROFILE_TYPE_L4",
+                        "APPLICATION_PROFILE_TYPE_HTTP",
+                        "APPLICATION_PROFILE_TYPE_SYSLOG",
+                        "APPLICATION_PROFILE_TYPE_DNS",
+                        "APPLICATION_PROFILE_TYPE_SSL",
+                        "APPLICATION_PROFILE_TYPE_SIP",
+                    ]),
+                )
                 .required(),
                 f("http_profile", Kind::Any),
             ]),
         ),
         schema(
             "NetworkProfile",
-            named(vec![f("profile", Kind::Any), f("connection_mirror", b()).default(false)]),
+            named(vec![
+                f("profile", Kind::Any),
+                f("connection_mirror", b()).default(false),
+            ]),
         ),
-        schema("AnalyticsProfile", named(vec![f("apdex_response_threshold", int(1, 30000)).default(500)])),
-        schema("Network", named(vec![f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")), f("dhcp_enabled", b()).default(true)])),
-        schema("PoolGroup", named(vec![f("members", list(Kind::Any, ListKey::None)), f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud"))])),
-        schema("IpamDnsProviderProfile", named(vec![f("type", s()).required()])),
-        schema("CloudConnectorUser", named(vec![f("private_key", s()), f("public_key", s())])),
+        schema(
+            "AnalyticsProfile",
+            named(vec![
+                f("apdex_response_threshold", int(1, 30000)).default(500),
+            ]),
+        ),
+        schema(
+            "Network",
+            named(vec![
+                f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
+                f("dhcp_enabled", b()).default(true),
+            ]),
+        ),
+        schema(
+            "PoolGroup",
+            named(vec![
+                f("members", list(Kind::Any, ListKey::None)),
+                f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
+            ]),
+        ),
+        schema(
+            "IpamDnsProviderProfile",
+            named(vec![f("type", s()).required()]),
+        ),
+        schema(
+            "CloudConnectorUser",
+            named(vec![f("private_key", s()), f("public_key", s())]),
+        ),
         schema(
             "HTTPPolicySet",
             named(vec![
@@ -772,7 +957,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("dns_configuration", o("DNSConfiguration")),
                 f("ntp_configuration", o("NTPConfiguration")),
                 f("snmp_configuration", o("SnmpConfiguration")),
-                f("default_license_tier", en(LICENSE_TIERS)).default("ENTERPRISE_WITH_CLOUD_SERVICES"),
+                f("default_license_tier", en(LICENSE_TIERS))
+                    .default("ENTERPRISE_WITH_CLOUD_SERVICES"),
                 f("docker_mode", b()).default(false),
                 f("fips_mode", b()).default(false),
                 f("common_criteria_mode", b()).default(false),
@@ -790,7 +976,9 @@ fn object_schemas() -> Vec<ObjectSchema> {
         schema(
             "ControllerProperties",
             vec![
-                f("api_idle_timeout", int(0, 43200)).default(15).describe("Minutes an idle session lives."),
+                f("api_idle_timeout", int(0, 43200))
+                    .default(15)
+                    .describe("Minutes an idle session lives."),
                 f("api_perf_logging_threshold", int(10, U32_MAX)).default(10000),
                 f("default_minimum_api_timeout", int(60, 3600)).default(60),
                 f("allow_unauthenticated_apis", b()).default(false),
@@ -818,7 +1006,13 @@ fn object_schemas() -> Vec<ObjectSchema> {
 
 fn api_types() -> Vec<TypeDef> {
     use Scope::{Global, Tenant};
-    let singleton = |path, schema| TypeDef { path, schema, scope: Global, singleton: true, system_created: false };
+    let singleton = |path, schema| TypeDef {
+        path,
+        schema,
+        scope: Global,
+        singleton: true,
+        system_created: false,
+    };
     vec![
         api_type("tenant", "Tenant", Global),
         api_type("user", "User", Global),
@@ -834,7 +1028,13 @@ fn api_types() -> Vec<TypeDef> {
         api_type("virtualservice", "VirtualService", Tenant),
         api_type("healthmonitor", "HealthMonitor", Tenant),
         api_type("serviceenginegroup", "ServiceEngineGroup", Tenant),
-        TypeDef { path: "serviceengine", schema: "ServiceEngine", scope: Tenant, singleton: false, system_created: true },
+        TypeDef {
+            path: "serviceengine",
+            schema: "ServiceEngine",
+            scope: Tenant,
+            singleton: false,
+            system_created: true,
+        },
         api_type("ipaddrgroup", "IpAddrGroup", Tenant),
         api_type("stringgroup", "StringGroup", Tenant),
         api_type("microservice", "MicroService", Tenant),
@@ -856,9 +1056,15 @@ fn build() -> Registry {
     let mut schemas = HashMap::new();
     for schema in sub_schemas().into_iter().chain(object_schemas()) {
         let name = schema.name;
-        assert!(schemas.insert(name, schema).is_none(), "schema {name} defined twice");
+        assert!(
+            schemas.insert(name, schema).is_none(),
+            "schema {name} defined twice"
+        );
     }
-    Registry { schemas, types: api_types() }
+    Registry {
+        schemas,
+        types: api_types(),
+    }
 }
 
 #[cfg(test)]

@@ -35,29 +35,51 @@ impl fmt::Display for SchemaError {
 impl std::error::Error for SchemaError {}
 
 fn err(field: &str, message: impl Into<String>) -> SchemaError {
-    SchemaError { field: field.to_string(), message: message.into() }
+    SchemaError {
+        field: field.to_string(),
+        message: message.into(),
+    }
 }
 
 fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}.{name}")
+    }
 }
 
 /// Checks `input` against `schema` and returns the stored form of the object.
 /// Unknown fields are dropped, as the controller does.
-pub fn normalize(reg: &Registry, schema: &ObjectSchema, input: &Value) -> Result<Map<String, Value>, SchemaError> {
+pub fn normalize(
+    reg: &Registry,
+    schema: &ObjectSchema,
+    input: &Value,
+) -> Result<Map<String, Value>, SchemaError> {
     normalize_object(reg, schema, input, "")
 }
 
-fn normalize_object(reg: &Registry, schema: &ObjectSchema, input: &Value, at: &str) -> Result<Map<String, Value>, SchemaError> {
+fn normalize_object(
+    reg: &Registry,
+    schema: &ObjectSchema,
+    input: &Value,
+    at: &str,
+) -> Result<Map<String, Value>, SchemaError> {
     let Value::Object(input) = input else {
-        return Err(err(at, format!("expected an object, got {}", type_name(input))));
+        return Err(err(
+            at,
+            format!("expected an object, got {}", type_name(input)),
+        ));
     };
     let mut out = Map::new();
     for field in &schema.fields {
         let path = join(at, field.name);
         match input.get(field.name) {
             Some(value) if !value.is_null() => {
-                out.insert(field.name.into(), normalize_value(reg, &field.kind, value, &path)?);
+                out.insert(
+                    field.name.into(),
+                    normalize_value(reg, &field.kind, value, &path)?,
+                );
             }
             _ => {
                 if let Some(default) = &field.default {
@@ -85,7 +107,12 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
-fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> Result<Value, SchemaError> {
+fn normalize_value(
+    reg: &Registry,
+    kind: &Kind,
+    value: &Value,
+    at: &str,
+) -> Result<Value, SchemaError> {
     let wrong = |expected: &str| err(at, format!("expected {expected}, got {}", type_name(value)));
     match kind {
         Kind::Any => Ok(value.clone()),
@@ -112,35 +139,63 @@ fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> Resu
             Ok(Value::from(n))
         }
         Kind::Enum(values) => {
-            let Value::String(s) = value else { return Err(wrong("a string")) };
+            let Value::String(s) = value else {
+                return Err(wrong("a string"));
+            };
             if values.contains(&s.as_str()) {
                 Ok(value.clone())
             } else {
-                Err(err(at, format!("unknown value '{s}'; expected one of {}", values.join(", "))))
+                Err(err(
+                    at,
+                    format!("unknown value '{s}'; expected one of {}", values.join(", ")),
+                ))
             }
         }
         Kind::Ref(target) => {
-            let Value::String(s) = value else { return Err(wrong("a reference string")) };
+            let Value::String(s) = value else {
+                return Err(wrong("a reference string"));
+            };
             let parsed = refs::parse(target, s).map_err(|m| err(at, m))?;
             Ok(Value::String(parsed.canonical()))
         }
-        Kind::Obj(name) => Ok(Value::Object(normalize_object(reg, reg.schema(name), value, at)?)),
+        Kind::Obj(name) => Ok(Value::Object(normalize_object(
+            reg,
+            reg.schema(name),
+            value,
+            at,
+        )?)),
         Kind::List(spec) => normalize_list(reg, spec, value, at),
     }
 }
 
-fn normalize_list(reg: &Registry, spec: &ListSpec, value: &Value, at: &str) -> Result<Value, SchemaError> {
+fn normalize_list(
+    reg: &Registry,
+    spec: &ListSpec,
+    value: &Value,
+    at: &str,
+) -> Result<Value, SchemaError> {
     let Value::Array(items) = value else {
-        return Err(err(at, format!("expected a list, got {}", type_name(value))));
+        return Err(err(
+            at,
+            format!("expected a list, got {}", type_name(value)),
+        ));
     };
     if let Some(max) = spec.max
         && items.len() > max
     {
-        return Err(err(at, format!("has {} entries; at most {max} are allowed", items.len())));
+        return Err(err(
+            at,
+            format!("has {} entries; at most {max} are allowed", items.len()),
+        ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        out.push(normalize_value(reg, &spec.item, item, &format!("{at}[{i}]"))?);
+        out.push(normalize_value(
+            reg,
+            &spec.item,
+            item,
+            &format!("{at}[{i}]"),
+        )?);
     }
     let mut seen = HashSet::with_capacity(out.len());
     for (i, item) in out.iter().enumerate() {
@@ -180,7 +235,12 @@ pub fn entry_key(key: &ListKey, entry: &Value) -> Option<String> {
 }
 
 /// Visits every reference in a stored object, with the type it must point to.
-pub fn for_each_ref(reg: &Registry, schema: &ObjectSchema, object: &Map<String, Value>, visit: &mut dyn FnMut(&'static str, &str)) {
+pub fn for_each_ref(
+    reg: &Registry,
+    schema: &ObjectSchema,
+    object: &Map<String, Value>,
+    visit: &mut dyn FnMut(&'static str, &str),
+) {
     for field in &schema.fields {
         if let Some(value) = object.get(field.name) {
             visit_value(reg, &field.kind, value, visit);
@@ -188,11 +248,18 @@ pub fn for_each_ref(reg: &Registry, schema: &ObjectSchema, object: &Map<String, 
     }
 }
 
-fn visit_value(reg: &Registry, kind: &Kind, value: &Value, visit: &mut dyn FnMut(&'static str, &str)) {
+fn visit_value(
+    reg: &Registry,
+    kind: &Kind,
+    value: &Value,
+    visit: &mut dyn FnMut(&'static str, &str),
+) {
     match (kind, value) {
         (Kind::Ref(target), Value::String(s)) => visit(target, s),
         (Kind::Obj(name), Value::Object(map)) => for_each_ref(reg, reg.schema(name), map, visit),
-        (Kind::List(spec), Value::Array(items)) => items.iter().for_each(|item| visit_value(reg, &spec.item, item, visit)),
+        (Kind::List(spec), Value::Array(items)) => items
+            .iter()
+            .for_each(|item| visit_value(reg, &spec.item, item, visit)),
         _ => {}
     }
 }
@@ -234,7 +301,9 @@ fn rewrite_value(
         (Kind::Ref(target), Value::String(s)) => {
             *s = rewrite(target, s).map_err(|m| err(at, m))?;
         }
-        (Kind::Obj(name), Value::Object(map)) => rewrite_object(reg, reg.schema(name), map, at, rewrite)?,
+        (Kind::Obj(name), Value::Object(map)) => {
+            rewrite_object(reg, reg.schema(name), map, at, rewrite)?
+        }
         (Kind::List(spec), Value::Array(items)) => {
             for (i, item) in items.iter_mut().enumerate() {
                 rewrite_value(reg, &spec.item, item, &format!("{at}[{i}]"), rewrite)?;
@@ -257,7 +326,8 @@ mod tests {
 
     #[test]
     fn pool_defaults_match_the_controller() {
-        let p = pool(json!({"name": "p", "servers": [{"ip": {"addr": "10.0.0.1", "type": "V4"}}]})).unwrap();
+        let p = pool(json!({"name": "p", "servers": [{"ip": {"addr": "10.0.0.1", "type": "V4"}}]}))
+            .unwrap();
         assert_eq!(p["default_server_port"], 80);
         assert_eq!(p["lb_algorithm"], "LB_ALGORITHM_LEAST_CONNECTIONS");
         assert_eq!(p["request_queue_enabled"], false);
@@ -274,12 +344,36 @@ mod tests {
         let cases = [
             (json!({}), "name", "is required"),
             (json!({"name": 5}), "name", "expected a string"),
-            (json!({"name": "p", "default_server_port": 0}), "default_server_port", "out of range"),
-            (json!({"name": "p", "lb_algorithm": "FOO"}), "lb_algorithm", "unknown value 'FOO'"),
-            (json!({"name": "p", "servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "ratio": 25}]}), "servers[0].ratio", "out of range"),
-            (json!({"name": "p", "servers": [{"ip": {"addr": "nope", "type": "V4"}}]}), "servers[0].ip", "not a valid V4"),
-            (json!({"name": "p", "servers": {}}), "servers", "expected a list"),
-            (json!({"name": "p", "cloud_ref": "/api/pool/x"}), "cloud_ref", "expected a cloud"),
+            (
+                json!({"name": "p", "default_server_port": 0}),
+                "default_server_port",
+                "out of range",
+            ),
+            (
+                json!({"name": "p", "lb_algorithm": "FOO"}),
+                "lb_algorithm",
+                "unknown value 'FOO'",
+            ),
+            (
+                json!({"name": "p", "servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "ratio": 25}]}),
+                "servers[0].ratio",
+                "out of range",
+            ),
+            (
+                json!({"name": "p", "servers": [{"ip": {"addr": "nope", "type": "V4"}}]}),
+                "servers[0].ip",
+                "not a valid V4",
+            ),
+            (
+                json!({"name": "p", "servers": {}}),
+                "servers",
+                "expected a list",
+            ),
+            (
+                json!({"name": "p", "cloud_ref": "/api/pool/x"}),
+                "cloud_ref",
+                "expected a cloud",
+            ),
         ];
         for (input, field, message) in cases {
             let e = pool(input.clone()).unwrap_err();
@@ -301,11 +395,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_dropped_and_strings_coerce() {
-        let p = pool(json!({"name": "p", "bogus": 1, "enabled": "false", "default_server_port": "8080"})).unwrap();
+        let p = pool(
+            json!({"name": "p", "bogus": 1, "enabled": "false", "default_server_port": "8080"}),
+        )
+        .unwrap();
         assert!(!p.contains_key("bogus"));
         assert_eq!(p["enabled"], false);
         assert_eq!(p["default_server_port"], 8080);
-        assert!(!p.contains_key("servers"), "a list without a default stays absent");
+        assert!(
+            !p.contains_key("servers"),
+            "a list without a default stays absent"
+        );
     }
 
     #[test]
@@ -314,11 +414,21 @@ mod tests {
         let schema = reg.schema("Pool");
         let mut p = pool(json!({"name": "p", "health_monitor_refs": ["hm-1", "https://h/api/healthmonitor/hm-2#x"]})).unwrap();
         let mut seen = vec![];
-        for_each_ref(reg, schema, &p, &mut |kind, r| seen.push(format!("{kind} {r}")));
-        assert!(seen.contains(&"healthmonitor /api/healthmonitor/hm-2".to_string()), "{seen:?}");
+        for_each_ref(reg, schema, &p, &mut |kind, r| {
+            seen.push(format!("{kind} {r}"))
+        });
+        assert!(
+            seen.contains(&"healthmonitor /api/healthmonitor/hm-2".to_string()),
+            "{seen:?}"
+        );
         rewrite_refs(reg, schema, &mut p, &mut |_, r| Ok(r.to_uppercase())).unwrap();
         assert_eq!(p["health_monitor_refs"][0], "/API/HEALTHMONITOR/HM-1");
         let e = rewrite_refs(reg, schema, &mut p, &mut |_, _| Err("gone".into())).unwrap_err();
-        assert!(e.field.starts_with("cloud_ref") || e.field.starts_with("vrf_ref") || e.field.contains("health"), "{e}");
+        assert!(
+            e.field.starts_with("cloud_ref")
+                || e.field.starts_with("vrf_ref")
+                || e.field.contains("health"),
+            "{e}"
+        );
     }
 }

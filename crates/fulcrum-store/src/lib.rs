@@ -1,1 +1,26 @@
+//! Durable object storage and the in-memory catalogue that reads are served from.
+//!
+//! Architecture invariant: nothing here knows the object schema or HTTP. Objects are JSON with
+//! an index entry ([`Meta`]) computed by the caller.
+//! Architecture invariant: a change is visible to readers only after it is durable.
 
+pub mod backend;
+pub mod catalogue;
+pub mod writer;
+
+pub use backend::{Backend, MemoryBackend, RedbBackend};
+pub use catalogue::{Catalogue, Change, Indexer, Meta, Stored};
+pub use writer::{Store, Txn, WriteError};
+
+/// Errors of the storage layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store: {0}")]
+    Open(String),
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shut down")]
+    Closed,
+}

@@ -1,0 +1,181 @@
+//! The in-memory copy of every committed object, with the indexes reads need: by uuid, by
+//! (tenant, name), and who refers to whom. Reads are served from here; only the writer changes it,
+//! and only with changes that are already durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// What the catalogue indexes an object by; computed by the caller's [`Indexer`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Tenant uuid, empty for global objects.
+    pub tenant: String,
+    pub name: Option<String>,
+    /// Canonical `/api/<type>/<uuid>` of every object this one refers to.
+    pub refs: Vec<String>,
+}
+
+/// Computes an object's [`Meta`] from its type and stored body.
+pub type Indexer = Arc<dyn Fn(&str, &Value) -> Meta + Send + Sync>;
+
+/// One stored object.
+#[derive(Debug)]
+pub struct Stored {
+    pub kind: String,
+    pub uuid: String,
+    pub value: Value,
+    pub meta: Meta,
+}
+
+impl Stored {
+    /// `/api/<kind>/<uuid>`.
+    pub fn path(&self) -> String {
+        format!("/api/{}/{}", self.kind, self.uuid)
+    }
+}
+
+/// A change to one object, as the writer commits it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Put(Arc<Stored>),
+    Delete { kind: String, uuid: String },
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    objects: BTreeMap<String, Arc<Stored>>,
+    names: HashMap<(String, String), String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Catalogue {
+    tables: HashMap<String, Table>,
+    /// target path → paths of the objects that refer to it.
+    referrers: HashMap<String, BTreeSet<String>>,
+}
+
+impl Catalogue {
+    pub fn get(&self, kind: &str, uuid: &str) -> Option<&Arc<Stored>> {
+        self.tables.get(kind)?.objects.get(uuid)
+    }
+
+    /// Every object of a type, in uuid order.
+    pub fn iter(&self, kind: &str) -> impl Iterator<Item = &Arc<Stored>> {
+        self.tables
+            .get(kind)
+            .into_iter()
+            .flat_map(|t| t.objects.values())
+    }
+
+    pub fn count(&self, kind: &str) -> usize {
+        self.tables.get(kind).map_or(0, |t| t.objects.len())
+    }
+
+    pub fn find_by_name(&self, kind: &str, tenant: &str, name: &str) -> Option<&Arc<Stored>> {
+        let table = self.tables.get(kind)?;
+        let uuid = table.names.get(&(tenant.to_string(), name.to_string()))?;
+        table.objects.get(uuid)
+    }
+
+    /// Paths of the objects that refer to `target` (`/api/<kind>/<uuid>`).
+    pub fn referrers(&self, target: &str) -> impl Iterator<Item = &String> {
+        self.referrers.get(target).into_iter().flatten()
+    }
+
+    /// Looks an object up by its canonical path.
+    pub fn get_path(&self, path: &str) -> Option<&Arc<Stored>> {
+        let (kind, uuid) = path.strip_prefix("/api/")?.split_once('/')?;
+        self.get(kind, uuid)
+    }
+
+    pub(crate) fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Put(stored) => {
+                self.remove(&stored.kind, &stored.uuid);
+                let path = stored.path();
+                for target in &stored.meta.refs {
+                    self.referrers
+                        .entry(target.clone())
+                        .or_default()
+                        .insert(path.clone());
+                }
+                let table = self.tables.entry(stored.kind.clone()).or_default();
+                if let Some(name) = &stored.meta.name {
+                    table.names.insert(
+                        (stored.meta.tenant.clone(), name.clone()),
+                        stored.uuid.clone(),
+                    );
+                }
+                table.objects.insert(stored.uuid.clone(), stored.clone());
+            }
+            Change::Delete { kind, uuid } => self.remove(kind, uuid),
+        }
+    }
+
+    fn remove(&mut self, kind: &str, uuid: &str) {
+        let Some(table) = self.tables.get_mut(kind) else {
+            return;
+        };
+        let Some(old) = table.objects.remove(uuid) else {
+            return;
+        };
+        if let Some(name) = &old.meta.name {
+            let key = (old.meta.tenant.clone(), name.clone());
+            if table.names.get(&key) == Some(&old.uuid) {
+                table.names.remove(&key);
+            }
+        }
+        let path = old.path();
+        for target in &old.meta.refs {
+            if let Some(set) = self.referrers.get_mut(target) {
+                set.remove(&path);
+                if set.is_empty() {
+                    self.referrers.remove(target);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(kind: &str, uuid: &str, name: &str, refs: &[&str]) -> Change {
+        Change::Put(Arc::new(Stored {
+            kind: kind.into(),
+            uuid: uuid.into(),
+            value: Value::Null,
+            meta: Meta {
+                tenant: "t".into(),
+                name: Some(name.into()),
+                refs: refs.iter().map(|r| r.to_string()).collect(),
+            },
+        }))
+    }
+
+    #[test]
+    fn indexes_follow_puts_renames_and_deletes() {
+        let mut c = Catalogue::default();
+        c.apply(&stored("pool", "p1", "a", &[]));
+        c.apply(&stored("virtualservice", "v1", "vs", &["/api/pool/p1"]));
+        assert_eq!(c.find_by_name("pool", "t", "a").unwrap().uuid, "p1");
+        assert_eq!(
+            c.referrers("/api/pool/p1").collect::<Vec<_>>(),
+            ["/api/virtualservice/v1"]
+        );
+        c.apply(&stored("pool", "p1", "b", &[]));
+        assert!(c.find_by_name("pool", "t", "a").is_none());
+        assert!(c.find_by_name("pool", "t", "b").is_some());
+        c.apply(&stored("virtualservice", "v1", "vs", &[]));
+        assert_eq!(c.referrers("/api/pool/p1").count(), 0);
+        c.apply(&Change::Delete {
+            kind: "pool".into(),
+            uuid: "p1".into(),
+        });
+        assert!(c.get("pool", "p1").is_none() && c.find_by_name("pool", "t", "b").is_none());
+        assert_eq!(c.count("pool"), 0);
+    }
+}

@@ -1,0 +1,429 @@
+//! The single writer: every change goes through one thread that group-commits.
+//!
+//! A write is a closure run against a [`Txn`]: a view of the catalogue plus the changes already
+//! accepted into the current batch. The writer runs every pending closure, commits all accepted
+//! changes in one backend transaction (one fsync), applies them to the catalogue, and only then
+//! answers the callers. So checks (unique names, existing references) are serialised with the
+//! commit, throughput grows with the number of concurrent writers, and readers never see a change
+//! that is not yet durable.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use fulcrum_metrics::{Histogram, LATENCY_BUCKETS, SIZE_BUCKETS};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::StoreError;
+use crate::backend::Backend;
+use crate::catalogue::{Catalogue, Change, Indexer, Stored};
+
+/// At most this many writes share one commit.
+const MAX_BATCH: usize = 4096;
+
+pub static COMMIT_SECONDS: Histogram = Histogram::new(
+    "fulcrum_store_commit_seconds",
+    "Time of one durable commit (fsync included).",
+    "",
+    LATENCY_BUCKETS,
+);
+pub static COMMIT_BATCH_SIZE: Histogram = Histogram::new(
+    "fulcrum_store_commit_batch_size",
+    "Writes group-committed in one transaction.",
+    "",
+    SIZE_BUCKETS,
+);
+
+/// Why a write did not happen.
+#[derive(Debug)]
+pub enum WriteError<E> {
+    /// The closure refused it; nothing was changed.
+    Rejected(E),
+    /// It was accepted but could not be made durable; nothing was changed.
+    Storage(StoreError),
+}
+
+type Finisher = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&mut Txn<'_>) -> (bool, Finisher) + Send>;
+
+#[derive(Default)]
+struct Overlay {
+    objects: HashMap<(String, String), Option<Arc<Stored>>>,
+    /// (kind, tenant, name) → uuid, for objects written in this overlay.
+    names: HashMap<(String, String, String), String>,
+}
+
+impl Overlay {
+    fn absorb(&mut self, other: Overlay) {
+        self.objects.extend(other.objects);
+        self.names.extend(other.names);
+    }
+}
+
+/// A write's view: committed state, plus the batch so far, plus this write's own changes.
+pub struct Txn<'a> {
+    base: &'a Catalogue,
+    batch: &'a Overlay,
+    current: Overlay,
+    indexer: &'a Indexer,
+    clock: &'a mut u64,
+}
+
+impl Txn<'_> {
+    pub fn get(&self, kind: &str, uuid: &str) -> Option<Arc<Stored>> {
+        let key = (kind.to_string(), uuid.to_string());
+        if let Some(entry) = self
+            .current
+            .objects
+            .get(&key)
+            .or_else(|| self.batch.objects.get(&key))
+        {
+            return entry.clone();
+        }
+        self.base.get(kind, uuid).cloned()
+    }
+
+    pub fn get_path(&self, path: &str) -> Option<Arc<Stored>> {
+        let (kind, uuid) = path.strip_prefix("/api/")?.split_once('/')?;
+        self.get(kind, uuid)
+    }
+
+    pub fn find_by_name(&self, kind: &str, tenant: &str, name: &str) -> Option<Arc<Stored>> {
+        let key = (kind.to_string(), tenant.to_string(), name.to_string());
+        let candidates = [
+            self.current.names.get(&key).cloned(),
+            self.batch.names.get(&key).cloned(),
+            self.base
+                .find_by_name(kind, tenant, name)
+                .map(|s| s.uuid.clone()),
+        ];
+        // An index entry may be stale (renamed or deleted later in the batch): confirm it.
+        candidates.into_iter().flatten().find_map(|uuid| {
+            self.get(kind, &uuid)
+                .filter(|s| s.meta.tenant == tenant && s.meta.name.as_deref() == Some(name))
+        })
+    }
+
+    /// Paths of the objects that currently refer to `target`.
+    pub fn referrers(&self, target: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .base
+            .referrers(target)
+            .filter(|path| {
+                self.get_path(path)
+                    .is_some_and(|s| s.meta.refs.iter().any(|r| r == target))
+            })
+            .cloned()
+            .collect();
+        for entry in self
+            .batch
+            .objects
+            .values()
+            .chain(self.current.objects.values())
+            .flatten()
+        {
+            let path = entry.path();
+            if entry.meta.refs.iter().any(|r| r == target)
+                && !out.contains(&path)
+                && self
+                    .get(&entry.kind, &entry.uuid)
+                    .is_some_and(|s| Arc::ptr_eq(&s, entry))
+            {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    /// Every object of a type as this write sees it.
+    pub fn list(&self, kind: &str) -> Vec<Arc<Stored>> {
+        let mut seen: HashMap<String, Arc<Stored>> = self
+            .base
+            .iter(kind)
+            .map(|s| (s.uuid.clone(), s.clone()))
+            .collect();
+        for overlay in [self.batch, &self.current] {
+            for ((k, uuid), entry) in &overlay.objects {
+                if k == kind {
+                    match entry {
+                        Some(s) => seen.insert(uuid.clone(), s.clone()),
+                        None => seen.remove(uuid),
+                    };
+                }
+            }
+        }
+        seen.into_values().collect()
+    }
+
+    /// Stores `value` as object `kind/uuid` (create or replace).
+    pub fn put(&mut self, kind: &str, uuid: &str, value: Value) -> Arc<Stored> {
+        let meta = (self.indexer)(kind, &value);
+        let stored = Arc::new(Stored {
+            kind: kind.into(),
+            uuid: uuid.into(),
+            value,
+            meta,
+        });
+        if let Some(name) = &stored.meta.name {
+            self.current.names.insert(
+                (kind.into(), stored.meta.tenant.clone(), name.clone()),
+                uuid.into(),
+            );
+        }
+        self.current
+            .objects
+            .insert((kind.into(), uuid.into()), Some(stored.clone()));
+        stored
+    }
+
+    pub fn delete(&mut self, kind: &str, uuid: &str) {
+        self.current
+            .objects
+            .insert((kind.into(), uuid.into()), None);
+    }
+
+    /// Microseconds since the epoch, strictly increasing across writes: the `_last_modified`
+    /// of what this write stores.
+    pub fn timestamp_micros(&mut self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        *self.clock = now.max(*self.clock + 1);
+        *self.clock
+    }
+}
+
+/// The catalogue plus the writer thread that is the only one to change it.
+pub struct Store {
+    catalogue: Arc<RwLock<Catalogue>>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Store {
+    /// Loads every object from `backend` and starts the writer.
+    pub fn open(mut backend: impl Backend, indexer: Indexer) -> Result<Store, StoreError> {
+        let mut catalogue = Catalogue::default();
+        let mut clock = 0u64;
+        for (kind, uuid, value) in backend.load()? {
+            let meta = indexer(&kind, &value);
+            if let Some(ts) = value
+                .get("_last_modified")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                clock = clock.max(ts);
+            }
+            catalogue.apply(&Change::Put(Arc::new(Stored {
+                kind,
+                uuid,
+                value,
+                meta,
+            })));
+        }
+        let catalogue = Arc::new(RwLock::new(catalogue));
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let shared = catalogue.clone();
+        std::thread::Builder::new()
+            .name("fulcrum-writer".into())
+            .spawn(move || run_writer(backend, shared, indexer, queue, clock))
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(Store { catalogue, jobs })
+    }
+
+    /// A consistent view of committed state. Do not hold it across an `.await`.
+    pub fn read(&self) -> RwLockReadGuard<'_, Catalogue> {
+        self.catalogue.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` in the writer; its changes are durable and visible when this returns `Ok`.
+    pub async fn write<R, E>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<R, E> + Send + 'static,
+    ) -> Result<R, WriteError<E>>
+    where
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R, WriteError<E>>>();
+        let job: Job = Box::new(move |txn| match f(txn) {
+            Ok(value) => {
+                let finish: Finisher = Box::new(move |outcome| {
+                    let _ = tx.send(match outcome {
+                        Ok(()) => Ok(value),
+                        Err(e) => Err(WriteError::Storage(e.clone())),
+                    });
+                });
+                (true, finish)
+            }
+            Err(e) => {
+                let _ = tx.send(Err(WriteError::Rejected(e)));
+                (false, Box::new(|_| {}))
+            }
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| WriteError::Storage(StoreError::Closed))?;
+        rx.await
+            .map_err(|_| WriteError::Storage(StoreError::Closed))?
+    }
+}
+
+fn run_writer(
+    mut backend: impl Backend,
+    catalogue: Arc<RwLock<Catalogue>>,
+    indexer: Indexer,
+    queue: mpsc::Receiver<Job>,
+    mut clock: u64,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Overlay::default();
+        let mut finishers = Vec::with_capacity(jobs.len());
+        {
+            let base = catalogue.read().unwrap_or_else(|e| e.into_inner());
+            for job in jobs {
+                let mut txn = Txn {
+                    base: &base,
+                    batch: &batch,
+                    current: Overlay::default(),
+                    indexer: &indexer,
+                    clock: &mut clock,
+                };
+                let (accepted, finish) = job(&mut txn);
+                let current = std::mem::take(&mut txn.current);
+                if accepted {
+                    batch.absorb(current);
+                }
+                finishers.push(finish);
+            }
+        }
+        let outcome = if batch.objects.is_empty() {
+            Ok(())
+        } else {
+            let changes: Vec<Change> = batch
+                .objects
+                .into_iter()
+                .map(|((kind, uuid), entry)| match entry {
+                    Some(stored) => Change::Put(stored),
+                    None => Change::Delete { kind, uuid },
+                })
+                .collect();
+            let started = Instant::now();
+            let outcome = backend.commit(&changes);
+            COMMIT_SECONDS.observe("", started.elapsed().as_secs_f64());
+            COMMIT_BATCH_SIZE.observe("", finishers.len() as f64);
+            match &outcome {
+                Ok(()) => {
+                    let mut cat = catalogue.write().unwrap_or_else(|e| e.into_inner());
+                    changes.iter().for_each(|c| cat.apply(c));
+                }
+                Err(e) => tracing::error!(error = %e, "commit failed; the batch is refused"),
+            }
+            outcome
+        };
+        for finish in finishers {
+            finish(&outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{MemoryBackend, RedbBackend};
+    use crate::catalogue::Meta;
+    use serde_json::json;
+
+    fn indexer() -> Indexer {
+        Arc::new(|_kind: &str, v: &Value| Meta {
+            tenant: "t".into(),
+            name: v.get("name").and_then(Value::as_str).map(String::from),
+            refs: v
+                .get("ref")
+                .and_then(Value::as_str)
+                .map(|r| vec![r.to_string()])
+                .unwrap_or_default(),
+        })
+    }
+
+    fn create(
+        store: &Store,
+        uuid: &'static str,
+        name: &'static str,
+    ) -> impl Future<Output = Result<(), WriteError<String>>> {
+        store.write(move |txn| {
+            if txn.find_by_name("pool", "t", name).is_some() {
+                return Err(format!("{name} exists"));
+            }
+            txn.put("pool", uuid, json!({"name": name}));
+            Ok(())
+        })
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_writers_see_each_other_within_a_batch() {
+        let store = Arc::new(Store::open(MemoryBackend::default(), indexer()).unwrap());
+        let (a, b) = tokio::join!(create(&store, "p1", "same"), create(&store, "p2", "same"));
+        assert!(
+            a.is_ok() != b.is_ok(),
+            "exactly one of two same-named creates wins"
+        );
+        assert_eq!(store.read().count("pool"), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn rejected_writes_change_nothing_and_referrers_follow_the_batch() {
+        let store = Store::open(MemoryBackend::default(), indexer()).unwrap();
+        create(&store, "p1", "a").await.unwrap();
+        let r = store
+            .write(|txn| -> Result<(), &str> {
+                txn.put("pool", "p2", json!({"name": "b"}));
+                Err("no")
+            })
+            .await;
+        assert!(matches!(r, Err(WriteError::Rejected("no"))));
+        assert!(store.read().get("pool", "p2").is_none());
+        let refs = store
+            .write(|txn| -> Result<Vec<String>, ()> {
+                txn.put("vs", "v1", json!({"name": "v", "ref": "/api/pool/p1"}));
+                let during = txn.referrers("/api/pool/p1");
+                txn.delete("vs", "v1");
+                Ok([during, txn.referrers("/api/pool/p1")].concat())
+            })
+            .await
+            .unwrap();
+        assert_eq!(refs, ["/api/vs/v1"]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn redb_commits_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let store = Store::open(RedbBackend::open(&path).unwrap(), indexer()).unwrap();
+            create(&store, "p1", "a").await.unwrap();
+            create(&store, "p2", "b").await.unwrap();
+            store
+                .write(|txn| -> Result<(), ()> {
+                    txn.delete("pool", "p1");
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+        // The writer thread of the first store still holds the file until its channel closes.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let store = Store::open(RedbBackend::open(&path).unwrap(), indexer()).unwrap();
+        let cat = store.read();
+        assert!(cat.get("pool", "p1").is_none());
+        assert_eq!(cat.find_by_name("pool", "t", "b").unwrap().uuid, "p2");
+    }
+}
