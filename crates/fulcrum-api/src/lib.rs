@@ -1,1 +1,18 @@
+//! The HTTP edge of the controller: the Avi-compatible REST API.
+//!
+//! Architecture invariant: this is the one crate that wires schema, store and HTTP together;
+//! the schema and store crates know nothing of HTTP.
 
+pub mod access;
+pub mod app;
+pub mod auth;
+pub mod bootstrap;
+pub mod error;
+pub mod objects;
+pub mod server;
+pub mod system;
+pub mod tls;
+pub mod version;
+
+pub use error::ApiError;
+pub use server::{ServeConfig, ServeError, serve};

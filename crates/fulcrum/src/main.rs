@@ -1,1 +1,126 @@
-fn main() {}
+//! `fulcrum`: parses arguments and starts the controller or the shell. Nothing else lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "fulcrum",
+    version,
+    about = "A controller for load-balancer fleets, compatible with the Avi REST API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller on its embedded store.
+    Serve {
+        /// Address to listen on (port 0 picks a free one; the chosen address is printed).
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        listen: SocketAddr,
+        /// Where the store, the TLS certificate and the initial admin password live.
+        #[arg(long, default_value = "./fulcrum-data")]
+        data_dir: PathBuf,
+        /// Serve plain HTTP instead of HTTPS.
+        #[arg(long)]
+        plain_http: bool,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// An interactive shell against a controller, like the controller's own CLI.
+    Shell {
+        /// The controller's URL, for example https://127.0.0.1:9443.
+        #[arg(long, default_value = "https://127.0.0.1:9443")]
+        controller: String,
+        #[arg(long, default_value = "admin")]
+        user: String,
+        #[arg(long, env = "FULCRUM_PASSWORD")]
+        password: String,
+        /// Tenant to work in.
+        #[arg(long, default_value = "admin")]
+        tenant: String,
+        /// Run one command and exit.
+        #[arg(short = 'c', long = "command")]
+        command: Option<String>,
+    },
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FULCRUM_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("signal received");
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve {
+            listen,
+            data_dir,
+            plain_http,
+            log_json,
+        } => {
+            init_logs(log_json);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let config = fulcrum_api::ServeConfig {
+                listen,
+                data_dir,
+                plain_http,
+            };
+            match runtime.block_on(fulcrum_api::serve(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fulcrum: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Shell {
+            controller,
+            user,
+            password,
+            tenant,
+            command,
+        } => {
+            let options = fulcrum_shell::Options {
+                controller,
+                user,
+                password,
+                tenant,
+            };
+            match fulcrum_shell::run(options, command.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fulcrum shell: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! The generic object API: list, get, create, replace and delete any type in the schema.
+//!
+//! A write reads in one breath: check access → parse and validate (pure, schema) → in the
+//! writer: resolve references, check uniqueness, store → render the stored object.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fulcrum_schema::{
+    Registry, RenderOptions, Scope, TypeDef, for_each_ref, normalize, object_path, refs, render,
+    rewrite_refs,
+};
+use fulcrum_store::{Catalogue, Indexer, Meta, Stored, Txn};
+use serde_json::{Map, Value, json};
+
+use crate::access::{ADMIN_TENANT, Level, TenantScope};
+use crate::app::{App, RequestContext, json_response};
+use crate::auth::hash_password;
+use crate::error::ApiError;
+
+pub const MAX_PAGE_SIZE: usize = 200;
+pub const DEFAULT_PAGE_SIZE: usize = 25;
+
+/// Hidden fields are kept with the object but never shown (`_password_hash`, `_system_default`).
+fn is_hidden(key: &str) -> bool {
+    key.starts_with('_') && key != "_last_modified"
+}
+
+/// How the catalogue indexes an object: its tenant, name and references (tenant_ref included,
+/// so a tenant that still holds objects cannot be deleted).
+pub fn indexer() -> Indexer {
+    Arc::new(|kind: &str, value: &Value| {
+        let reg = Registry::get();
+        let mut meta = Meta {
+            tenant: String::new(),
+            name: value.get("name").and_then(Value::as_str).map(String::from),
+            refs: Vec::new(),
+        };
+        if let Some(tenant) = value.get("tenant_ref").and_then(Value::as_str) {
+            meta.tenant = refs::split_canonical(tenant)
+                .map(|(_, u)| u.to_string())
+                .unwrap_or_default();
+            meta.refs.push(tenant.to_string());
+        }
+        if let (Some(t), Some(map)) = (reg.type_def(kind), value.as_object()) {
+            for_each_ref(reg, reg.schema_of(t), map, &mut |_, r| {
+                if refs::split_canonical(r).is_some() && !meta.refs.iter().any(|x| x == r) {
+                    meta.refs.push(r.to_string());
+                }
+            });
+        }
+        meta
+    })
+}
+
+/// The tenant whose names an object of this type lives among ("" for global types).
+fn name_scope<'a>(type_def: &TypeDef, tenant: &'a str) -> &'a str {
+    if type_def.scope == Scope::Global {
+        ""
+    } else {
+        tenant
+    }
+}
+
+fn visible(ctx: &RequestContext, type_def: &TypeDef, stored: &Stored) -> bool {
+    match (type_def.scope, &ctx.scope) {
+        (Scope::Global, _) if type_def.path == "tenant" => ctx.principal.can_enter(&stored.uuid),
+        (Scope::Global, _) => true,
+        (Scope::Tenant, TenantScope::One(t)) => stored.meta.tenant == *t,
+        (Scope::Tenant, TenantScope::All) => {
+            ctx.principal.level(&stored.meta.tenant, type_def.path) >= Level::Read
+        }
+    }
+}
+
+/// Refuses the request unless the caller has `needed` access to the type in the request's tenant.
+pub fn require(ctx: &RequestContext, type_def: &TypeDef, needed: Level) -> Result<(), ApiError> {
+    let tenant = match (type_def.scope, type_def.path) {
+        // Tenants, system settings and the cluster are readable by every user...
+        (Scope::Global, "tenant" | "systemconfiguration" | "controllerproperties" | "cluster")
+            if needed == Level::Read =>
+        {
+            return Ok(());
+        }
+        // ...and otherwise governed by the user's rights in the admin tenant.
+        (Scope::Global, _) => ADMIN_TENANT,
+        (Scope::Tenant, _) => match &ctx.scope {
+            TenantScope::One(t) => t.as_str(),
+            TenantScope::All if needed == Level::Read => return Ok(()),
+            TenantScope::All => return Err(ctx.scope.for_write().unwrap_err()),
+        },
+    };
+    if ctx.principal.level(tenant, type_def.path) >= needed {
+        Ok(())
+    } else {
+        let what = if needed == Level::Write {
+            "write"
+        } else {
+            "read"
+        };
+        Err(ApiError::forbidden(format!(
+            "User '{}' may not {what} {} objects in this tenant",
+            ctx.principal.username, type_def.path
+        )))
+    }
+}
+
+fn render_one(
+    ctx: &RequestContext,
+    cat: &Catalogue,
+    type_def: &TypeDef,
+    stored: &Stored,
+    include_name: bool,
+) -> Value {
+    let fields: Option<Vec<String>> = ctx.param("fields").map(|f| {
+        f.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
+    let opts = RenderOptions {
+        base_url: &ctx.base_url,
+        include_name: include_name || ctx.has_param("include_name"),
+        skip_default: ctx.param("skip_default").is_some_and(|v| v != "false"),
+        fields: fields.as_deref(),
+    };
+    let Value::Object(map) = &stored.value else {
+        return stored.value.clone();
+    };
+    let mut map = map.clone();
+    map.retain(|k, _| !is_hidden(k));
+    render(Registry::get(), type_def, &map, &opts, &|r| {
+        cat.get_path(r).and_then(|s| s.meta.name.clone())
+    })
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "request body is empty; expected a JSON object",
+        ));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    }
+    Ok(value)
+}
+
+fn not_found(type_def: &TypeDef, uuid: &str) -> ApiError {
+    ApiError::not_found(format!("{} '{uuid}' not found", type_def.path))
+}
+
+fn sort_key<'a>(stored: &'a Stored, field: &str) -> Option<&'a Value> {
+    stored.value.get(field)
+}
+
+fn compare(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x
+            .as_f64()
+            .partial_cmp(&y.as_f64())
+            .unwrap_or(Ordering::Equal),
+        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
+        (Some(x), Some(y)) => x.to_string().cmp(&y.to_string()),
+        (None, Some(_)) => Ordering::Less,
+        (Some(_), None) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+}
+
+/// `type:uuid` (as in `refers_to=pool:pool-1`) to a canonical path.
+fn type_uuid_param(ctx: &RequestContext, name: &str) -> Result<Option<String>, ApiError> {
+    let Some(value) = ctx.param(name) else {
+        return Ok(None);
+    };
+    let (kind, uuid) = value
+        .split_once(':')
+        .filter(|(k, u)| !k.is_empty() && !u.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("{name} must be <type>:<uuid>, got '{value}'"))
+        })?;
+    Ok(Some(refs::canonical(kind, uuid)))
+}
+
+fn page_param(
+    ctx: &RequestContext,
+    name: &str,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match ctx.param(name) {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(format!(
+                "{name} must be an integer from 1 to {max}, got '{v}'"
+            ))),
+        },
+    }
+}
+
+pub fn list(
+    app: &App,
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+) -> Result<Response, ApiError> {
+    require(ctx, type_def, Level::Read)?;
+    let page_size = page_param(ctx, "page_size", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+    let page = page_param(ctx, "page", 1, usize::MAX)?;
+    let refers_to = type_uuid_param(ctx, "refers_to")?;
+    let referred_by = type_uuid_param(ctx, "referred_by")?;
+    let names_in: Option<Vec<&str>> = ctx.param("name.in").map(|v| v.split(',').collect());
+    let uuids_in: Option<Vec<&str>> = ctx.param("uuid.in").map(|v| v.split(',').collect());
+    let contains = ctx.param("name.contains");
+    let icontains = ctx.param("name.icontains").map(str::to_lowercase);
+    let cat = app.store.read();
+    let referred_by_refs: Option<Vec<String>> = referred_by.as_ref().map(|p| {
+        cat.get_path(p)
+            .map(|s| s.meta.refs.clone())
+            .unwrap_or_default()
+    });
+    let mut matches: Vec<&Arc<Stored>> = cat
+        .iter(type_def.path)
+        .filter(|s| visible(ctx, type_def, s))
+        .filter(|s| {
+            let name = s.meta.name.as_deref().unwrap_or_default();
+            ctx.param("name").is_none_or(|n| n == name)
+                && contains.is_none_or(|c| name.contains(c))
+                && icontains
+                    .as_deref()
+                    .is_none_or(|c| name.to_lowercase().contains(c))
+                && names_in.as_ref().is_none_or(|ns| ns.contains(&name))
+                && uuids_in
+                    .as_ref()
+                    .is_none_or(|us| us.contains(&s.uuid.as_str()))
+                && refers_to
+                    .as_ref()
+                    .is_none_or(|target| s.meta.refs.contains(target))
+                && referred_by_refs
+                    .as_ref()
+                    .is_none_or(|refs| refs.contains(&s.path()))
+        })
+        .collect();
+    let sort = ctx.param("sort").unwrap_or("name");
+    let (field, descending) = match sort.strip_prefix('-') {
+        Some(f) => (f, true),
+        None => (sort, false),
+    };
+    matches.sort_by(|a, b| {
+        let o = compare(sort_key(a, field), sort_key(b, field)).then_with(|| a.uuid.cmp(&b.uuid));
+        if descending { o.reverse() } else { o }
+    });
+    let count = matches.len();
+    let start = (page - 1).saturating_mul(page_size).min(count);
+    let end = (start + page_size).min(count);
+    let results: Vec<Value> = matches[start..end]
+        .iter()
+        .map(|s| render_one(ctx, &cat, type_def, s, false))
+        .collect();
+    let mut body = json!({"count": count, "results": results});
+    if end < count {
+        body["next"] = json!(ctx.url_with_params(
+            &format!("/api/{}", type_def.path),
+            &[("page", (page + 1).to_string())]
+        ));
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// The uuid of a singleton (there is exactly one, created at first start).
+pub fn singleton_uuid(app: &App, type_def: &TypeDef) -> Result<String, ApiError> {
+    app.store
+        .read()
+        .iter(type_def.path)
+        .next()
+        .map(|s| s.uuid.clone())
+        .ok_or_else(|| ApiError::internal(format!("{} is missing", type_def.path)))
+}
+
+pub fn get(
+    app: &App,
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+    uuid: &str,
+) -> Result<Response, ApiError> {
+    require(ctx, type_def, Level::Read)?;
+    let cat = app.store.read();
+    let stored = cat
+        .get(type_def.path, uuid)
+        .filter(|s| visible(ctx, type_def, s))
+        .ok_or_else(|| not_found(type_def, uuid))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &render_one(ctx, &cat, type_def, stored, false),
+    ))
+}
+
+/// Resolves every reference of `body` against what the writer sees: by-name references become
+/// uuids, and each target must exist and be visible from `tenant` (its own objects, the admin
+/// tenant's, or global ones).
+fn resolve_refs(
+    txn: &Txn<'_>,
+    type_def: &TypeDef,
+    body: &mut Map<String, Value>,
+    tenant: &str,
+) -> Result<(), ApiError> {
+    let reg = Registry::get();
+    let reachable = |s: &Stored| {
+        s.meta.tenant.is_empty() || s.meta.tenant == tenant || s.meta.tenant == ADMIN_TENANT
+    };
+    rewrite_refs(
+        reg,
+        reg.schema_of(type_def),
+        body,
+        &mut |kind, reference| {
+            if let Some((k, uuid)) = refs::split_canonical(reference) {
+                return match txn.get(k, uuid) {
+                    Some(s) if reachable(&s) => Ok(reference.to_string()),
+                    _ => Err(format!("{kind} '{uuid}' not found")),
+                };
+            }
+            let target = refs::parse(kind, reference)?;
+            let refs::RefTarget::Name { name, .. } = target else {
+                unreachable!("uuid references are canonical")
+            };
+            let global = reg.type_def(kind).is_some_and(|t| t.scope == Scope::Global);
+            let scopes: &[&str] = if global {
+                &[""]
+            } else {
+                &[tenant, ADMIN_TENANT]
+            };
+            scopes
+                .iter()
+                .find_map(|t| txn.find_by_name(kind, t, &name))
+                .map(|s| refs::canonical(kind, &s.uuid))
+                .ok_or_else(|| format!("{kind} '{name}' not found"))
+        },
+    )
+    .map_err(ApiError::from)
+}
+
+fn check_unique_name(
+    txn: &Txn<'_>,
+    type_def: &TypeDef,
+    tenant: &str,
+    body: &Map<String, Value>,
+    uuid: &str,
+) -> Result<(), ApiError> {
+    let Some(name) = body.get("name").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    match txn.find_by_name(type_def.path, name_scope(type_def, tenant), name) {
+        Some(other) if other.uuid != uuid => Err(ApiError::conflict(format!(
+            "{} with name '{name}' already exists in this tenant ({})",
+            type_def.path, other.uuid
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Lays out a stored object: uuid, configuration, tenant_ref, hidden fields, _last_modified.
+fn assemble(
+    type_def: &TypeDef,
+    uuid: &str,
+    config: Map<String, Value>,
+    tenant: &str,
+    hidden: Map<String, Value>,
+    stamp: u64,
+) -> Value {
+    let mut out = Map::with_capacity(config.len() + 4);
+    out.insert("uuid".into(), json!(uuid));
+    out.extend(config);
+    if type_def.scope == Scope::Tenant {
+        out.insert(
+            "tenant_ref".into(),
+            json!(refs::canonical("tenant", tenant)),
+        );
+    }
+    out.extend(hidden);
+    out.insert("_last_modified".into(), json!(stamp.to_string()));
+    Value::Object(out)
+}
+
+/// Stores an object's normalized configuration under `uuid` (create or replace): resolves its
+/// references, checks its name is unique in its tenant, stamps `_last_modified`.
+pub(crate) fn store_object(
+    txn: &mut Txn<'_>,
+    type_def: &TypeDef,
+    uuid: &str,
+    mut config: Map<String, Value>,
+    tenant: &str,
+    hidden: Map<String, Value>,
+) -> Result<Arc<Stored>, ApiError> {
+    if type_def.path == "user" && !config.contains_key("username") {
+        let name = config.get("name").cloned().unwrap_or_default();
+        config.insert("username".into(), name);
+    }
+    resolve_refs(txn, type_def, &mut config, tenant)?;
+    check_unique_name(txn, type_def, tenant, &config, uuid)?;
+    let stamp = txn.timestamp_micros();
+    Ok(txn.put(
+        type_def.path,
+        uuid,
+        assemble(type_def, uuid, config, tenant, hidden, stamp),
+    ))
+}
+
+fn new_uuid(type_def: &TypeDef, ctx: &RequestContext) -> Result<String, ApiError> {
+    match ctx.header("slug") {
+        Some(slug)
+            if slug.is_empty() || slug.len() > 200 || slug.contains(['/', '?', '#', ' ']) =>
+        {
+            Err(ApiError::bad_request(format!(
+                "Slug '{slug}' is not a valid uuid"
+            )))
+        }
+        Some(slug) => Ok(slug.to_string()),
+        None => Ok(format!("{}-{}", type_def.path, uuid::Uuid::new_v4())),
+    }
+}
+
+/// Fields only some types have: a user's password becomes a hidden hash.
+fn hidden_fields(
+    type_def: &TypeDef,
+    input: &Value,
+    creating: bool,
+) -> Result<Map<String, Value>, ApiError> {
+    let mut hidden = Map::new();
+    if type_def.path == "user" {
+        match input.get("password").and_then(Value::as_str) {
+            Some(p) if p.len() >= 8 => {
+                hidden.insert("_password_hash".into(), json!(hash_password(p)));
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "field 'password': must be at least 8 characters",
+                ));
+            }
+            None if creating => return Err(ApiError::bad_request("field 'password': is required")),
+            None => {}
+        }
+    }
+    Ok(hidden)
+}
+
+pub async fn create(
+    app: &App,
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    if type_def.singleton || type_def.system_created {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    require(ctx, type_def, Level::Write)?;
+    let input = parse_body(body)?;
+    let reg = Registry::get();
+    let config = normalize(reg, reg.schema_of(type_def), &input)?;
+    let hidden = hidden_fields(type_def, &input, true)?;
+    let tenant = ctx.scope.for_write()?.to_string();
+    let uuid = if type_def.path == "tenant" && ctx.header("slug").is_none() {
+        format!("tenant-{}", uuid::Uuid::new_v4())
+    } else {
+        new_uuid(type_def, ctx)?
+    };
+    let stored = app
+        .store
+        .write(move |txn| {
+            if txn.get(type_def.path, &uuid).is_some() {
+                return Err(ApiError::conflict(format!(
+                    "{} with uuid '{uuid}' already exists",
+                    type_def.path
+                )));
+            }
+            store_object(txn, type_def, &uuid, config, &tenant, hidden)
+        })
+        .await?;
+    let cat = app.store.read();
+    let body = render_one(ctx, &cat, type_def, &stored, true);
+    let mut response = json_response(StatusCode::CREATED, &body);
+    if let Some(location) = body
+        .get("url")
+        .and_then(Value::as_str)
+        .and_then(|u| HeaderValue::from_str(u).ok())
+    {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+fn last_modified(value: &Value) -> Option<u64> {
+    match value.get("_last_modified")? {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+pub async fn replace(
+    app: &App,
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+    uuid: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    require(ctx, type_def, Level::Write)?;
+    {
+        let cat = app.store.read();
+        let existing = cat
+            .get(type_def.path, uuid)
+            .filter(|s| visible(ctx, type_def, s))
+            .ok_or_else(|| not_found(type_def, uuid))?;
+        // The SDK's own tests PUT a singleton with an empty body and expect it back unchanged.
+        if type_def.singleton && body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(json_response(
+                StatusCode::OK,
+                &render_one(ctx, &cat, type_def, existing, true),
+            ));
+        }
+    }
+    let input = parse_body(body)?;
+    let reg = Registry::get();
+    let config = normalize(reg, reg.schema_of(type_def), &input)?;
+    let new_hidden = hidden_fields(type_def, &input, false)?;
+    let expected = last_modified(&input);
+    let uuid = uuid.to_string();
+    let stored = app
+        .store
+        .write(move |txn| {
+            let existing = txn.get(type_def.path, &uuid).ok_or_else(|| not_found(type_def, &uuid))?;
+            let stored_stamp = last_modified(&existing.value).unwrap_or(0);
+            if let Some(expected) = expected
+                && expected < stored_stamp
+            {
+                return Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!("Concurrent update: {} '{uuid}' changed since it was read (_last_modified {expected} < {stored_stamp}); reload and retry", type_def.path),
+                ));
+            }
+            let tenant = existing.meta.tenant.clone();
+            let mut hidden: Map<String, Value> = existing.value.as_object().into_iter().flatten().filter(|(k, _)| is_hidden(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            hidden.extend(new_hidden);
+            store_object(txn, type_def, &uuid, config, &tenant, hidden)
+        })
+        .await?;
+    let cat = app.store.read();
+    Ok(json_response(
+        StatusCode::OK,
+        &render_one(ctx, &cat, type_def, &stored, true),
+    ))
+}
+
+pub async fn delete(
+    app: &App,
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+    uuid: &str,
+) -> Result<Response, ApiError> {
+    if type_def.singleton {
+        return Err(ApiError::method_not_allowed("DELETE"));
+    }
+    require(ctx, type_def, Level::Write)?;
+    if !app
+        .store
+        .read()
+        .get(type_def.path, uuid)
+        .is_some_and(|s| visible(ctx, type_def, s))
+    {
+        return Err(not_found(type_def, uuid));
+    }
+    let uuid = uuid.to_string();
+    let own_user = ctx.principal.user_uuid.clone();
+    app.store
+        .write(move |txn| {
+            let existing = txn
+                .get(type_def.path, &uuid)
+                .ok_or_else(|| not_found(type_def, &uuid))?;
+            if existing
+                .value
+                .get("_system_default")
+                .and_then(Value::as_bool)
+                == Some(true)
+            {
+                return Err(ApiError::forbidden(format!(
+                    "Cannot delete system default object {} '{}'",
+                    type_def.path,
+                    existing.meta.name.as_deref().unwrap_or(&uuid)
+                )));
+            }
+            if type_def.path == "user" && uuid == own_user {
+                return Err(ApiError::forbidden("a user cannot delete itself"));
+            }
+            let path = object_path(type_def, &uuid);
+            let referrers: Vec<String> = txn
+                .referrers(&path)
+                .into_iter()
+                .filter(|r| *r != path)
+                .map(|r| match txn.get_path(&r) {
+                    Some(s) => format!(
+                        "{} '{}' ({})",
+                        s.kind,
+                        s.meta.name.as_deref().unwrap_or_default(),
+                        s.uuid
+                    ),
+                    None => r,
+                })
+                .collect();
+            if !referrers.is_empty() {
+                let shown: Vec<_> = referrers.iter().take(20).cloned().collect();
+                let more = if referrers.len() > 20 {
+                    format!(" and {} more", referrers.len() - 20)
+                } else {
+                    String::new()
+                };
+                return Err(ApiError::conflict(format!(
+                    "Cannot delete {} '{uuid}': it is referred to by {}{more}",
+                    type_def.path,
+                    shown.join(", ")
+                )));
+            }
+            txn.delete(type_def.path, &uuid);
+            Ok(())
+        })
+        .await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}

@@ -1,0 +1,204 @@
+//! Starting and stopping the controller: data dir, store, listener, TLS, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::Request;
+use fulcrum_store::{RedbBackend, Store, StoreError};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::app::{App, ClientAddr, router};
+use crate::auth::{BasicAuthCache, Sessions, Throttle};
+use crate::{bootstrap, objects, tls};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub plain_http: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data dir {path}: {message}")]
+    DataDir { path: String, message: String },
+    #[error("cannot listen on {addr}: {message}")]
+    Bind { addr: SocketAddr, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("first start: {0}")]
+    Bootstrap(String),
+}
+
+fn check_data_dir(config: &ServeConfig) -> Result<(), ServeError> {
+    let err = |message: String| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        message,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| err(format!("cannot create it: {e}")))?;
+    let probe = config.data_dir.join(".write-probe");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| err(format!("is not writable: {e}")))
+}
+
+/// Runs the controller until `shutdown` completes, then drains open connections.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    check_data_dir(&config)?;
+    let db_path = config.data_dir.join("config.redb");
+    let backend = RedbBackend::open(&db_path).map_err(|e| match e {
+        StoreError::Open(m) if m.contains("already open") || m.contains("lock") => {
+            ServeError::DataDir {
+                path: config.data_dir.display().to_string(),
+                message: "is in use by another fulcrum process".into(),
+            }
+        }
+        other => other.into(),
+    })?;
+    let store = Store::open(backend, objects::indexer())?;
+    let node_ip = config.listen.ip().to_string();
+    if let Some(password) = bootstrap::ensure_defaults(&store, &config.data_dir, &node_ip)
+        .await
+        .map_err(|e| ServeError::Bootstrap(e.message))?
+    {
+        println!(
+            "Generated the initial admin password: {password}\n(kept in {}; set {} to choose it)",
+            config.data_dir.join(bootstrap::PASSWORD_FILE).display(),
+            bootstrap::PASSWORD_ENV
+        );
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServeError::Bind {
+            addr: config.listen,
+            message: if e.kind() == std::io::ErrorKind::AddrInUse {
+                "the address is already in use".into()
+            } else {
+                e.to_string()
+            },
+        })?;
+    let local = listener.local_addr().map_err(|e| ServeError::Bind {
+        addr: config.listen,
+        message: e.to_string(),
+    })?;
+    let acceptor = if config.plain_http {
+        None
+    } else {
+        let names = vec!["localhost".to_string(), local.ip().to_string()];
+        Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            &config.data_dir,
+            &names,
+        )?))
+    };
+    let app = Arc::new(App {
+        store,
+        sessions: Sessions::default(),
+        throttle: Throttle::default(),
+        basic_cache: BasicAuthCache::default(),
+        tls: acceptor.is_some(),
+        started_at: SystemTime::now(),
+        listen: local,
+    });
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("fulcrum listening on {scheme}://{local}");
+    tracing::info!(%local, scheme, data_dir = %config.data_dir.display(), "controller started");
+
+    let sweeper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let minutes = app
+                    .setting("controllerproperties", "/api_idle_timeout")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(15);
+                if minutes > 0 {
+                    app.sessions
+                        .sweep(Duration::from_secs(minutes * 60), Instant::now());
+                }
+            }
+        })
+    };
+    let routes = router(app.clone());
+    let graceful = GracefulShutdown::new();
+    let builder = Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = routes
+            .clone()
+            .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                req.map(axum::body::Body::new)
+            });
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        match &acceptor {
+            None => {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls_stream = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            return tracing::debug!(error = %e, %peer, "tls handshake failed");
+                        }
+                        Err(_) => return tracing::debug!(%peer, "tls handshake timed out"),
+                    };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls_stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    sweeper.abort();
+    tracing::info!("shutting down: draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => {},
+        () = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("connections still open after 10 s; closing"),
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! Endpoints that are not plain objects: login/logout, the cluster views, initial-data, the
+//! user's own account, OpenAPI and metrics.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fulcrum_schema::{Registry, RenderOptions, refs, render};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use crate::access::Principal;
+use crate::app::{
+    App, HTTP_REQUESTS, HTTP_SECONDS, RequestContext, SESSION_COOKIE, base_url, check_password,
+    client_ip, json_response,
+};
+use crate::auth::{hash_password, verify_password};
+use crate::error::ApiError;
+use crate::version;
+
+fn now_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn cluster_uuid(app: &App) -> String {
+    app.store
+        .read()
+        .iter("cluster")
+        .next()
+        .map(|c| c.uuid.clone())
+        .unwrap_or_default()
+}
+
+pub fn cluster_status(app: &App) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "cluster_state": {"state": "CLUSTER_UP_NO_HA", "progress": 100, "up_since": version::rfc3339(app.started_at)},
+        }),
+    )
+}
+
+pub fn initial_data(app: &App) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "current_time": version::rfc3339(SystemTime::now()),
+            "setup_failed": false,
+            "email_configuration_is_set": false,
+            "error_message": "",
+            "user_initial_setup": false,
+            "sso": false,
+            "sso_logged_in": false,
+            "banner": "",
+            "version": version::info(),
+            "up_since": now_secs(app.started_at),
+        }),
+    )
+}
+
+pub fn cluster_runtime(app: &App) -> Response {
+    let ip = app.listen.ip().to_string();
+    let up_since = version::rfc3339(app.started_at);
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "node_info": {"cluster_uuid": cluster_uuid(app), "mgmt_ip": ip, "uuid": format!("node-{ip}"), "version": version::tag()},
+            "cluster_state": {"state": "CLUSTER_UP_NO_HA", "up_since": up_since, "progress": 100},
+            "node_states": [{"name": ip, "mgmt_ip": ip, "role": "CLUSTER_LEADER", "state": "CLUSTER_ACTIVE", "up_since": up_since}],
+            "service_states": [],
+        }),
+    )
+}
+
+pub fn cluster_version() -> Response {
+    json_response(StatusCode::OK, &version::info())
+}
+
+pub fn openapi() -> Response {
+    json_response(
+        StatusCode::OK,
+        &fulcrum_schema::openapi::document(version::VERSION),
+    )
+}
+
+pub async fn metrics(State(_app): State<Arc<App>>) -> Response {
+    let mut out = String::new();
+    HTTP_REQUESTS.render(&mut out);
+    HTTP_SECONDS.render(&mut out);
+    fulcrum_store::writer::COMMIT_SECONDS.render(&mut out);
+    fulcrum_store::writer::COMMIT_BATCH_SIZE.render(&mut out);
+    let mut response = out.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// Username and password from a form-encoded (Python SDK) or JSON (Go SDK) body.
+fn login_fields(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.contains("json"));
+    let (user, password, token) = if is_json {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+        let field = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+        (field("username"), field("password"), field("token"))
+    } else {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+        let field = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        (field("username"), field("password"), field("token"))
+    };
+    let user = user
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("username is required"))?;
+    match (password, token) {
+        (Some(p), _) => Ok((user, p)),
+        (None, Some(_)) => Err(ApiError::unauthorized(
+            "token login is not supported; log in with a password",
+        )),
+        (None, None) => Err(ApiError::unauthorized("password is required")),
+    }
+}
+
+fn cookie_header(
+    name: &str,
+    value: &str,
+    max_age: u64,
+    http_only: bool,
+    secure: bool,
+) -> HeaderValue {
+    let mut c = format!("{name}={value}; Max-Age={max_age}; Path=/; SameSite=Lax");
+    if http_only {
+        c.push_str("; HttpOnly");
+    }
+    if secure {
+        c.push_str("; Secure");
+    }
+    HeaderValue::from_str(&c).expect("cookie values are alphanumeric")
+}
+
+fn user_json(app: &App, base: &str, principal: &Principal) -> Value {
+    let cat = app.store.read();
+    let user = cat
+        .get("user", &principal.user_uuid)
+        .map(|u| u.value.clone())
+        .unwrap_or_default();
+    json!({
+        "is_superuser": principal.is_superuser(),
+        "default_tenant_ref": refs::render(base, &refs::canonical("tenant", &principal.default_tenant), None),
+        "name": user.get("name"),
+        "username": principal.username,
+        "full_name": user.get("full_name").cloned().unwrap_or(json!("")),
+        "email": user.get("email").cloned().unwrap_or(json!("")),
+        "local": true,
+        "uuid": principal.user_uuid,
+        "ui_property": "",
+    })
+}
+
+pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let result: Result<Response, ApiError> = async {
+        let body = body.collect().await.map_err(|e| ApiError::bad_request(e.to_string()))?.to_bytes();
+        let (username, password) = login_fields(&parts.headers, &body)?;
+        let principal = check_password(&app, &client_ip(&parts), &username, &password).await?;
+        let (session_id, csrf) = app.sessions.create(&principal.user_uuid, Instant::now());
+        let base = base_url(&app, &parts.headers);
+        let cat = app.store.read();
+        let tenants: Vec<Value> = principal
+            .tenants(&cat)
+            .iter()
+            .map(|t| json!({"url": refs::render(&base, &t.path(), None), "uuid": t.uuid, "name": t.meta.name, "local": true}))
+            .collect();
+        let reg = Registry::get();
+        let system_config = cat.iter("systemconfiguration").next().map(|s| {
+            let mut map = s.value.as_object().cloned().unwrap_or_default();
+            map.retain(|k, _| !k.starts_with('_') || k == "_last_modified");
+            let t = reg.type_def("systemconfiguration").expect("defined");
+            render(reg, t, &map, &RenderOptions { base_url: "", ..Default::default() }, &|_| None)
+        });
+        let idle = app.setting("controllerproperties", "/api_idle_timeout").unwrap_or(json!(15));
+        drop(cat);
+        let body = json!({
+            "user_initialized": true,
+            "version": version::info(),
+            "user": user_json(&app, &base, &principal),
+            "tenants": tenants,
+            "system_config": system_config,
+            "controller": {"api_idle_timeout": idle},
+            "session_cookie_name": SESSION_COOKIE,
+        });
+        let mut response = json_response(StatusCode::OK, &body);
+        let headers = response.headers_mut();
+        headers.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+        let secure = app.tls;
+        headers.append(header::SET_COOKIE, cookie_header("csrftoken", &csrf, 31_449_600, false, secure));
+        headers.append(header::SET_COOKIE, cookie_header(SESSION_COOKIE, &session_id, 86_400, true, secure));
+        headers.append(header::SET_COOKIE, cookie_header("sessionid", &session_id, 86_400, true, secure));
+        tracing::info!(user = %username, client = %client_ip(&parts), "login");
+        Ok(response)
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let cookies = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+    };
+    for name in [SESSION_COOKIE, "sessionid"] {
+        if let Some(id) = crate::auth::cookie(cookies(), name) {
+            app.sessions.remove(&id);
+        }
+    }
+    crate::app::empty_ok()
+}
+
+pub fn get_user_account(app: &App, ctx: &RequestContext) -> Result<Response, ApiError> {
+    Ok(json_response(
+        StatusCode::OK,
+        &user_json(app, &ctx.base_url, &ctx.principal),
+    ))
+}
+
+/// `PUT /api/useraccount {"old_password", "password"[, "full_name", "email"]}`: a user changes
+/// their own password. Answers 200 with an empty body, like the controller.
+pub async fn put_user_account(
+    app: &App,
+    ctx: &RequestContext,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let input: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    let field = |k: &str| input.get(k).and_then(Value::as_str).map(String::from);
+    let min_len = app
+        .setting(
+            "systemconfiguration",
+            "/portal_configuration/minimum_password_length",
+        )
+        .and_then(|v| v.as_u64())
+        .unwrap_or(8) as usize;
+    let uuid = ctx.principal.user_uuid.clone();
+    let stored_hash = app
+        .store
+        .read()
+        .get("user", &uuid)
+        .and_then(|u| {
+            u.value
+                .get("_password_hash")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    let new_hash = match (field("old_password"), field("password")) {
+        (_, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "field 'old_password': is required to change the password",
+            ));
+        }
+        (Some(old), Some(new)) => {
+            if new.chars().count() < min_len {
+                return Err(ApiError::bad_request(format!(
+                    "field 'password': must be at least {min_len} characters"
+                )));
+            }
+            let ok = tokio::task::spawn_blocking(move || {
+                verify_password(&old, &stored_hash).then(|| hash_password(&new))
+            })
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+            Some(ok.ok_or_else(|| ApiError::bad_request("field 'old_password': is incorrect"))?)
+        }
+    };
+    let (full_name, email) = (field("full_name"), field("email"));
+    app.store
+        .write(move |txn| {
+            let user = txn
+                .get("user", &uuid)
+                .ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
+            let mut value = user.value.clone();
+            if let Some(hash) = new_hash {
+                value["_password_hash"] = json!(hash);
+            }
+            if let Some(n) = full_name {
+                value["full_name"] = json!(n);
+            }
+            if let Some(e) = email {
+                value["email"] = json!(e);
+            }
+            value["_last_modified"] = json!(txn.timestamp_micros().to_string());
+            txn.put("user", &uuid, value);
+            Ok(())
+        })
+        .await?;
+    let mut response = StatusCode::OK.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}

@@ -1,0 +1,73 @@
+//! The version this controller reports, and time formatting for API fields.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+/// The Avi API version Fulcrum is compatible with, and the built-in base version a fresh data
+/// dir starts from.
+pub const VERSION: &str = "30.2.1";
+pub const BUILD: u64 = 9001;
+/// Build date of the base version, in the tag's `YYYYMMDD.HHMMSS` form.
+pub const BUILD_DATE: &str = "20261101.000000";
+
+/// `30.2.1-9001-20261101.000000`.
+pub fn tag() -> String {
+    format!("{VERSION}-{BUILD}-{BUILD_DATE}")
+}
+
+/// The `version` object of `/login`, `/api/initial-data` and `/api/cluster/version`.
+pub fn info() -> Value {
+    json!({
+        "Version": VERSION,
+        "build": BUILD,
+        "Tag": tag(),
+        "Date": "2026-11-01T00:00:00+00:00",
+        "min_version": 15.2,
+        "ProductName": "Fulcrum Controller",
+        "Product": "controller",
+    })
+}
+
+/// RFC 3339 in UTC with microseconds, as the controller prints times.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000+00:00");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_micros(1_595_317_883_372_279)),
+            "2020-07-21T07:51:23.372279+00:00"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000000+00:00"
+        );
+    }
+}
