@@ -1,0 +1,51 @@
+"""Starts a real `fulcrum serve` on an ephemeral 127.0.0.1 port for the SDK tests."""
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BINARY = os.environ.get("FULCRUM_BIN", os.path.join(ROOT, "target", "debug", "fulcrum"))
+PASSWORD = "Adm1n-secret"
+
+# requests lets these variables override verify=False, which the SDK relies on for the
+# controller's self-signed certificate.
+for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+    os.environ.pop(var, None)
+
+
+class Controller:
+    def __init__(self, plain_http=False):
+        self.data_dir = tempfile.mkdtemp(prefix="fulcrum-sdk-")
+        args = [BINARY, "serve", "--listen", "127.0.0.1:0", "--data-dir", self.data_dir]
+        if plain_http:
+            args.append("--plain-http")
+        env = dict(os.environ, FULCRUM_ADMIN_PASSWORD=PASSWORD, FULCRUM_LOG="warn")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        deadline = time.time() + 30
+        self.url = None
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"fulcrum listening on (\S+)", line)
+            if m:
+                self.url = m.group(1)
+                break
+        if self.url is None:
+            self.proc.kill()
+            raise RuntimeError("fulcrum did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def controller():
+    c = Controller()
+    yield c
+    c.stop()

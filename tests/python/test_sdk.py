@@ -1,0 +1,180 @@
+"""The official Python SDK (avisdk's ApiSession) against a real fulcrum binary over HTTPS."""
+import base64
+import uuid
+
+import pytest
+import requests
+from avi.sdk.avi_api import ApiSession, ObjectNotFound
+
+from conftest import PASSWORD
+
+
+def metric(controller, series):
+    text = requests.get(controller.url + "/metrics", verify=False).text
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def session(controller, password=PASSWORD, **kwargs):
+    # A fresh session each time: the SDK caches sessions by credentials otherwise.
+    kwargs.setdefault("api_version", "30.2.1")
+    return ApiSession(controller.url, "admin", password, **kwargs)
+
+
+def test_login_reports_version_and_tenants(controller):
+    api = session(controller)
+    details = api.get_controller_details()
+    assert details["controller_api_version"]["Version"] == "30.2.1"
+    rsp = api.get("tenant", params={"name": "admin"})
+    assert rsp.status_code == 200
+    assert rsp.json()["results"][0]["uuid"] == "admin"
+
+
+def test_pool_vsvip_vs_refer_to_each_other_by_url(controller):
+    api = session(controller)
+    pool = api.post("pool", data={"name": "sdk-pool", "servers": [{"ip": {"addr": "10.90.64.10", "type": "V4"}, "port": 80}]})
+    assert pool.status_code == 201, pool.text
+    vip = api.post("vsvip", data={"name": "sdk-vip", "vip": [{"vip_id": "0", "ip_address": {"addr": "10.90.64.123", "type": "V4"}}]})
+    assert vip.status_code == 201, vip.text
+    vs = api.post("virtualservice", data={
+        "name": "sdk-vs", "services": [{"port": 80}],
+        "pool_ref": api.get_obj_ref(pool.json()), "vsvip_ref": api.get_obj_ref(vip.json()),
+        "application_profile_name": "System-HTTP",  # unknown keys are ignored, as the controller does
+    })
+    assert vs.status_code == 201, vs.text
+    got = api.get_object_by_name("virtualservice", "sdk-vs")
+    assert got["pool_ref"].endswith("/api/pool/" + pool.json()["uuid"])
+    assert got["vsvip_ref"].endswith("/api/vsvip/" + vip.json()["uuid"])
+    assert got["application_profile_ref"].split("/api/")[1].startswith("applicationprofile/")
+    # The pool cannot go while the VS refers to it.
+    rsp = api.delete("pool/" + pool.json()["uuid"])
+    assert rsp.status_code == 409 and "sdk-vs" in rsp.text
+    for path, name in [("virtualservice", "sdk-vs"), ("pool", "sdk-pool"), ("vsvip", "sdk-vip")]:
+        assert api.delete_by_name(path, name).status_code == 204
+    assert api.get_object_by_name("virtualservice", "sdk-vs") is None
+
+
+def test_get_objects_iter_pages_through_450_pools(controller):
+    api = session(controller)
+    for i in range(450):
+        assert api.post("pool", data={"name": "iter-%03d" % i}).status_code == 201
+    names = [p["name"] for p in api.get_objects_iter("pool", params={"page_size": 200, "name.contains": "iter-"})]
+    assert len(names) == 450 and len(set(names)) == 450
+    first = api.get("pool", params={"page_size": 200, "name.contains": "iter-"}).json()
+    assert first["count"] == 450 and len(first["results"]) == 200 and "page=2" in first["next"]
+    assert api.get("pool", params={"page_size": 201}).status_code == 400
+
+
+def test_put_by_name_and_stale_put(controller):
+    api = session(controller)
+    created = api.post("pool", data={"name": "put-me"}).json()
+    obj = api.get_object_by_name("pool", "put-me")
+    obj["lb_algorithm"] = "LB_ALGORITHM_ROUND_ROBIN"
+    rsp = api.put_by_name("pool", "put-me", data=obj)
+    assert rsp.status_code == 200, rsp.text
+    assert rsp.json()["lb_algorithm"] == "LB_ALGORITHM_ROUND_ROBIN"
+    assert int(rsp.json()["_last_modified"]) > int(created["_last_modified"])
+    # PUT the old copy again: its _last_modified is stale now.
+    stale = api.put("pool/" + created["uuid"], data=dict(obj, _last_modified=created["_last_modified"]))
+    assert stale.status_code == 412
+    assert api.delete_by_name("pool", "put-me").status_code == 204
+    with pytest.raises(ObjectNotFound):
+        api.delete_by_name("pool", "put-me")
+
+
+def test_force_uuid(controller):
+    api = session(controller)
+    rsp = api.post("pool", data={"name": "forced"}, force_uuid="pool-force-42")
+    assert rsp.status_code == 201
+    assert rsp.json()["uuid"] == "pool-force-42"
+    assert api.get_object_by_name("pool", "forced")["uuid"] == "pool-force-42"
+    assert api.delete_by_name("pool", "forced").status_code == 204
+
+
+def test_second_tenant_is_isolated(controller):
+    api = session(controller)
+    tenant = api.post("tenant", data={"name": "sdk-tenant"})
+    assert tenant.status_code == 201 and tenant.json()["uuid"].startswith("tenant-")
+    rsp = api.post("pool", data={"name": "tenant-pool"}, tenant="sdk-tenant")
+    assert rsp.status_code == 201, rsp.text
+    assert api.get_object_by_name("pool", "tenant-pool") is None
+    assert api.get_object_by_name("pool", "tenant-pool", tenant="sdk-tenant")["uuid"] == rsp.json()["uuid"]
+    assert api.get_object_by_name("pool", "tenant-pool", tenant_uuid=tenant.json()["uuid"]) is not None
+    # Same name in the admin tenant is fine; a tenant that holds objects cannot be deleted.
+    assert api.post("pool", data={"name": "tenant-pool"}).status_code == 201
+    assert api.delete_by_name("tenant", "sdk-tenant").status_code == 409
+    assert api.delete_by_name("pool", "tenant-pool", tenant="sdk-tenant").status_code == 204
+    assert api.delete_by_name("pool", "tenant-pool").status_code == 204
+    assert api.delete_by_name("tenant", "sdk-tenant").status_code == 204
+
+
+def test_recovers_from_a_corrupted_csrf_token(controller):
+    api = session(controller)
+    api.get("pool")
+    # Corrupt the token the SDK keeps for its session (it sends it as header and cookie).
+    from avi.sdk import avi_api
+    avi_api.sessionDict[api.key]["csrftoken"] = "invalid"
+    refused_before = metric(controller, 'fulcrum_http_requests_total{route="/api/tenant",status="401"}')
+    rsp = api.post("tenant", data={"name": "tenant1", "local": "true"})
+    assert rsp.status_code == 201, rsp.text
+    # The first attempt was refused and the SDK logged in again.
+    assert metric(controller, 'fulcrum_http_requests_total{route="/api/tenant",status="401"}') == refused_before + 1
+    assert api.delete_by_name("tenant", "tenant1").status_code == 204
+
+
+def test_bad_csrf_token_is_401(controller):
+    s = requests.Session()
+    s.verify = False
+    login = s.post(controller.url + "/login", data={"username": "admin", "password": PASSWORD})
+    assert login.status_code == 200 and "csrftoken" in login.cookies and "avi-sessionid" in login.cookies
+    rsp = s.post(controller.url + "/api/pool", json={"name": "x"}, headers={"X-CSRFToken": "invalid", "Referer": controller.url})
+    assert rsp.status_code == 401 and "CSRF" in rsp.json()["error"]
+    ok = s.post(controller.url + "/api/pool", json={"name": "csrf-ok"}, headers={"X-CSRFToken": login.cookies["csrftoken"]})
+    assert ok.status_code == 201
+    assert s.delete(controller.url + "/api/pool/" + ok.json()["uuid"], headers={"X-CSRFToken": login.cookies["csrftoken"]}).status_code == 204
+
+
+def test_basic_auth_session(controller):
+    token = base64.b64encode(("admin:" + PASSWORD).encode()).decode()
+    api = ApiSession(controller.url, "admin", PASSWORD, api_version="30.2.1",
+                     user_hdrs={"Authorization": "Basic " + token})
+    rsp = api.post("pool", data={"name": "basic-pool"})
+    assert rsp.status_code == 201, rsp.text
+    assert api.get("pool", params={"name": "basic-pool"}).json()["count"] == 1
+    assert api.delete_by_name("pool", "basic-pool").status_code == 204
+
+
+def test_context_sharing_and_cluster_endpoints(controller):
+    api = session(controller)
+    from avi.sdk import avi_api
+    cached = avi_api.sessionDict[api.key]
+    shared = ApiSession(controller.url, "admin", session_id=cached["session_id"], csrftoken=cached["csrftoken"],
+                        api_version="30.2.1")
+    assert shared.get("pool").status_code == 200
+    runtime = api.get("/cluster/runtime").json()  # the SDK's own tests send /api//cluster/runtime
+    assert runtime["node_info"]["cluster_uuid"].startswith("cluster-")
+    assert runtime["node_states"][0]["role"] == "CLUSTER_LEADER"
+    assert api.get("/cluster/version").json()["Version"] == "30.2.1"
+    assert api.get("/systemconfiguration").json()["default_license_tier"] in ("ENTERPRISE", "ENTERPRISE_WITH_CLOUD_SERVICES")
+
+
+def test_invalid_version_is_reported(controller):
+    api = session(controller, api_version="not-a-version")
+    rsp = api.get("pool")
+    assert rsp.status_code == 400 and "Invalid version" in rsp.text
+
+
+def test_password_change_and_new_login(controller):
+    api = session(controller)
+    new = "N3w-password!"
+    assert api.put("useraccount", data={"old_password": PASSWORD, "password": new}).status_code == 200
+    api2 = session(controller, password=new)
+    assert api2.get("pool").status_code == 200
+    # The SDK sends an empty PUT of systemconfiguration in its own tests.
+    assert api2.put("systemconfiguration").status_code == 200
+    assert api2.put("useraccount", data={"old_password": new, "password": PASSWORD}).status_code == 200
+    assert session(controller).get("pool").status_code == 200
+    r = requests.post(controller.url + "/login", data={"username": "admin", "password": new}, verify=False)
+    assert r.status_code == 401
