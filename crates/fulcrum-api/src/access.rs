@@ -51,38 +51,21 @@ impl Principal {
     pub fn from_user(catalogue: &Catalogue, user: &Stored) -> Principal {
         let v = &user.value;
         let mut grants = Vec::new();
-        for entry in v
-            .get("access")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let role = entry
-                .get("role_ref")
-                .and_then(Value::as_str)
-                .and_then(|r| catalogue.get_path(r));
+        for entry in v.get("access").and_then(Value::as_array).into_iter().flatten() {
+            let role = entry.get("role_ref").and_then(Value::as_str).and_then(|r| catalogue.get_path(r));
             let privileges = role
                 .and_then(|r| r.value.get("privileges").and_then(Value::as_array).cloned())
                 .unwrap_or_default()
                 .iter()
                 .filter_map(|p| {
-                    Some((
-                        p.get("resource")?.as_str()?.to_string(),
-                        Level::parse(p.get("type")?.as_str()?),
-                    ))
+                    Some((p.get("resource")?.as_str()?.to_string(), Level::parse(p.get("type")?.as_str()?)))
                 })
                 .collect();
-            let all = entry
-                .get("all_tenants")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+            let all = entry.get("all_tenants").and_then(Value::as_bool).unwrap_or(false);
             let tenant = if all {
                 None
             } else {
-                entry
-                    .get("tenant_ref")
-                    .and_then(Value::as_str)
-                    .map(|t| last_segment(t).to_string())
+                entry.get("tenant_ref").and_then(Value::as_str).map(|t| last_segment(t).to_string())
             };
             grants.push(Grant { tenant, privileges });
         }
@@ -121,26 +104,19 @@ impl Principal {
     /// Whether the user has any access in a tenant.
     pub fn can_enter(&self, tenant: &str) -> bool {
         self.grants.iter().any(|g| {
-            g.tenant.as_deref().is_none_or(|t| t == tenant)
-                && g.privileges.iter().any(|(_, l)| *l > Level::None)
+            g.tenant.as_deref().is_none_or(|t| t == tenant) && g.privileges.iter().any(|(_, l)| *l > Level::None)
         })
     }
 
     /// Full access everywhere: shown as `is_superuser`.
     pub fn is_superuser(&self) -> bool {
-        self.grants.iter().any(|g| {
-            g.tenant.is_none()
-                && g.privileges
-                    .iter()
-                    .any(|(r, l)| r == "*" && *l == Level::Write)
-        })
+        self.grants
+            .iter()
+            .any(|g| g.tenant.is_none() && g.privileges.iter().any(|(r, l)| r == "*" && *l == Level::Write))
     }
 
     pub fn tenants<'a>(&self, catalogue: &'a Catalogue) -> Vec<&'a std::sync::Arc<Stored>> {
-        catalogue
-            .iter("tenant")
-            .filter(|t| self.can_enter(&t.uuid))
-            .collect()
+        catalogue.iter("tenant").filter(|t| self.can_enter(&t.uuid)).collect()
     }
 }
 
@@ -157,9 +133,9 @@ impl TenantScope {
     pub fn for_write(&self) -> Result<&str, ApiError> {
         match self {
             TenantScope::One(t) => Ok(t),
-            TenantScope::All => Err(ApiError::bad_request(
-                "X-Avi-Tenant '*' is for reads only; name one tenant to write",
-            )),
+            TenantScope::All => {
+                Err(ApiError::bad_request("X-Avi-Tenant '*' is for reads only; name one tenant to write"))
+            }
         }
     }
 }
@@ -169,13 +145,7 @@ pub fn resolve_tenant(
     principal: &Principal,
     headers: &HeaderMap,
 ) -> Result<TenantScope, ApiError> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
     let tenant = if let Some(name) = header("x-avi-tenant") {
         if name == "*" {
             return Ok(TenantScope::All);
@@ -193,10 +163,7 @@ pub fn resolve_tenant(
         principal.default_tenant.clone()
     };
     if !principal.can_enter(&tenant) {
-        return Err(ApiError::forbidden(format!(
-            "User '{}' has no access to tenant '{tenant}'",
-            principal.username
-        )));
+        return Err(ApiError::forbidden(format!("User '{}' has no access to tenant '{tenant}'", principal.username)));
     }
     Ok(TenantScope::One(tenant))
 }

@@ -28,17 +28,10 @@ use crate::{objects, system, version};
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 pub const SESSION_COOKIE: &str = "avi-sessionid";
 
-pub static HTTP_REQUESTS: Counter = Counter::new(
-    "fulcrum_http_requests_total",
-    "HTTP requests by route and status.",
-    &["route", "status"],
-);
-pub static HTTP_SECONDS: Histogram = Histogram::new(
-    "fulcrum_http_request_duration_seconds",
-    "HTTP request latency by route.",
-    "route",
-    LATENCY_BUCKETS,
-);
+pub static HTTP_REQUESTS: Counter =
+    Counter::new("fulcrum_http_requests_total", "HTTP requests by route and status.", &["route", "status"]);
+pub static HTTP_SECONDS: Histogram =
+    Histogram::new("fulcrum_http_request_duration_seconds", "HTTP request latency by route.", "route", LATENCY_BUCKETS);
 
 /// The client's address, attached to each request by the server loop (for throttling and logs).
 #[derive(Debug, Clone, Copy)]
@@ -58,18 +51,11 @@ pub struct App {
 impl App {
     /// A field of a singleton's stored body (`systemconfiguration`, `/portal_configuration/...`).
     pub fn setting(&self, kind: &str, pointer: &str) -> Option<Value> {
-        self.store
-            .read()
-            .iter(kind)
-            .next()
-            .and_then(|s| s.value.pointer(pointer).cloned())
+        self.store.read().iter(kind).next().and_then(|s| s.value.pointer(pointer).cloned())
     }
 
     fn idle_timeout(&self) -> Option<Duration> {
-        let minutes = self
-            .setting("controllerproperties", "/api_idle_timeout")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(15);
+        let minutes = self.setting("controllerproperties", "/api_idle_timeout").and_then(|v| v.as_u64()).unwrap_or(15);
         (minutes > 0).then(|| Duration::from_secs(minutes * 60))
     }
 }
@@ -86,11 +72,7 @@ pub struct RequestContext {
 
 impl RequestContext {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.query.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn has_param(&self, name: &str) -> bool {
@@ -150,11 +132,7 @@ impl<'a> Route<'a> {
             ["openapi.json"] => Route::OpenApi,
             [kind] => {
                 let t = reg.type_def(kind)?;
-                if t.singleton {
-                    Route::Singleton(t)
-                } else {
-                    Route::Collection(t)
-                }
+                if t.singleton { Route::Singleton(t) } else { Route::Collection(t) }
             }
             [kind, uuid] => {
                 let t = reg.type_def(kind)?;
@@ -194,53 +172,33 @@ fn api_version(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let v = raw.to_str().unwrap_or_default().trim();
     let parts: Vec<&str> = v.split(['.', '_']).collect();
     if (2..=4).contains(&parts.len())
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts.iter().all(|p| !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit()))
     {
         Ok(Some(v.to_string()))
     } else {
-        Err(ApiError::bad_request(format!(
-            "Invalid version: '{v}' (expected a version such as {})",
-            version::VERSION
-        )))
+        Err(ApiError::bad_request(format!("Invalid version: '{v}' (expected a version such as {})", version::VERSION)))
     }
 }
 
 pub fn client_ip(parts: &Parts) -> String {
-    parts
-        .extensions
-        .get::<ClientAddr>()
-        .map_or_else(|| "unknown".into(), |c| c.0.ip().to_string())
+    parts.extensions.get::<ClientAddr>().map_or_else(|| "unknown".into(), |c| c.0.ip().to_string())
 }
 
 pub fn base_url(app: &App, headers: &HeaderMap) -> String {
     let scheme = if app.tls { "https" } else { "http" };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map_or_else(|| app.listen.to_string(), String::from);
+    let host =
+        headers.get(header::HOST).and_then(|h| h.to_str().ok()).map_or_else(|| app.listen.to_string(), String::from);
     format!("{scheme}://{host}")
 }
 
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    match http_body_util::Limited::new(body, MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than the limit of {MAX_BODY_BYTES} bytes"),
-            ))
-        }
-        Err(e) => Err(ApiError::bad_request(format!(
-            "cannot read the request body: {e}"
-        ))),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {MAX_BODY_BYTES} bytes"),
+        )),
+        Err(e) => Err(ApiError::bad_request(format!("cannot read the request body: {e}"))),
     }
 }
 
@@ -248,19 +206,12 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
 /// unsafe methods.
 pub async fn authenticate(app: &App, parts: &Parts) -> Result<Principal, ApiError> {
     let headers = &parts.headers;
-    if let Some(basic) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
+    if let Some(basic) =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Basic "))
     {
         return authenticate_basic(app, parts, basic.trim()).await;
     }
-    let cookies = || {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-    };
+    let cookies = || headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok());
     let session_id = cookie(cookies(), SESSION_COOKIE)
         .or_else(|| cookie(cookies(), "sessionid"))
         .ok_or_else(|| ApiError::unauthorized("Authentication credentials were not provided."))?;
@@ -269,10 +220,7 @@ pub async fn authenticate(app: &App, parts: &Parts) -> Result<Principal, ApiErro
         .touch(&session_id, app.idle_timeout(), Instant::now())
         .ok_or_else(|| ApiError::unauthorized("Session expired or invalid; log in again."))?;
     let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if !safe
-        && headers.get("x-csrftoken").and_then(|v| v.to_str().ok())
-            != Some(session.csrf_token.as_str())
-    {
+    if !safe && headers.get("x-csrftoken").and_then(|v| v.to_str().ok()) != Some(session.csrf_token.as_str()) {
         return Err(ApiError::unauthorized("CSRF token missing or incorrect."));
     }
     let cat = app.store.read();
@@ -283,16 +231,9 @@ pub async fn authenticate(app: &App, parts: &Parts) -> Result<Principal, ApiErro
     Ok(Principal::from_user(&cat, user))
 }
 
-async fn authenticate_basic(
-    app: &App,
-    parts: &Parts,
-    encoded: &str,
-) -> Result<Principal, ApiError> {
+async fn authenticate_basic(app: &App, parts: &Parts, encoded: &str) -> Result<Principal, ApiError> {
     let allowed = app
-        .setting(
-            "systemconfiguration",
-            "/portal_configuration/allow_basic_authentication",
-        )
+        .setting("systemconfiguration", "/portal_configuration/allow_basic_authentication")
         .and_then(|v| v.as_bool());
     if allowed == Some(false) {
         return Err(ApiError::unauthorized(
@@ -304,44 +245,28 @@ async fn authenticate_basic(
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(|| ApiError::unauthorized("malformed Basic authorization header"))?;
-    let (username, password) = decoded
-        .split_once(':')
-        .ok_or_else(|| ApiError::unauthorized("malformed Basic authorization header"))?;
+    let (username, password) =
+        decoded.split_once(':').ok_or_else(|| ApiError::unauthorized("malformed Basic authorization header"))?;
     check_password(app, &client_ip(parts), username, password).await
 }
 
 /// Verifies a user's password, with throttling; returns the principal.
-pub async fn check_password(
-    app: &App,
-    client: &str,
-    username: &str,
-    password: &str,
-) -> Result<Principal, ApiError> {
+pub async fn check_password(app: &App, client: &str, username: &str, password: &str) -> Result<Principal, ApiError> {
     let now = Instant::now();
     if app.throttle.is_blocked(client, username, now) {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many failed login attempts; try again later.",
-        ));
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many failed login attempts; try again later."));
     }
     let found = {
         let cat = app.store.read();
         cat.find_by_name("user", "", username)
             .filter(|u| u.value.get("is_active").and_then(Value::as_bool) != Some(false))
-            .and_then(|u| {
-                Some((
-                    u.uuid.clone(),
-                    u.value.get("_password_hash")?.as_str()?.to_string(),
-                ))
-            })
+            .and_then(|u| Some((u.uuid.clone(), u.value.get("_password_hash")?.as_str()?.to_string())))
     };
     let ok = match &found {
         Some((_, hash)) if app.basic_cache.is_verified(username, password, hash) => true,
         Some((_, hash)) => {
             let (p, h) = (password.to_string(), hash.clone());
-            let ok = tokio::task::spawn_blocking(move || verify_password(&p, &h))
-                .await
-                .unwrap_or(false);
+            let ok = tokio::task::spawn_blocking(move || verify_password(&p, &h)).await.unwrap_or(false);
             if ok {
                 app.basic_cache.remember(username, password, hash);
             }
@@ -356,9 +281,7 @@ pub async fn check_password(
     app.throttle.record_success(client, username);
     let cat = app.store.read();
     let (uuid, _) = found.expect("verified user exists");
-    let user = cat
-        .get("user", &uuid)
-        .ok_or_else(|| ApiError::unauthorized("Invalid credentials"))?;
+    let user = cat.get("user", &uuid).ok_or_else(|| ApiError::unauthorized("Invalid credentials"))?;
     Ok(Principal::from_user(&cat, user))
 }
 
@@ -376,55 +299,32 @@ async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
         Some((&"api", rest)) => Route::parse(rest),
         _ => None,
     };
-    let label = route
-        .as_ref()
-        .map_or_else(|| "unknown".to_string(), Route::label);
+    let label = route.as_ref().map_or_else(|| "unknown".to_string(), Route::label);
     let version = api_version(&parts.headers);
     let mut response = match (route, &version) {
         (_, Err(e)) => e.clone().into_response(),
         (None, _) => ApiError::not_found(format!("no such API path: {path}")).into_response(),
-        (Some(route), Ok(_)) => handle(&app, parts, body, route)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
+        (Some(route), Ok(_)) => handle(&app, parts, body, route).await.unwrap_or_else(IntoResponse::into_response),
     };
     let headers = response.headers_mut();
-    let shown_version = version
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| version::VERSION.to_string());
+    let shown_version = version.ok().flatten().unwrap_or_else(|| version::VERSION.to_string());
     if let Ok(v) = HeaderValue::from_str(&shown_version) {
         headers.insert("AVI_API_VERSION", v);
     }
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("private, no-cache, must-revalidate"),
-    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache, must-revalidate"));
     headers.insert(header::VARY, HeaderValue::from_static("Accept, Cookie"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(
-        header::X_FRAME_OPTIONS,
-        HeaderValue::from_static("SAMEORIGIN"),
-    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("SAMEORIGIN"));
     if app.tls {
-        headers.insert(
-            header::STRICT_TRANSPORT_SECURITY,
-            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
-        );
+        headers
+            .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
     }
     HTTP_REQUESTS.add(&[&label, response.status().as_str()], 1);
     HTTP_SECONDS.observe(&label, started.elapsed().as_secs_f64());
     response
 }
 
-async fn handle(
-    app: &Arc<App>,
-    parts: Parts,
-    body: Body,
-    route: Route<'_>,
-) -> Result<Response, ApiError> {
+async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> Result<Response, ApiError> {
     let method = parts.method.clone();
     match (&route, &method) {
         (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app)),
@@ -437,11 +337,8 @@ async fn handle(
         let cat = app.store.read();
         resolve_tenant(&cat, &principal, &parts.headers)?
     };
-    let query = parts
-        .uri
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let query =
+        parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
     let ctx = RequestContext {
         principal,
         scope,
@@ -461,9 +358,7 @@ async fn handle(
         (Route::Object(t, uuid), Method::GET) => objects::get(app, &ctx, t, uuid),
         (Route::Object(t, uuid), Method::PUT) => objects::replace(app, &ctx, t, uuid, &body).await,
         (Route::Object(t, uuid), Method::DELETE) => objects::delete(app, &ctx, t, uuid).await,
-        (Route::Singleton(t), Method::GET) => {
-            objects::get(app, &ctx, t, &objects::singleton_uuid(app, t)?)
-        }
+        (Route::Singleton(t), Method::GET) => objects::get(app, &ctx, t, &objects::singleton_uuid(app, t)?),
         (Route::Singleton(t), Method::PUT) => {
             objects::replace(app, &ctx, t, &objects::singleton_uuid(app, t)?, &body).await
         }
@@ -474,10 +369,7 @@ async fn handle(
 /// A JSON response with a status.
 pub fn json_response(status: StatusCode, body: &Value) -> Response {
     let mut response = (status, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

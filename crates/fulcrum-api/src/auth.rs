@@ -25,20 +25,12 @@ pub fn hash_password(password: &str) -> String {
 }
 
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|parsed| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-    })
+    PasswordHash::new(hash).is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
 }
 
 /// A random alphanumeric string (session ids, CSRF tokens, generated passwords).
 pub fn random_token(len: usize) -> String {
-    rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(len)
-        .map(char::from)
-        .collect()
+    rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -60,11 +52,7 @@ impl Sessions {
     pub fn create(&self, user_uuid: &str, now: Instant) -> (String, String) {
         let id = random_token(32);
         let csrf_token = random_token(32);
-        let session = Session {
-            user_uuid: user_uuid.into(),
-            csrf_token: csrf_token.clone(),
-            last_used: now,
-        };
+        let session = Session { user_uuid: user_uuid.into(), csrf_token: csrf_token.clone(), last_used: now };
         self.lock().insert(id.clone(), session);
         (id, csrf_token)
     }
@@ -73,9 +61,7 @@ impl Sessions {
     pub fn touch(&self, id: &str, idle_timeout: Option<Duration>, now: Instant) -> Option<Session> {
         let mut sessions = self.lock();
         let session = sessions.get_mut(id)?;
-        if idle_timeout
-            .is_some_and(|limit| now.saturating_duration_since(session.last_used) > limit)
-        {
+        if idle_timeout.is_some_and(|limit| now.saturating_duration_since(session.last_used) > limit) {
             sessions.remove(id);
             return None;
         }
@@ -89,8 +75,7 @@ impl Sessions {
 
     /// Drops idle sessions (called periodically so memory does not grow with abandoned ones).
     pub fn sweep(&self, idle_timeout: Duration, now: Instant) {
-        self.lock()
-            .retain(|_, s| now.saturating_duration_since(s.last_used) <= idle_timeout);
+        self.lock().retain(|_, s| now.saturating_duration_since(s.last_used) <= idle_timeout);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
@@ -107,19 +92,14 @@ pub struct Throttle {
 impl Throttle {
     pub fn is_blocked(&self, client: &str, user: &str, now: Instant) -> bool {
         let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures
-            .get(&(client.to_string(), user.to_string()))
-            .is_some_and(|(count, since)| {
-                *count >= MAX_FAILED_LOGINS
-                    && now.saturating_duration_since(*since) < THROTTLE_WINDOW
-            })
+        failures.get(&(client.to_string(), user.to_string())).is_some_and(|(count, since)| {
+            *count >= MAX_FAILED_LOGINS && now.saturating_duration_since(*since) < THROTTLE_WINDOW
+        })
     }
 
     pub fn record_failure(&self, client: &str, user: &str, now: Instant) {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = failures
-            .entry((client.to_string(), user.to_string()))
-            .or_insert((0, now));
+        let entry = failures.entry((client.to_string(), user.to_string())).or_insert((0, now));
         if now.saturating_duration_since(entry.1) >= THROTTLE_WINDOW {
             *entry = (0, now);
         }
@@ -127,10 +107,7 @@ impl Throttle {
     }
 
     pub fn record_success(&self, client: &str, user: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(client.to_string(), user.to_string()));
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&(client.to_string(), user.to_string()));
     }
 }
 
@@ -203,25 +180,12 @@ mod tests {
         let t0 = Instant::now();
         let (id, csrf) = sessions.create("user-1", t0);
         let limit = Some(Duration::from_secs(60));
-        let s = sessions
-            .touch(&id, limit, t0 + Duration::from_secs(59))
-            .unwrap();
+        let s = sessions.touch(&id, limit, t0 + Duration::from_secs(59)).unwrap();
         assert_eq!(s.csrf_token, csrf);
         // Touching restarted the idle clock.
-        assert!(
-            sessions
-                .touch(&id, limit, t0 + Duration::from_secs(118))
-                .is_some()
-        );
-        assert!(
-            sessions
-                .touch(&id, limit, t0 + Duration::from_secs(200))
-                .is_none()
-        );
-        assert!(
-            sessions.touch(&id, None, t0).is_none(),
-            "an expired session is gone"
-        );
+        assert!(sessions.touch(&id, limit, t0 + Duration::from_secs(118)).is_some());
+        assert!(sessions.touch(&id, limit, t0 + Duration::from_secs(200)).is_none());
+        assert!(sessions.touch(&id, None, t0).is_none(), "an expired session is gone");
     }
 
     #[test]
@@ -233,27 +197,15 @@ mod tests {
             t.record_failure("1.2.3.4", "admin", t0);
         }
         assert!(t.is_blocked("1.2.3.4", "admin", t0));
-        assert!(
-            !t.is_blocked("5.6.7.8", "admin", t0),
-            "other clients are not blocked"
-        );
+        assert!(!t.is_blocked("5.6.7.8", "admin", t0), "other clients are not blocked");
         assert!(!t.is_blocked("1.2.3.4", "admin", t0 + THROTTLE_WINDOW));
     }
 
     #[test]
     fn last_cookie_wins() {
-        let headers = [
-            "avi-sessionid=A; csrftoken=OLD; sessionid=A",
-            "csrftoken=NEW; sessionid=B",
-        ];
-        assert_eq!(
-            cookie(headers.into_iter(), "csrftoken").as_deref(),
-            Some("NEW")
-        );
-        assert_eq!(
-            cookie(headers.into_iter(), "sessionid").as_deref(),
-            Some("B")
-        );
+        let headers = ["avi-sessionid=A; csrftoken=OLD; sessionid=A", "csrftoken=NEW; sessionid=B"];
+        assert_eq!(cookie(headers.into_iter(), "csrftoken").as_deref(), Some("NEW"));
+        assert_eq!(cookie(headers.into_iter(), "sessionid").as_deref(), Some("B"));
         assert_eq!(cookie(headers.into_iter(), "missing"), None);
     }
 

@@ -19,12 +19,7 @@ pub const PASSWORD_FILE: &str = "initial-admin-password";
 /// Writes a file only its owner can read, durably.
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(contents)?;
     f.sync_all()
 }
@@ -32,32 +27,13 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// (type, uuid or "" for a generated one, body) of every default object, in dependency order.
 fn defaults(node_ip: &str) -> Vec<(&'static str, String, Value)> {
     let role = |name: &str, access: &str| {
-        (
-            "role",
-            String::new(),
-            json!({"name": name, "privileges": [{"resource": "*", "type": access}]}),
-        )
+        ("role", String::new(), json!({"name": name, "privileges": [{"resource": "*", "type": access}]}))
     };
-    let hm = |name: &str, kind: &str| {
-        (
-            "healthmonitor",
-            String::new(),
-            json!({"name": name, "type": kind}),
-        )
-    };
-    let app_profile = |name: &str, kind: &str| {
-        (
-            "applicationprofile",
-            String::new(),
-            json!({"name": name, "type": kind}),
-        )
-    };
+    let hm = |name: &str, kind: &str| ("healthmonitor", String::new(), json!({"name": name, "type": kind}));
+    let app_profile =
+        |name: &str, kind: &str| ("applicationprofile", String::new(), json!({"name": name, "type": kind}));
     vec![
-        (
-            "tenant",
-            ADMIN_TENANT.to_string(),
-            json!({"name": "admin", "description": "Default tenant", "local": true}),
-        ),
+        ("tenant", ADMIN_TENANT.to_string(), json!({"name": "admin", "description": "Default tenant", "local": true})),
         role("System-Admin", "WRITE_ACCESS"),
         role("System-ReadOnly", "READ_ACCESS"),
         role("Tenant-Admin", "WRITE_ACCESS"),
@@ -66,21 +42,9 @@ fn defaults(node_ip: &str) -> Vec<(&'static str, String, Value)> {
             String::new(),
             json!({"name": "Default-Cloud", "vtype": "CLOUD_NONE", "dhcp_enabled": true, "license_type": "LIC_CORES", "license_tier": "ENTERPRISE"}),
         ),
-        (
-            "vrfcontext",
-            String::new(),
-            json!({"name": "global", "system_default": true}),
-        ),
-        (
-            "vrfcontext",
-            String::new(),
-            json!({"name": "management", "system_default": true}),
-        ),
-        (
-            "serviceenginegroup",
-            String::new(),
-            json!({"name": "Default-Group"}),
-        ),
+        ("vrfcontext", String::new(), json!({"name": "global", "system_default": true})),
+        ("vrfcontext", String::new(), json!({"name": "management", "system_default": true})),
+        ("serviceenginegroup", String::new(), json!({"name": "Default-Group"})),
         hm("System-HTTP", "HEALTH_MONITOR_HTTP"),
         hm("System-HTTPS", "HEALTH_MONITOR_HTTPS"),
         hm("System-TCP", "HEALTH_MONITOR_TCP"),
@@ -89,36 +53,12 @@ fn defaults(node_ip: &str) -> Vec<(&'static str, String, Value)> {
         app_profile("System-Secure-HTTP", "APPLICATION_PROFILE_TYPE_HTTP"),
         app_profile("System-L4-Application", "APPLICATION_PROFILE_TYPE_L4"),
         app_profile("System-SSL-Application", "APPLICATION_PROFILE_TYPE_SSL"),
-        (
-            "networkprofile",
-            String::new(),
-            json!({"name": "System-TCP-Proxy"}),
-        ),
-        (
-            "networkprofile",
-            String::new(),
-            json!({"name": "System-UDP-Fast-Path"}),
-        ),
-        (
-            "sslprofile",
-            String::new(),
-            json!({"name": "System-Standard"}),
-        ),
-        (
-            "sslprofile",
-            String::new(),
-            json!({"name": "System-Standard-PFS"}),
-        ),
-        (
-            "analyticsprofile",
-            String::new(),
-            json!({"name": "System-Analytics-Profile"}),
-        ),
-        (
-            "systemconfiguration",
-            "default".to_string(),
-            json!({"portal_configuration": {}, "global_tenant_config": {}}),
-        ),
+        ("networkprofile", String::new(), json!({"name": "System-TCP-Proxy"})),
+        ("networkprofile", String::new(), json!({"name": "System-UDP-Fast-Path"})),
+        ("sslprofile", String::new(), json!({"name": "System-Standard"})),
+        ("sslprofile", String::new(), json!({"name": "System-Standard-PFS"})),
+        ("analyticsprofile", String::new(), json!({"name": "System-Analytics-Profile"})),
+        ("systemconfiguration", "default".to_string(), json!({"portal_configuration": {}, "global_tenant_config": {}})),
         ("controllerproperties", String::new(), json!({})),
         (
             "cluster",
@@ -130,11 +70,7 @@ fn defaults(node_ip: &str) -> Vec<(&'static str, String, Value)> {
 
 /// Creates the default objects and the admin user unless they exist. Returns the generated
 /// admin password when one was made (it is printed once and kept in DATA/initial-admin-password).
-pub async fn ensure_defaults(
-    store: &Store,
-    data_dir: &Path,
-    node_ip: &str,
-) -> Result<Option<String>, ApiError> {
+pub async fn ensure_defaults(store: &Store, data_dir: &Path, node_ip: &str) -> Result<Option<String>, ApiError> {
     if store.read().get("tenant", ADMIN_TENANT).is_some() {
         return Ok(None);
     }
@@ -143,16 +79,11 @@ pub async fn ensure_defaults(
         _ => (random_token(20), true),
     };
     if password.len() < 8 {
-        return Err(ApiError::bad_request(format!(
-            "{PASSWORD_ENV} must be at least 8 characters"
-        )));
+        return Err(ApiError::bad_request(format!("{PASSWORD_ENV} must be at least 8 characters")));
     }
     if generated {
-        write_private(
-            &data_dir.join(PASSWORD_FILE),
-            format!("{password}\n").as_bytes(),
-        )
-        .map_err(|e| ApiError::internal(format!("cannot write {PASSWORD_FILE}: {e}")))?;
+        write_private(&data_dir.join(PASSWORD_FILE), format!("{password}\n").as_bytes())
+            .map_err(|e| ApiError::internal(format!("cannot write {PASSWORD_FILE}: {e}")))?;
     }
     let hash = hash_password(&password);
     let node_ip = node_ip.to_string();
@@ -164,7 +95,14 @@ pub async fn ensure_defaults(
                 let uuid = if uuid.is_empty() { format!("{kind}-{}", uuid::Uuid::new_v4()) } else { uuid };
                 let config = normalize(reg, reg.schema_of(type_def), &body)?;
                 let hidden = json!({"_system_default": true});
-                store_object(txn, type_def, &uuid, config, ADMIN_TENANT, hidden.as_object().cloned().unwrap_or_default())?;
+                store_object(
+                    txn,
+                    type_def,
+                    &uuid,
+                    config,
+                    ADMIN_TENANT,
+                    hidden.as_object().cloned().unwrap_or_default(),
+                )?;
             }
             let admin = json!({
                 "name": "admin", "username": "admin", "full_name": "System Administrator", "is_superuser": true,
@@ -174,7 +112,14 @@ pub async fn ensure_defaults(
             let hidden = json!({"_system_default": true, "_password_hash": hash});
             let user = reg.type_def("user").expect("defined");
             let config = normalize(reg, reg.schema_of(user), &admin)?;
-            store_object(txn, user, ADMIN_USER_UUID, config, ADMIN_TENANT, hidden.as_object().cloned().unwrap_or_default())?;
+            store_object(
+                txn,
+                user,
+                ADMIN_USER_UUID,
+                config,
+                ADMIN_TENANT,
+                hidden.as_object().cloned().unwrap_or_default(),
+            )?;
             Ok(())
         })
         .await?;

@@ -13,10 +13,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
+        ApiError { status, message: message.into() }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -34,10 +31,7 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, message)
     }
     pub fn method_not_allowed(method: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("Method '{method}' not allowed"),
-        )
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("Method '{method}' not allowed"))
     }
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
@@ -59,10 +53,7 @@ impl From<SchemaError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         tracing::error!(error = %e, "storage failure");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the change was not stored: {e}"),
-        )
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the change was not stored: {e}"))
     }
 }
 
@@ -79,14 +70,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.message }).to_string();
         let mut response = (self.status, body).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
         }
         response
     }

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fulcrum_schema::{
-    Registry, RenderOptions, Scope, TypeDef, for_each_ref, normalize, object_path, refs, render,
-    rewrite_refs,
+    Registry, RenderOptions, Scope, TypeDef, for_each_ref, normalize, object_path, refs, render, rewrite_refs,
 };
 use fulcrum_store::{Catalogue, Indexer, Meta, Stored, Txn};
 use serde_json::{Map, Value, json};
@@ -39,9 +38,7 @@ pub fn indexer() -> Indexer {
             refs: Vec::new(),
         };
         if let Some(tenant) = value.get("tenant_ref").and_then(Value::as_str) {
-            meta.tenant = refs::split_canonical(tenant)
-                .map(|(_, u)| u.to_string())
-                .unwrap_or_default();
+            meta.tenant = refs::split_canonical(tenant).map(|(_, u)| u.to_string()).unwrap_or_default();
             meta.refs.push(tenant.to_string());
         }
         if let (Some(t), Some(map)) = (reg.type_def(kind), value.as_object()) {
@@ -57,11 +54,7 @@ pub fn indexer() -> Indexer {
 
 /// The tenant whose names an object of this type lives among ("" for global types).
 fn name_scope<'a>(type_def: &TypeDef, tenant: &'a str) -> &'a str {
-    if type_def.scope == Scope::Global {
-        ""
-    } else {
-        tenant
-    }
+    if type_def.scope == Scope::Global { "" } else { tenant }
 }
 
 fn visible(ctx: &RequestContext, type_def: &TypeDef, stored: &Stored) -> bool {
@@ -69,9 +62,7 @@ fn visible(ctx: &RequestContext, type_def: &TypeDef, stored: &Stored) -> bool {
         (Scope::Global, _) if type_def.path == "tenant" => ctx.principal.can_enter(&stored.uuid),
         (Scope::Global, _) => true,
         (Scope::Tenant, TenantScope::One(t)) => stored.meta.tenant == *t,
-        (Scope::Tenant, TenantScope::All) => {
-            ctx.principal.level(&stored.meta.tenant, type_def.path) >= Level::Read
-        }
+        (Scope::Tenant, TenantScope::All) => ctx.principal.level(&stored.meta.tenant, type_def.path) >= Level::Read,
     }
 }
 
@@ -95,11 +86,7 @@ pub fn require(ctx: &RequestContext, type_def: &TypeDef, needed: Level) -> Resul
     if ctx.principal.level(tenant, type_def.path) >= needed {
         Ok(())
     } else {
-        let what = if needed == Level::Write {
-            "write"
-        } else {
-            "read"
-        };
+        let what = if needed == Level::Write { "write" } else { "read" };
         Err(ApiError::forbidden(format!(
             "User '{}' may not {what} {} objects in this tenant",
             ctx.principal.username, type_def.path
@@ -107,19 +94,9 @@ pub fn require(ctx: &RequestContext, type_def: &TypeDef, needed: Level) -> Resul
     }
 }
 
-fn render_one(
-    ctx: &RequestContext,
-    cat: &Catalogue,
-    type_def: &TypeDef,
-    stored: &Stored,
-    include_name: bool,
-) -> Value {
-    let fields: Option<Vec<String>> = ctx.param("fields").map(|f| {
-        f.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    });
+fn render_one(ctx: &RequestContext, cat: &Catalogue, type_def: &TypeDef, stored: &Stored, include_name: bool) -> Value {
+    let fields: Option<Vec<String>> =
+        ctx.param("fields").map(|f| f.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
     let opts = RenderOptions {
         base_url: &ctx.base_url,
         include_name: include_name || ctx.has_param("include_name"),
@@ -131,19 +108,14 @@ fn render_one(
     };
     let mut map = map.clone();
     map.retain(|k, _| !is_hidden(k));
-    render(Registry::get(), type_def, &map, &opts, &|r| {
-        cat.get_path(r).and_then(|s| s.meta.name.clone())
-    })
+    render(Registry::get(), type_def, &map, &opts, &|r| cat.get_path(r).and_then(|s| s.meta.name.clone()))
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
-            "request body is empty; expected a JSON object",
-        ));
+        return Err(ApiError::bad_request("request body is empty; expected a JSON object"));
     }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::bad_request("request body must be a JSON object"));
     }
@@ -160,10 +132,9 @@ fn sort_key<'a>(stored: &'a Stored, field: &str) -> Option<&'a Value> {
 
 fn compare(a: Option<&Value>, b: Option<&Value>) -> Ordering {
     match (a, b) {
-        (Some(Value::Number(x)), Some(Value::Number(y))) => x
-            .as_f64()
-            .partial_cmp(&y.as_f64())
-            .unwrap_or(Ordering::Equal),
+        (Some(Value::Number(x)), Some(Value::Number(y))) => {
+            x.as_f64().partial_cmp(&y.as_f64()).unwrap_or(Ordering::Equal)
+        }
         (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
         (Some(x), Some(y)) => x.to_string().cmp(&y.to_string()),
         (None, Some(_)) => Ordering::Less,
@@ -180,34 +151,21 @@ fn type_uuid_param(ctx: &RequestContext, name: &str) -> Result<Option<String>, A
     let (kind, uuid) = value
         .split_once(':')
         .filter(|(k, u)| !k.is_empty() && !u.is_empty())
-        .ok_or_else(|| {
-            ApiError::bad_request(format!("{name} must be <type>:<uuid>, got '{value}'"))
-        })?;
+        .ok_or_else(|| ApiError::bad_request(format!("{name} must be <type>:<uuid>, got '{value}'")))?;
     Ok(Some(refs::canonical(kind, uuid)))
 }
 
-fn page_param(
-    ctx: &RequestContext,
-    name: &str,
-    default: usize,
-    max: usize,
-) -> Result<usize, ApiError> {
+fn page_param(ctx: &RequestContext, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
     match ctx.param(name) {
         None => Ok(default),
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(ApiError::bad_request(format!(
-                "{name} must be an integer from 1 to {max}, got '{v}'"
-            ))),
+            _ => Err(ApiError::bad_request(format!("{name} must be an integer from 1 to {max}, got '{v}'"))),
         },
     }
 }
 
-pub fn list(
-    app: &App,
-    ctx: &RequestContext,
-    type_def: &'static TypeDef,
-) -> Result<Response, ApiError> {
+pub fn list(app: &App, ctx: &RequestContext, type_def: &'static TypeDef) -> Result<Response, ApiError> {
     require(ctx, type_def, Level::Read)?;
     let page_size = page_param(ctx, "page_size", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
     let page = page_param(ctx, "page", 1, usize::MAX)?;
@@ -218,11 +176,8 @@ pub fn list(
     let contains = ctx.param("name.contains");
     let icontains = ctx.param("name.icontains").map(str::to_lowercase);
     let cat = app.store.read();
-    let referred_by_refs: Option<Vec<String>> = referred_by.as_ref().map(|p| {
-        cat.get_path(p)
-            .map(|s| s.meta.refs.clone())
-            .unwrap_or_default()
-    });
+    let referred_by_refs: Option<Vec<String>> =
+        referred_by.as_ref().map(|p| cat.get_path(p).map(|s| s.meta.refs.clone()).unwrap_or_default());
     let mut matches: Vec<&Arc<Stored>> = cat
         .iter(type_def.path)
         .filter(|s| visible(ctx, type_def, s))
@@ -230,19 +185,11 @@ pub fn list(
             let name = s.meta.name.as_deref().unwrap_or_default();
             ctx.param("name").is_none_or(|n| n == name)
                 && contains.is_none_or(|c| name.contains(c))
-                && icontains
-                    .as_deref()
-                    .is_none_or(|c| name.to_lowercase().contains(c))
+                && icontains.as_deref().is_none_or(|c| name.to_lowercase().contains(c))
                 && names_in.as_ref().is_none_or(|ns| ns.contains(&name))
-                && uuids_in
-                    .as_ref()
-                    .is_none_or(|us| us.contains(&s.uuid.as_str()))
-                && refers_to
-                    .as_ref()
-                    .is_none_or(|target| s.meta.refs.contains(target))
-                && referred_by_refs
-                    .as_ref()
-                    .is_none_or(|refs| refs.contains(&s.path()))
+                && uuids_in.as_ref().is_none_or(|us| us.contains(&s.uuid.as_str()))
+                && refers_to.as_ref().is_none_or(|target| s.meta.refs.contains(target))
+                && referred_by_refs.as_ref().is_none_or(|refs| refs.contains(&s.path()))
         })
         .collect();
     let sort = ctx.param("sort").unwrap_or("name");
@@ -257,16 +204,11 @@ pub fn list(
     let count = matches.len();
     let start = (page - 1).saturating_mul(page_size).min(count);
     let end = (start + page_size).min(count);
-    let results: Vec<Value> = matches[start..end]
-        .iter()
-        .map(|s| render_one(ctx, &cat, type_def, s, false))
-        .collect();
+    let results: Vec<Value> = matches[start..end].iter().map(|s| render_one(ctx, &cat, type_def, s, false)).collect();
     let mut body = json!({"count": count, "results": results});
     if end < count {
-        body["next"] = json!(ctx.url_with_params(
-            &format!("/api/{}", type_def.path),
-            &[("page", (page + 1).to_string())]
-        ));
+        body["next"] =
+            json!(ctx.url_with_params(&format!("/api/{}", type_def.path), &[("page", (page + 1).to_string())]));
     }
     Ok(json_response(StatusCode::OK, &body))
 }
@@ -281,22 +223,12 @@ pub fn singleton_uuid(app: &App, type_def: &TypeDef) -> Result<String, ApiError>
         .ok_or_else(|| ApiError::internal(format!("{} is missing", type_def.path)))
 }
 
-pub fn get(
-    app: &App,
-    ctx: &RequestContext,
-    type_def: &'static TypeDef,
-    uuid: &str,
-) -> Result<Response, ApiError> {
+pub fn get(app: &App, ctx: &RequestContext, type_def: &'static TypeDef, uuid: &str) -> Result<Response, ApiError> {
     require(ctx, type_def, Level::Read)?;
     let cat = app.store.read();
-    let stored = cat
-        .get(type_def.path, uuid)
-        .filter(|s| visible(ctx, type_def, s))
-        .ok_or_else(|| not_found(type_def, uuid))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &render_one(ctx, &cat, type_def, stored, false),
-    ))
+    let stored =
+        cat.get(type_def.path, uuid).filter(|s| visible(ctx, type_def, s)).ok_or_else(|| not_found(type_def, uuid))?;
+    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, stored, false)))
 }
 
 /// Resolves every reference of `body` against what the writer sees: by-name references become
@@ -309,37 +241,24 @@ fn resolve_refs(
     tenant: &str,
 ) -> Result<(), ApiError> {
     let reg = Registry::get();
-    let reachable = |s: &Stored| {
-        s.meta.tenant.is_empty() || s.meta.tenant == tenant || s.meta.tenant == ADMIN_TENANT
-    };
-    rewrite_refs(
-        reg,
-        reg.schema_of(type_def),
-        body,
-        &mut |kind, reference| {
-            if let Some((k, uuid)) = refs::split_canonical(reference) {
-                return match txn.get(k, uuid) {
-                    Some(s) if reachable(&s) => Ok(reference.to_string()),
-                    _ => Err(format!("{kind} '{uuid}' not found")),
-                };
-            }
-            let target = refs::parse(kind, reference)?;
-            let refs::RefTarget::Name { name, .. } = target else {
-                unreachable!("uuid references are canonical")
+    let reachable = |s: &Stored| s.meta.tenant.is_empty() || s.meta.tenant == tenant || s.meta.tenant == ADMIN_TENANT;
+    rewrite_refs(reg, reg.schema_of(type_def), body, &mut |kind, reference| {
+        if let Some((k, uuid)) = refs::split_canonical(reference) {
+            return match txn.get(k, uuid) {
+                Some(s) if reachable(&s) => Ok(reference.to_string()),
+                _ => Err(format!("{kind} '{uuid}' not found")),
             };
-            let global = reg.type_def(kind).is_some_and(|t| t.scope == Scope::Global);
-            let scopes: &[&str] = if global {
-                &[""]
-            } else {
-                &[tenant, ADMIN_TENANT]
-            };
-            scopes
-                .iter()
-                .find_map(|t| txn.find_by_name(kind, t, &name))
-                .map(|s| refs::canonical(kind, &s.uuid))
-                .ok_or_else(|| format!("{kind} '{name}' not found"))
-        },
-    )
+        }
+        let target = refs::parse(kind, reference)?;
+        let refs::RefTarget::Name { name, .. } = target else { unreachable!("uuid references are canonical") };
+        let global = reg.type_def(kind).is_some_and(|t| t.scope == Scope::Global);
+        let scopes: &[&str] = if global { &[""] } else { &[tenant, ADMIN_TENANT] };
+        scopes
+            .iter()
+            .find_map(|t| txn.find_by_name(kind, t, &name))
+            .map(|s| refs::canonical(kind, &s.uuid))
+            .ok_or_else(|| format!("{kind} '{name}' not found"))
+    })
     .map_err(ApiError::from)
 }
 
@@ -375,10 +294,7 @@ fn assemble(
     out.insert("uuid".into(), json!(uuid));
     out.extend(config);
     if type_def.scope == Scope::Tenant {
-        out.insert(
-            "tenant_ref".into(),
-            json!(refs::canonical("tenant", tenant)),
-        );
+        out.insert("tenant_ref".into(), json!(refs::canonical("tenant", tenant)));
     }
     out.extend(hidden);
     out.insert("_last_modified".into(), json!(stamp.to_string()));
@@ -402,21 +318,13 @@ pub(crate) fn store_object(
     resolve_refs(txn, type_def, &mut config, tenant)?;
     check_unique_name(txn, type_def, tenant, &config, uuid)?;
     let stamp = txn.timestamp_micros();
-    Ok(txn.put(
-        type_def.path,
-        uuid,
-        assemble(type_def, uuid, config, tenant, hidden, stamp),
-    ))
+    Ok(txn.put(type_def.path, uuid, assemble(type_def, uuid, config, tenant, hidden, stamp)))
 }
 
 fn new_uuid(type_def: &TypeDef, ctx: &RequestContext) -> Result<String, ApiError> {
     match ctx.header("slug") {
-        Some(slug)
-            if slug.is_empty() || slug.len() > 200 || slug.contains(['/', '?', '#', ' ']) =>
-        {
-            Err(ApiError::bad_request(format!(
-                "Slug '{slug}' is not a valid uuid"
-            )))
+        Some(slug) if slug.is_empty() || slug.len() > 200 || slug.contains(['/', '?', '#', ' ']) => {
+            Err(ApiError::bad_request(format!("Slug '{slug}' is not a valid uuid")))
         }
         Some(slug) => Ok(slug.to_string()),
         None => Ok(format!("{}-{}", type_def.path, uuid::Uuid::new_v4())),
@@ -424,11 +332,7 @@ fn new_uuid(type_def: &TypeDef, ctx: &RequestContext) -> Result<String, ApiError
 }
 
 /// Fields only some types have: a user's password becomes a hidden hash.
-fn hidden_fields(
-    type_def: &TypeDef,
-    input: &Value,
-    creating: bool,
-) -> Result<Map<String, Value>, ApiError> {
+fn hidden_fields(type_def: &TypeDef, input: &Value, creating: bool) -> Result<Map<String, Value>, ApiError> {
     let mut hidden = Map::new();
     if type_def.path == "user" {
         match input.get("password").and_then(Value::as_str) {
@@ -436,9 +340,7 @@ fn hidden_fields(
                 hidden.insert("_password_hash".into(), json!(hash_password(p)));
             }
             Some(_) => {
-                return Err(ApiError::bad_request(
-                    "field 'password': must be at least 8 characters",
-                ));
+                return Err(ApiError::bad_request("field 'password': must be at least 8 characters"));
             }
             None if creating => return Err(ApiError::bad_request("field 'password': is required")),
             None => {}
@@ -471,10 +373,7 @@ pub async fn create(
         .store
         .write(move |txn| {
             if txn.get(type_def.path, &uuid).is_some() {
-                return Err(ApiError::conflict(format!(
-                    "{} with uuid '{uuid}' already exists",
-                    type_def.path
-                )));
+                return Err(ApiError::conflict(format!("{} with uuid '{uuid}' already exists", type_def.path)));
             }
             store_object(txn, type_def, &uuid, config, &tenant, hidden)
         })
@@ -482,11 +381,7 @@ pub async fn create(
     let cat = app.store.read();
     let body = render_one(ctx, &cat, type_def, &stored, true);
     let mut response = json_response(StatusCode::CREATED, &body);
-    if let Some(location) = body
-        .get("url")
-        .and_then(Value::as_str)
-        .and_then(|u| HeaderValue::from_str(u).ok())
-    {
+    if let Some(location) = body.get("url").and_then(Value::as_str).and_then(|u| HeaderValue::from_str(u).ok()) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
@@ -516,10 +411,7 @@ pub async fn replace(
             .ok_or_else(|| not_found(type_def, uuid))?;
         // The SDK's own tests PUT a singleton with an empty body and expect it back unchanged.
         if type_def.singleton && body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(json_response(
-                StatusCode::OK,
-                &render_one(ctx, &cat, type_def, existing, true),
-            ));
+            return Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, existing, true)));
         }
     }
     let input = parse_body(body)?;
@@ -548,10 +440,7 @@ pub async fn replace(
         })
         .await?;
     let cat = app.store.read();
-    Ok(json_response(
-        StatusCode::OK,
-        &render_one(ctx, &cat, type_def, &stored, true),
-    ))
+    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, &stored, true)))
 }
 
 pub async fn delete(
@@ -564,27 +453,15 @@ pub async fn delete(
         return Err(ApiError::method_not_allowed("DELETE"));
     }
     require(ctx, type_def, Level::Write)?;
-    if !app
-        .store
-        .read()
-        .get(type_def.path, uuid)
-        .is_some_and(|s| visible(ctx, type_def, s))
-    {
+    if !app.store.read().get(type_def.path, uuid).is_some_and(|s| visible(ctx, type_def, s)) {
         return Err(not_found(type_def, uuid));
     }
     let uuid = uuid.to_string();
     let own_user = ctx.principal.user_uuid.clone();
     app.store
         .write(move |txn| {
-            let existing = txn
-                .get(type_def.path, &uuid)
-                .ok_or_else(|| not_found(type_def, &uuid))?;
-            if existing
-                .value
-                .get("_system_default")
-                .and_then(Value::as_bool)
-                == Some(true)
-            {
+            let existing = txn.get(type_def.path, &uuid).ok_or_else(|| not_found(type_def, &uuid))?;
+            if existing.value.get("_system_default").and_then(Value::as_bool) == Some(true) {
                 return Err(ApiError::forbidden(format!(
                     "Cannot delete system default object {} '{}'",
                     type_def.path,
@@ -600,22 +477,14 @@ pub async fn delete(
                 .into_iter()
                 .filter(|r| *r != path)
                 .map(|r| match txn.get_path(&r) {
-                    Some(s) => format!(
-                        "{} '{}' ({})",
-                        s.kind,
-                        s.meta.name.as_deref().unwrap_or_default(),
-                        s.uuid
-                    ),
+                    Some(s) => format!("{} '{}' ({})", s.kind, s.meta.name.as_deref().unwrap_or_default(), s.uuid),
                     None => r,
                 })
                 .collect();
             if !referrers.is_empty() {
                 let shown: Vec<_> = referrers.iter().take(20).cloned().collect();
-                let more = if referrers.len() > 20 {
-                    format!(" and {} more", referrers.len() - 20)
-                } else {
-                    String::new()
-                };
+                let more =
+                    if referrers.len() > 20 { format!(" and {} more", referrers.len() - 20) } else { String::new() };
                 return Err(ApiError::conflict(format!(
                     "Cannot delete {} '{uuid}': it is referred to by {}{more}",
                     type_def.path,
@@ -627,9 +496,6 @@ pub async fn delete(
         })
         .await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
 }

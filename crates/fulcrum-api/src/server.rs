@@ -39,10 +39,7 @@ pub enum ServeError {
 }
 
 fn check_data_dir(config: &ServeConfig) -> Result<(), ServeError> {
-    let err = |message: String| ServeError::DataDir {
-        path: config.data_dir.display().to_string(),
-        message,
-    };
+    let err = |message: String| ServeError::DataDir { path: config.data_dir.display().to_string(), message };
     std::fs::create_dir_all(&config.data_dir).map_err(|e| err(format!("cannot create it: {e}")))?;
     let probe = config.data_dir.join(".write-probe");
     std::fs::write(&probe, b"")
@@ -51,19 +48,14 @@ fn check_data_dir(config: &ServeConfig) -> Result<(), ServeError> {
 }
 
 /// Runs the controller until `shutdown` completes, then drains open connections.
-pub async fn serve(
-    config: ServeConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     check_data_dir(&config)?;
     let db_path = config.data_dir.join("config.redb");
     let backend = RedbBackend::open(&db_path).map_err(|e| match e {
-        StoreError::Open(m) if m.contains("already open") || m.contains("lock") => {
-            ServeError::DataDir {
-                path: config.data_dir.display().to_string(),
-                message: "is in use by another fulcrum process".into(),
-            }
-        }
+        StoreError::Open(m) if m.contains("already open") || m.contains("lock") => ServeError::DataDir {
+            path: config.data_dir.display().to_string(),
+            message: "is in use by another fulcrum process".into(),
+        },
         other => other.into(),
     })?;
     let store = Store::open(backend, objects::indexer())?;
@@ -78,28 +70,20 @@ pub async fn serve(
             bootstrap::PASSWORD_ENV
         );
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| ServeError::Bind {
-            addr: config.listen,
-            message: if e.kind() == std::io::ErrorKind::AddrInUse {
-                "the address is already in use".into()
-            } else {
-                e.to_string()
-            },
-        })?;
-    let local = listener.local_addr().map_err(|e| ServeError::Bind {
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| ServeError::Bind {
         addr: config.listen,
-        message: e.to_string(),
+        message: if e.kind() == std::io::ErrorKind::AddrInUse {
+            "the address is already in use".into()
+        } else {
+            e.to_string()
+        },
     })?;
+    let local = listener.local_addr().map_err(|e| ServeError::Bind { addr: config.listen, message: e.to_string() })?;
     let acceptor = if config.plain_http {
         None
     } else {
         let names = vec!["localhost".to_string(), local.ip().to_string()];
-        Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
-            &config.data_dir,
-            &names,
-        )?))
+        Some(tokio_rustls::TlsAcceptor::from(tls::server_config(&config.data_dir, &names)?))
     };
     let app = Arc::new(App {
         store,
@@ -120,13 +104,10 @@ pub async fn serve(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
-                let minutes = app
-                    .setting("controllerproperties", "/api_idle_timeout")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(15);
+                let minutes =
+                    app.setting("controllerproperties", "/api_idle_timeout").and_then(|v| v.as_u64()).unwrap_or(15);
                 if minutes > 0 {
-                    app.sessions
-                        .sweep(Duration::from_secs(minutes * 60), Instant::now());
+                    app.sessions.sweep(Duration::from_secs(minutes * 60), Instant::now());
                 }
             }
         })
@@ -148,18 +129,14 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = routes
-            .clone()
-            .map_request(move |mut req: Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ClientAddr(peer));
-                req.map(axum::body::Body::new)
-            });
+        let service = routes.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            req.map(axum::body::Body::new)
+        });
         let service = hyper_util::service::TowerToHyperService::new(service);
         match &acceptor {
             None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -172,11 +149,7 @@ pub async fn serve(
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let tls_stream = match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        acceptor.accept(stream),
-                    )
-                    .await
+                    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
                     {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
@@ -184,9 +157,7 @@ pub async fn serve(
                         }
                         Err(_) => return tracing::debug!(%peer, "tls handshake timed out"),
                     };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls_stream), service)
-                        .into_owned();
+                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }

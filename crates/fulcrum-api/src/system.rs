@@ -14,25 +14,19 @@ use serde_json::{Value, json};
 
 use crate::access::Principal;
 use crate::app::{
-    App, HTTP_REQUESTS, HTTP_SECONDS, RequestContext, SESSION_COOKIE, base_url, check_password,
-    client_ip, json_response,
+    App, HTTP_REQUESTS, HTTP_SECONDS, RequestContext, SESSION_COOKIE, base_url, check_password, client_ip,
+    json_response,
 };
 use crate::auth::{hash_password, verify_password};
 use crate::error::ApiError;
 use crate::version;
 
 fn now_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn cluster_uuid(app: &App) -> String {
-    app.store
-        .read()
-        .iter("cluster")
-        .next()
-        .map(|c| c.uuid.clone())
-        .unwrap_or_default()
+    app.store.read().iter("cluster").next().map(|c| c.uuid.clone()).unwrap_or_default()
 }
 
 pub fn cluster_status(app: &App) -> Response {
@@ -81,10 +75,7 @@ pub fn cluster_version() -> Response {
 }
 
 pub fn openapi() -> Response {
-    json_response(
-        StatusCode::OK,
-        &fulcrum_schema::openapi::document(version::VERSION),
-    )
+    json_response(StatusCode::OK, &fulcrum_schema::openapi::document(version::VERSION))
 }
 
 pub async fn metrics(State(_app): State<Arc<App>>) -> Response {
@@ -94,22 +85,15 @@ pub async fn metrics(State(_app): State<Arc<App>>) -> Response {
     fulcrum_store::writer::COMMIT_SECONDS.render(&mut out);
     fulcrum_store::writer::COMMIT_BATCH_SIZE.render(&mut out);
     let mut response = out.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response
 }
 
 /// Username and password from a form-encoded (Python SDK) or JSON (Go SDK) body.
 fn login_fields(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), ApiError> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.contains("json"));
+    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("json"));
     let (user, password, token) = if is_json {
-        let v: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
         let field = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
         (field("username"), field("password"), field("token"))
     } else {
@@ -117,25 +101,15 @@ fn login_fields(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), Ap
         let field = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         (field("username"), field("password"), field("token"))
     };
-    let user = user
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("username is required"))?;
+    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| ApiError::unauthorized("username is required"))?;
     match (password, token) {
         (Some(p), _) => Ok((user, p)),
-        (None, Some(_)) => Err(ApiError::unauthorized(
-            "token login is not supported; log in with a password",
-        )),
+        (None, Some(_)) => Err(ApiError::unauthorized("token login is not supported; log in with a password")),
         (None, None) => Err(ApiError::unauthorized("password is required")),
     }
 }
 
-fn cookie_header(
-    name: &str,
-    value: &str,
-    max_age: u64,
-    http_only: bool,
-    secure: bool,
-) -> HeaderValue {
+fn cookie_header(name: &str, value: &str, max_age: u64, http_only: bool, secure: bool) -> HeaderValue {
     let mut c = format!("{name}={value}; Max-Age={max_age}; Path=/; SameSite=Lax");
     if http_only {
         c.push_str("; HttpOnly");
@@ -148,10 +122,7 @@ fn cookie_header(
 
 fn user_json(app: &App, base: &str, principal: &Principal) -> Value {
     let cat = app.store.read();
-    let user = cat
-        .get("user", &principal.user_uuid)
-        .map(|u| u.value.clone())
-        .unwrap_or_default();
+    let user = cat.get("user", &principal.user_uuid).map(|u| u.value.clone()).unwrap_or_default();
     json!({
         "is_superuser": principal.is_superuser(),
         "default_tenant_ref": refs::render(base, &refs::canonical("tenant", &principal.default_tenant), None),
@@ -212,12 +183,7 @@ pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
 }
 
 pub async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let cookies = || {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-    };
+    let cookies = || headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok());
     for name in [SESSION_COOKIE, "sessionid"] {
         if let Some(id) = crate::auth::cookie(cookies(), name) {
             app.sessions.remove(&id);
@@ -227,27 +193,16 @@ pub async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
 }
 
 pub fn get_user_account(app: &App, ctx: &RequestContext) -> Result<Response, ApiError> {
-    Ok(json_response(
-        StatusCode::OK,
-        &user_json(app, &ctx.base_url, &ctx.principal),
-    ))
+    Ok(json_response(StatusCode::OK, &user_json(app, &ctx.base_url, &ctx.principal)))
 }
 
 /// `PUT /api/useraccount {"old_password", "password"[, "full_name", "email"]}`: a user changes
 /// their own password. Answers 200 with an empty body, like the controller.
-pub async fn put_user_account(
-    app: &App,
-    ctx: &RequestContext,
-    body: &Bytes,
-) -> Result<Response, ApiError> {
-    let input: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+pub async fn put_user_account(app: &App, ctx: &RequestContext, body: &Bytes) -> Result<Response, ApiError> {
+    let input: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
     let field = |k: &str| input.get(k).and_then(Value::as_str).map(String::from);
     let min_len = app
-        .setting(
-            "systemconfiguration",
-            "/portal_configuration/minimum_password_length",
-        )
+        .setting("systemconfiguration", "/portal_configuration/minimum_password_length")
         .and_then(|v| v.as_u64())
         .unwrap_or(8) as usize;
     let uuid = ctx.principal.user_uuid.clone();
@@ -255,40 +210,28 @@ pub async fn put_user_account(
         .store
         .read()
         .get("user", &uuid)
-        .and_then(|u| {
-            u.value
-                .get("_password_hash")
-                .and_then(Value::as_str)
-                .map(String::from)
-        })
+        .and_then(|u| u.value.get("_password_hash").and_then(Value::as_str).map(String::from))
         .unwrap_or_default();
     let new_hash = match (field("old_password"), field("password")) {
         (_, None) => None,
         (None, Some(_)) => {
-            return Err(ApiError::bad_request(
-                "field 'old_password': is required to change the password",
-            ));
+            return Err(ApiError::bad_request("field 'old_password': is required to change the password"));
         }
         (Some(old), Some(new)) => {
             if new.chars().count() < min_len {
-                return Err(ApiError::bad_request(format!(
-                    "field 'password': must be at least {min_len} characters"
-                )));
+                return Err(ApiError::bad_request(format!("field 'password': must be at least {min_len} characters")));
             }
-            let ok = tokio::task::spawn_blocking(move || {
-                verify_password(&old, &stored_hash).then(|| hash_password(&new))
-            })
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+            let ok =
+                tokio::task::spawn_blocking(move || verify_password(&old, &stored_hash).then(|| hash_password(&new)))
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
             Some(ok.ok_or_else(|| ApiError::bad_request("field 'old_password': is incorrect"))?)
         }
     };
     let (full_name, email) = (field("full_name"), field("email"));
     app.store
         .write(move |txn| {
-            let user = txn
-                .get("user", &uuid)
-                .ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
+            let user = txn.get("user", &uuid).ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
             let mut value = user.value.clone();
             if let Some(hash) = new_hash {
                 value["_password_hash"] = json!(hash);
@@ -305,9 +248,6 @@ pub async fn put_user_account(
         })
         .await?;
     let mut response = StatusCode::OK.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
 }

@@ -16,13 +16,10 @@ pub fn server_config(data_dir: &Path, names: &[String]) -> Result<Arc<ServerConf
     let tls_err = |what: &str, e: &dyn std::fmt::Display| ServeError::Tls(format!("{what}: {e}"));
     if !cert_path.exists() || !key_path.exists() {
         std::fs::create_dir_all(&dir).map_err(|e| tls_err("cannot create the tls dir", &e))?;
-        let generated = rcgen::generate_simple_self_signed(names.to_vec())
-            .map_err(|e| tls_err("cannot make a certificate", &e))?;
-        crate::bootstrap::write_private(
-            &key_path,
-            generated.signing_key.serialize_pem().as_bytes(),
-        )
-        .map_err(|e| tls_err("cannot write the key", &e))?;
+        let generated =
+            rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| tls_err("cannot make a certificate", &e))?;
+        crate::bootstrap::write_private(&key_path, generated.signing_key.serialize_pem().as_bytes())
+            .map_err(|e| tls_err("cannot write the key", &e))?;
         crate::bootstrap::write_private(&cert_path, generated.cert.pem().as_bytes())
             .map_err(|e| tls_err("cannot write the certificate", &e))?;
         tracing::info!(path = %cert_path.display(), "made a self-signed certificate");
@@ -31,8 +28,7 @@ pub fn server_config(data_dir: &Path, names: &[String]) -> Result<Arc<ServerConf
         .map_err(|e| tls_err("cannot read the certificate", &e))?
         .collect::<Result<_, _>>()
         .map_err(|e| tls_err("cannot parse the certificate", &e))?;
-    let key =
-        PrivateKeyDer::from_pem_file(&key_path).map_err(|e| tls_err("cannot read the key", &e))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| tls_err("cannot read the key", &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -6,14 +6,10 @@ use std::fmt::Write;
 use std::sync::Mutex;
 
 /// Bucket bounds in seconds, from 50 µs to 10 s.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 10.0,
-];
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 /// Bucket bounds for sizes (batch sizes, counts).
-pub const SIZE_BUCKETS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-];
+pub const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
 #[derive(Debug, Clone, Default)]
 struct Series {
@@ -33,27 +29,15 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub const fn new(
-        name: &'static str,
-        help: &'static str,
-        label: &'static str,
-        bounds: &'static [f64],
-    ) -> Self {
-        Histogram {
-            name,
-            help,
-            label,
-            bounds,
-            series: Mutex::new(BTreeMap::new()),
-        }
+    pub const fn new(name: &'static str, help: &'static str, label: &'static str, bounds: &'static [f64]) -> Self {
+        Histogram { name, help, label, bounds, series: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn observe(&self, label: &str, value: f64) {
         let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        let s = series.entry(label.to_string()).or_insert_with(|| Series {
-            buckets: vec![0; self.bounds.len()],
-            ..Default::default()
-        });
+        let s = series
+            .entry(label.to_string())
+            .or_insert_with(|| Series { buckets: vec![0; self.bounds.len()], ..Default::default() });
         for (bucket, bound) in s.buckets.iter_mut().zip(self.bounds) {
             if value <= *bound {
                 *bucket += 1;
@@ -65,30 +49,15 @@ impl Histogram {
 
     /// The number of observations for a label (for tests and status pages).
     pub fn count(&self, label: &str) -> u64 {
-        self.series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(label)
-            .map_or(0, |s| s.count)
+        self.series.lock().unwrap_or_else(|e| e.into_inner()).get(label).map_or(0, |s| s.count)
     }
 
     pub fn render(&self, out: &mut String) {
-        let series = self
-            .series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let _ = writeln!(
-            out,
-            "# HELP {} {}\n# TYPE {} histogram",
-            self.name, self.help, self.name
-        );
+        let series = self.series.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} histogram", self.name, self.help, self.name);
         for (label, s) in series {
-            let sel = if self.label.is_empty() {
-                String::new()
-            } else {
-                format!("{}=\"{}\",", self.label, escape(&label))
-            };
+            let sel =
+                if self.label.is_empty() { String::new() } else { format!("{}=\"{}\",", self.label, escape(&label)) };
             for (bucket, bound) in s.buckets.iter().zip(self.bounds) {
                 let _ = writeln!(out, "{}_bucket{{{sel}le=\"{bound}\"}} {bucket}", self.name);
             }
@@ -110,67 +79,33 @@ pub struct Counter {
 }
 
 impl Counter {
-    pub const fn new(
-        name: &'static str,
-        help: &'static str,
-        labels: &'static [&'static str],
-    ) -> Self {
-        Counter {
-            name,
-            help,
-            labels,
-            values: Mutex::new(BTreeMap::new()),
-        }
+    pub const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
+        Counter { name, help, labels, values: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn add(&self, labels: &[&str], n: u64) {
         let key = labels.iter().map(|l| l.to_string()).collect();
-        *self
-            .values
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default() += n;
+        *self.values.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += n;
     }
 
     pub fn get(&self, labels: &[&str]) -> u64 {
         let key: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-        self.values
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
+        self.values.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied().unwrap_or(0)
     }
 
     pub fn render(&self, out: &mut String) {
-        let values = self
-            .values
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let _ = writeln!(
-            out,
-            "# HELP {} {}\n# TYPE {} counter",
-            self.name, self.help, self.name
-        );
+        let values = self.values.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", self.name, self.help, self.name);
         for (labels, value) in values {
-            let sel: Vec<String> = self
-                .labels
-                .iter()
-                .zip(&labels)
-                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                .collect();
+            let sel: Vec<String> =
+                self.labels.iter().zip(&labels).map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
             let _ = writeln!(out, "{}{{{}}} {value}", self.name, sel.join(","));
         }
     }
 }
 
 fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -184,14 +119,8 @@ mod tests {
         h.observe("/a", 0.5);
         let mut out = String::new();
         h.render(&mut out);
-        assert!(
-            out.contains("x_seconds_bucket{route=\"/a\",le=\"0.1\"} 1"),
-            "{out}"
-        );
-        assert!(
-            out.contains("x_seconds_bucket{route=\"/a\",le=\"1\"} 2"),
-            "{out}"
-        );
+        assert!(out.contains("x_seconds_bucket{route=\"/a\",le=\"0.1\"} 1"), "{out}");
+        assert!(out.contains("x_seconds_bucket{route=\"/a\",le=\"1\"} 2"), "{out}");
         assert!(out.contains("x_seconds_count{route=\"/a\"} 2"), "{out}");
     }
 
@@ -201,10 +130,7 @@ mod tests {
         c.add(&["/a", "200"], 2);
         let mut out = String::new();
         c.render(&mut out);
-        assert!(
-            out.contains("req_total{route=\"/a\",code=\"200\"} 2"),
-            "{out}"
-        );
+        assert!(out.contains("req_total{route=\"/a\",code=\"200\"} 2"), "{out}");
         assert_eq!(c.get(&["/a", "200"]), 2);
     }
 }

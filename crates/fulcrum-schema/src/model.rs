@@ -54,13 +54,7 @@ pub struct Field {
 
 impl Field {
     pub fn new(name: &'static str, kind: Kind) -> Field {
-        Field {
-            name,
-            kind,
-            default: None,
-            required: false,
-            description: "",
-        }
+        Field { name, kind, default: None, required: false, description: "" }
     }
     pub fn required(mut self) -> Field {
         self.required = true;

@@ -72,15 +72,11 @@ pub fn document(version: &str) -> Value {
         schemas.insert(t.schema.into(), identity_fields(reg, t.schema));
     }
     let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
-    schemas.insert(
-        "Error".into(),
-        json!({"type": "object", "properties": {"error": {"type": "string"}}}),
-    );
+    schemas.insert("Error".into(), json!({"type": "object", "properties": {"error": {"type": "string"}}}));
     let mut paths = Map::new();
     for t in reg.types() {
         let item_ref = json!({"$ref": format!("#/components/schemas/{}", t.schema)});
-        let one =
-            json!({"description": "OK", "content": {"application/json": {"schema": item_ref}}});
+        let one = json!({"description": "OK", "content": {"application/json": {"schema": item_ref}}});
         let body = json!({"required": true, "content": {"application/json": {"schema": item_ref}}});
         if t.singleton {
             paths.insert(
@@ -108,13 +104,14 @@ pub fn document(version: &str) -> Value {
             {"name": "refers_to", "in": "query", "schema": {"type": "string"}},
             {"name": "referred_by", "in": "query", "schema": {"type": "string"}},
         ]);
-        let mut collection = json!({"get": {"tags": [t.path], "parameters": params, "responses": {"200": list, "401": error}}});
+        let mut collection =
+            json!({"get": {"tags": [t.path], "parameters": params, "responses": {"200": list, "401": error}}});
         if !t.system_created {
-            collection["post"] = json!({"tags": [t.path], "requestBody": body, "responses": {"201": one, "400": error, "409": error}});
+            collection["post"] =
+                json!({"tags": [t.path], "requestBody": body, "responses": {"201": one, "400": error, "409": error}});
         }
         paths.insert(format!("/api/{}", t.path), collection);
-        let uuid_param =
-            json!([{"name": "uuid", "in": "path", "required": true, "schema": {"type": "string"}}]);
+        let uuid_param = json!([{"name": "uuid", "in": "path", "required": true, "schema": {"type": "string"}}]);
         paths.insert(
             format!("/api/{}/{{uuid}}", t.path),
             json!({
@@ -146,14 +143,8 @@ mod tests {
     #[test]
     fn document_describes_every_type_with_its_defaults() {
         let doc = super::document("test");
-        assert_eq!(
-            doc["components"]["schemas"]["Pool"]["properties"]["default_server_port"]["default"],
-            80
-        );
-        assert_eq!(
-            doc["components"]["schemas"]["Pool"]["properties"]["servers"]["x-list-key"][0],
-            "ip.addr"
-        );
+        assert_eq!(doc["components"]["schemas"]["Pool"]["properties"]["default_server_port"]["default"], 80);
+        assert_eq!(doc["components"]["schemas"]["Pool"]["properties"]["servers"]["x-list-key"][0], "ip.addr");
         assert!(doc["paths"]["/api/pool/{uuid}"]["delete"].is_object());
         assert!(doc["paths"]["/api/systemconfiguration"]["put"].is_object());
         assert!(doc["paths"]["/api/serviceengine"]["post"].is_null());

@@ -52,14 +52,9 @@ pub fn parse(expected: &str, input: &str) -> Result<RefTarget, String> {
     };
     let Some(api_path) = path.strip_prefix("/api/") else {
         if path.contains('/') || path.contains('?') {
-            return Err(format!(
-                "reference '{input}' is not a uuid, a URL or /api/<type>/<uuid>"
-            ));
+            return Err(format!("reference '{input}' is not a uuid, a URL or /api/<type>/<uuid>"));
         }
-        return Ok(RefTarget::Uuid {
-            kind: expected.into(),
-            uuid: path.into(),
-        });
+        return Ok(RefTarget::Uuid { kind: expected.into(), uuid: path.into() });
     };
     let (path_part, query) = match api_path.split_once('?') {
         Some((p, q)) => (p.trim_end_matches('/'), Some(q)),
@@ -70,36 +65,24 @@ pub fn parse(expected: &str, input: &str) -> Result<RefTarget, String> {
         None => (path_part, None),
     };
     if kind != expected {
-        return Err(format!(
-            "reference '{input}' points to a {kind}, expected a {expected}"
-        ));
+        return Err(format!("reference '{input}' points to a {kind}, expected a {expected}"));
     }
     match (uuid, query) {
-        (Some(uuid), _) if !uuid.is_empty() && !uuid.contains('/') => Ok(RefTarget::Uuid {
-            kind: kind.into(),
-            uuid: uuid.into(),
-        }),
+        (Some(uuid), _) if !uuid.is_empty() && !uuid.contains('/') => {
+            Ok(RefTarget::Uuid { kind: kind.into(), uuid: uuid.into() })
+        }
         (None, Some(query)) => {
             let name = query
                 .split('&')
                 .find_map(|pair| pair.strip_prefix("name="))
-                .ok_or_else(|| {
-                    format!("reference '{input}' names no object (expected ?name=<name>)")
-                })?;
-            let name = percent_decode_str(&name.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned();
+                .ok_or_else(|| format!("reference '{input}' names no object (expected ?name=<name>)"))?;
+            let name = percent_decode_str(&name.replace('+', " ")).decode_utf8_lossy().into_owned();
             if name.is_empty() {
                 return Err(format!("reference '{input}' has an empty name"));
             }
-            Ok(RefTarget::Name {
-                kind: kind.into(),
-                name,
-            })
+            Ok(RefTarget::Name { kind: kind.into(), name })
         }
-        _ => Err(format!(
-            "reference '{input}' is not of the form /api/{expected}/<uuid>"
-        )),
+        _ => Err(format!("reference '{input}' is not of the form /api/{expected}/<uuid>")),
     }
 }
 
@@ -116,10 +99,7 @@ mod tests {
     use super::*;
 
     fn uuid(kind: &str, uuid: &str) -> RefTarget {
-        RefTarget::Uuid {
-            kind: kind.into(),
-            uuid: uuid.into(),
-        }
+        RefTarget::Uuid { kind: kind.into(), uuid: uuid.into() }
     }
 
     #[test]
@@ -134,10 +114,7 @@ mod tests {
         ] {
             assert_eq!(parse("vsvip", input).unwrap(), want, "{input}");
         }
-        let by_name = RefTarget::Name {
-            kind: "cloud".into(),
-            name: "Default Cloud".into(),
-        };
+        let by_name = RefTarget::Name { kind: "cloud".into(), name: "Default Cloud".into() };
         for input in [
             "/api/cloud?name=Default%20Cloud",
             "/api/cloud/?name=Default+Cloud",
@@ -149,11 +126,7 @@ mod tests {
 
     #[test]
     fn wrong_or_malformed_references_are_refused() {
-        assert!(
-            parse("pool", "/api/vsvip/vsvip-1")
-                .unwrap_err()
-                .contains("expected a pool")
-        );
+        assert!(parse("pool", "/api/vsvip/vsvip-1").unwrap_err().contains("expected a pool"));
         assert!(parse("pool", "").is_err());
         assert!(parse("pool", "/api/pool").is_err());
         assert!(parse("pool", "/api/pool?x=1").is_err());
@@ -165,10 +138,7 @@ mod tests {
     fn canonical_round_trip() {
         let r = uuid("pool", "pool-9");
         assert_eq!(split_canonical(&r.canonical()), Some(("pool", "pool-9")));
-        assert_eq!(
-            render("https://h", &r.canonical(), Some("p")),
-            "https://h/api/pool/pool-9#p"
-        );
+        assert_eq!(render("https://h", &r.canonical(), Some("p")), "https://h/api/pool/pool-9#p");
         assert_eq!(split_canonical("/api/pool?name=x"), None);
     }
 }

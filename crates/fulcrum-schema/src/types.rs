@@ -27,9 +27,7 @@ impl Registry {
     }
 
     pub fn schema(&self, name: &str) -> &ObjectSchema {
-        self.schemas
-            .get(name)
-            .unwrap_or_else(|| panic!("schema {name} is not defined"))
+        self.schemas.get(name).unwrap_or_else(|| panic!("schema {name} is not defined"))
     }
 
     pub fn type_def(&self, path: &str) -> Option<&TypeDef> {
@@ -73,18 +71,10 @@ fn o(schema: &'static str) -> Kind {
     Kind::Obj(schema)
 }
 fn list(item: Kind, key: ListKey) -> Kind {
-    Kind::List(Box::new(ListSpec {
-        item,
-        max: None,
-        key,
-    }))
+    Kind::List(Box::new(ListSpec { item, max: None, key }))
 }
 fn list_max(item: Kind, key: ListKey, max: usize) -> Kind {
-    Kind::List(Box::new(ListSpec {
-        item,
-        max: Some(max),
-        key,
-    }))
+    Kind::List(Box::new(ListSpec { item, max: Some(max), key }))
 }
 /// A list of references: each entry is its own key.
 fn refs(target: &'static str) -> Kind {
@@ -105,21 +95,11 @@ const U16: (i64, i64) = (1, 65535);
 const U32_MAX: i64 = u32::MAX as i64;
 
 fn schema(name: &'static str, fields: Vec<Field>) -> ObjectSchema {
-    ObjectSchema {
-        name,
-        fields,
-        hook: None,
-    }
+    ObjectSchema { name, fields, hook: None }
 }
 
 fn api_type(path: &'static str, schema: &'static str, scope: Scope) -> TypeDef {
-    TypeDef {
-        path,
-        schema,
-        scope,
-        singleton: false,
-        system_created: false,
-    }
+    TypeDef { path, schema, scope, singleton: false, system_created: false }
 }
 
 /// Common to most configuration objects.
@@ -127,10 +107,7 @@ fn named(mut fields: Vec<Field>) -> Vec<Field> {
     let mut all = vec![
         f("name", s()).required(),
         f("description", s()),
-        f(
-            "markers",
-            list(o("RoleFilterMatchLabel"), ListKey::Fields(&["key"])),
-        ),
+        f("markers", list(o("RoleFilterMatchLabel"), ListKey::Fields(&["key"]))),
     ];
     all.append(&mut fields);
     all
@@ -144,29 +121,18 @@ fn check_ip_addr(obj: &mut Map<String, Value>) -> Result<(), String> {
         "V6" => addr.parse::<Ipv6Addr>().is_ok(),
         _ => !addr.is_empty(),
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("'{addr}' is not a valid {kind} address"))
-    }
+    if ok { Ok(()) } else { Err(format!("'{addr}' is not a valid {kind} address")) }
 }
 
 /// A server without a port takes the pool's `default_server_port`; its hostname defaults to
 /// its address, as the controller stores it.
 fn fill_pool_servers(pool: &mut Map<String, Value>) -> Result<(), String> {
-    let default_port = pool
-        .get("default_server_port")
-        .cloned()
-        .unwrap_or(json!(80));
+    let default_port = pool.get("default_server_port").cloned().unwrap_or(json!(80));
     if let Some(Value::Array(servers)) = pool.get_mut("servers") {
         for server in servers.iter_mut().filter_map(Value::as_object_mut) {
             server.entry("port").or_insert_with(|| default_port.clone());
             if !server.contains_key("hostname") {
-                let addr = server
-                    .get("ip")
-                    .and_then(|ip| ip.get("addr"))
-                    .cloned()
-                    .unwrap_or(Value::Null);
+                let addr = server.get("ip").and_then(|ip| ip.get("addr")).cloned().unwrap_or(Value::Null);
                 server.insert("hostname".into(), addr);
             }
         }
@@ -256,17 +222,9 @@ const HM_TYPES: &[&str] = &[
     "HEALTH_MONITOR_LDAPS",
     "HEALTH_MONITOR_SCTP",
 ];
-const LICENSE_TIERS: &[&str] = &[
-    "ENTERPRISE_16",
-    "ENTERPRISE",
-    "ENTERPRISE_18",
-    "BASIC",
-    "ESSENTIALS",
-    "ENTERPRISE_WITH_CLOUD_SERVICES",
-];
-const HTTP_CODES: &[&str] = &[
-    "HTTP_ANY", "HTTP_1XX", "HTTP_2XX", "HTTP_3XX", "HTTP_4XX", "HTTP_5XX",
-];
+const LICENSE_TIERS: &[&str] =
+    &["ENTERPRISE_16", "ENTERPRISE", "ENTERPRISE_18", "BASIC", "ESSENTIALS", "ENTERPRISE_WITH_CLOUD_SERVICES"];
+const HTTP_CODES: &[&str] = &["HTTP_ANY", "HTTP_1XX", "HTTP_2XX", "HTTP_3XX", "HTTP_4XX", "HTTP_5XX"];
 const ACCESS_TYPES: &[&str] = &["NO_ACCESS", "READ_ACCESS", "WRITE_ACCESS"];
 
 fn sub_schemas() -> Vec<ObjectSchema> {
@@ -311,12 +269,15 @@ fn sub_schemas() -> Vec<ObjectSchema> {
         schema(
             "FailAction",
             vec![
-                f("type", en(&[
-                    "FAIL_ACTION_CLOSE_CONN",
-                    "FAIL_ACTION_HTTP_REDIRECT",
-                    "FAIL_ACTION_HTTP_LOCAL_RSP",
-                    "FAIL_ACTION_BACKUP_POOL",
-                ]))
+                f(
+                    "type",
+                    en(&[
+                        "FAIL_ACTION_CLOSE_CONN",
+                        "FAIL_ACTION_HTTP_REDIRECT",
+                        "FAIL_ACTION_HTTP_LOCAL_RSP",
+                        "FAIL_ACTION_BACKUP_POOL",
+                    ]),
+                )
                 .default("FAIL_ACTION_CLOSE_CONN"),
             ],
         ),
@@ -369,12 +330,15 @@ fn sub_schemas() -> Vec<ObjectSchema> {
             "GslbPool",
             vec![
                 f("name", s()).required(),
-                f("algorithm", en(&[
-                    "GSLB_ALGORITHM_ROUND_ROBIN",
-                    "GSLB_ALGORITHM_CONSISTENT_HASH",
-                    "GSLB_ALGORITHM_GEO",
-                    "GSLB_ALGORITHM_TOPOLOGY",
-                ]))
+                f(
+                    "algorithm",
+                    en(&[
+                        "GSLB_ALGORITHM_ROUND_ROBIN",
+                        "GSLB_ALGORITHM_CONSISTENT_HASH",
+                        "GSLB_ALGORITHM_GEO",
+                        "GSLB_ALGORITHM_TOPOLOGY",
+                    ]),
+                )
                 .required(),
                 f("priority", int(0, 100)).default(10),
                 f("enabled", b()).default(true),
@@ -444,14 +408,8 @@ fn sub_schemas() -> Vec<ObjectSchema> {
                 f("large_trap_payload", b()).default(false),
             ],
         ),
-        schema(
-            "DNSConfiguration",
-            vec![f("server_list", keyed("IpAddr", &["addr"])), f("search_domain", s())],
-        ),
-        schema(
-            "NTPConfiguration",
-            vec![f("ntp_servers", list(o("NTPServer"), ListKey::Fields(&["server.addr"])))],
-        ),
+        schema("DNSConfiguration", vec![f("server_list", keyed("IpAddr", &["addr"])), f("search_domain", s())]),
+        schema("NTPConfiguration", vec![f("ntp_servers", list(o("NTPServer"), ListKey::Fields(&["server.addr"])))]),
         schema("NTPServer", vec![f("server", o("IpAddr")).required(), f("key_number", int(1, 65534))]),
         schema(
             "HealthMonitorHttp",
@@ -503,10 +461,7 @@ fn sub_schemas() -> Vec<ObjectSchema> {
             ],
         ),
         schema("SSLCertificateDescription", vec![f("common_name", s()), f("organization", s())]),
-        schema(
-            "HTTPRequestPolicy",
-            vec![f("rules", list(Kind::Any, ListKey::Fields(&["index"])))],
-        ),
+        schema("HTTPRequestPolicy", vec![f("rules", list(Kind::Any, ListKey::Fields(&["index"])))]),
     ]
 }
 
@@ -535,10 +490,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("default_tenant_ref", r("tenant")),
             ],
         ),
-        schema(
-            "Role",
-            named(vec![f("privileges", keyed("Permission", &["resource"]))]),
-        ),
+        schema("Role", named(vec![f("privileges", keyed("Permission", &["resource"]))])),
         schema(
             "Cloud",
             named(vec![
@@ -547,13 +499,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("dhcp_enabled", b()).default(false),
                 f(
                     "license_type",
-                    en(&[
-                        "LIC_BACKEND_SERVERS",
-                        "LIC_SOCKETS",
-                        "LIC_CORES",
-                        "LIC_HOSTS",
-                        "LIC_SE_BANDWIDTH",
-                    ]),
+                    en(&["LIC_BACKEND_SERVERS", "LIC_SOCKETS", "LIC_CORES", "LIC_HOSTS", "LIC_SE_BANDWIDTH"]),
                 ),
                 f("license_tier", en(LICENSE_TIERS)),
                 f("ipam_provider_ref", r("ipamdnsproviderprofile")),
@@ -579,47 +525,29 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("enabled", b()).default(true),
                 f("default_server_port", int(U16.0, U16.1)).default(80),
                 f("lb_algorithm", en(LB_ALGORITHMS)).default("LB_ALGORITHM_LEAST_CONNECTIONS"),
-                f("lb_algorithm_hash", en(LB_HASHES))
-                    .default("LB_ALGORITHM_CONSISTENT_HASH_SOURCE_IP_ADDRESS"),
+                f("lb_algorithm_hash", en(LB_HASHES)).default("LB_ALGORITHM_CONSISTENT_HASH_SOURCE_IP_ADDRESS"),
                 f("lb_algorithm_consistent_hash_hdr", s()),
                 f("request_queue_enabled", b()).default(false),
                 f("request_queue_depth", int(0, U32_MAX)).default(128),
-                f(
-                    "servers",
-                    list_max(o("Server"), ListKey::Fields(&["ip.addr", "port"]), 5000),
-                ),
-                f(
-                    "health_monitor_refs",
-                    list_max(r("healthmonitor"), ListKey::Value, 50),
-                ),
+                f("servers", list_max(o("Server"), ListKey::Fields(&["ip.addr", "port"]), 5000)),
+                f("health_monitor_refs", list_max(r("healthmonitor"), ListKey::Value, 50)),
                 f("inline_health_monitor", b()).default(true),
                 f("min_servers_up", int(1, U32_MAX)),
                 f("graceful_disable_timeout", int(-1, 7200)).default(1),
                 f("connection_ramp_duration", int(0, 300)).default(10),
                 f("max_concurrent_connections_per_server", int(0, U32_MAX)).default(0),
                 f("use_service_port", b()).default(false),
-                f(
-                    "append_port",
-                    en(&["NON_DEFAULT_80_443", "NEVER", "ALWAYS"]),
-                )
-                .default("NON_DEFAULT_80_443"),
+                f("append_port", en(&["NON_DEFAULT_80_443", "NEVER", "ALWAYS"])).default("NON_DEFAULT_80_443"),
                 f("sni_enabled", b()).default(true),
                 f("server_name", s()),
                 f("ssl_profile_ref", r("sslprofile")),
                 f("ssl_key_and_certificate_ref", r("sslkeyandcertificate")),
                 f("fail_action", o("FailAction")),
                 f("server_timeout", int(0, 21_600_000)).default(0),
-                f(
-                    "pool_type",
-                    en(&["POOL_TYPE_GENERIC_APP", "POOL_TYPE_OAUTH"]),
-                )
-                .default("POOL_TYPE_GENERIC_APP"),
+                f("pool_type", en(&["POOL_TYPE_GENERIC_APP", "POOL_TYPE_OAUTH"])).default("POOL_TYPE_GENERIC_APP"),
                 f(
                     "server_disable_type",
-                    en(&[
-                        "DISALLOW_NEW_CONNECTION",
-                        "ALLOW_NEW_CONNECTION_IF_PERSISTENCE_PRESENT",
-                    ]),
+                    en(&["DISALLOW_NEW_CONNECTION", "ALLOW_NEW_CONNECTION_IF_PERSISTENCE_PRESENT"]),
                 )
                 .default("DISALLOW_NEW_CONNECTION"),
                 f("analytics_profile_ref", r("analyticsprofile"))
@@ -648,11 +576,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
             named(vec![
                 f("enabled", b()).default(true),
                 f("traffic_enabled", b()).default(true),
-                f(
-                    "type",
-                    en(&["VS_TYPE_NORMAL", "VS_TYPE_VH_PARENT", "VS_TYPE_VH_CHILD"]),
-                )
-                .default("VS_TYPE_NORMAL"),
+                f("type", en(&["VS_TYPE_NORMAL", "VS_TYPE_VH_PARENT", "VS_TYPE_VH_CHILD"])).default("VS_TYPE_NORMAL"),
                 f("services", list(o("Service"), ListKey::Fields(&["port"]))),
                 f("vsvip_ref", r("vsvip")),
                 f("pool_ref", r("pool")),
@@ -661,8 +585,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                     .default(ref_default("applicationprofile", "System-HTTP")),
                 f("network_profile_ref", r("networkprofile"))
                     .default(ref_default("networkprofile", "System-TCP-Proxy")),
-                f("se_group_ref", r("serviceenginegroup"))
-                    .default(ref_default("serviceenginegroup", "Default-Group")),
+                f("se_group_ref", r("serviceenginegroup")).default(ref_default("serviceenginegroup", "Default-Group")),
                 f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
                 f("cloud_type", en(CLOUD_TYPES)).default("CLOUD_NONE"),
                 f("vrf_context_ref", r("vrfcontext")).default(ref_default("vrfcontext", "global")),
@@ -706,21 +629,11 @@ fn object_schemas() -> Vec<ObjectSchema> {
             "ServiceEngineGroup",
             named(vec![
                 f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
-                f(
-                    "ha_mode",
-                    en(&[
-                        "HA_MODE_SHARED_PAIR",
-                        "HA_MODE_SHARED",
-                        "HA_MODE_LEGACY_ACTIVE_STANDBY",
-                    ]),
-                )
-                .default("HA_MODE_SHARED"),
+                f("ha_mode", en(&["HA_MODE_SHARED_PAIR", "HA_MODE_SHARED", "HA_MODE_LEGACY_ACTIVE_STANDBY"]))
+                    .default("HA_MODE_SHARED"),
                 f("active_standby", b()).default(false),
-                f(
-                    "algo",
-                    en(&["PLACEMENT_ALGO_PACKED", "PLACEMENT_ALGO_DISTRIBUTED"]),
-                )
-                .default("PLACEMENT_ALGO_PACKED"),
+                f("algo", en(&["PLACEMENT_ALGO_PACKED", "PLACEMENT_ALGO_DISTRIBUTED"]))
+                    .default("PLACEMENT_ALGO_PACKED"),
                 f("max_se", int(0, 1000)).default(10),
                 f("max_vs_per_se", int(1, 1000)).default(10),
                 f("min_scaleout_per_vs", int(1, 64)).default(1),
@@ -734,13 +647,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("placement_mode", en(&["PLACEMENT_MODE_AUTO"])).default("PLACEMENT_MODE_AUTO"),
                 f(
                     "license_type",
-                    en(&[
-                        "LIC_BACKEND_SERVERS",
-                        "LIC_SOCKETS",
-                        "LIC_CORES",
-                        "LIC_HOSTS",
-                        "LIC_SE_BANDWIDTH",
-                    ]),
+                    en(&["LIC_BACKEND_SERVERS", "LIC_SOCKETS", "LIC_CORES", "LIC_HOSTS", "LIC_SE_BANDWIDTH"]),
                 ),
                 f("license_tier", en(LICENSE_TIERS)),
                 f("reboot_on_panic", b()).default(true),
@@ -752,8 +659,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
             "ServiceEngine",
             vec![
                 f("name", s()).default("VM name unknown"),
-                f("se_group_ref", r("serviceenginegroup"))
-                    .default(ref_default("serviceenginegroup", "Default-Group")),
+                f("se_group_ref", r("serviceenginegroup")).default(ref_default("serviceenginegroup", "Default-Group")),
                 f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
                 f(
                     "enable_state",
@@ -767,11 +673,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 .default("SE_STATE_ENABLED"),
                 f("controller_ip", s()),
                 f("container_mode", b()).default(false),
-                f(
-                    "container_type",
-                    en(&["CONTAINER_TYPE_HOST", "CONTAINER_TYPE_BRIDGE"]),
-                )
-                .default("CONTAINER_TYPE_HOST"),
+                f("container_type", en(&["CONTAINER_TYPE_HOST", "CONTAINER_TYPE_BRIDGE"]))
+                    .default("CONTAINER_TYPE_HOST"),
                 f("controller_created", b()).default(true),
                 f("availability_zone", s()),
                 f("flavor", s()),
@@ -791,38 +694,23 @@ fn object_schemas() -> Vec<ObjectSchema> {
         schema(
             "StringGroup",
             named(vec![
-                f("type", en(&["SG_TYPE_STRING", "SG_TYPE_KEYVAL"]))
-                    .required()
-                    .default("SG_TYPE_STRING"),
+                f("type", en(&["SG_TYPE_STRING", "SG_TYPE_KEYVAL"])).required().default("SG_TYPE_STRING"),
                 f("kv", keyed("KeyValue", &["key"])),
                 f("longest_match", b()).default(false),
             ]),
         ),
         schema(
             "MicroService",
-            named(vec![
-                f("application_name", s()),
-                f("orchestrator_name", s()),
-                f("created_by", s()),
-            ]),
+            named(vec![f("application_name", s()), f("orchestrator_name", s()), f("created_by", s())]),
         ),
-        schema(
-            "MicroServiceGroup",
-            named(vec![
-                f("service_refs", refs("microservice")),
-                f("created_by", s()),
-            ]),
-        ),
+        schema("MicroServiceGroup", named(vec![f("service_refs", refs("microservice")), f("created_by", s())])),
         schema(
             "GslbService",
             named(vec![
                 f("enabled", b()).default(true),
                 f("domain_names", strs()),
                 f("groups", keyed("GslbPool", &["name"])),
-                f(
-                    "health_monitor_refs",
-                    list_max(r("healthmonitor"), ListKey::Value, 6),
-                ),
+                f("health_monitor_refs", list_max(r("healthmonitor"), ListKey::Value, 6)),
                 f(
                     "health_monitor_scope",
                     en(&[
@@ -831,14 +719,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
                     ]),
                 )
                 .default("GSLB_SERVICE_HEALTH_MONITOR_ALL_MEMBERS"),
-                f(
-                    "pool_algorithm",
-                    en(&[
-                        "GSLB_SERVICE_ALGORITHM_PRIORITY",
-                        "GSLB_SERVICE_ALGORITHM_GEO",
-                    ]),
-                )
-                .default("GSLB_SERVICE_ALGORITHM_PRIORITY"),
+                f("pool_algorithm", en(&["GSLB_SERVICE_ALGORITHM_PRIORITY", "GSLB_SERVICE_ALGORITHM_GEO"]))
+                    .default("GSLB_SERVICE_ALGORITHM_PRIORITY"),
                 f("ttl", int(0, 86400)),
                 f("num_dns_ip", int(1, 20)),
                 f("min_members", int(0, 65535)).default(0),
@@ -878,11 +760,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
             named(vec![
                 f("accepted_versions", list(Kind::Any, ListKey::None)),
                 f("accepted_ciphers", s()),
-                f(
-                    "type",
-                    en(&["SSL_PROFILE_TYPE_APPLICATION", "SSL_PROFILE_TYPE_SYSTEM"]),
-                )
-                .default("SSL_PROFILE_TYPE_APPLICATION"),
+                f("type", en(&["SSL_PROFILE_TYPE_APPLICATION", "SSL_PROFILE_TYPE_SYSTEM"]))
+                    .default("SSL_PROFILE_TYPE_APPLICATION"),
             ]),
         ),
         schema(
@@ -903,19 +782,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("http_profile", Kind::Any),
             ]),
         ),
-        schema(
-            "NetworkProfile",
-            named(vec![
-                f("profile", Kind::Any),
-                f("connection_mirror", b()).default(false),
-            ]),
-        ),
-        schema(
-            "AnalyticsProfile",
-            named(vec![
-                f("apdex_response_threshold", int(1, 30000)).default(500),
-            ]),
-        ),
+        schema("NetworkProfile", named(vec![f("profile", Kind::Any), f("connection_mirror", b()).default(false)])),
+        schema("AnalyticsProfile", named(vec![f("apdex_response_threshold", int(1, 30000)).default(500)])),
         schema(
             "Network",
             named(vec![
@@ -930,14 +798,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("cloud_ref", r("cloud")).default(ref_default("cloud", "Default-Cloud")),
             ]),
         ),
-        schema(
-            "IpamDnsProviderProfile",
-            named(vec![f("type", s()).required()]),
-        ),
-        schema(
-            "CloudConnectorUser",
-            named(vec![f("private_key", s()), f("public_key", s())]),
-        ),
+        schema("IpamDnsProviderProfile", named(vec![f("type", s()).required()])),
+        schema("CloudConnectorUser", named(vec![f("private_key", s()), f("public_key", s())])),
         schema(
             "HTTPPolicySet",
             named(vec![
@@ -957,8 +819,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("dns_configuration", o("DNSConfiguration")),
                 f("ntp_configuration", o("NTPConfiguration")),
                 f("snmp_configuration", o("SnmpConfiguration")),
-                f("default_license_tier", en(LICENSE_TIERS))
-                    .default("ENTERPRISE_WITH_CLOUD_SERVICES"),
+                f("default_license_tier", en(LICENSE_TIERS)).default("ENTERPRISE_WITH_CLOUD_SERVICES"),
                 f("docker_mode", b()).default(false),
                 f("fips_mode", b()).default(false),
                 f("common_criteria_mode", b()).default(false),
@@ -976,9 +837,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
         schema(
             "ControllerProperties",
             vec![
-                f("api_idle_timeout", int(0, 43200))
-                    .default(15)
-                    .describe("Minutes an idle session lives."),
+                f("api_idle_timeout", int(0, 43200)).default(15).describe("Minutes an idle session lives."),
                 f("api_perf_logging_threshold", int(10, U32_MAX)).default(10000),
                 f("default_minimum_api_timeout", int(60, 3600)).default(60),
                 f("allow_unauthenticated_apis", b()).default(false),
@@ -1006,13 +865,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
 
 fn api_types() -> Vec<TypeDef> {
     use Scope::{Global, Tenant};
-    let singleton = |path, schema| TypeDef {
-        path,
-        schema,
-        scope: Global,
-        singleton: true,
-        system_created: false,
-    };
+    let singleton = |path, schema| TypeDef { path, schema, scope: Global, singleton: true, system_created: false };
     vec![
         api_type("tenant", "Tenant", Global),
         api_type("user", "User", Global),
@@ -1056,15 +909,9 @@ fn build() -> Registry {
     let mut schemas = HashMap::new();
     for schema in sub_schemas().into_iter().chain(object_schemas()) {
         let name = schema.name;
-        assert!(
-            schemas.insert(name, schema).is_none(),
-            "schema {name} defined twice"
-        );
+        assert!(schemas.insert(name, schema).is_none(), "schema {name} defined twice");
     }
-    Registry {
-        schemas,
-        types: api_types(),
-    }
+    Registry { schemas, types: api_types() }
 }
 
 #[cfg(test)]

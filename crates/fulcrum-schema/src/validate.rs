@@ -35,27 +35,16 @@ impl fmt::Display for SchemaError {
 impl std::error::Error for SchemaError {}
 
 fn err(field: &str, message: impl Into<String>) -> SchemaError {
-    SchemaError {
-        field: field.to_string(),
-        message: message.into(),
-    }
+    SchemaError { field: field.to_string(), message: message.into() }
 }
 
 fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_string()
-    } else {
-        format!("{parent}.{name}")
-    }
+    if parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
 }
 
 /// Checks `input` against `schema` and returns the stored form of the object.
 /// Unknown fields are dropped, as the controller does.
-pub fn normalize(
-    reg: &Registry,
-    schema: &ObjectSchema,
-    input: &Value,
-) -> Result<Map<String, Value>, SchemaError> {
+pub fn normalize(reg: &Registry, schema: &ObjectSchema, input: &Value) -> Result<Map<String, Value>, SchemaError> {
     normalize_object(reg, schema, input, "")
 }
 
@@ -66,20 +55,14 @@ fn normalize_object(
     at: &str,
 ) -> Result<Map<String, Value>, SchemaError> {
     let Value::Object(input) = input else {
-        return Err(err(
-            at,
-            format!("expected an object, got {}", type_name(input)),
-        ));
+        return Err(err(at, format!("expected an object, got {}", type_name(input))));
     };
     let mut out = Map::new();
     for field in &schema.fields {
         let path = join(at, field.name);
         match input.get(field.name) {
             Some(value) if !value.is_null() => {
-                out.insert(
-                    field.name.into(),
-                    normalize_value(reg, &field.kind, value, &path)?,
-                );
+                out.insert(field.name.into(), normalize_value(reg, &field.kind, value, &path)?);
             }
             _ => {
                 if let Some(default) = &field.default {
@@ -107,12 +90,7 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
-fn normalize_value(
-    reg: &Registry,
-    kind: &Kind,
-    value: &Value,
-    at: &str,
-) -> Result<Value, SchemaError> {
+fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> Result<Value, SchemaError> {
     let wrong = |expected: &str| err(at, format!("expected {expected}, got {}", type_name(value)));
     match kind {
         Kind::Any => Ok(value.clone()),
@@ -145,10 +123,7 @@ fn normalize_value(
             if values.contains(&s.as_str()) {
                 Ok(value.clone())
             } else {
-                Err(err(
-                    at,
-                    format!("unknown value '{s}'; expected one of {}", values.join(", ")),
-                ))
+                Err(err(at, format!("unknown value '{s}'; expected one of {}", values.join(", "))))
             }
         }
         Kind::Ref(target) => {
@@ -158,44 +133,23 @@ fn normalize_value(
             let parsed = refs::parse(target, s).map_err(|m| err(at, m))?;
             Ok(Value::String(parsed.canonical()))
         }
-        Kind::Obj(name) => Ok(Value::Object(normalize_object(
-            reg,
-            reg.schema(name),
-            value,
-            at,
-        )?)),
+        Kind::Obj(name) => Ok(Value::Object(normalize_object(reg, reg.schema(name), value, at)?)),
         Kind::List(spec) => normalize_list(reg, spec, value, at),
     }
 }
 
-fn normalize_list(
-    reg: &Registry,
-    spec: &ListSpec,
-    value: &Value,
-    at: &str,
-) -> Result<Value, SchemaError> {
+fn normalize_list(reg: &Registry, spec: &ListSpec, value: &Value, at: &str) -> Result<Value, SchemaError> {
     let Value::Array(items) = value else {
-        return Err(err(
-            at,
-            format!("expected a list, got {}", type_name(value)),
-        ));
+        return Err(err(at, format!("expected a list, got {}", type_name(value))));
     };
     if let Some(max) = spec.max
         && items.len() > max
     {
-        return Err(err(
-            at,
-            format!("has {} entries; at most {max} are allowed", items.len()),
-        ));
+        return Err(err(at, format!("has {} entries; at most {max} are allowed", items.len())));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        out.push(normalize_value(
-            reg,
-            &spec.item,
-            item,
-            &format!("{at}[{i}]"),
-        )?);
+        out.push(normalize_value(reg, &spec.item, item, &format!("{at}[{i}]"))?);
     }
     let mut seen = HashSet::with_capacity(out.len());
     for (i, item) in out.iter().enumerate() {
@@ -248,18 +202,13 @@ pub fn for_each_ref(
     }
 }
 
-fn visit_value(
-    reg: &Registry,
-    kind: &Kind,
-    value: &Value,
-    visit: &mut dyn FnMut(&'static str, &str),
-) {
+fn visit_value(reg: &Registry, kind: &Kind, value: &Value, visit: &mut dyn FnMut(&'static str, &str)) {
     match (kind, value) {
         (Kind::Ref(target), Value::String(s)) => visit(target, s),
         (Kind::Obj(name), Value::Object(map)) => for_each_ref(reg, reg.schema(name), map, visit),
-        (Kind::List(spec), Value::Array(items)) => items
-            .iter()
-            .for_each(|item| visit_value(reg, &spec.item, item, visit)),
+        (Kind::List(spec), Value::Array(items)) => {
+            items.iter().for_each(|item| visit_value(reg, &spec.item, item, visit))
+        }
         _ => {}
     }
 }
@@ -301,9 +250,7 @@ fn rewrite_value(
         (Kind::Ref(target), Value::String(s)) => {
             *s = rewrite(target, s).map_err(|m| err(at, m))?;
         }
-        (Kind::Obj(name), Value::Object(map)) => {
-            rewrite_object(reg, reg.schema(name), map, at, rewrite)?
-        }
+        (Kind::Obj(name), Value::Object(map)) => rewrite_object(reg, reg.schema(name), map, at, rewrite)?,
         (Kind::List(spec), Value::Array(items)) => {
             for (i, item) in items.iter_mut().enumerate() {
                 rewrite_value(reg, &spec.item, item, &format!("{at}[{i}]"), rewrite)?;
@@ -326,8 +273,7 @@ mod tests {
 
     #[test]
     fn pool_defaults_match_the_controller() {
-        let p = pool(json!({"name": "p", "servers": [{"ip": {"addr": "10.0.0.1", "type": "V4"}}]}))
-            .unwrap();
+        let p = pool(json!({"name": "p", "servers": [{"ip": {"addr": "10.0.0.1", "type": "V4"}}]})).unwrap();
         assert_eq!(p["default_server_port"], 80);
         assert_eq!(p["lb_algorithm"], "LB_ALGORITHM_LEAST_CONNECTIONS");
         assert_eq!(p["request_queue_enabled"], false);
@@ -344,16 +290,8 @@ mod tests {
         let cases = [
             (json!({}), "name", "is required"),
             (json!({"name": 5}), "name", "expected a string"),
-            (
-                json!({"name": "p", "default_server_port": 0}),
-                "default_server_port",
-                "out of range",
-            ),
-            (
-                json!({"name": "p", "lb_algorithm": "FOO"}),
-                "lb_algorithm",
-                "unknown value 'FOO'",
-            ),
+            (json!({"name": "p", "default_server_port": 0}), "default_server_port", "out of range"),
+            (json!({"name": "p", "lb_algorithm": "FOO"}), "lb_algorithm", "unknown value 'FOO'"),
             (
                 json!({"name": "p", "servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "ratio": 25}]}),
                 "servers[0].ratio",
@@ -364,16 +302,8 @@ mod tests {
                 "servers[0].ip",
                 "not a valid V4",
             ),
-            (
-                json!({"name": "p", "servers": {}}),
-                "servers",
-                "expected a list",
-            ),
-            (
-                json!({"name": "p", "cloud_ref": "/api/pool/x"}),
-                "cloud_ref",
-                "expected a cloud",
-            ),
+            (json!({"name": "p", "servers": {}}), "servers", "expected a list"),
+            (json!({"name": "p", "cloud_ref": "/api/pool/x"}), "cloud_ref", "expected a cloud"),
         ];
         for (input, field, message) in cases {
             let e = pool(input.clone()).unwrap_err();
@@ -384,8 +314,9 @@ mod tests {
 
     #[test]
     fn lists_enforce_their_maximum_and_their_keys() {
-        let servers: Vec<Value> =
-            (0..5001).map(|i| json!({"ip": {"addr": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), "type": "V4"}})).collect();
+        let servers: Vec<Value> = (0..5001)
+            .map(|i| json!({"ip": {"addr": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), "type": "V4"}}))
+            .collect();
         let e = pool(json!({"name": "p", "servers": servers})).unwrap_err();
         assert!(e.message.contains("at most 5000"), "{e}");
         let dup = json!({"ip": {"addr": "1.1.1.1", "type": "V4"}, "port": 80});
@@ -395,39 +326,27 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_dropped_and_strings_coerce() {
-        let p = pool(
-            json!({"name": "p", "bogus": 1, "enabled": "false", "default_server_port": "8080"}),
-        )
-        .unwrap();
+        let p = pool(json!({"name": "p", "bogus": 1, "enabled": "false", "default_server_port": "8080"})).unwrap();
         assert!(!p.contains_key("bogus"));
         assert_eq!(p["enabled"], false);
         assert_eq!(p["default_server_port"], 8080);
-        assert!(
-            !p.contains_key("servers"),
-            "a list without a default stays absent"
-        );
+        assert!(!p.contains_key("servers"), "a list without a default stays absent");
     }
 
     #[test]
     fn references_are_visited_and_rewritten() {
         let reg = Registry::get();
         let schema = reg.schema("Pool");
-        let mut p = pool(json!({"name": "p", "health_monitor_refs": ["hm-1", "https://h/api/healthmonitor/hm-2#x"]})).unwrap();
+        let mut p =
+            pool(json!({"name": "p", "health_monitor_refs": ["hm-1", "https://h/api/healthmonitor/hm-2#x"]})).unwrap();
         let mut seen = vec![];
-        for_each_ref(reg, schema, &p, &mut |kind, r| {
-            seen.push(format!("{kind} {r}"))
-        });
-        assert!(
-            seen.contains(&"healthmonitor /api/healthmonitor/hm-2".to_string()),
-            "{seen:?}"
-        );
+        for_each_ref(reg, schema, &p, &mut |kind, r| seen.push(format!("{kind} {r}")));
+        assert!(seen.contains(&"healthmonitor /api/healthmonitor/hm-2".to_string()), "{seen:?}");
         rewrite_refs(reg, schema, &mut p, &mut |_, r| Ok(r.to_uppercase())).unwrap();
         assert_eq!(p["health_monitor_refs"][0], "/API/HEALTHMONITOR/HM-1");
         let e = rewrite_refs(reg, schema, &mut p, &mut |_, _| Err("gone".into())).unwrap_err();
         assert!(
-            e.field.starts_with("cloud_ref")
-                || e.field.starts_with("vrf_ref")
-                || e.field.contains("health"),
+            e.field.starts_with("cloud_ref") || e.field.starts_with("vrf_ref") || e.field.contains("health"),
             "{e}"
         );
     }

@@ -1,9 +1,223 @@
+//! `fulcrum shell`: an interactive shell against a controller, with the look of the
+//! controller's own CLI (`[admin:host]: > show pool`).
+
+pub mod client;
+pub mod table;
+
+use std::path::PathBuf;
+
+use fulcrum_schema::Registry;
+use rustyline::completion::Completer;
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::history::DefaultHistory;
+use rustyline::validate::Validator;
+use rustyline::{Context, Editor, Helper};
+use serde_json::Value;
+
+pub use client::{Client, ClientError, Reply};
+
 pub struct Options {
     pub controller: String,
     pub user: String,
     pub password: String,
     pub tenant: String,
+    /// Verify the controller's certificate against this CA file instead of accepting it.
+    pub ca_file: Option<PathBuf>,
 }
-pub fn run(_o: Options, _c: Option<&str>) -> Result<(), String> {
-    Err("todo".into())
+
+/// One parsed shell command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Show { kind: String, name: Option<String> },
+    Help,
+    Exit,
+    Nothing,
+}
+
+const HELP: &str = "\
+Commands:
+  show <type>            list objects of a type (show pool, show virtualservice, ...)
+  show <type> <name>     one object, field by field
+  show <singleton>       systemconfiguration, controllerproperties, cluster
+  help                   this text
+  exit | quit            leave the shell
+";
+
+/// Words the first position accepts.
+const VERBS: &[&str] = &["show", "help", "exit", "quit"];
+
+pub fn parse(line: &str) -> Result<Command, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        [] => Ok(Command::Nothing),
+        ["help"] | ["?"] => Ok(Command::Help),
+        ["exit"] | ["quit"] => Ok(Command::Exit),
+        ["show", kind] => Ok(Command::Show { kind: kind.to_string(), name: None }),
+        ["show", kind, name @ ..] => Ok(Command::Show { kind: kind.to_string(), name: Some(name.join(" ")) }),
+        ["show"] => Err("show what? (show <type> [<name>])".into()),
+        [verb, ..] => Err(format!("unknown command '{verb}'; type help")),
+    }
+}
+
+fn error_text(reply: &Reply) -> String {
+    let message = reply.body.get("error").and_then(Value::as_str).map_or_else(|| reply.body.to_string(), String::from);
+    format!("Error ({}): {message}", reply.status)
+}
+
+/// Runs one command and returns what to print.
+pub fn execute(client: &mut Client, command: &Command) -> Result<String, String> {
+    let reg = Registry::get();
+    match command {
+        Command::Nothing | Command::Exit => Ok(String::new()),
+        Command::Help => Ok(HELP.to_string()),
+        Command::Show { kind, name } => {
+            let type_def = reg.type_def(kind).ok_or_else(|| format!("unknown type '{kind}'"))?;
+            if type_def.singleton {
+                let reply = client.get(&format!("{kind}?include_name")).map_err(|e| e.to_string())?;
+                return if reply.status == 200 { Ok(table::object(&reply.body)) } else { Err(error_text(&reply)) };
+            }
+            match name {
+                Some(name) => {
+                    let query = form_urlencoded::Serializer::new(String::new()).append_pair("name", name).finish();
+                    let reply = client.get(&format!("{kind}?{query}&include_name")).map_err(|e| e.to_string())?;
+                    if reply.status != 200 {
+                        return Err(error_text(&reply));
+                    }
+                    reply.body["results"].get(0).map(table::object).ok_or_else(|| format!("{kind} '{name}' not found"))
+                }
+                None => {
+                    let mut rows = Vec::new();
+                    for page in 1.. {
+                        let reply = client
+                            .get(&format!("{kind}?page_size=200&page={page}&fields=name,uuid"))
+                            .map_err(|e| e.to_string())?;
+                        if reply.status != 200 {
+                            return Err(error_text(&reply));
+                        }
+                        for item in reply.body["results"].as_array().into_iter().flatten() {
+                            let cell = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+                            rows.push(vec![cell("name"), cell("uuid")]);
+                        }
+                        if reply.body.get("next").is_none() {
+                            break;
+                        }
+                    }
+                    Ok(table::render(&["Name", "UUID"], &rows))
+                }
+            }
+        }
+    }
+}
+
+/// Completes verbs and type names.
+struct ShellHelper;
+
+impl Completer for ShellHelper {
+    type Candidate = String;
+    fn complete(&self, line: &str, pos: usize, _: &Context<'_>) -> rustyline::Result<(usize, Vec<String>)> {
+        let before = &line[..pos];
+        let start = before.rfind(' ').map_or(0, |i| i + 1);
+        let word = &before[start..];
+        let position = before.split_whitespace().count() - usize::from(!word.is_empty());
+        let candidates: Vec<String> = match position {
+            0 => VERBS.iter().filter(|v| v.starts_with(word)).map(|v| v.to_string()).collect(),
+            1 if before.trim_start().starts_with("show") => Registry::get()
+                .types()
+                .iter()
+                .map(|t| t.path)
+                .filter(|p| p.starts_with(word))
+                .map(String::from)
+                .collect(),
+            _ => vec![],
+        };
+        Ok((start, candidates))
+    }
+}
+impl Hinter for ShellHelper {
+    type Hint = String;
+}
+impl Highlighter for ShellHelper {}
+impl Validator for ShellHelper {}
+impl Helper for ShellHelper {}
+
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host_port = rest.split('/').next().unwrap_or(rest);
+    match host_port.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => host_port,
+    }
+}
+
+/// Runs the shell: one command with `-c`, else interactively.
+pub fn run(options: Options, one_shot: Option<&str>) -> Result<(), String> {
+    let mut client = Client::connect(
+        &options.controller,
+        &options.user,
+        &options.password,
+        &options.tenant,
+        options.ca_file.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    if let Some(line) = one_shot {
+        let command = parse(line)?;
+        let out = execute(&mut client, &command)?;
+        print!("{out}");
+        return Ok(());
+    }
+    let mut editor: Editor<ShellHelper, DefaultHistory> = Editor::new().map_err(|e| e.to_string())?;
+    editor.set_helper(Some(ShellHelper));
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".fulcrum_shell_history"));
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    let prompt = format!("[{}:{}]: > ", options.user, host_of(&options.controller));
+    loop {
+        match editor.readline(&prompt) {
+            Ok(line) => {
+                let _ = editor.add_history_entry(line.as_str());
+                match parse(&line) {
+                    Ok(Command::Exit) => break,
+                    Ok(command) => match execute(&mut client, &command) {
+                        Ok(out) => print!("{out}"),
+                        Err(e) => println!("{e}"),
+                    },
+                    Err(e) => println!("{e}"),
+                }
+            }
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(parse("show pool").unwrap(), Command::Show { kind: "pool".into(), name: None });
+        assert_eq!(
+            parse("  show pool  my pool ").unwrap(),
+            Command::Show { kind: "pool".into(), name: Some("my pool".into()) }
+        );
+        assert_eq!(parse("").unwrap(), Command::Nothing);
+        assert_eq!(parse("quit").unwrap(), Command::Exit);
+        assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
+        assert!(parse("show").is_err());
+    }
+
+    #[test]
+    fn prompt_host_drops_scheme_and_port() {
+        assert_eq!(host_of("https://10.1.1.1:9443"), "10.1.1.1");
+        assert_eq!(host_of("http://ctl.example/"), "ctl.example");
+    }
 }

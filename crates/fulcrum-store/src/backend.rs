@@ -30,8 +30,7 @@ pub struct RedbBackend {
 
 impl RedbBackend {
     pub fn open(path: &Path) -> Result<RedbBackend, StoreError> {
-        let db = Database::create(path)
-            .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(io)?;
         txn.open_table(OBJECTS).map_err(io)?;
         txn.commit().map_err(io)?;
@@ -51,11 +50,9 @@ impl Backend for RedbBackend {
         for entry in table.iter().map_err(io)? {
             let (key, value) = entry.map_err(io)?;
             let key = key.value();
-            let (kind, uuid) = key
-                .split_once('/')
-                .ok_or_else(|| StoreError::Corrupt(format!("bad key {key}")))?;
-            let body: Value = serde_json::from_slice(value.value())
-                .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+            let (kind, uuid) = key.split_once('/').ok_or_else(|| StoreError::Corrupt(format!("bad key {key}")))?;
+            let body: Value =
+                serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
             out.push((kind.to_string(), uuid.to_string(), body));
         }
         Ok(out)
@@ -73,9 +70,7 @@ impl Backend for RedbBackend {
                         table.insert(key.as_str(), body.as_slice()).map_err(io)?;
                     }
                     Change::Delete { kind, uuid } => {
-                        table
-                            .remove(format!("{kind}/{uuid}").as_str())
-                            .map_err(io)?;
+                        table.remove(format!("{kind}/{uuid}").as_str()).map_err(io)?;
                     }
                 }
             }
@@ -92,19 +87,14 @@ pub struct MemoryBackend {
 
 impl Backend for MemoryBackend {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
-        Ok(self
-            .objects
-            .iter()
-            .map(|((k, u), v)| (k.clone(), u.clone(), v.clone()))
-            .collect())
+        Ok(self.objects.iter().map(|((k, u), v)| (k.clone(), u.clone(), v.clone())).collect())
     }
 
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         for change in changes {
             match change {
                 Change::Put(s) => {
-                    self.objects
-                        .insert((s.kind.clone(), s.uuid.clone()), s.value.clone());
+                    self.objects.insert((s.kind.clone(), s.uuid.clone()), s.value.clone());
                 }
                 Change::Delete { kind, uuid } => {
                     self.objects.remove(&(kind.clone(), uuid.clone()));

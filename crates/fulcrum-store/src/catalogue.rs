@@ -63,10 +63,7 @@ impl Catalogue {
 
     /// Every object of a type, in uuid order.
     pub fn iter(&self, kind: &str) -> impl Iterator<Item = &Arc<Stored>> {
-        self.tables
-            .get(kind)
-            .into_iter()
-            .flat_map(|t| t.objects.values())
+        self.tables.get(kind).into_iter().flat_map(|t| t.objects.values())
     }
 
     pub fn count(&self, kind: &str) -> usize {
@@ -96,17 +93,11 @@ impl Catalogue {
                 self.remove(&stored.kind, &stored.uuid);
                 let path = stored.path();
                 for target in &stored.meta.refs {
-                    self.referrers
-                        .entry(target.clone())
-                        .or_default()
-                        .insert(path.clone());
+                    self.referrers.entry(target.clone()).or_default().insert(path.clone());
                 }
                 let table = self.tables.entry(stored.kind.clone()).or_default();
                 if let Some(name) = &stored.meta.name {
-                    table.names.insert(
-                        (stored.meta.tenant.clone(), name.clone()),
-                        stored.uuid.clone(),
-                    );
+                    table.names.insert((stored.meta.tenant.clone(), name.clone()), stored.uuid.clone());
                 }
                 table.objects.insert(stored.uuid.clone(), stored.clone());
             }
@@ -162,19 +153,13 @@ mod tests {
         c.apply(&stored("pool", "p1", "a", &[]));
         c.apply(&stored("virtualservice", "v1", "vs", &["/api/pool/p1"]));
         assert_eq!(c.find_by_name("pool", "t", "a").unwrap().uuid, "p1");
-        assert_eq!(
-            c.referrers("/api/pool/p1").collect::<Vec<_>>(),
-            ["/api/virtualservice/v1"]
-        );
+        assert_eq!(c.referrers("/api/pool/p1").collect::<Vec<_>>(), ["/api/virtualservice/v1"]);
         c.apply(&stored("pool", "p1", "b", &[]));
         assert!(c.find_by_name("pool", "t", "a").is_none());
         assert!(c.find_by_name("pool", "t", "b").is_some());
         c.apply(&stored("virtualservice", "v1", "vs", &[]));
         assert_eq!(c.referrers("/api/pool/p1").count(), 0);
-        c.apply(&Change::Delete {
-            kind: "pool".into(),
-            uuid: "p1".into(),
-        });
+        c.apply(&Change::Delete { kind: "pool".into(), uuid: "p1".into() });
         assert!(c.get("pool", "p1").is_none() && c.find_by_name("pool", "t", "b").is_none());
         assert_eq!(c.count("pool"), 0);
     }

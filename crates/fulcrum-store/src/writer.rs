@@ -23,18 +23,10 @@ use crate::catalogue::{Catalogue, Change, Indexer, Stored};
 /// At most this many writes share one commit.
 const MAX_BATCH: usize = 4096;
 
-pub static COMMIT_SECONDS: Histogram = Histogram::new(
-    "fulcrum_store_commit_seconds",
-    "Time of one durable commit (fsync included).",
-    "",
-    LATENCY_BUCKETS,
-);
-pub static COMMIT_BATCH_SIZE: Histogram = Histogram::new(
-    "fulcrum_store_commit_batch_size",
-    "Writes group-committed in one transaction.",
-    "",
-    SIZE_BUCKETS,
-);
+pub static COMMIT_SECONDS: Histogram =
+    Histogram::new("fulcrum_store_commit_seconds", "Time of one durable commit (fsync included).", "", LATENCY_BUCKETS);
+pub static COMMIT_BATCH_SIZE: Histogram =
+    Histogram::new("fulcrum_store_commit_batch_size", "Writes group-committed in one transaction.", "", SIZE_BUCKETS);
 
 /// Why a write did not happen.
 #[derive(Debug)]
@@ -74,12 +66,7 @@ pub struct Txn<'a> {
 impl Txn<'_> {
     pub fn get(&self, kind: &str, uuid: &str) -> Option<Arc<Stored>> {
         let key = (kind.to_string(), uuid.to_string());
-        if let Some(entry) = self
-            .current
-            .objects
-            .get(&key)
-            .or_else(|| self.batch.objects.get(&key))
-        {
+        if let Some(entry) = self.current.objects.get(&key).or_else(|| self.batch.objects.get(&key)) {
             return entry.clone();
         }
         self.base.get(kind, uuid).cloned()
@@ -95,14 +82,11 @@ impl Txn<'_> {
         let candidates = [
             self.current.names.get(&key).cloned(),
             self.batch.names.get(&key).cloned(),
-            self.base
-                .find_by_name(kind, tenant, name)
-                .map(|s| s.uuid.clone()),
+            self.base.find_by_name(kind, tenant, name).map(|s| s.uuid.clone()),
         ];
         // An index entry may be stale (renamed or deleted later in the batch): confirm it.
         candidates.into_iter().flatten().find_map(|uuid| {
-            self.get(kind, &uuid)
-                .filter(|s| s.meta.tenant == tenant && s.meta.name.as_deref() == Some(name))
+            self.get(kind, &uuid).filter(|s| s.meta.tenant == tenant && s.meta.name.as_deref() == Some(name))
         })
     }
 
@@ -111,25 +95,14 @@ impl Txn<'_> {
         let mut out: Vec<String> = self
             .base
             .referrers(target)
-            .filter(|path| {
-                self.get_path(path)
-                    .is_some_and(|s| s.meta.refs.iter().any(|r| r == target))
-            })
+            .filter(|path| self.get_path(path).is_some_and(|s| s.meta.refs.iter().any(|r| r == target)))
             .cloned()
             .collect();
-        for entry in self
-            .batch
-            .objects
-            .values()
-            .chain(self.current.objects.values())
-            .flatten()
-        {
+        for entry in self.batch.objects.values().chain(self.current.objects.values()).flatten() {
             let path = entry.path();
             if entry.meta.refs.iter().any(|r| r == target)
                 && !out.contains(&path)
-                && self
-                    .get(&entry.kind, &entry.uuid)
-                    .is_some_and(|s| Arc::ptr_eq(&s, entry))
+                && self.get(&entry.kind, &entry.uuid).is_some_and(|s| Arc::ptr_eq(&s, entry))
             {
                 out.push(path);
             }
@@ -139,11 +112,8 @@ impl Txn<'_> {
 
     /// Every object of a type as this write sees it.
     pub fn list(&self, kind: &str) -> Vec<Arc<Stored>> {
-        let mut seen: HashMap<String, Arc<Stored>> = self
-            .base
-            .iter(kind)
-            .map(|s| (s.uuid.clone(), s.clone()))
-            .collect();
+        let mut seen: HashMap<String, Arc<Stored>> =
+            self.base.iter(kind).map(|s| (s.uuid.clone(), s.clone())).collect();
         for overlay in [self.batch, &self.current] {
             for ((k, uuid), entry) in &overlay.objects {
                 if k == kind {
@@ -160,36 +130,22 @@ impl Txn<'_> {
     /// Stores `value` as object `kind/uuid` (create or replace).
     pub fn put(&mut self, kind: &str, uuid: &str, value: Value) -> Arc<Stored> {
         let meta = (self.indexer)(kind, &value);
-        let stored = Arc::new(Stored {
-            kind: kind.into(),
-            uuid: uuid.into(),
-            value,
-            meta,
-        });
+        let stored = Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value, meta });
         if let Some(name) = &stored.meta.name {
-            self.current.names.insert(
-                (kind.into(), stored.meta.tenant.clone(), name.clone()),
-                uuid.into(),
-            );
+            self.current.names.insert((kind.into(), stored.meta.tenant.clone(), name.clone()), uuid.into());
         }
-        self.current
-            .objects
-            .insert((kind.into(), uuid.into()), Some(stored.clone()));
+        self.current.objects.insert((kind.into(), uuid.into()), Some(stored.clone()));
         stored
     }
 
     pub fn delete(&mut self, kind: &str, uuid: &str) {
-        self.current
-            .objects
-            .insert((kind.into(), uuid.into()), None);
+        self.current.objects.insert((kind.into(), uuid.into()), None);
     }
 
     /// Microseconds since the epoch, strictly increasing across writes: the `_last_modified`
     /// of what this write stores.
     pub fn timestamp_micros(&mut self) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         *self.clock = now.max(*self.clock + 1);
         *self.clock
     }
@@ -208,19 +164,10 @@ impl Store {
         let mut clock = 0u64;
         for (kind, uuid, value) in backend.load()? {
             let meta = indexer(&kind, &value);
-            if let Some(ts) = value
-                .get("_last_modified")
-                .and_then(Value::as_str)
-                .and_then(|s| s.parse::<u64>().ok())
-            {
+            if let Some(ts) = value.get("_last_modified").and_then(Value::as_str).and_then(|s| s.parse::<u64>().ok()) {
                 clock = clock.max(ts);
             }
-            catalogue.apply(&Change::Put(Arc::new(Stored {
-                kind,
-                uuid,
-                value,
-                meta,
-            })));
+            catalogue.apply(&Change::Put(Arc::new(Stored { kind, uuid, value, meta })));
         }
         let catalogue = Arc::new(RwLock::new(catalogue));
         let (jobs, queue) = mpsc::channel::<Job>();
@@ -262,11 +209,8 @@ impl Store {
                 (false, Box::new(|_| {}))
             }
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| WriteError::Storage(StoreError::Closed))?;
-        rx.await
-            .map_err(|_| WriteError::Storage(StoreError::Closed))?
+        self.jobs.send(job).map_err(|_| WriteError::Storage(StoreError::Closed))?;
+        rx.await.map_err(|_| WriteError::Storage(StoreError::Closed))?
     }
 }
 
@@ -346,11 +290,7 @@ mod tests {
         Arc::new(|_kind: &str, v: &Value| Meta {
             tenant: "t".into(),
             name: v.get("name").and_then(Value::as_str).map(String::from),
-            refs: v
-                .get("ref")
-                .and_then(Value::as_str)
-                .map(|r| vec![r.to_string()])
-                .unwrap_or_default(),
+            refs: v.get("ref").and_then(Value::as_str).map(|r| vec![r.to_string()]).unwrap_or_default(),
         })
     }
 
@@ -372,10 +312,7 @@ mod tests {
     async fn concurrent_writers_see_each_other_within_a_batch() {
         let store = Arc::new(Store::open(MemoryBackend::default(), indexer()).unwrap());
         let (a, b) = tokio::join!(create(&store, "p1", "same"), create(&store, "p2", "same"));
-        assert!(
-            a.is_ok() != b.is_ok(),
-            "exactly one of two same-named creates wins"
-        );
+        assert!(a.is_ok() != b.is_ok(), "exactly one of two same-named creates wins");
         assert_eq!(store.read().count("pool"), 1);
     }
 

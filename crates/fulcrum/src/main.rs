@@ -7,11 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "fulcrum",
-    version,
-    about = "A controller for load-balancer fleets, compatible with the Avi REST API"
-)]
+#[command(name = "fulcrum", version, about = "A controller for load-balancer fleets, compatible with the Avi REST API")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,6 +42,10 @@ enum Command {
         /// Tenant to work in.
         #[arg(long, default_value = "admin")]
         tenant: String,
+        /// Verify the controller's certificate against this CA file (by default the
+        /// controller's self-signed certificate is accepted, like `curl -k`).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
         /// Run one command and exit.
         #[arg(short = 'c', long = "command")]
         command: Option<String>,
@@ -53,16 +53,9 @@ enum Command {
 }
 
 fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FULCRUM_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init()
-    } else {
-        builder.init()
-    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FULCRUM_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { builder.json().init() } else { builder.init() }
 }
 
 async fn shutdown_signal() {
@@ -77,22 +70,10 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve {
-            listen,
-            data_dir,
-            plain_http,
-            log_json,
-        } => {
+        Command::Serve { listen, data_dir, plain_http, log_json } => {
             init_logs(log_json);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            let config = fulcrum_api::ServeConfig {
-                listen,
-                data_dir,
-                plain_http,
-            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http };
             match runtime.block_on(fulcrum_api::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -101,19 +82,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Shell {
-            controller,
-            user,
-            password,
-            tenant,
-            command,
-        } => {
-            let options = fulcrum_shell::Options {
-                controller,
-                user,
-                password,
-                tenant,
-            };
+        Command::Shell { controller, user, password, tenant, ca_cert, command } => {
+            let options = fulcrum_shell::Options { controller, user, password, tenant, ca_file: ca_cert };
             match fulcrum_shell::run(options, command.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
