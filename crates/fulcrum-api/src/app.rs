@@ -332,6 +332,9 @@ async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> R
         (r, _) if !r.needs_auth() => return Err(ApiError::method_not_allowed(method.as_str())),
         _ => {}
     }
+    // Read the body before anything can refuse the request, so the connection stays usable
+    // for the client's next request.
+    let body = read_body(body).await?;
     let principal = authenticate(app, &parts).await?;
     let scope = {
         let cat = app.store.read();
