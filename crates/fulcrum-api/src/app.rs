@@ -349,7 +349,6 @@ async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> R
         query,
         headers: parts.headers.clone(),
     };
-    let body = read_body(body).await?;
     match (route, method) {
         (Route::ClusterRuntime, Method::GET) => Ok(system::cluster_runtime(app)),
         (Route::ClusterVersion, Method::GET) => Ok(system::cluster_version()),
