@@ -1,0 +1,138 @@
+//! Starting, stopping and crashing the controller.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::{Api, Launch, start, temp_dir, try_start};
+use serde_json::json;
+
+#[test]
+fn https_by_default_with_a_certificate_kept_across_restarts() {
+    let dir = temp_dir();
+    let launch = || Launch { plain_http: false, ..Launch::plain(dir.path()) };
+    let c = try_start(launch()).unwrap();
+    assert!(c.url.starts_with("https://127.0.0.1:"), "{}", c.url);
+    let r = c.admin().get("/api/cluster/version");
+    assert_eq!(r.status, 200);
+    assert!(r.header("Strict-Transport-Security").is_some());
+    let cert_path = dir.path().join("tls/server.crt");
+    let cert = std::fs::read(&cert_path).unwrap();
+    let key_mode = std::fs::metadata(dir.path().join("tls/server.key")).unwrap().permissions().mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    drop(c);
+    let c = try_start(launch()).unwrap();
+    assert_eq!(std::fs::read(&cert_path).unwrap(), cert, "the certificate is reused");
+    // The certificate verifies against itself as a CA (the shell's --ca-cert).
+    let tls = fulcrum_shell::client::tls_config(Some(&cert_path)).unwrap();
+    let agent = ureq::AgentBuilder::new().tls_config(tls).build();
+    let url = c.url.replace("127.0.0.1", "localhost");
+    assert_eq!(agent.get(&format!("{url}/api/cluster/status")).call().unwrap().status(), 200);
+}
+
+#[test]
+fn initial_password_is_generated_printed_once_and_kept_private() {
+    let dir = temp_dir();
+    let c = try_start(Launch { password: None, ..Launch::plain(dir.path()) }).unwrap();
+    let line = c.banner.iter().find(|l| l.starts_with("Generated the initial admin password: ")).expect("password printed");
+    let password = line.rsplit(' ').next().unwrap().to_string();
+    assert!(password.len() >= 16);
+    let file = dir.path().join("initial-admin-password");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), password);
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(Api::new(&c.url).basic("admin", &password).get("/api/pool").status, 200);
+    assert_eq!(Api::new(&c.url).basic("admin", "admin").get("/api/pool").status, 401, "no static default");
+    drop(c);
+    let c = try_start(Launch { password: None, ..Launch::plain(dir.path()) }).unwrap();
+    assert!(c.banner.iter().all(|l| !l.contains("password")), "printed only on first start");
+    assert_eq!(Api::new(&c.url).basic("admin", &password).get("/api/pool").status, 200);
+}
+
+#[test]
+fn clear_errors_for_a_taken_port_a_bad_data_dir_and_a_shared_data_dir() {
+    let dir = temp_dir();
+    let first = start(dir.path());
+    let addr = first.url.trim_start_matches("http://").to_string();
+    let other = temp_dir();
+    let err = try_start(Launch { listen: &addr, ..Launch::plain(other.path()) }).err().unwrap();
+    assert!(err.contains(&format!("cannot listen on {addr}: the address is already in use")), "{err}");
+    let err = try_start(Launch::plain(dir.path())).err().unwrap();
+    assert!(err.contains("is in use by another fulcrum process"), "{err}");
+    let file = other.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let err = try_start(Launch::plain(&file.join("data"))).err().unwrap();
+    assert!(err.contains("cannot create it"), "{err}");
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let dir = temp_dir();
+    let c = start(dir.path());
+    assert_eq!(c.admin().post("/api/pool", &json!({"name": "before-stop"})).status, 201);
+    let status = c.terminate();
+    assert!(status.success(), "{status:?}");
+    let c = start(dir.path());
+    assert_eq!(c.admin().object("/api/pool?name=before-stop")["count"], 1);
+}
+
+/// 1,000 creates from 32 concurrent clients; `kill -9` once about half are acknowledged; every
+/// acknowledged object must be there, intact, after a restart.
+#[test]
+fn acknowledged_creates_survive_kill_9() {
+    const CLIENTS: usize = 32;
+    const TOTAL: usize = 1000;
+    let dir = temp_dir();
+    let c = start(dir.path());
+    let api = c.admin();
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (api, next, acked) = (api.clone(), next.clone(), acked.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= TOTAL {
+                        return;
+                    }
+                    let body = json!({"name": format!("durable-{i}"), "description": format!("payload {i}"),
+                        "servers": [{"ip": {"addr": format!("10.0.{}.{}", i / 256, i % 256), "type": "V4"}}]});
+                    match api.try_post("/api/pool", &body) {
+                        Ok(r) if r.status == 201 => {
+                            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                            acked.lock().unwrap().insert(i, v);
+                        }
+                        Ok(r) => panic!("unexpected {}: {}", r.status, r.body),
+                        Err(_) => return, // the controller is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while acked.lock().unwrap().len() < TOTAL / 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    c.kill9();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= TOTAL / 2, "only {} acknowledged", acked.len());
+    let c = start(dir.path());
+    let api = c.admin();
+    for (i, created) in &acked {
+        let got = api.object(&format!("/api/pool/{}", created["uuid"].as_str().unwrap()));
+        assert_eq!(got["name"], format!("durable-{i}"));
+        assert_eq!(got["description"], format!("payload {i}"));
+        assert_eq!(got["_last_modified"], created["_last_modified"]);
+        assert_eq!(got["servers"][0]["ip"]["addr"], created["servers"][0]["ip"]["addr"]);
+    }
+    // Writes in flight at the kill are either wholly there or absent.
+    let all = api.object("/api/pool?page_size=200&name.contains=durable-")["count"].as_u64().unwrap() as usize;
+    assert!(all >= acked.len() && all <= TOTAL, "{all} pools after restart, {} acknowledged", acked.len());
+    println!("acknowledged {} of {TOTAL} before kill -9; {all} present after restart", acked.len());
+}
