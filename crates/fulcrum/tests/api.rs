@@ -77,7 +77,11 @@ fn references_accept_every_client_form() {
     .enumerate()
     {
         let p = create(&api, "pool", json!({"name": format!("ref-{i}"), "health_monitor_refs": [reference]}));
-        assert_eq!(p["health_monitor_refs"][0], format!("{}/api/healthmonitor/{hm_uuid}#System-HTTP", c.url), "{reference}");
+        assert_eq!(
+            p["health_monitor_refs"][0],
+            format!("{}/api/healthmonitor/{hm_uuid}#System-HTTP", c.url),
+            "{reference}"
+        );
     }
 }
 
@@ -91,15 +95,50 @@ fn bad_inputs_are_refused_and_change_nothing() {
         ("malformed JSON", b"{\"name\": \"x\",}".to_vec(), 400, "invalid JSON: trailing comma at line 1 column"),
         ("not an object", b"[1, 2]".to_vec(), 400, "must be a JSON object"),
         ("wrong type", br#"{"name": "x", "enabled": 7}"#.to_vec(), 400, "field 'enabled': expected a boolean"),
-        ("unknown enum", br#"{"name": "x", "lb_algorithm": "LB_FASTEST"}"#.to_vec(), 400, "field 'lb_algorithm': unknown value 'LB_FASTEST'"),
-        ("out of range", br#"{"name": "x", "default_server_port": 70000}"#.to_vec(), 400, "field 'default_server_port': value 70000 is out of range 1..65535"),
-        ("nested out of range", br#"{"name": "x", "servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "ratio": 25}]}"#.to_vec(), 400, "field 'servers[0].ratio'"),
+        (
+            "unknown enum",
+            br#"{"name": "x", "lb_algorithm": "LB_FASTEST"}"#.to_vec(),
+            400,
+            "field 'lb_algorithm': unknown value 'LB_FASTEST'",
+        ),
+        (
+            "out of range",
+            br#"{"name": "x", "default_server_port": 70000}"#.to_vec(),
+            400,
+            "field 'default_server_port': value 70000 is out of range 1..65535",
+        ),
+        (
+            "nested out of range",
+            br#"{"name": "x", "servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "ratio": 25}]}"#.to_vec(),
+            400,
+            "field 'servers[0].ratio'",
+        ),
         ("missing required", br#"{"description": "no name"}"#.to_vec(), 400, "field 'name': is required"),
-        ("missing nested required", br#"{"name": "x", "servers": [{"port": 80}]}"#.to_vec(), 400, "field 'servers[0].ip': is required"),
+        (
+            "missing nested required",
+            br#"{"name": "x", "servers": [{"port": 80}]}"#.to_vec(),
+            400,
+            "field 'servers[0].ip': is required",
+        ),
         ("duplicate name", br#"{"name": "existing"}"#.to_vec(), 409, "pool with name 'existing' already exists"),
-        ("missing ref", br#"{"name": "x", "health_monitor_refs": ["healthmonitor-nope"]}"#.to_vec(), 400, "healthmonitor 'healthmonitor-nope' not found"),
-        ("missing ref by name", br#"{"name": "x", "cloud_ref": "/api/cloud?name=Nowhere"}"#.to_vec(), 400, "field 'cloud_ref': cloud 'Nowhere' not found"),
-        ("ref of the wrong type", br#"{"name": "x", "cloud_ref": "/api/pool/pool-1"}"#.to_vec(), 400, "expected a cloud"),
+        (
+            "missing ref",
+            br#"{"name": "x", "health_monitor_refs": ["healthmonitor-nope"]}"#.to_vec(),
+            400,
+            "healthmonitor 'healthmonitor-nope' not found",
+        ),
+        (
+            "missing ref by name",
+            br#"{"name": "x", "cloud_ref": "/api/cloud?name=Nowhere"}"#.to_vec(),
+            400,
+            "field 'cloud_ref': cloud 'Nowhere' not found",
+        ),
+        (
+            "ref of the wrong type",
+            br#"{"name": "x", "cloud_ref": "/api/pool/pool-1"}"#.to_vec(),
+            400,
+            "expected a cloud",
+        ),
     ];
     for (what, body, status, message) in cases {
         let r = api.send("POST", "/api/pool", Some(&body));
@@ -151,7 +190,8 @@ fn delete_of_a_referenced_object_is_409_naming_referrers() {
     let (_d, c) = setup();
     let api = c.admin();
     let pool = create(&api, "pool", json!({"name": "backend"}));
-    let vs = create(&api, "virtualservice", json!({"name": "front", "pool_ref": pool["url"], "services": [{"port": 80}]}));
+    let vs =
+        create(&api, "virtualservice", json!({"name": "front", "pool_ref": pool["url"], "services": [{"port": 80}]}));
     let r = api.delete(&format!("/api/pool/{}", uuid(&pool)));
     assert_eq!(r.status, 409);
     assert!(r.error().contains("virtualservice 'front'") && r.error().contains(&uuid(&vs)), "{}", r.error());
@@ -171,7 +211,8 @@ fn delete_of_a_referenced_object_is_409_naming_referrers() {
 fn put_replaces_and_a_stale_put_is_412() {
     let (_d, c) = setup();
     let api = c.admin();
-    let created = create(&api, "pool", json!({"name": "p", "lb_algorithm": "LB_ALGORITHM_ROUND_ROBIN", "description": "d"}));
+    let created =
+        create(&api, "pool", json!({"name": "p", "lb_algorithm": "LB_ALGORITHM_ROUND_ROBIN", "description": "d"}));
     let path = format!("/api/pool/{}", uuid(&created));
     let mut body = api.object(&path);
     body["description"] = json!("changed");
@@ -183,7 +224,8 @@ fn put_replaces_and_a_stale_put_is_412() {
     assert_eq!(updated["lb_algorithm"], "LB_ALGORITHM_LEAST_CONNECTIONS", "PUT replaces: absent fields get defaults");
     assert!(updated["url"].as_str().unwrap().ends_with("#p"));
     // The old copy is stale now.
-    let r = api.put(&path, &json!({"name": "p", "description": "lost update", "_last_modified": created["_last_modified"]}));
+    let r = api
+        .put(&path, &json!({"name": "p", "description": "lost update", "_last_modified": created["_last_modified"]}));
     assert_eq!(r.status, 412);
     assert!(r.error().contains("changed since it was read"));
     assert_eq!(api.object(&path)["description"], "changed");
@@ -200,7 +242,11 @@ fn collections_page_filter_sort_and_select_fields() {
     let api = c.admin();
     let mut made = vec![];
     for i in 0..7 {
-        made.push(create(&api, "pool", json!({"name": format!("pool-{i}"), "default_server_port": 8000 + (i * 7) % 5})));
+        made.push(create(
+            &api,
+            "pool",
+            json!({"name": format!("pool-{i}"), "default_server_port": 8000 + (i * 7) % 5}),
+        ));
     }
     let page = api.object("/api/pool?page_size=3&page=2&name.contains=pool-");
     assert_eq!(page["count"], 7);
@@ -298,7 +344,11 @@ fn login_sessions_csrf_and_logout() {
     let (_d, c) = setup();
     let anon = c.anonymous();
     let form = format!("username=admin&password={}", common::PASSWORD);
-    let r = anon.clone().header("Content-Type", "application/x-www-form-urlencoded").send("POST", "/login", Some(form.as_bytes()));
+    let r = anon.clone().header("Content-Type", "application/x-www-form-urlencoded").send(
+        "POST",
+        "/login",
+        Some(form.as_bytes()),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let body = r.json();
     assert_eq!(body["version"]["Version"], "30.2.1");
@@ -306,12 +356,19 @@ fn login_sessions_csrf_and_logout() {
     assert_eq!(body["user"]["is_superuser"], true);
     assert_eq!(body["tenants"][0]["name"], "admin");
     assert_eq!(body["session_cookie_name"], "avi-sessionid");
-    let cookies: Vec<&str> = r.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")).map(|(_, v)| v.as_str()).collect();
-    let cookie = |name: &str| cookies.iter().find_map(|c| c.split(';').next()?.strip_prefix(&format!("{name}="))).unwrap().to_string();
+    let cookies: Vec<&str> =
+        r.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")).map(|(_, v)| v.as_str()).collect();
+    let cookie = |name: &str| {
+        cookies.iter().find_map(|c| c.split(';').next()?.strip_prefix(&format!("{name}="))).unwrap().to_string()
+    };
     let (session, csrf) = (cookie("avi-sessionid"), cookie("csrftoken"));
     assert_eq!(cookie("sessionid"), session);
     // The JSON body of the Go SDK works too.
-    let r = anon.send("POST", "/login", Some(json!({"username": "admin", "password": common::PASSWORD}).to_string().as_bytes()));
+    let r = anon.send(
+        "POST",
+        "/login",
+        Some(json!({"username": "admin", "password": common::PASSWORD}).to_string().as_bytes()),
+    );
     assert_eq!(r.status, 200);
     let with_session = anon.clone().header("Cookie", &format!("avi-sessionid={session}; csrftoken={csrf}"));
     assert_eq!(with_session.get("/api/pool").status, 200);
@@ -378,8 +435,12 @@ fn tenants_scope_objects_and_users_see_only_their_tenants() {
         "access": [{"role_ref": "/api/role?name=Tenant-Admin", "tenant_ref": tenant["url"]}]});
     let user = create(&admin, "user", blue_user);
     assert!(user.get("password").is_none() && user.get("_password_hash").is_none());
-    create(&admin, "user", json!({"name": "rita", "password": "rita-password-1",
-        "access": [{"role_ref": "/api/role?name=System-ReadOnly", "all_tenants": true}]}));
+    create(
+        &admin,
+        "user",
+        json!({"name": "rita", "password": "rita-password-1",
+        "access": [{"role_ref": "/api/role?name=System-ReadOnly", "all_tenants": true}]}),
+    );
     let bob = Api::new(&c.url).basic("bob", "bob-password-1");
     let bob_pools = bob.object("/api/pool");
     assert_eq!(bob_pools["count"], 1, "bob's default tenant is blue");
@@ -455,7 +516,10 @@ fn metrics_and_openapi_describe_the_service() {
     assert!(text.contains("fulcrum_store_commit_batch_size_bucket"));
     let doc = api.object("/api/openapi.json");
     assert_eq!(doc["openapi"], "3.0.3");
-    assert_eq!(doc["components"]["schemas"]["Pool"]["properties"]["lb_algorithm"]["default"], "LB_ALGORITHM_LEAST_CONNECTIONS");
+    assert_eq!(
+        doc["components"]["schemas"]["Pool"]["properties"]["lb_algorithm"]["default"],
+        "LB_ALGORITHM_LEAST_CONNECTIONS"
+    );
     assert!(doc["paths"]["/api/virtualservice/{uuid}"]["put"].is_object());
 }
 
@@ -468,7 +532,11 @@ fn shell_prints_tables() {
             .args(["shell", "--controller", &c.url, "--user", "admin", "--password", common::PASSWORD, "-c", cmd])
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (ok, out, _) = run("show pool");
     assert!(ok);

@@ -37,7 +37,8 @@ fn https_by_default_with_a_certificate_kept_across_restarts() {
 fn initial_password_is_generated_printed_once_and_kept_private() {
     let dir = temp_dir();
     let c = try_start(Launch { password: None, ..Launch::plain(dir.path()) }).unwrap();
-    let line = c.banner.iter().find(|l| l.starts_with("Generated the initial admin password: ")).expect("password printed");
+    let line =
+        c.banner.iter().find(|l| l.starts_with("Generated the initial admin password: ")).expect("password printed");
     let password = line.rsplit(' ').next().unwrap().to_string();
     assert!(password.len() >= 16);
     let file = dir.path().join("initial-admin-password");

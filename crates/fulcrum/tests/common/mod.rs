@@ -59,7 +59,12 @@ pub fn try_start(launch: Launch<'_>) -> Result<Controller, String> {
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => {
                 if let Some(url) = line.strip_prefix("fulcrum listening on ") {
-                    return Ok(Controller { child, url: url.to_string(), data_dir: launch.data_dir.to_path_buf(), banner });
+                    return Ok(Controller {
+                        child,
+                        url: url.to_string(),
+                        data_dir: launch.data_dir.to_path_buf(),
+                        banner,
+                    });
                 }
                 banner.push(line);
             }
