@@ -1,1 +1,274 @@
-fn main() {}
+//! Benchmarks of the real `fulcrum` binary, each printed next to a peer measured in the same run
+//! on the same disk: a local etcd (Debian's etcd-server) and a plain write+fdatasync loop.
+//!
+//! Run with `bench/run` (builds release binaries, installs etcd-server when missing).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use clap::Parser;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(about = "Fulcrum benchmarks")]
+struct Args {
+    /// The fulcrum binary to measure.
+    #[arg(long, default_value = "target/release/fulcrum")]
+    fulcrum: PathBuf,
+    /// Creates with one client.
+    #[arg(long, default_value_t = 2000)]
+    serial_creates: usize,
+    /// Creates with many clients.
+    #[arg(long, default_value_t = 20000)]
+    concurrent_creates: usize,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds of GET-by-uuid load.
+    #[arg(long, default_value_t = 5)]
+    get_seconds: u64,
+    /// Skip the etcd peer (when etcd is not installed).
+    #[arg(long)]
+    no_etcd: bool,
+}
+
+const PASSWORD: &str = "bench-password-1";
+
+struct Process {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_fulcrum(binary: &Path) -> Process {
+    let dir =
+        tempfile::Builder::new().prefix("fulcrum-bench-").tempdir_in(".").expect("temp dir on the project's disk");
+    let mut child = Command::new(binary)
+        .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("FULCRUM_ADMIN_PASSWORD", PASSWORD)
+        .env("FULCRUM_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fulcrum");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("fulcrum exited").unwrap();
+        if let Some(url) = line.strip_prefix("fulcrum listening on ") {
+            break url.to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Process { child, url, _dir: dir }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_etcd() -> Process {
+    let dir = tempfile::Builder::new().prefix("etcd-bench-").tempdir_in(".").unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd (apt-get install etcd-server)");
+    let process = Process { child, url, _dir: dir };
+    let agent = ureq::agent();
+    for _ in 0..200 {
+        if agent.get(&format!("{}/health", process.url)).call().is_ok() {
+            return process;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("etcd did not become healthy");
+}
+
+fn basic() -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("admin:{PASSWORD}")))
+}
+
+/// Runs `total` operations over `clients` threads; returns operations per second.
+fn run_load(clients: usize, total: usize, op: impl Fn(&ureq::Agent, usize) + Send + Sync + 'static) -> f64 {
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (op, next) = (op.clone(), next.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new().max_idle_connections_per_host(4).build();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return;
+                    }
+                    op(&agent, i);
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().expect("load thread"));
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Runs operations for `seconds` over `clients` threads; returns operations per second.
+fn run_for(clients: usize, seconds: u64, op: impl Fn(&ureq::Agent, usize) + Send + Sync + 'static) -> f64 {
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|t| {
+            let (op, done) = (op.clone(), done.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new().max_idle_connections_per_host(4).build();
+                let mut i = t;
+                while Instant::now() < deadline {
+                    op(&agent, i);
+                    i += clients;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().expect("load thread"));
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn fulcrum_create(url: String, prefix: &'static str) -> impl Fn(&ureq::Agent, usize) + Send + Sync {
+    let auth = basic();
+    move |agent, i| {
+        let body = json!({"name": format!("{prefix}-{i}"), "servers": [{"ip": {"addr": format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256), "type": "V4"}}]});
+        let r = agent.post(&format!("{url}/api/pool")).set("Authorization", &auth).send_json(body).expect("create");
+        assert_eq!(r.status(), 201);
+    }
+}
+
+fn etcd_put(url: String, prefix: &'static str) -> impl Fn(&ureq::Agent, usize) + Send + Sync {
+    move |agent, i| {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let value = json!({"name": format!("{prefix}-{i}"), "servers": [{"ip": {"addr": "10.0.0.1", "type": "V4"}, "port": 80}]});
+        let body = json!({"key": b64(&format!("/pools/{prefix}-{i}")), "value": b64(&value.to_string())});
+        agent.post(&format!("{url}/v3/kv/put")).send_json(body).expect("etcd put");
+    }
+}
+
+/// The disk's own ceiling: appending a 1 KiB record and fdatasync-ing it, one at a time.
+fn fsync_rate(count: usize) -> f64 {
+    let dir = tempfile::Builder::new().prefix("fsync-bench-").tempdir_in(".").unwrap();
+    let mut f = std::fs::File::create(dir.path().join("log")).unwrap();
+    let record = [7u8; 1024];
+    let started = Instant::now();
+    for _ in 0..count {
+        f.write_all(&record).unwrap();
+        f.sync_data().unwrap();
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+fn row(name: &str, fulcrum: f64, peer_name: &str, peer: f64) {
+    println!("{name:<44} fulcrum {fulcrum:>10.0}/s   {peer_name:<22} {peer:>10.0}/s   ratio {:>6.2}x", fulcrum / peer);
+}
+
+fn main() {
+    let args = Args::parse();
+    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, |n| n.get()), machine());
+    let fulcrum = start_fulcrum(&args.fulcrum);
+    let etcd = (!args.no_etcd).then(start_etcd);
+
+    let disk = fsync_rate(2000);
+    let serial = run_load(1, args.serial_creates, fulcrum_create(fulcrum.url.clone(), "serial"));
+    row("durable creates, 1 client", serial, "write+fdatasync loop", disk);
+    if let Some(etcd) = &etcd {
+        let e = run_load(1, args.serial_creates, etcd_put(etcd.url.clone(), "serial"));
+        row("durable creates, 1 client", serial, "etcd put, 1 client", e);
+    }
+    let concurrent = run_load(args.clients, args.concurrent_creates, fulcrum_create(fulcrum.url.clone(), "conc"));
+    row(&format!("durable creates, {} clients", args.clients), concurrent, "write+fdatasync loop", disk);
+    if let Some(etcd) = &etcd {
+        let e = run_load(args.clients, args.concurrent_creates, etcd_put(etcd.url.clone(), "conc"));
+        row(
+            &format!("durable creates, {} clients", args.clients),
+            concurrent,
+            &format!("etcd put, {} clients", args.clients),
+            e,
+        );
+    }
+
+    // GET by uuid over the pools just made.
+    let auth = basic();
+    let listing: Value = ureq::get(&format!("{}/api/pool?page_size=200&fields=uuid", fulcrum.url))
+        .set("Authorization", &auth)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let uuids: Arc<Vec<String>> = Arc::new(
+        listing["results"].as_array().unwrap().iter().map(|p| p["uuid"].as_str().unwrap().to_string()).collect(),
+    );
+    let url = fulcrum.url.clone();
+    let ids = uuids.clone();
+    let gets = run_for(args.clients, args.get_seconds, move |agent, i| {
+        let r = agent
+            .get(&format!("{url}/api/pool/{}", ids[i % ids.len()]))
+            .set("Authorization", &auth)
+            .call()
+            .expect("get");
+        assert_eq!(r.status(), 200);
+    });
+    if let Some(etcd) = &etcd {
+        let url = etcd.url.clone();
+        let e = run_for(args.clients, args.get_seconds, move |agent, i| {
+            let key = base64::engine::general_purpose::STANDARD.encode(format!("/pools/conc-{}", i % 200));
+            agent.post(&format!("{url}/v3/kv/range")).send_json(json!({"key": key})).expect("etcd get");
+        });
+        row(&format!("GET by uuid, {} clients", args.clients), gets, "etcd range, 32 clients", e);
+    } else {
+        println!("GET by uuid, {} clients: {gets:.0}/s", args.clients);
+    }
+    let target = 5000.0;
+    println!(
+        "target: >= {target} durable creates/s with 32 clients: {}",
+        if concurrent >= target { "met" } else { "NOT met" }
+    );
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        })
+        .unwrap_or(0);
+    format!("{cpu}, {mem} GiB")
+}
