@@ -294,6 +294,7 @@ async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
+    let method = parts.method.clone();
     let segments = path_segments(&path);
     let route = match segments.split_first() {
         Some((&"api", rest)) => Route::parse(rest),
@@ -321,6 +322,7 @@ async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
     }
     HTTP_REQUESTS.add(&[&label, response.status().as_str()], 1);
     HTTP_SECONDS.observe(&label, started.elapsed().as_secs_f64());
+    tracing::debug!(%method, route = %label, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
     response
 }
 

@@ -427,14 +427,6 @@ fn sub_schemas() -> Vec<ObjectSchema> {
             vec![f("tcp_request", s()), f("tcp_response", s()), f("tcp_half_open", b()).default(false)],
         ),
         schema(
-            "TenantConfigSettings",
-            vec![
-                f("tenant_vrf", b()).default(false),
-                f("se_in_provider_context", b()).default(true),
-                f("tenant_access_to_provider_se", b()).default(true),
-            ],
-        ),
-        schema(
             "UserRole",
             vec![
                 f("role_ref", r("role")).required(),
@@ -471,7 +463,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
             "Tenant",
             named(vec![
                 f("local", b()).default(true),
-                f("config_settings", o("TenantConfigSettings")),
+                f("config_settings", o("TenantConfiguration")),
                 f("attrs", keyed("KeyValue", &["key"])),
                 f("created_by", s()),
             ]),
