@@ -30,6 +30,9 @@ pub struct ListSpec {
     pub item: Kind,
     pub max: Option<usize>,
     pub key: ListKey,
+    /// A key field an entry may leave out, and the field of the parent object whose value it
+    /// then takes (a pool server without `port` has the pool's `default_server_port`).
+    pub key_defaults: &'static [(&'static str, &'static str)],
 }
 
 /// How the entries of a list are told apart (used to reject duplicates and by PATCH).

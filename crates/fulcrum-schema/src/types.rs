@@ -71,10 +71,10 @@ fn o(schema: &'static str) -> Kind {
     Kind::Obj(schema)
 }
 fn list(item: Kind, key: ListKey) -> Kind {
-    Kind::List(Box::new(ListSpec { item, max: None, key }))
+    Kind::List(Box::new(ListSpec { item, max: None, key, key_defaults: &[] }))
 }
 fn list_max(item: Kind, key: ListKey, max: usize) -> Kind {
-    Kind::List(Box::new(ListSpec { item, max: Some(max), key }))
+    Kind::List(Box::new(ListSpec { item, max: Some(max), key, key_defaults: &[] }))
 }
 /// A list of references: each entry is its own key.
 fn refs(target: &'static str) -> Kind {
@@ -521,7 +521,15 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("lb_algorithm_consistent_hash_hdr", s()),
                 f("request_queue_enabled", b()).default(false),
                 f("request_queue_depth", int(0, U32_MAX)).default(128),
-                f("servers", list_max(o("Server"), ListKey::Fields(&["ip.addr", "port"]), 5000)),
+                f(
+                    "servers",
+                    Kind::List(Box::new(ListSpec {
+                        item: o("Server"),
+                        max: Some(5000),
+                        key: ListKey::Fields(&["ip.addr", "port"]),
+                        key_defaults: &[("port", "default_server_port")],
+                    })),
+                ),
                 f("health_monitor_refs", list_max(r("healthmonitor"), ListKey::Value, 50)),
                 f("inline_health_monitor", b()).default(true),
                 f("min_servers_up", int(1, U32_MAX)),

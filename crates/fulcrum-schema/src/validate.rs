@@ -76,7 +76,32 @@ fn normalize_object(
     if let Some(hook) = schema.hook {
         hook(&mut out).map_err(|message| err(at, message))?;
     }
+    // After the hook: it may fill key fields (a server's port), which makes entries comparable.
+    for field in &schema.fields {
+        if let (Kind::List(spec), Some(Value::Array(items))) = (&field.kind, out.get(field.name)) {
+            check_unique_keys(spec, items, &out, &join(at, field.name))?;
+        }
+    }
     Ok(out)
+}
+
+fn check_unique_keys(spec: &ListSpec, items: &[Value], parent: &Map<String, Value>, at: &str) -> Result<(), SchemaError> {
+    if spec.key == ListKey::None {
+        return Ok(());
+    }
+    let fallback = |path: &str| {
+        let (_, parent_field) = spec.key_defaults.iter().find(|(k, _)| *k == path)?;
+        parent.get(*parent_field).cloned()
+    };
+    let mut seen = HashSet::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if let Some(key) = entry_key_with(&spec.key, item, &fallback)
+            && !seen.insert(key.clone())
+        {
+            return Err(err(&format!("{at}[{i}]"), format!("duplicate entry {key}")));
+        }
+    }
+    Ok(())
 }
 
 fn type_name(value: &Value) -> &'static str {
@@ -90,7 +115,8 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
-fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> Result<Value, SchemaError> {
+/// Checks one value against its kind (`at` names it in errors) and returns its stored form.
+pub fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> Result<Value, SchemaError> {
     let wrong = |expected: &str| err(at, format!("expected {expected}, got {}", type_name(value)));
     match kind {
         Kind::Any => Ok(value.clone()),
@@ -151,35 +177,37 @@ fn normalize_list(reg: &Registry, spec: &ListSpec, value: &Value, at: &str) -> R
     for (i, item) in items.iter().enumerate() {
         out.push(normalize_value(reg, &spec.item, item, &format!("{at}[{i}]"))?);
     }
-    let mut seen = HashSet::with_capacity(out.len());
-    for (i, item) in out.iter().enumerate() {
-        if let Some(key) = entry_key(&spec.key, item)
-            && !seen.insert(key.clone())
-        {
-            return Err(err(&format!("{at}[{i}]"), format!("duplicate entry {key}")));
-        }
-    }
+    // Duplicate keys are checked by the enclosing object, once its hook has run.
     Ok(Value::Array(out))
 }
 
 /// The identity of a list entry under `key` (as text, for comparison and messages); `None` when
 /// the list has no key.
 pub fn entry_key(key: &ListKey, entry: &Value) -> Option<String> {
+    entry_key_with(key, entry, &|_| None)
+}
+
+/// Like [`entry_key`], taking a key field the entry leaves out from `fallback` (the parent's
+/// default, see [`crate::ListSpec::key_defaults`]).
+pub fn entry_key_with(key: &ListKey, entry: &Value, fallback: &dyn Fn(&str) -> Option<Value>) -> Option<String> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     match key {
         ListKey::None => None,
-        ListKey::Value => Some(match entry {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        }),
+        ListKey::Value => Some(text(entry)),
         ListKey::Fields(paths) => {
             let parts: Vec<String> = paths
                 .iter()
                 .map(|path| {
-                    let pointer = format!("/{}", path.replace('.', "/"));
-                    match entry.pointer(&pointer) {
-                        Some(Value::String(s)) => s.clone(),
-                        Some(v) => v.to_string(),
-                        None => String::new(),
+                    let mut at = Some(entry);
+                    for segment in path.split('.') {
+                        at = at.and_then(|v| v.get(segment));
+                    }
+                    match at {
+                        Some(v) => text(v),
+                        None => fallback(path).as_ref().map(text).unwrap_or_default(),
                     }
                 })
                 .collect();

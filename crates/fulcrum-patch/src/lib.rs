@@ -1,0 +1,543 @@
+//! PATCH of the Avi API, as a pure function from (object, patch) to (object, what changed).
+//!
+//! Two request forms:
+//! - classic: `{"add" | "replace" | "delete": {<field>: <value>, ...}}`. Scalars are set (add,
+//!   replace) or reset to their default (delete). Lists of objects are matched by the key the
+//!   schema gives (a pool server by `ip.addr` + `port`): add inserts or updates the matching
+//!   entry, delete removes matching entries, replace sets the list. Lists of scalars and refs
+//!   add what is missing and delete what is given. Nested objects are edited one level deep.
+//! - `json_patch`: RFC 6902 operations whose paths may name list entries by key
+//!   (`/servers/1.1.1.1:80`) or index.
+//!
+//! The result is not yet validated as a whole; the caller normalizes it. The [`Touch`] list says
+//! which parts changed so the store can write an edit log rather than the whole object.
+
+use std::collections::HashMap;
+
+use fulcrum_jsonpatch::OpKind;
+use fulcrum_schema::{Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, entry_key_with, normalize_value, rewrite_refs};
+use serde_json::{Map, Value, json};
+
+/// At most this many operations in one json_patch request.
+pub const MAX_JSON_PATCH_OPS: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Add,
+    Replace,
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct JsonOp {
+    pub kind: OpKind,
+    pub path: Vec<String>,
+    pub value: Option<Value>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Patch {
+    Classic { op: Op, fields: Map<String, Value> },
+    Json(Vec<JsonOp>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatchError {
+    /// The request is malformed or would make the object invalid (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// A json_patch `test` failed (409).
+    #[error("{0}")]
+    TestFailed(String),
+}
+
+impl From<SchemaError> for PatchError {
+    fn from(e: SchemaError) -> PatchError {
+        PatchError::Invalid(e.to_string())
+    }
+}
+
+fn invalid(message: impl Into<String>) -> PatchError {
+    PatchError::Invalid(message.into())
+}
+
+/// What a patch changed, in the order it changed it. List indices are those at the moment of
+/// the change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Touch {
+    /// A top-level field was set, reset or rewritten as a whole.
+    Field(String),
+    /// An entry was appended to a top-level list.
+    Append(String, usize),
+    /// An entry of a top-level list was updated in place.
+    Entry(String, usize),
+    /// An entry of a top-level list was removed.
+    Remove(String, usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub object: Map<String, Value>,
+    pub touched: Vec<Touch>,
+}
+
+/// Resolves a reference (canonical form in, canonical `/api/<type>/<uuid>` out), or says why not.
+pub type Resolver<'a> = &'a mut dyn FnMut(&'static str, &str) -> Result<String, String>;
+
+/// Reads a PATCH body: a classic op, `{"json_patch": [...]}`, or (with `is_json_patch`, the
+/// `application/json-patch+json` content type) a bare RFC 6902 array.
+pub fn parse(body: &Value, is_json_patch: bool) -> Result<Patch, PatchError> {
+    if is_json_patch || body.is_array() {
+        return parse_json_ops(body);
+    }
+    let Value::Object(map) = body else {
+        return Err(invalid("PATCH body must be a JSON object with one of add, replace, delete or json_patch"));
+    };
+    if let Some(unknown) = map.keys().find(|k| !matches!(k.as_str(), "add" | "replace" | "delete" | "json_patch")) {
+        return Err(invalid(format!("unknown PATCH operation '{unknown}'; expected one of add, replace, delete or json_patch")));
+    }
+    let mut ops = map.iter();
+    let (name, value) = match (ops.next(), ops.next()) {
+        (None, _) => return Err(invalid("PATCH body holds no operation; expected one of add, replace, delete or json_patch")),
+        (Some(_), Some(_)) => return Err(invalid("PATCH body must hold exactly one operation (add, replace, delete or json_patch)")),
+        (Some(one), None) => one,
+    };
+    let op = match name.as_str() {
+        "json_patch" => return parse_json_ops(value),
+        "add" => Op::Add,
+        "replace" => Op::Replace,
+        _ => Op::Delete,
+    };
+    match value {
+        Value::Object(fields) => Ok(Patch::Classic { op, fields: fields.clone() }),
+        other => Err(invalid(format!("the value of '{name}' must be an object of fields, got {}", describe(other)))),
+    }
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_json_ops(value: &Value) -> Result<Patch, PatchError> {
+    let Value::Array(items) = value else {
+        return Err(invalid(format!("json_patch must be a list of operations, got {}", describe(value))));
+    };
+    if items.len() > MAX_JSON_PATCH_OPS {
+        return Err(invalid(format!("json_patch has {} operations; at most {MAX_JSON_PATCH_OPS} are allowed", items.len())));
+    }
+    let mut ops = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let name = item.get("op").and_then(Value::as_str).ok_or_else(|| invalid(format!("json_patch[{i}]: 'op' is required")))?;
+        let kind = OpKind::parse(name)
+            .ok_or_else(|| invalid(format!("json_patch[{i}]: unsupported op '{name}'; expected add, remove, replace or test")))?;
+        let path = item.get("path").and_then(Value::as_str).ok_or_else(|| invalid(format!("json_patch[{i}]: 'path' is required")))?;
+        let path = fulcrum_jsonpatch::parse_pointer(path).map_err(|m| invalid(format!("json_patch[{i}]: {m}")))?;
+        if path.is_empty() {
+            return Err(invalid(format!("json_patch[{i}]: the path must name a field")));
+        }
+        let value = item.get("value").cloned();
+        if kind != OpKind::Remove && value.is_none() {
+            return Err(invalid(format!("json_patch[{i}]: '{name}' needs a 'value'")));
+        }
+        ops.push(JsonOp { kind, path, value });
+    }
+    Ok(Patch::Json(ops))
+}
+
+struct Engine<'a, 'r> {
+    reg: &'static Registry,
+    resolve: Resolver<'r>,
+    touched: &'a mut Vec<Touch>,
+}
+
+fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
+}
+
+/// Applies `patch` to a stored object (identity fields included; they pass through).
+pub fn apply(schema: &ObjectSchema, current: &Map<String, Value>, patch: &Patch, resolve: Resolver<'_>) -> Result<Applied, PatchError> {
+    let mut object = current.clone();
+    let mut touched = Vec::new();
+    let mut engine = Engine { reg: Registry::get(), resolve, touched: &mut touched };
+    match patch {
+        Patch::Classic { op, fields } => engine.classic(schema, &mut object, *op, fields, "", None)?,
+        Patch::Json(ops) => {
+            for (i, op) in ops.iter().enumerate() {
+                engine.json_op(schema, &mut object, op).map_err(|e| match e {
+                    PatchError::Invalid(m) => PatchError::Invalid(format!("json_patch[{i}]: {m}")),
+                    PatchError::TestFailed(m) => PatchError::TestFailed(format!("json_patch[{i}]: {m}")),
+                })?;
+            }
+        }
+    }
+    Ok(Applied { object, touched })
+}
+
+impl Engine<'_, '_> {
+    fn touch(&mut self, top: Option<&str>, name: &str, touch: impl FnOnce(String) -> Touch) {
+        match top {
+            Some(top) => self.touched.push(Touch::Field(top.to_string())),
+            None => self.touched.push(touch(name.to_string())),
+        }
+    }
+
+    /// A value checked against its kind, with its references resolved.
+    fn checked(&mut self, schema: &ObjectSchema, name: &str, kind: &Kind, value: &Value, at: &str) -> Result<Value, PatchError> {
+        let normalized = normalize_value(self.reg, kind, value, at)?;
+        let mut holder = Map::new();
+        holder.insert(name.to_string(), normalized);
+        rewrite_refs(self.reg, schema, &mut holder, self.resolve).map_err(|e| invalid(format!("field '{at}': {}", e.message)))?;
+        Ok(holder.remove(name).unwrap_or(Value::Null))
+    }
+
+    /// Only the fields an entry gives, each checked: for updating a matching entry in place.
+    fn partial_entry(&mut self, schema: &ObjectSchema, entry: &Value, at: &str) -> Result<Map<String, Value>, PatchError> {
+        let Value::Object(given) = entry else {
+            return Err(invalid(format!("field '{at}': expected an object, got {}", describe(entry))));
+        };
+        let mut out = Map::new();
+        for (name, value) in given {
+            let field = schema.field(name).ok_or_else(|| invalid(format!("field '{}': unknown field", join(at, name))))?;
+            if value.is_null() {
+                continue;
+            }
+            let value = self.checked(schema, name, &field.kind, value, &join(at, name))?;
+            out.insert(name.clone(), value);
+        }
+        Ok(out)
+    }
+
+    fn reset(object: &mut Map<String, Value>, field: &fulcrum_schema::Field) {
+        match &field.default {
+            Some(default) => {
+                object.insert(field.name.to_string(), default.clone());
+            }
+            None => {
+                object.remove(field.name);
+            }
+        }
+    }
+
+    fn classic(
+        &mut self,
+        schema: &ObjectSchema,
+        object: &mut Map<String, Value>,
+        op: Op,
+        fields: &Map<String, Value>,
+        at: &str,
+        top: Option<&str>,
+    ) -> Result<(), PatchError> {
+        for (name, value) in fields {
+            let path = join(at, name);
+            let field = schema.field(name).ok_or_else(|| invalid(format!("field '{path}': unknown field")))?;
+            match &field.kind {
+                Kind::Obj(sub) => {
+                    if top.is_some() {
+                        return Err(invalid(format!("field '{path}': PATCH edits nested fields to depth 1 only")));
+                    }
+                    let Value::Object(inner_fields) = value else {
+                        return Err(invalid(format!("field '{path}': expected an object, got {}", describe(value))));
+                    };
+                    let inner = object.entry(name.clone()).or_insert_with(|| Value::Object(Map::new()));
+                    if !inner.is_object() {
+                        *inner = Value::Object(Map::new());
+                    }
+                    let inner = inner.as_object_mut().expect("made an object above");
+                    self.classic(self.reg.schema(sub), inner, op, inner_fields, &path, Some(top.unwrap_or(name)))?;
+                    self.touched.push(Touch::Field(top.unwrap_or(name).to_string()));
+                }
+                Kind::List(spec) => self.classic_list(schema, object, spec, field.name, op, value, &path, top)?,
+                kind => {
+                    match op {
+                        Op::Add | Op::Replace => {
+                            let value = self.checked(schema, name, kind, value, &path)?;
+                            object.insert(name.clone(), value);
+                        }
+                        Op::Delete => Self::reset(object, field),
+                    }
+                    self.touch(top, name, Touch::Field);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn classic_list(
+        &mut self,
+        schema: &ObjectSchema,
+        object: &mut Map<String, Value>,
+        spec: &ListSpec,
+        name: &'static str,
+        op: Op,
+        value: &Value,
+        path: &str,
+        top: Option<&str>,
+    ) -> Result<(), PatchError> {
+        let field = schema.field(name).expect("caller found it");
+        if op == Op::Delete && !value.is_array() && spec.key != ListKey::None {
+            // `{"delete": {"servers": null}}` and the like: reset the list.
+            Self::reset(object, field);
+            self.touch(top, name, Touch::Field);
+            return Ok(());
+        }
+        let Value::Array(items) = value else {
+            return Err(invalid(format!("field '{path}': expected a list, got {}", describe(value))));
+        };
+        if op == Op::Replace {
+            let list = self.checked(schema, name, &field.kind, value, path)?;
+            object.insert(name.to_string(), list);
+            self.touch(top, name, Touch::Field);
+            return Ok(());
+        }
+        if spec.key == ListKey::None {
+            return Err(invalid(format!(
+                "field '{path}': its entries have no key, so PATCH can only replace the whole list"
+            )));
+        }
+        let item_schema = match &spec.item {
+            Kind::Obj(s) => Some(self.reg.schema(s)),
+            _ => None,
+        };
+        // Key fields an entry may leave out take the parent's value (a server's port).
+        let fallbacks: Vec<(&str, Value)> = spec
+            .key_defaults
+            .iter()
+            .filter_map(|(key, parent_field)| {
+                let v = object.get(*parent_field).cloned().or_else(|| schema.field(parent_field)?.default.clone())?;
+                Some((*key, v))
+            })
+            .collect();
+        let key_of = |entry: &Value| {
+            entry_key_with(&spec.key, entry, &|path| fallbacks.iter().find(|(k, _)| *k == path).map(|(_, v)| v.clone()))
+                .unwrap_or_default()
+        };
+        let list = object.entry(name.to_string()).or_insert_with(|| Value::Array(vec![]));
+        if !list.is_array() {
+            *list = Value::Array(vec![]);
+        }
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut indexed = false;
+        for (i, raw) in items.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            // The incoming entry in stored form: only its own fields for objects.
+            let entry = match item_schema {
+                Some(s) => Value::Object(self.partial_entry(s, raw, &at)?),
+                None => {
+                    let checked = normalize_value(self.reg, &spec.item, raw, &at)?;
+                    let mut holder = Map::new();
+                    holder.insert(name.to_string(), Value::Array(vec![checked]));
+                    rewrite_refs(self.reg, schema, &mut holder, self.resolve)
+                        .map_err(|e| invalid(format!("field '{at}': {}", e.message)))?;
+                    holder.remove(name).and_then(|v| v.as_array().and_then(|a| a.first().cloned())).unwrap_or(Value::Null)
+                }
+            };
+            let key = key_of(&entry);
+            let items_now = object.get_mut(name).and_then(Value::as_array_mut).expect("made a list above");
+            if !indexed {
+                index = items_now.iter().enumerate().map(|(i, e)| (key_of(e), i)).collect();
+                indexed = true;
+            }
+            match (op, index.get(&key).copied()) {
+                (Op::Add, Some(pos)) => {
+                    if let (Some(existing), Value::Object(given)) = (items_now[pos].as_object_mut(), &entry) {
+                        existing.extend(given.clone());
+                    }
+                    self.touch(top, name, |n| Touch::Entry(n, pos));
+                }
+                (Op::Add, None) => {
+                    let full = normalize_value(self.reg, &spec.item, &entry, &at)?;
+                    items_now.push(full);
+                    let pos = items_now.len() - 1;
+                    index.insert(key, pos);
+                    self.touch(top, name, |n| Touch::Append(n, pos));
+                }
+                (Op::Delete, Some(pos)) => {
+                    items_now.remove(pos);
+                    indexed = false;
+                    self.touch(top, name, |n| Touch::Remove(n, pos));
+                }
+                // Deleting an entry that is not there changes nothing.
+                (Op::Delete, None) => {}
+                (Op::Replace, _) => unreachable!("handled above"),
+            }
+        }
+        Ok(())
+    }
+
+    fn json_op(&mut self, schema: &ObjectSchema, object: &mut Map<String, Value>, op: &JsonOp) -> Result<(), PatchError> {
+        let (top, rest) = op.path.split_first().expect("parse refuses empty paths");
+        let field = schema.field(top).ok_or_else(|| invalid(format!("field '{top}': unknown field")))?;
+        let value = op.value.as_ref();
+        if rest.is_empty() {
+            return match (op.kind, &field.kind) {
+                // The SDK's form: add of a list to a list field appends (or updates) entries.
+                (OpKind::Add, Kind::List(spec)) if value.is_some_and(Value::is_array) && spec.key != ListKey::None => {
+                    self.classic_list(schema, object, spec, field.name, Op::Add, value.expect("checked"), top, None)
+                }
+                (OpKind::Add | OpKind::Replace, kind) => {
+                    let checked = self.checked(schema, top, kind, value.expect("parse requires it"), top)?;
+                    object.insert(top.clone(), checked);
+                    self.touched.push(Touch::Field(top.clone()));
+                    Ok(())
+                }
+                (OpKind::Remove, _) => {
+                    Self::reset(object, field);
+                    self.touched.push(Touch::Field(top.clone()));
+                    Ok(())
+                }
+                (OpKind::Test, kind) => {
+                    let expected = self.checked(schema, top, kind, value.expect("parse requires it"), top)?;
+                    if object.get(top.as_str()) == Some(&expected) {
+                        Ok(())
+                    } else {
+                        Err(PatchError::TestFailed(format!("test failed at '/{top}'")))
+                    }
+                }
+            };
+        }
+        match &field.kind {
+            Kind::List(spec) => self.json_list_op(schema, object, spec, field.name, op, rest),
+            Kind::Obj(_) | Kind::Any => {
+                let sub = object.entry(top.clone()).or_insert_with(|| Value::Object(Map::new()));
+                fulcrum_jsonpatch::apply(sub, op.kind, rest, value).map_err(|e| match e {
+                    fulcrum_jsonpatch::OpError::TestFailed(m) => PatchError::TestFailed(format!("{m} (in '{top}')")),
+                    fulcrum_jsonpatch::OpError::Path(m) => invalid(format!("{m} (in '{top}')")),
+                })?;
+                if op.kind != OpKind::Test {
+                    self.touched.push(Touch::Field(top.clone()));
+                }
+                Ok(())
+            }
+            _ => Err(invalid(format!("field '{top}' is a scalar; it has no '{}'", rest.join("/")))),
+        }
+    }
+
+    fn json_list_op(
+        &mut self,
+        schema: &ObjectSchema,
+        object: &mut Map<String, Value>,
+        spec: &ListSpec,
+        name: &'static str,
+        op: &JsonOp,
+        rest: &[String],
+    ) -> Result<(), PatchError> {
+        let fallbacks: Vec<(&str, Value)> = spec
+            .key_defaults
+            .iter()
+            .filter_map(|(key, parent)| Some((*key, object.get(*parent).cloned().or_else(|| schema.field(parent)?.default.clone())?)))
+            .collect();
+        let items = object.entry(name.to_string()).or_insert_with(|| Value::Array(vec![]));
+        let Value::Array(list) = items else { return Err(invalid(format!("field '{name}' is not a list"))) };
+        let segment = &rest[0];
+        let by_key = list.iter().position(|e| {
+            entry_key_with(&spec.key, e, &|p| fallbacks.iter().find(|(k, _)| *k == p).map(|(_, v)| v.clone())).as_deref()
+                == Some(segment.as_str())
+        });
+        let pos = match by_key {
+            Some(pos) => pos,
+            None if segment == "-" && op.kind == OpKind::Add && rest.len() == 1 => list.len(),
+            None => segment
+                .parse::<usize>()
+                .ok()
+                .filter(|&i| i < list.len() || (op.kind == OpKind::Add && rest.len() == 1 && i == list.len()))
+                .ok_or_else(|| invalid(format!("field '{name}' has no entry '{segment}'")))?,
+        };
+        let at = format!("{name}[{pos}]");
+        if rest.len() == 1 {
+            match op.kind {
+                OpKind::Add | OpKind::Replace => {
+                    let checked = normalize_value(self.reg, &spec.item, op.value.as_ref().expect("parse requires it"), &at)?;
+                    let mut holder = Map::new();
+                    holder.insert(name.to_string(), Value::Array(vec![checked]));
+                    rewrite_refs(self.reg, schema, &mut holder, self.resolve)
+                        .map_err(|e| invalid(format!("field '{at}': {}", e.message)))?;
+                    let entry = holder.remove(name).and_then(|v| v.as_array().and_then(|a| a.first().cloned())).unwrap_or_default();
+                    let list = object.get_mut(name).and_then(Value::as_array_mut).expect("a list");
+                    if op.kind == OpKind::Replace {
+                        list[pos] = entry;
+                        self.touched.push(Touch::Entry(name.to_string(), pos));
+                    } else if pos == list.len() {
+                        list.push(entry);
+                        self.touched.push(Touch::Append(name.to_string(), pos));
+                    } else {
+                        list.insert(pos, entry);
+                        self.touched.push(Touch::Field(name.to_string()));
+                    }
+                }
+                OpKind::Remove => {
+                    list.remove(pos);
+                    self.touched.push(Touch::Remove(name.to_string(), pos));
+                }
+                OpKind::Test => {
+                    let expected = normalize_value(self.reg, &spec.item, op.value.as_ref().expect("parse requires it"), &at)?;
+                    if list[pos] != expected {
+                        return Err(PatchError::TestFailed(format!("test failed at '/{name}/{segment}'")));
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let entry = &mut list[pos];
+        fulcrum_jsonpatch::apply(entry, op.kind, &rest[1..], op.value.as_ref()).map_err(|e| match e {
+            fulcrum_jsonpatch::OpError::TestFailed(m) => PatchError::TestFailed(format!("{m} (in '{at}')")),
+            fulcrum_jsonpatch::OpError::Path(m) => invalid(format!("{m} (in '{at}')")),
+        })?;
+        if op.kind != OpKind::Test {
+            let normalized = normalize_value(self.reg, &spec.item, entry, &at)?;
+            *entry = normalized;
+            self.touched.push(Touch::Entry(name.to_string(), pos));
+        }
+        Ok(())
+    }
+}
+
+/// The edit log of a change: JSON Patch operations that turn `before` into `after` (the final,
+/// normalized object), touching only what changed. A field rewritten as a whole, or a list whose
+/// entries were both removed and added, is written whole.
+pub fn edit_log(touched: &[Touch], before: &Map<String, Value>, after: &Map<String, Value>) -> Vec<Value> {
+    let list_of = |t: &Touch| match t {
+        Touch::Field(f) | Touch::Append(f, _) | Touch::Entry(f, _) | Touch::Remove(f, _) => f.clone(),
+    };
+    let mut whole: Vec<String> = Vec::new();
+    for t in touched {
+        let field = list_of(t);
+        let mixed = matches!(t, Touch::Append(..) | Touch::Entry(..))
+            && touched.iter().any(|o| matches!(o, Touch::Remove(f, _) if *f == field));
+        if (matches!(t, Touch::Field(_)) || mixed) && !whole.contains(&field) {
+            whole.push(field);
+        }
+    }
+    let mut ops = Vec::new();
+    for t in touched {
+        if whole.contains(&list_of(t)) {
+            continue;
+        }
+        let entry = |f: &str, i: usize| after.get(f).and_then(|l| l.get(i)).cloned().unwrap_or(Value::Null);
+        ops.push(match t {
+            Touch::Append(f, i) => json!({"op": "add", "path": format!("/{f}/-"), "value": entry(f, *i)}),
+            Touch::Entry(f, i) => json!({"op": "replace", "path": format!("/{f}/{i}"), "value": entry(f, *i)}),
+            Touch::Remove(f, i) => json!({"op": "remove", "path": format!("/{f}/{i}")}),
+            Touch::Field(_) => unreachable!("whole fields are written below"),
+        });
+    }
+    for field in whole {
+        let path = fulcrum_jsonpatch::to_pointer(&[&field]);
+        match after.get(&field) {
+            Some(v) => ops.push(json!({"op": "add", "path": path, "value": v})),
+            None if before.contains_key(&field) => ops.push(json!({"op": "remove", "path": path})),
+            None => {}
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests;
