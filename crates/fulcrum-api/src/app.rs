@@ -351,6 +351,11 @@ async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> R
         query,
         headers: parts.headers.clone(),
     };
+    if method.as_str() != "PATCH" && method.as_str().eq_ignore_ascii_case("PATCH") {
+        return Err(ApiError::bad_request(format!(
+            "HTTP methods are case-sensitive: the method must be spelled 'PATCH', not '{method}'"
+        )));
+    }
     match (route, method) {
         (Route::ClusterRuntime, Method::GET) => Ok(system::cluster_runtime(app)),
         (Route::ClusterVersion, Method::GET) => Ok(system::cluster_version()),
@@ -362,6 +367,10 @@ async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> R
         (Route::Object(t, uuid), Method::GET) => objects::get(app, &ctx, t, uuid),
         (Route::Object(t, uuid), Method::PUT) => objects::replace(app, &ctx, t, uuid, &body).await,
         (Route::Object(t, uuid), Method::DELETE) => objects::delete(app, &ctx, t, uuid).await,
+        (Route::Object(t, uuid), Method::PATCH) => objects::patch(app, &ctx, t, uuid, &body).await,
+        (Route::Singleton(t), Method::PATCH) => {
+            objects::patch(app, &ctx, t, &objects::singleton_uuid(app, t)?, &body).await
+        }
         (Route::Singleton(t), Method::GET) => objects::get(app, &ctx, t, &objects::singleton_uuid(app, t)?),
         (Route::Singleton(t), Method::PUT) => {
             objects::replace(app, &ctx, t, &objects::singleton_uuid(app, t)?, &body).await

@@ -53,7 +53,12 @@ impl From<SchemaError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         tracing::error!(error = %e, "storage failure");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the change was not stored: {e}"))
+        let status = if matches!(e, StoreError::Aborted) {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        ApiError::new(status, format!("the change was not stored: {e}"))
     }
 }
 

@@ -231,9 +231,32 @@ pub fn get(app: &App, ctx: &RequestContext, type_def: &'static TypeDef, uuid: &s
     Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, stored, false)))
 }
 
-/// Resolves every reference of `body` against what the writer sees: by-name references become
-/// uuids, and each target must exist and be visible from `tenant` (its own objects, the admin
-/// tenant's, or global ones).
+/// Resolves one reference against what the writer sees: a by-name reference becomes a uuid,
+/// and the target must exist and be visible from `tenant` (its own objects, the admin tenant's,
+/// or global ones).
+fn resolve_ref(txn: &Txn<'_>, tenant: &str, kind: &'static str, reference: &str) -> Result<String, String> {
+    let reg = Registry::get();
+    if let Some((k, uuid)) = refs::split_canonical(reference) {
+        let reachable =
+            |s: &Stored| s.meta.tenant.is_empty() || s.meta.tenant == tenant || s.meta.tenant == ADMIN_TENANT;
+        return match txn.get(k, uuid) {
+            Some(s) if reachable(&s) => Ok(reference.to_string()),
+            _ => Err(format!("{kind} '{uuid}' not found")),
+        };
+    }
+    let refs::RefTarget::Name { name, .. } = refs::parse(kind, reference)? else {
+        unreachable!("uuid references are canonical")
+    };
+    let global = reg.type_def(kind).is_some_and(|t| t.scope == Scope::Global);
+    let scopes: &[&str] = if global { &[""] } else { &[tenant, ADMIN_TENANT] };
+    scopes
+        .iter()
+        .find_map(|t| txn.find_by_name(kind, t, &name))
+        .map(|s| refs::canonical(kind, &s.uuid))
+        .ok_or_else(|| format!("{kind} '{name}' not found"))
+}
+
+/// Resolves every reference of `body` (see [`resolve_ref`]).
 fn resolve_refs(
     txn: &Txn<'_>,
     type_def: &TypeDef,
@@ -241,25 +264,8 @@ fn resolve_refs(
     tenant: &str,
 ) -> Result<(), ApiError> {
     let reg = Registry::get();
-    let reachable = |s: &Stored| s.meta.tenant.is_empty() || s.meta.tenant == tenant || s.meta.tenant == ADMIN_TENANT;
-    rewrite_refs(reg, reg.schema_of(type_def), body, &mut |kind, reference| {
-        if let Some((k, uuid)) = refs::split_canonical(reference) {
-            return match txn.get(k, uuid) {
-                Some(s) if reachable(&s) => Ok(reference.to_string()),
-                _ => Err(format!("{kind} '{uuid}' not found")),
-            };
-        }
-        let target = refs::parse(kind, reference)?;
-        let refs::RefTarget::Name { name, .. } = target else { unreachable!("uuid references are canonical") };
-        let global = reg.type_def(kind).is_some_and(|t| t.scope == Scope::Global);
-        let scopes: &[&str] = if global { &[""] } else { &[tenant, ADMIN_TENANT] };
-        scopes
-            .iter()
-            .find_map(|t| txn.find_by_name(kind, t, &name))
-            .map(|s| refs::canonical(kind, &s.uuid))
-            .ok_or_else(|| format!("{kind} '{name}' not found"))
-    })
-    .map_err(ApiError::from)
+    rewrite_refs(reg, reg.schema_of(type_def), body, &mut |kind, reference| resolve_ref(txn, tenant, kind, reference))
+        .map_err(ApiError::from)
 }
 
 fn check_unique_name(
@@ -301,16 +307,16 @@ fn assemble(
     Value::Object(out)
 }
 
-/// Stores an object's normalized configuration under `uuid` (create or replace): resolves its
+/// The stored form of an object's normalized configuration under `uuid`: resolves its
 /// references, checks its name is unique in its tenant, stamps `_last_modified`.
-pub(crate) fn store_object(
+fn prepare_object(
     txn: &mut Txn<'_>,
     type_def: &TypeDef,
     uuid: &str,
     mut config: Map<String, Value>,
     tenant: &str,
     hidden: Map<String, Value>,
-) -> Result<Arc<Stored>, ApiError> {
+) -> Result<Value, ApiError> {
     if type_def.path == "user" && !config.contains_key("username") {
         let name = config.get("name").cloned().unwrap_or_default();
         config.insert("username".into(), name);
@@ -318,7 +324,31 @@ pub(crate) fn store_object(
     resolve_refs(txn, type_def, &mut config, tenant)?;
     check_unique_name(txn, type_def, tenant, &config, uuid)?;
     let stamp = txn.timestamp_micros();
-    Ok(txn.put(type_def.path, uuid, assemble(type_def, uuid, config, tenant, hidden, stamp)))
+    Ok(assemble(type_def, uuid, config, tenant, hidden, stamp))
+}
+
+/// Stores an object whole (create or replace); see [`prepare_object`].
+pub(crate) fn store_object(
+    txn: &mut Txn<'_>,
+    type_def: &TypeDef,
+    uuid: &str,
+    config: Map<String, Value>,
+    tenant: &str,
+    hidden: Map<String, Value>,
+) -> Result<Arc<Stored>, ApiError> {
+    let value = prepare_object(txn, type_def, uuid, config, tenant, hidden)?;
+    Ok(txn.put(type_def.path, uuid, value))
+}
+
+fn hidden_of(stored: &Stored) -> Map<String, Value> {
+    stored
+        .value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| is_hidden(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn new_uuid(type_def: &TypeDef, ctx: &RequestContext) -> Result<String, ApiError> {
@@ -434,7 +464,7 @@ pub async fn replace(
                 ));
             }
             let tenant = existing.meta.tenant.clone();
-            let mut hidden: Map<String, Value> = existing.value.as_object().into_iter().flatten().filter(|(k, _)| is_hidden(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut hidden = hidden_of(&existing);
             hidden.extend(new_hidden);
             store_object(txn, type_def, &uuid, config, &tenant, hidden)
         })
@@ -498,4 +528,87 @@ pub async fn delete(
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
+}
+
+/// The precondition a PATCH may carry: `If-Match: <_last_modified>` or `_last_modified` in a
+/// classic body.
+fn patch_precondition(ctx: &RequestContext, input: &Value) -> Result<Option<u64>, ApiError> {
+    if let Some(tag) = ctx.header("if-match") {
+        let tag = tag.trim().trim_start_matches("W/").trim_matches('"');
+        return tag
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("If-Match must be the object's _last_modified, got '{tag}'")));
+    }
+    let classic = input.as_object().and_then(|m| m.values().next()).and_then(|fields| fields.get("_last_modified"));
+    Ok(classic.and_then(|v| last_modified(&json!({"_last_modified": v}))))
+}
+
+/// `PATCH /api/<type>/<uuid>`: applies the patch to the current object inside the writer (so
+/// concurrent PATCHes never lose an update), validates the result as a whole, and stores only
+/// what changed.
+pub async fn patch(
+    app: &App,
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+    uuid: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    require(ctx, type_def, Level::Write)?;
+    if !app.store.read().get(type_def.path, uuid).is_some_and(|s| visible(ctx, type_def, s)) {
+        return Err(not_found(type_def, uuid));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("PATCH body is empty; expected add, replace, delete or json_patch"));
+    }
+    let input: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    let is_json_patch = ctx.header("content-type").is_some_and(|c| c.starts_with("application/json-patch+json"));
+    let patch = fulcrum_patch::parse(&input, is_json_patch).map_err(patch_error)?;
+    let expected = patch_precondition(ctx, &input)?;
+    let uuid = uuid.to_string();
+    let stored = app
+        .store
+        .write(move |txn| {
+            let existing = txn.get(type_def.path, &uuid).ok_or_else(|| not_found(type_def, &uuid))?;
+            let stamp = last_modified(&existing.value).unwrap_or(0);
+            if let Some(expected) = expected
+                && expected != stamp
+            {
+                return Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!(
+                        "Concurrent update: {} '{uuid}' is at _last_modified {stamp}, not {expected}; reload and retry",
+                        type_def.path
+                    ),
+                ));
+            }
+            let reg = Registry::get();
+            let schema = reg.schema_of(type_def);
+            let before = existing.value.as_object().cloned().unwrap_or_default();
+            let tenant = existing.meta.tenant.clone();
+            let applied =
+                fulcrum_patch::apply(schema, &before, &patch, &mut |kind, r| resolve_ref(txn, &tenant, kind, r))
+                    .map_err(patch_error)?;
+            let config = normalize(reg, schema, &Value::Object(applied.object))?;
+            let value = prepare_object(txn, type_def, &uuid, config, &tenant, hidden_of(&existing))?;
+            let after = value.as_object().expect("objects are maps");
+            let mut edits = fulcrum_patch::edit_log(&applied.touched, &before, after);
+            edits.push(json!({"op": "add", "path": "/_last_modified", "value": after["_last_modified"]}));
+            if cfg!(debug_assertions) {
+                let mut replayed = existing.value.clone();
+                fulcrum_jsonpatch::apply_all(&mut replayed, &edits).expect("edit log applies");
+                assert_eq!(replayed, value, "the edit log must replay to the patched object");
+            }
+            Ok(txn.edit(type_def.path, &uuid, value, edits))
+        })
+        .await?;
+    let cat = app.store.read();
+    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, &stored, true)))
+}
+
+fn patch_error(e: fulcrum_patch::PatchError) -> ApiError {
+    match e {
+        fulcrum_patch::PatchError::Invalid(m) => ApiError::bad_request(m),
+        fulcrum_patch::PatchError::TestFailed(m) => ApiError::conflict(m),
+    }
 }

@@ -132,7 +132,11 @@ pub fn apply(doc: &mut Value, op: OpKind, path: &[String], value: Option<&Value>
 /// Applies a whole JSON Patch document (`[{"op", "path", "value"}, ...]`) in order.
 pub fn apply_all(doc: &mut Value, ops: &[Value]) -> Result<(), OpError> {
     for op in ops {
-        let kind = op.get("op").and_then(Value::as_str).and_then(OpKind::parse).ok_or_else(|| OpError::Path(format!("bad operation {op}")))?;
+        let kind = op
+            .get("op")
+            .and_then(Value::as_str)
+            .and_then(OpKind::parse)
+            .ok_or_else(|| OpError::Path(format!("bad operation {op}")))?;
         let path = parse_pointer(op.get("path").and_then(Value::as_str).unwrap_or_default()).map_err(OpError::Path)?;
         apply(doc, kind, &path, op.get("value"))?;
     }
@@ -154,14 +158,17 @@ mod tests {
     #[test]
     fn rfc6902_operations() {
         let mut doc = json!({"a": [1, 2], "b": {"c": 1}});
-        apply_all(&mut doc, &[
-            json!({"op": "add", "path": "/a/-", "value": 3}),
-            json!({"op": "add", "path": "/a/0", "value": 0}),
-            json!({"op": "remove", "path": "/a/1"}),
-            json!({"op": "replace", "path": "/b/c", "value": 5}),
-            json!({"op": "add", "path": "/b/d", "value": true}),
-            json!({"op": "test", "path": "/a", "value": [0, 2, 3]}),
-        ])
+        apply_all(
+            &mut doc,
+            &[
+                json!({"op": "add", "path": "/a/-", "value": 3}),
+                json!({"op": "add", "path": "/a/0", "value": 0}),
+                json!({"op": "remove", "path": "/a/1"}),
+                json!({"op": "replace", "path": "/b/c", "value": 5}),
+                json!({"op": "add", "path": "/b/d", "value": true}),
+                json!({"op": "test", "path": "/a", "value": [0, 2, 3]}),
+            ],
+        )
         .unwrap();
         assert_eq!(doc, json!({"a": [0, 2, 3], "b": {"c": 5, "d": true}}));
         let e = apply_all(&mut doc, &[json!({"op": "test", "path": "/b/c", "value": 6})]).unwrap_err();

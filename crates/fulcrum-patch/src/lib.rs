@@ -15,7 +15,9 @@
 use std::collections::HashMap;
 
 use fulcrum_jsonpatch::OpKind;
-use fulcrum_schema::{Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, entry_key_with, normalize_value, rewrite_refs};
+use fulcrum_schema::{
+    Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, entry_key_with, normalize_value, rewrite_refs,
+};
 use serde_json::{Map, Value, json};
 
 /// At most this many operations in one json_patch request.
@@ -94,12 +96,18 @@ pub fn parse(body: &Value, is_json_patch: bool) -> Result<Patch, PatchError> {
         return Err(invalid("PATCH body must be a JSON object with one of add, replace, delete or json_patch"));
     };
     if let Some(unknown) = map.keys().find(|k| !matches!(k.as_str(), "add" | "replace" | "delete" | "json_patch")) {
-        return Err(invalid(format!("unknown PATCH operation '{unknown}'; expected one of add, replace, delete or json_patch")));
+        return Err(invalid(format!(
+            "unknown PATCH operation '{unknown}'; expected one of add, replace, delete or json_patch"
+        )));
     }
     let mut ops = map.iter();
     let (name, value) = match (ops.next(), ops.next()) {
-        (None, _) => return Err(invalid("PATCH body holds no operation; expected one of add, replace, delete or json_patch")),
-        (Some(_), Some(_)) => return Err(invalid("PATCH body must hold exactly one operation (add, replace, delete or json_patch)")),
+        (None, _) => {
+            return Err(invalid("PATCH body holds no operation; expected one of add, replace, delete or json_patch"));
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid("PATCH body must hold exactly one operation (add, replace, delete or json_patch)"));
+        }
         (Some(one), None) => one,
     };
     let op = match name.as_str() {
@@ -130,14 +138,24 @@ fn parse_json_ops(value: &Value) -> Result<Patch, PatchError> {
         return Err(invalid(format!("json_patch must be a list of operations, got {}", describe(value))));
     };
     if items.len() > MAX_JSON_PATCH_OPS {
-        return Err(invalid(format!("json_patch has {} operations; at most {MAX_JSON_PATCH_OPS} are allowed", items.len())));
+        return Err(invalid(format!(
+            "json_patch has {} operations; at most {MAX_JSON_PATCH_OPS} are allowed",
+            items.len()
+        )));
     }
     let mut ops = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let name = item.get("op").and_then(Value::as_str).ok_or_else(|| invalid(format!("json_patch[{i}]: 'op' is required")))?;
-        let kind = OpKind::parse(name)
-            .ok_or_else(|| invalid(format!("json_patch[{i}]: unsupported op '{name}'; expected add, remove, replace or test")))?;
-        let path = item.get("path").and_then(Value::as_str).ok_or_else(|| invalid(format!("json_patch[{i}]: 'path' is required")))?;
+        let name = item
+            .get("op")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid(format!("json_patch[{i}]: 'op' is required")))?;
+        let kind = OpKind::parse(name).ok_or_else(|| {
+            invalid(format!("json_patch[{i}]: unsupported op '{name}'; expected add, remove, replace or test"))
+        })?;
+        let path = item
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid(format!("json_patch[{i}]: 'path' is required")))?;
         let path = fulcrum_jsonpatch::parse_pointer(path).map_err(|m| invalid(format!("json_patch[{i}]: {m}")))?;
         if path.is_empty() {
             return Err(invalid(format!("json_patch[{i}]: the path must name a field")));
@@ -162,7 +180,12 @@ fn join(parent: &str, name: &str) -> String {
 }
 
 /// Applies `patch` to a stored object (identity fields included; they pass through).
-pub fn apply(schema: &ObjectSchema, current: &Map<String, Value>, patch: &Patch, resolve: Resolver<'_>) -> Result<Applied, PatchError> {
+pub fn apply(
+    schema: &ObjectSchema,
+    current: &Map<String, Value>,
+    patch: &Patch,
+    resolve: Resolver<'_>,
+) -> Result<Applied, PatchError> {
     let mut object = current.clone();
     let mut touched = Vec::new();
     let mut engine = Engine { reg: Registry::get(), resolve, touched: &mut touched };
@@ -189,22 +212,36 @@ impl Engine<'_, '_> {
     }
 
     /// A value checked against its kind, with its references resolved.
-    fn checked(&mut self, schema: &ObjectSchema, name: &str, kind: &Kind, value: &Value, at: &str) -> Result<Value, PatchError> {
+    fn checked(
+        &mut self,
+        schema: &ObjectSchema,
+        name: &str,
+        kind: &Kind,
+        value: &Value,
+        at: &str,
+    ) -> Result<Value, PatchError> {
         let normalized = normalize_value(self.reg, kind, value, at)?;
         let mut holder = Map::new();
         holder.insert(name.to_string(), normalized);
-        rewrite_refs(self.reg, schema, &mut holder, self.resolve).map_err(|e| invalid(format!("field '{at}': {}", e.message)))?;
+        rewrite_refs(self.reg, schema, &mut holder, self.resolve)
+            .map_err(|e| invalid(format!("field '{at}': {}", e.message)))?;
         Ok(holder.remove(name).unwrap_or(Value::Null))
     }
 
     /// Only the fields an entry gives, each checked: for updating a matching entry in place.
-    fn partial_entry(&mut self, schema: &ObjectSchema, entry: &Value, at: &str) -> Result<Map<String, Value>, PatchError> {
+    fn partial_entry(
+        &mut self,
+        schema: &ObjectSchema,
+        entry: &Value,
+        at: &str,
+    ) -> Result<Map<String, Value>, PatchError> {
         let Value::Object(given) = entry else {
             return Err(invalid(format!("field '{at}': expected an object, got {}", describe(entry))));
         };
         let mut out = Map::new();
         for (name, value) in given {
-            let field = schema.field(name).ok_or_else(|| invalid(format!("field '{}': unknown field", join(at, name))))?;
+            let field =
+                schema.field(name).ok_or_else(|| invalid(format!("field '{}': unknown field", join(at, name))))?;
             if value.is_null() {
                 continue;
             }
@@ -336,7 +373,10 @@ impl Engine<'_, '_> {
                     holder.insert(name.to_string(), Value::Array(vec![checked]));
                     rewrite_refs(self.reg, schema, &mut holder, self.resolve)
                         .map_err(|e| invalid(format!("field '{at}': {}", e.message)))?;
-                    holder.remove(name).and_then(|v| v.as_array().and_then(|a| a.first().cloned())).unwrap_or(Value::Null)
+                    holder
+                        .remove(name)
+                        .and_then(|v| v.as_array().and_then(|a| a.first().cloned()))
+                        .unwrap_or(Value::Null)
                 }
             };
             let key = key_of(&entry);
@@ -372,7 +412,12 @@ impl Engine<'_, '_> {
         Ok(())
     }
 
-    fn json_op(&mut self, schema: &ObjectSchema, object: &mut Map<String, Value>, op: &JsonOp) -> Result<(), PatchError> {
+    fn json_op(
+        &mut self,
+        schema: &ObjectSchema,
+        object: &mut Map<String, Value>,
+        op: &JsonOp,
+    ) -> Result<(), PatchError> {
         let (top, rest) = op.path.split_first().expect("parse refuses empty paths");
         let field = schema.field(top).ok_or_else(|| invalid(format!("field '{top}': unknown field")))?;
         let value = op.value.as_ref();
@@ -432,13 +477,16 @@ impl Engine<'_, '_> {
         let fallbacks: Vec<(&str, Value)> = spec
             .key_defaults
             .iter()
-            .filter_map(|(key, parent)| Some((*key, object.get(*parent).cloned().or_else(|| schema.field(parent)?.default.clone())?)))
+            .filter_map(|(key, parent)| {
+                Some((*key, object.get(*parent).cloned().or_else(|| schema.field(parent)?.default.clone())?))
+            })
             .collect();
         let items = object.entry(name.to_string()).or_insert_with(|| Value::Array(vec![]));
         let Value::Array(list) = items else { return Err(invalid(format!("field '{name}' is not a list"))) };
         let segment = &rest[0];
         let by_key = list.iter().position(|e| {
-            entry_key_with(&spec.key, e, &|p| fallbacks.iter().find(|(k, _)| *k == p).map(|(_, v)| v.clone())).as_deref()
+            entry_key_with(&spec.key, e, &|p| fallbacks.iter().find(|(k, _)| *k == p).map(|(_, v)| v.clone()))
+                .as_deref()
                 == Some(segment.as_str())
         });
         let pos = match by_key {
@@ -454,12 +502,16 @@ impl Engine<'_, '_> {
         if rest.len() == 1 {
             match op.kind {
                 OpKind::Add | OpKind::Replace => {
-                    let checked = normalize_value(self.reg, &spec.item, op.value.as_ref().expect("parse requires it"), &at)?;
+                    let checked =
+                        normalize_value(self.reg, &spec.item, op.value.as_ref().expect("parse requires it"), &at)?;
                     let mut holder = Map::new();
                     holder.insert(name.to_string(), Value::Array(vec![checked]));
                     rewrite_refs(self.reg, schema, &mut holder, self.resolve)
                         .map_err(|e| invalid(format!("field '{at}': {}", e.message)))?;
-                    let entry = holder.remove(name).and_then(|v| v.as_array().and_then(|a| a.first().cloned())).unwrap_or_default();
+                    let entry = holder
+                        .remove(name)
+                        .and_then(|v| v.as_array().and_then(|a| a.first().cloned()))
+                        .unwrap_or_default();
                     let list = object.get_mut(name).and_then(Value::as_array_mut).expect("a list");
                     if op.kind == OpKind::Replace {
                         list[pos] = entry;
@@ -477,7 +529,8 @@ impl Engine<'_, '_> {
                     self.touched.push(Touch::Remove(name.to_string(), pos));
                 }
                 OpKind::Test => {
-                    let expected = normalize_value(self.reg, &spec.item, op.value.as_ref().expect("parse requires it"), &at)?;
+                    let expected =
+                        normalize_value(self.reg, &spec.item, op.value.as_ref().expect("parse requires it"), &at)?;
                     if list[pos] != expected {
                         return Err(PatchError::TestFailed(format!("test failed at '/{name}/{segment}'")));
                     }
@@ -511,7 +564,9 @@ pub fn edit_log(touched: &[Touch], before: &Map<String, Value>, after: &Map<Stri
         let field = list_of(t);
         let mixed = matches!(t, Touch::Append(..) | Touch::Entry(..))
             && touched.iter().any(|o| matches!(o, Touch::Remove(f, _) if *f == field));
-        if (matches!(t, Touch::Field(_)) || mixed) && !whole.contains(&field) {
+        // A list that did not exist before cannot be appended to: write it whole.
+        let new_list = !matches!(t, Touch::Field(_)) && !before.get(&field).is_some_and(Value::is_array);
+        if (matches!(t, Touch::Field(_)) || mixed || new_list) && !whole.contains(&field) {
             whole.push(field);
         }
     }

@@ -17,7 +17,8 @@ fn resolver() -> impl FnMut(&'static str, &str) -> Result<String, String> {
 }
 
 fn pool(servers: &[(&str, u16)]) -> Map<String, Value> {
-    let servers: Vec<Value> = servers.iter().map(|(a, p)| json!({"ip": {"addr": a, "type": "V4"}, "port": p})).collect();
+    let servers: Vec<Value> =
+        servers.iter().map(|(a, p)| json!({"ip": {"addr": a, "type": "V4"}, "port": p})).collect();
     normalize(reg(), reg().schema("Pool"), &json!({"name": "p", "servers": servers})).unwrap()
 }
 
@@ -29,7 +30,12 @@ fn patch(object: &Map<String, Value>, body: Value) -> Result<Map<String, Value>,
 }
 
 fn addrs(p: &Map<String, Value>) -> Vec<String> {
-    p["servers"].as_array().unwrap().iter().map(|s| format!("{}:{}", s["ip"]["addr"].as_str().unwrap(), s["port"])).collect()
+    p["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}:{}", s["ip"]["addr"].as_str().unwrap(), s["port"]))
+        .collect()
 }
 
 #[test]
@@ -59,14 +65,21 @@ fn server_keys_take_the_pools_default_port() {
     p.insert("default_server_port".into(), json!(8080));
     let p = patch(&p, json!({"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}}]}})).unwrap();
     assert_eq!(addrs(&p), ["1.1.1.1:8080"]);
-    let same = patch(&p, json!({"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "port": 8080, "ratio": 3}]}})).unwrap();
+    let same =
+        patch(&p, json!({"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "port": 8080, "ratio": 3}]}}))
+            .unwrap();
     assert_eq!(addrs(&same), ["1.1.1.1:8080"]);
     assert_eq!(same["servers"][0]["ratio"], 3);
-    let other_port = patch(&p, json!({"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "port": 81}]}})).unwrap();
+    let other_port =
+        patch(&p, json!({"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "port": 81}]}})).unwrap();
     assert_eq!(addrs(&other_port), ["1.1.1.1:8080", "1.1.1.1:81"]);
     let gone = patch(&p, json!({"delete": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}}]}})).unwrap();
     assert!(gone["servers"].as_array().unwrap().is_empty());
-    assert_eq!(patch(&gone, json!({"delete": {"servers": [{"ip": {"addr": "9.9.9.9", "type": "V4"}}]}})).unwrap(), gone, "deleting what is not there changes nothing");
+    assert_eq!(
+        patch(&gone, json!({"delete": {"servers": [{"ip": {"addr": "9.9.9.9", "type": "V4"}}]}})).unwrap(),
+        gone,
+        "deleting what is not there changes nothing"
+    );
 }
 
 #[test]
@@ -85,13 +98,18 @@ fn lists_of_refs_add_without_duplicates_and_delete() {
 #[test]
 fn nested_objects_one_level_deep() {
     let schema = reg().schema("SystemConfiguration");
-    let sys = normalize(reg(), schema, &json!({"global_tenant_config": {}, "snmp_configuration": {"community": "old"}})).unwrap();
+    let sys =
+        normalize(reg(), schema, &json!({"global_tenant_config": {}, "snmp_configuration": {"community": "old"}}))
+            .unwrap();
     let run = |body: Value| -> Result<Map<String, Value>, PatchError> {
         let applied = apply(schema, &sys, &parse(&body, false)?, &mut resolver())?;
         Ok(normalize(reg(), schema, &Value::Object(applied.object))?)
     };
     let s = run(json!({"replace": {"global_tenant_config": {"tenant_vrf": true}}})).unwrap();
-    assert_eq!(s["global_tenant_config"], json!({"tenant_vrf": true, "se_in_provider_context": true, "tenant_access_to_provider_se": true}));
+    assert_eq!(
+        s["global_tenant_config"],
+        json!({"tenant_vrf": true, "se_in_provider_context": true, "tenant_access_to_provider_se": true})
+    );
     let s = run(json!({"replace": {"snmp_configuration": {"community": "new"}}})).unwrap();
     assert_eq!(s["snmp_configuration"]["community"], "new");
     assert_eq!(s["snmp_configuration"]["version"], "SNMP_VER2");
@@ -100,9 +118,16 @@ fn nested_objects_one_level_deep() {
     let e = run(json!({"replace": {"portal_configuration": {"sslkeyandcertificate_refs": {"x": 1}}}})).unwrap_err();
     assert!(e.to_string().contains("expected a list"), "{e}");
     let cloud_schema = reg().schema("Cloud");
-    let cloud = normalize(reg(), cloud_schema, &json!({"name": "c", "vtype": "CLOUD_LINUXSERVER", "linuxserver_configuration": {}})).unwrap();
+    let cloud = normalize(
+        reg(),
+        cloud_schema,
+        &json!({"name": "c", "vtype": "CLOUD_LINUXSERVER", "linuxserver_configuration": {}}),
+    )
+    .unwrap();
     let host = |a: &str| json!({"host_ip": {"addr": a, "type": "V4"}});
-    let add = parse(&json!({"add": {"linuxserver_configuration": {"hosts": [host("10.0.0.1"), host("10.0.0.2")]}}}), false).unwrap();
+    let add =
+        parse(&json!({"add": {"linuxserver_configuration": {"hosts": [host("10.0.0.1"), host("10.0.0.2")]}}}), false)
+            .unwrap();
     let c = apply(cloud_schema, &cloud, &add, &mut resolver()).unwrap().object;
     assert_eq!(c["linuxserver_configuration"]["hosts"].as_array().unwrap().len(), 2);
     let del = parse(&json!({"delete": {"linuxserver_configuration": {"hosts": [host("10.0.0.1")]}}}), false).unwrap();
@@ -122,9 +147,15 @@ fn deeper_than_one_level_is_refused() {
     assert!(apply(schema, &p, &body, &mut resolver()).is_ok());
     let sys_schema = reg().schema("SystemConfiguration");
     let sys = normalize(reg(), sys_schema, &json!({})).unwrap();
-    let body = parse(&json!({"replace": {"dns_configuration": {"server_list": [{"addr": "1.1.1.1", "type": "V4"}]}}}), false).unwrap();
+    let body =
+        parse(&json!({"replace": {"dns_configuration": {"server_list": [{"addr": "1.1.1.1", "type": "V4"}]}}}), false)
+            .unwrap();
     assert!(apply(sys_schema, &sys, &body, &mut resolver()).is_ok(), "a list inside a nested object is one level deep");
-    let ntp = parse(&json!({"replace": {"ntp_configuration": {"ntp_servers": [{"server": {"addr": "1.1.1.1", "type": "V4"}}]}}}), false).unwrap();
+    let ntp = parse(
+        &json!({"replace": {"ntp_configuration": {"ntp_servers": [{"server": {"addr": "1.1.1.1", "type": "V4"}}]}}}),
+        false,
+    )
+    .unwrap();
     assert!(apply(sys_schema, &sys, &ntp, &mut resolver()).is_ok());
     let hm_schema = reg().schema("HealthMonitor");
     let hm = normalize(reg(), hm_schema, &json!({"name": "h", "type": "HEALTH_MONITOR_HTTP"})).unwrap();
@@ -132,8 +163,11 @@ fn deeper_than_one_level_is_refused() {
     assert!(apply(hm_schema, &hm, &ok, &mut resolver()).is_ok());
     let user_schema = reg().schema("Tenant");
     let t = normalize(reg(), user_schema, &json!({"name": "t"})).unwrap();
-    let nested_twice = parse(&json!({"replace": {"config_settings": {"tenant_vrf": {"deeper": true}}}}), false).unwrap();
-    assert!(apply(user_schema, &t, &nested_twice, &mut resolver()).unwrap_err().to_string().contains("expected a boolean"));
+    let nested_twice =
+        parse(&json!({"replace": {"config_settings": {"tenant_vrf": {"deeper": true}}}}), false).unwrap();
+    assert!(
+        apply(user_schema, &t, &nested_twice, &mut resolver()).unwrap_err().to_string().contains("expected a boolean")
+    );
     let vs_schema = reg().schema("PortalConfiguration");
     let _ = vs_schema;
     let sslkc = reg().schema("SSLKeyAndCertificate");
@@ -146,13 +180,19 @@ fn deeper_than_one_level_is_refused() {
 #[test]
 fn keyless_lists_are_replace_only() {
     let schema = reg().schema("GslbService");
-    let g = normalize(reg(), schema, &json!({"name": "g", "groups": [{"name": "a", "algorithm": "GSLB_ALGORITHM_ROUND_ROBIN", "members": []}]})).unwrap();
+    let g = normalize(
+        reg(),
+        schema,
+        &json!({"name": "g", "groups": [{"name": "a", "algorithm": "GSLB_ALGORITHM_ROUND_ROBIN", "members": []}]}),
+    )
+    .unwrap();
     let body = parse(&json!({"add": {"groups": [{"name": "a", "members": [{"fqdn": "x"}]}]}}), false).unwrap();
     let ok = apply(schema, &g, &body, &mut resolver()).unwrap().object;
     assert_eq!(ok["groups"][0]["members"][0]["fqdn"], "x", "groups are keyed by name");
     let vsvip = reg().schema("VsVip");
     let v = normalize(reg(), vsvip, &json!({"name": "v", "dns_info": [{"fqdn": "a"}]})).unwrap();
-    let e = apply(vsvip, &v, &parse(&json!({"add": {"dns_info": [{"fqdn": "b"}]}}), false).unwrap(), &mut resolver()).unwrap_err();
+    let e = apply(vsvip, &v, &parse(&json!({"add": {"dns_info": [{"fqdn": "b"}]}}), false).unwrap(), &mut resolver())
+        .unwrap_err();
     assert!(e.to_string().contains("field 'dns_info'") && e.to_string().contains("only replace"), "{e}");
 }
 
@@ -172,13 +212,17 @@ fn malformed_bodies_are_refused() {
         let e = parse(&body, false).unwrap_err();
         assert!(e.to_string().contains(message), "{body}: {e}");
     }
-    let too_many: Vec<Value> = (0..=MAX_JSON_PATCH_OPS).map(|_| json!({"op": "test", "path": "/name", "value": "p"})).collect();
+    let too_many: Vec<Value> =
+        (0..=MAX_JSON_PATCH_OPS).map(|_| json!({"op": "test", "path": "/name", "value": "p"})).collect();
     assert!(parse(&Value::Array(too_many), true).unwrap_err().to_string().contains("at most 10000"));
     let p = pool(&[]);
     for (body, message) in [
         (json!({"add": {"bogus": 1}}), "field 'bogus': unknown field"),
         (json!({"replace": {"default_server_port": "x"}}), "expected an integer"),
-        (json!({"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "bogus": 1}]}}), "servers[0].bogus': unknown field"),
+        (
+            json!({"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "bogus": 1}]}}),
+            "servers[0].bogus': unknown field",
+        ),
         (json!({"add": {"servers": {"ip": 1}}}), "expected a list"),
     ] {
         let e = patch(&p, body.clone()).unwrap_err();
@@ -194,7 +238,8 @@ fn json_patch_by_key_and_index() {
         let applied = apply(schema, p, &parse(&json!({"json_patch": ops}), false)?, &mut resolver())?;
         Ok(normalize(reg(), schema, &Value::Object(applied.object))?)
     };
-    let q = run(&p, json!([{"op": "add", "path": "/servers", "value": [{"ip": {"addr": "1.1.1.3", "type": "V4"}}]}])).unwrap();
+    let q = run(&p, json!([{"op": "add", "path": "/servers", "value": [{"ip": {"addr": "1.1.1.3", "type": "V4"}}]}]))
+        .unwrap();
     assert_eq!(addrs(&q), ["1.1.1.1:80", "1.1.1.2:80", "1.1.1.3:80"]);
     let q = run(&q, json!([{"op": "remove", "path": "/servers/1.1.1.2:80"}])).unwrap();
     assert_eq!(addrs(&q), ["1.1.1.1:80", "1.1.1.3:80"]);
@@ -207,9 +252,21 @@ fn json_patch_by_key_and_index() {
     assert_eq!(q["lb_algorithm"], "LB_ALGORITHM_ROUND_ROBIN");
     let e = run(&q, json!([{"op": "replace", "path": "/lb_algorithm", "value": "LB_ALGORITHM_RANDOM"}, {"op": "test", "path": "/name", "value": "other"}])).unwrap_err();
     assert!(matches!(e, PatchError::TestFailed(_)), "{e:?}");
-    assert!(run(&q, json!([{"op": "remove", "path": "/servers/9.9.9.9:80"}])).unwrap_err().to_string().contains("no entry"));
-    assert!(run(&q, json!([{"op": "add", "path": "/bogus", "value": 1}])).unwrap_err().to_string().contains("unknown field"));
-    assert!(run(&q, json!([{"op": "replace", "path": "/servers/0/ratio", "value": 25}])).unwrap_err().to_string().contains("out of range"));
+    assert!(
+        run(&q, json!([{"op": "remove", "path": "/servers/9.9.9.9:80"}])).unwrap_err().to_string().contains("no entry")
+    );
+    assert!(
+        run(&q, json!([{"op": "add", "path": "/bogus", "value": 1}]))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field")
+    );
+    assert!(
+        run(&q, json!([{"op": "replace", "path": "/servers/0/ratio", "value": 25}]))
+            .unwrap_err()
+            .to_string()
+            .contains("out of range")
+    );
 }
 
 #[test]
@@ -264,7 +321,9 @@ fn unique_servers() -> impl Strategy<Value = Vec<Value>> {
     proptest::collection::vec(server_strategy(), 0..5).prop_map(|list| {
         let mut seen = std::collections::HashSet::new();
         list.into_iter()
-            .filter(|s| seen.insert(format!("{}:{}", s["ip"]["addr"], s.get("port").and_then(Value::as_u64).unwrap_or(80))))
+            .filter(|s| {
+                seen.insert(format!("{}:{}", s["ip"]["addr"], s.get("port").and_then(Value::as_u64).unwrap_or(80)))
+            })
             .collect()
     })
 }

@@ -85,7 +85,12 @@ fn normalize_object(
     Ok(out)
 }
 
-fn check_unique_keys(spec: &ListSpec, items: &[Value], parent: &Map<String, Value>, at: &str) -> Result<(), SchemaError> {
+fn check_unique_keys(
+    spec: &ListSpec,
+    items: &[Value],
+    parent: &Map<String, Value>,
+    at: &str,
+) -> Result<(), SchemaError> {
     if spec.key == ListKey::None {
         return Ok(());
     }

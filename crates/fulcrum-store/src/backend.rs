@@ -3,6 +3,7 @@
 //! A clustered backend (etcd) implements the same trait; nothing above the writer knows which
 //! one is in use.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -13,19 +14,41 @@ use crate::catalogue::Change;
 
 /// Where committed objects live.
 pub trait Backend: Send + 'static {
-    /// Every stored object: (type, uuid, body).
+    /// Every stored object, as it was last committed: (type, uuid, body).
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError>;
     /// Applies all changes atomically; returns only once they are durable.
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError>;
 }
 
-/// `<type>/<uuid>` → JSON body.
+/// `<type>/<uuid>` → JSON body, as of the object's last whole write.
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+/// (`<type>/<uuid>`, sequence) → JSON array of edit operations made since that whole write.
+const EDITS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("edits");
+
+/// An object whose edit logs outgrow this many bytes, or this many times its own size, is
+/// written whole again (and its logs dropped). So a small change to a big object costs a small
+/// write, and the logs replayed at start stay in proportion to the objects.
+const COMPACT_MIN_BYTES: u64 = 256 << 10;
+const COMPACT_FACTOR: u64 = 4;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct EditState {
+    next_seq: u64,
+    log_bytes: u64,
+    base_bytes: u64,
+}
+
+impl EditState {
+    fn should_compact(&self, more: u64) -> bool {
+        self.log_bytes + more > COMPACT_MIN_BYTES.max(COMPACT_FACTOR * self.base_bytes)
+    }
+}
 
 /// Objects in one redb file. redb is pure Rust, ACID, and by default (`Durability::Immediate`)
 /// fsyncs before `commit` returns, so one transaction is one durable group commit.
 pub struct RedbBackend {
     db: Database,
+    edit_state: HashMap<String, EditState>,
 }
 
 impl RedbBackend {
@@ -33,8 +56,9 @@ impl RedbBackend {
         let db = Database::create(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(io)?;
         txn.open_table(OBJECTS).map_err(io)?;
+        txn.open_table(EDITS).map_err(io)?;
         txn.commit().map_err(io)?;
-        Ok(RedbBackend { db })
+        Ok(RedbBackend { db, edit_state: HashMap::new() })
     }
 }
 
@@ -42,17 +66,45 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+fn remove_edits(table: &mut redb::Table<(&str, u64), &[u8]>, key: &str, upto: u64) -> Result<(), StoreError> {
+    for seq in 0..upto {
+        table.remove((key, seq)).map_err(io)?;
+    }
+    Ok(())
+}
+
 impl Backend for RedbBackend {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
-        let table = txn.open_table(OBJECTS).map_err(io)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(io)? {
+        let objects = txn.open_table(OBJECTS).map_err(io)?;
+        let mut bodies: HashMap<String, (Value, u64)> = HashMap::new();
+        for entry in objects.iter().map_err(io)? {
             let (key, value) = entry.map_err(io)?;
-            let key = key.value();
-            let (kind, uuid) = key.split_once('/').ok_or_else(|| StoreError::Corrupt(format!("bad key {key}")))?;
+            let bytes = value.value();
             let body: Value =
-                serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+                serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{}: {e}", key.value())))?;
+            bodies.insert(key.value().to_string(), (body, bytes.len() as u64));
+        }
+        let edits = txn.open_table(EDITS).map_err(io)?;
+        for entry in edits.iter().map_err(io)? {
+            let (key, value) = entry.map_err(io)?;
+            let (object, seq) = key.value();
+            let (body, base_bytes) = bodies
+                .get_mut(object)
+                .ok_or_else(|| StoreError::Corrupt(format!("edit log for missing object {object}")))?;
+            let ops: Vec<Value> = serde_json::from_slice(value.value())
+                .map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
+            fulcrum_jsonpatch::apply_all(body, &ops)
+                .map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
+            let state = self.edit_state.entry(object.to_string()).or_default();
+            state.next_seq = seq + 1;
+            state.log_bytes += value.value().len() as u64;
+            state.base_bytes = *base_bytes;
+        }
+        let mut out = Vec::with_capacity(bodies.len());
+        for (key, (body, base_bytes)) in bodies {
+            self.edit_state.entry(key.clone()).or_default().base_bytes = base_bytes;
+            let (kind, uuid) = key.split_once('/').ok_or_else(|| StoreError::Corrupt(format!("bad key {key}")))?;
             out.push((kind.to_string(), uuid.to_string(), body));
         }
         Ok(out)
@@ -60,22 +112,59 @@ impl Backend for RedbBackend {
 
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
+        // Bookkeeping is applied only once the commit succeeded.
+        let mut updates: Vec<(String, Option<EditState>)> = Vec::new();
         {
-            let mut table = txn.open_table(OBJECTS).map_err(io)?;
+            let mut objects = txn.open_table(OBJECTS).map_err(io)?;
+            let mut edits = txn.open_table(EDITS).map_err(io)?;
             for change in changes {
                 match change {
+                    Change::Edit { stored, edits: ops } => {
+                        let key = format!("{}/{}", stored.kind, stored.uuid);
+                        let log = serde_json::to_vec(ops).map_err(io)?;
+                        let state = self.edit_state.get(&key).copied().unwrap_or_default();
+                        if state.base_bytes > 0 && !state.should_compact(log.len() as u64) {
+                            edits.insert((key.as_str(), state.next_seq), log.as_slice()).map_err(io)?;
+                            let next = EditState {
+                                next_seq: state.next_seq + 1,
+                                log_bytes: state.log_bytes + log.len() as u64,
+                                ..state
+                            };
+                            updates.push((key, Some(next)));
+                            continue;
+                        }
+                        // Compaction (or an object this process has not sized yet): write it whole.
+                        let body = serde_json::to_vec(&stored.value).map_err(io)?;
+                        objects.insert(key.as_str(), body.as_slice()).map_err(io)?;
+                        remove_edits(&mut edits, &key, state.next_seq)?;
+                        updates.push((key, Some(EditState { base_bytes: body.len() as u64, ..EditState::default() })));
+                    }
                     Change::Put(stored) => {
                         let key = format!("{}/{}", stored.kind, stored.uuid);
                         let body = serde_json::to_vec(&stored.value).map_err(io)?;
-                        table.insert(key.as_str(), body.as_slice()).map_err(io)?;
+                        objects.insert(key.as_str(), body.as_slice()).map_err(io)?;
+                        let state = self.edit_state.get(&key).copied().unwrap_or_default();
+                        remove_edits(&mut edits, &key, state.next_seq)?;
+                        updates.push((key, Some(EditState { base_bytes: body.len() as u64, ..EditState::default() })));
                     }
                     Change::Delete { kind, uuid } => {
-                        table.remove(format!("{kind}/{uuid}").as_str()).map_err(io)?;
+                        let key = format!("{kind}/{uuid}");
+                        objects.remove(key.as_str()).map_err(io)?;
+                        let state = self.edit_state.get(&key).copied().unwrap_or_default();
+                        remove_edits(&mut edits, &key, state.next_seq)?;
+                        updates.push((key, None));
                     }
                 }
             }
         }
-        txn.commit().map_err(io)
+        txn.commit().map_err(io)?;
+        for (key, state) in updates {
+            match state {
+                Some(s) => self.edit_state.insert(key, s),
+                None => self.edit_state.remove(&key),
+            };
+        }
+        Ok(())
     }
 }
 
@@ -93,7 +182,7 @@ impl Backend for MemoryBackend {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         for change in changes {
             match change {
-                Change::Put(s) => {
+                Change::Put(s) | Change::Edit { stored: s, .. } => {
                     self.objects.insert((s.kind.clone(), s.uuid.clone()), s.value.clone());
                 }
                 Change::Delete { kind, uuid } => {
@@ -102,5 +191,48 @@ impl Backend for MemoryBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalogue::{Meta, Stored};
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn stored(value: Value) -> Arc<Stored> {
+        Arc::new(Stored { kind: "pool".into(), uuid: "p1".into(), value, meta: Meta::default() })
+    }
+
+    #[test]
+    fn edits_replay_on_load_and_compact_when_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let mut servers = vec![];
+        {
+            let mut b = RedbBackend::open(&path).unwrap();
+            b.commit(&[Change::Put(stored(json!({"servers": []})))]).unwrap();
+            for i in 0..50 {
+                let server = json!({"addr": format!("10.0.0.{i}"), "pad": "x".repeat(100)});
+                servers.push(server.clone());
+                let op = json!({"op": "add", "path": "/servers/-", "value": server});
+                b.commit(&[Change::Edit { stored: stored(json!({"servers": servers})), edits: vec![op] }]).unwrap();
+            }
+            assert_eq!(b.edit_state["pool/p1"].next_seq, 50, "small edits are logged, not rewritten");
+        }
+        let mut b = RedbBackend::open(&path).unwrap();
+        let loaded = b.load().unwrap();
+        assert_eq!(loaded[0].2, json!({"servers": servers}));
+        // Push the log past its limit: the object is written whole and the log emptied.
+        let big = "y".repeat(COMPACT_MIN_BYTES as usize);
+        let op = json!({"op": "add", "path": "/big", "value": big});
+        b.commit(&[Change::Edit { stored: stored(json!({"servers": servers, "big": big})), edits: vec![op] }]).unwrap();
+        assert_eq!(b.edit_state["pool/p1"].next_seq, 0);
+        drop(b);
+        let mut b = RedbBackend::open(&path).unwrap();
+        assert_eq!(b.load().unwrap()[0].2["big"].as_str().unwrap().len(), big.len());
+        let txn = b.db.begin_read().unwrap();
+        assert_eq!(txn.open_table(EDITS).unwrap().iter().unwrap().count(), 0);
     }
 }

@@ -39,8 +39,18 @@ impl Stored {
 /// A change to one object, as the writer commits it.
 #[derive(Debug, Clone)]
 pub enum Change {
+    /// The object as a whole (create, replace).
     Put(Arc<Stored>),
-    Delete { kind: String, uuid: String },
+    /// The object after an edit, and the edit log (JSON Patch operations) that turns the
+    /// stored object into it: the backend may write the log instead of the object.
+    Edit {
+        stored: Arc<Stored>,
+        edits: Vec<serde_json::Value>,
+    },
+    Delete {
+        kind: String,
+        uuid: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -89,7 +99,7 @@ impl Catalogue {
 
     pub(crate) fn apply(&mut self, change: &Change) {
         match change {
-            Change::Put(stored) => {
+            Change::Put(stored) | Change::Edit { stored, .. } => {
                 self.remove(&stored.kind, &stored.uuid);
                 let path = stored.path();
                 for target in &stored.meta.refs {

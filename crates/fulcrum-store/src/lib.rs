@@ -23,4 +23,6 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is shut down")]
     Closed,
+    #[error("the write failed unexpectedly and was not stored")]
+    Aborted,
 }

@@ -40,17 +40,66 @@ pub enum WriteError<E> {
 type Finisher = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&mut Txn<'_>) -> (bool, Finisher) + Send>;
 
+/// An object's pending state in an overlay.
+#[derive(Clone)]
+struct Pending {
+    /// `None`: deleted.
+    stored: Option<Arc<Stored>>,
+    /// The edit log from the committed object to `stored`, while the change is only edits;
+    /// `None` once anything wrote the object whole (or deleted it).
+    edits: Option<Vec<Value>>,
+}
+
+impl Pending {
+    /// `later` happened after `self`.
+    fn then(&mut self, later: Pending) {
+        self.edits = match (self.edits.take(), later.edits) {
+            (Some(mut mine), Some(theirs)) => {
+                mine.extend(theirs);
+                Some(mine)
+            }
+            _ => None,
+        };
+        self.stored = later.stored;
+    }
+
+    fn into_change(self, kind: String, uuid: String) -> Change {
+        match (self.stored, self.edits) {
+            (Some(stored), Some(edits)) => Change::Edit { stored, edits },
+            (Some(stored), None) => Change::Put(stored),
+            (None, _) => Change::Delete { kind, uuid },
+        }
+    }
+}
+
 #[derive(Default)]
 struct Overlay {
-    objects: HashMap<(String, String), Option<Arc<Stored>>>,
+    objects: HashMap<(String, String), Pending>,
     /// (kind, tenant, name) → uuid, for objects written in this overlay.
     names: HashMap<(String, String, String), String>,
 }
 
 impl Overlay {
     fn absorb(&mut self, other: Overlay) {
-        self.objects.extend(other.objects);
+        for (key, pending) in other.objects {
+            match self.objects.get_mut(&key) {
+                Some(mine) => mine.then(pending),
+                None => {
+                    self.objects.insert(key, pending);
+                }
+            }
+        }
         self.names.extend(other.names);
+    }
+
+    fn record(&mut self, kind: &str, uuid: &str, pending: Pending) {
+        let key = (kind.to_string(), uuid.to_string());
+        match self.objects.get_mut(&key) {
+            Some(mine) => mine.then(pending),
+            None => {
+                self.objects.insert(key, pending);
+            }
+        }
     }
 }
 
@@ -67,7 +116,7 @@ impl Txn<'_> {
     pub fn get(&self, kind: &str, uuid: &str) -> Option<Arc<Stored>> {
         let key = (kind.to_string(), uuid.to_string());
         if let Some(entry) = self.current.objects.get(&key).or_else(|| self.batch.objects.get(&key)) {
-            return entry.clone();
+            return entry.stored.clone();
         }
         self.base.get(kind, uuid).cloned()
     }
@@ -98,7 +147,8 @@ impl Txn<'_> {
             .filter(|path| self.get_path(path).is_some_and(|s| s.meta.refs.iter().any(|r| r == target)))
             .cloned()
             .collect();
-        for entry in self.batch.objects.values().chain(self.current.objects.values()).flatten() {
+        for entry in self.batch.objects.values().chain(self.current.objects.values()).filter_map(|p| p.stored.as_ref())
+        {
             let path = entry.path();
             if entry.meta.refs.iter().any(|r| r == target)
                 && !out.contains(&path)
@@ -117,7 +167,7 @@ impl Txn<'_> {
         for overlay in [self.batch, &self.current] {
             for ((k, uuid), entry) in &overlay.objects {
                 if k == kind {
-                    match entry {
+                    match &entry.stored {
                         Some(s) => seen.insert(uuid.clone(), s.clone()),
                         None => seen.remove(uuid),
                     };
@@ -129,17 +179,28 @@ impl Txn<'_> {
 
     /// Stores `value` as object `kind/uuid` (create or replace).
     pub fn put(&mut self, kind: &str, uuid: &str, value: Value) -> Arc<Stored> {
+        self.write(kind, uuid, value, None)
+    }
+
+    /// Stores `value` as the new state of an existing object, with the edit log (JSON Patch
+    /// operations) that turns the current state into it, so the backend can store the log
+    /// instead of the whole object.
+    pub fn edit(&mut self, kind: &str, uuid: &str, value: Value, edits: Vec<Value>) -> Arc<Stored> {
+        self.write(kind, uuid, value, Some(edits))
+    }
+
+    fn write(&mut self, kind: &str, uuid: &str, value: Value, edits: Option<Vec<Value>>) -> Arc<Stored> {
         let meta = (self.indexer)(kind, &value);
         let stored = Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value, meta });
         if let Some(name) = &stored.meta.name {
             self.current.names.insert((kind.into(), stored.meta.tenant.clone(), name.clone()), uuid.into());
         }
-        self.current.objects.insert((kind.into(), uuid.into()), Some(stored.clone()));
+        self.current.record(kind, uuid, Pending { stored: Some(stored.clone()), edits });
         stored
     }
 
     pub fn delete(&mut self, kind: &str, uuid: &str) {
-        self.current.objects.insert((kind.into(), uuid.into()), None);
+        self.current.record(kind, uuid, Pending { stored: None, edits: None });
     }
 
     /// Microseconds since the epoch, strictly increasing across writes: the `_last_modified`
@@ -210,7 +271,7 @@ impl Store {
             }
         });
         self.jobs.send(job).map_err(|_| WriteError::Storage(StoreError::Closed))?;
-        rx.await.map_err(|_| WriteError::Storage(StoreError::Closed))?
+        rx.await.map_err(|_| WriteError::Storage(StoreError::Aborted))?
     }
 }
 
@@ -241,25 +302,25 @@ fn run_writer(
                     indexer: &indexer,
                     clock: &mut clock,
                 };
-                let (accepted, finish) = job(&mut txn);
-                let current = std::mem::take(&mut txn.current);
-                if accepted {
-                    batch.absorb(current);
+                // A write that panics is refused alone (its caller sees `Aborted`); the writer
+                // and the rest of the batch carry on.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut txn))) {
+                    Ok((accepted, finish)) => {
+                        let current = std::mem::take(&mut txn.current);
+                        if accepted {
+                            batch.absorb(current);
+                        }
+                        finishers.push(finish);
+                    }
+                    Err(_) => tracing::error!("a write panicked; it was refused and nothing of it was stored"),
                 }
-                finishers.push(finish);
             }
         }
         let outcome = if batch.objects.is_empty() {
             Ok(())
         } else {
-            let changes: Vec<Change> = batch
-                .objects
-                .into_iter()
-                .map(|((kind, uuid), entry)| match entry {
-                    Some(stored) => Change::Put(stored),
-                    None => Change::Delete { kind, uuid },
-                })
-                .collect();
+            let changes: Vec<Change> =
+                batch.objects.into_iter().map(|((kind, uuid), pending)| pending.into_change(kind, uuid)).collect();
             let started = Instant::now();
             let outcome = backend.commit(&changes);
             COMMIT_SECONDS.observe("", started.elapsed().as_secs_f64());
@@ -338,6 +399,71 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(refs, ["/api/vs/v1"]);
+    }
+
+    /// Records what reaches the backend.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<std::sync::Mutex<Vec<Vec<Change>>>>);
+
+    impl Backend for Recorder {
+        fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
+            Ok(vec![])
+        }
+        fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+            self.0.lock().unwrap().push(changes.to_vec());
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn edits_to_one_object_in_a_batch_reach_the_backend_as_one_log() {
+        let recorder = Recorder::default();
+        let store = Store::open(recorder.clone(), indexer()).unwrap();
+        create(&store, "p1", "a").await.unwrap();
+        let edit = |n: i64| {
+            store.write(move |txn| -> Result<(), ()> {
+                let mut v = txn.get("pool", "p1").unwrap().value.clone();
+                v["n"] = json!(n);
+                txn.edit("pool", "p1", v, vec![json!({"op": "add", "path": "/n", "value": n})]);
+                Ok(())
+            })
+        };
+        let (a, b) = tokio::join!(edit(1), edit(2));
+        a.unwrap();
+        b.unwrap();
+        let commits = recorder.0.lock().unwrap().clone();
+        let last = commits.last().unwrap();
+        assert_eq!(last.len(), 1);
+        match &last[0] {
+            Change::Edit { stored, edits } => {
+                assert_eq!(edits.len(), 2, "both edits, in order");
+                assert_eq!(stored.value["n"], edits[1]["value"]);
+            }
+            other => panic!("expected an edit, got {other:?}"),
+        }
+        // A create and an edit in the same batch are one whole write.
+        let both = store.write(|txn| -> Result<(), ()> {
+            txn.put("pool", "p2", json!({"name": "b"}));
+            txn.edit("pool", "p2", json!({"name": "b", "n": 1}), vec![]);
+            Ok(())
+        });
+        both.await.unwrap();
+        let commits = recorder.0.lock().unwrap().clone();
+        assert!(matches!(&commits.last().unwrap()[0], Change::Put(s) if s.value["n"] == 1));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panicking_write_is_refused_alone() {
+        let store = Store::open(MemoryBackend::default(), indexer()).unwrap();
+        let boom = store.write(|txn| -> Result<(), ()> {
+            txn.put("pool", "p9", json!({"name": "half"}));
+            panic!("a bug in a write");
+        });
+        let (boom, fine) = tokio::join!(boom, create(&store, "p1", "a"));
+        assert!(matches!(boom, Err(WriteError::Storage(StoreError::Aborted))));
+        fine.unwrap();
+        assert!(store.read().get("pool", "p9").is_none());
+        create(&store, "p2", "b").await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

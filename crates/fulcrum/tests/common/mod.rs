@@ -202,7 +202,11 @@ impl Api {
 
     /// Like `send`, but a transport error is returned instead of panicking (for crash tests).
     pub fn try_post(&self, path: &str, body: &Value) -> Result<Resp, String> {
-        let mut req = self.agent.post(&format!("{}{path}", self.base));
+        self.try_send("POST", path, body)
+    }
+
+    pub fn try_send(&self, method: &str, path: &str, body: &Value) -> Result<Resp, String> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
         for (k, v) in &self.headers {
             req = req.set(k, v);
         }
