@@ -178,3 +178,29 @@ def test_password_change_and_new_login(controller):
     assert session(controller).get("pool").status_code == 200
     r = requests.post(controller.url + "/login", data={"username": "admin", "password": new}, verify=False)
     assert r.status_code == 401
+
+
+def test_patch_classic_and_json_patch_forms(controller):
+    api = session(controller)
+    pool = api.post("pool", data={"name": "sdk-patch"}).json()
+    rsp = api.patch("pool/" + pool["uuid"], data={"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}},
+                                                                     {"ip": {"addr": "1.1.1.2", "type": "V4"}}]}})
+    assert rsp.status_code == 200, rsp.text
+    assert [s["port"] for s in rsp.json()["servers"]] == [80, 80]
+    rsp = api.patch("pool/" + pool["uuid"], data={"add": {"servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "ratio": 10}]}})
+    assert [s["ratio"] for s in rsp.json()["servers"]] == [10, 1]
+    # The SDK sample (patch_api_example.py) sends json_patch to /api//pool/<uuid>.
+    rsp = api.patch("/pool/" + pool["uuid"], data={"json_patch": [
+        {"op": "add", "path": "/servers", "value": [{"ip": {"addr": "1.1.1.3", "type": "V4"}}]}]})
+    assert rsp.status_code == 200, rsp.text
+    assert len(rsp.json()["servers"]) == 3
+    rsp = api.patch("/pool/" + pool["uuid"], data={"json_patch": [{"op": "remove", "path": "/servers/1.1.1.2:80"}]})
+    assert [s["ip"]["addr"] for s in rsp.json()["servers"]] == ["1.1.1.1", "1.1.1.3"]
+    rsp = api.patch("/pool/" + pool["uuid"], data={"json_patch": [
+        {"op": "replace", "path": "/servers/1.1.1.3:80", "value": {"ip": {"addr": "1.1.1.3", "type": "V4"}, "ratio": 4},
+         "server_key": "server-1"}]})
+    assert rsp.json()["servers"][1]["ratio"] == 4
+    bad = api.patch("pool/" + pool["uuid"], data={"add": {"servers": [{"ip": {"addr": "1.1.1.9", "type": "V4"}, "ratio": 25}]}})
+    assert bad.status_code == 400 and "out of range" in bad.text
+    assert len(api.get("pool/" + pool["uuid"]).json()["servers"]) == 2
+    assert api.delete_by_name("pool", "sdk-patch").status_code == 204
