@@ -3,6 +3,8 @@
 //!
 //! Run with `bench/run` (builds release binaries, installs etcd-server when missing).
 
+mod patch;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,10 +18,52 @@ use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(about = "Fulcrum benchmarks")]
-struct Args {
+struct Cli {
+    /// Which benchmark (all when omitted).
+    #[command(subcommand)]
+    which: Option<Which>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Subcommand, Clone)]
+enum Which {
+    /// Durable creates and GETs (issue 2).
+    Config(ConfigArgs),
+    /// PATCH add/delete-one-server on pools of 10 and 5,000 servers (issue 3).
+    Patch(PatchArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
     /// The fulcrum binary to measure.
-    #[arg(long, default_value = "target/release/fulcrum")]
+    #[arg(long, default_value = "target/release/fulcrum", global = true)]
     fulcrum: PathBuf,
+    /// Skip the etcd peer (when etcd is not installed).
+    #[arg(long, global = true)]
+    no_etcd: bool,
+}
+
+#[derive(clap::Args, Clone)]
+struct PatchArgs {
+    /// PATCHes per pool size.
+    #[arg(long, default_value_t = 4000)]
+    patches: usize,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds the etcd peer may take per pool size (it is stopped earlier when done).
+    #[arg(long, default_value_t = 30)]
+    etcd_seconds: u64,
+}
+
+impl Default for PatchArgs {
+    fn default() -> Self {
+        PatchArgs { patches: 4000, clients: 32, etcd_seconds: 30 }
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArgs {
     /// Creates with one client.
     #[arg(long, default_value_t = 2000)]
     serial_creates: usize,
@@ -31,16 +75,19 @@ struct Args {
     /// Seconds of GET-by-uuid load.
     #[arg(long, default_value_t = 5)]
     get_seconds: u64,
-    /// Skip the etcd peer (when etcd is not installed).
-    #[arg(long)]
-    no_etcd: bool,
+}
+
+impl Default for ConfigArgs {
+    fn default() -> Self {
+        ConfigArgs { serial_creates: 2000, concurrent_creates: 20000, clients: 32, get_seconds: 5 }
+    }
 }
 
 const PASSWORD: &str = "bench-password-1";
 
-struct Process {
-    child: Child,
-    url: String,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -191,10 +238,22 @@ fn row(name: &str, fulcrum: f64, peer_name: &str, peer: f64) {
 }
 
 fn main() {
-    let args = Args::parse();
+    let cli = Cli::parse();
     println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, |n| n.get()), machine());
-    let fulcrum = start_fulcrum(&args.fulcrum);
-    let etcd = (!args.no_etcd).then(start_etcd);
+    match cli.which {
+        Some(Which::Config(args)) => config(&cli.common, &args),
+        Some(Which::Patch(args)) => patch::run(&cli.common, &args),
+        None => {
+            config(&cli.common, &ConfigArgs::default());
+            patch::run(&cli.common, &PatchArgs::default());
+        }
+    }
+}
+
+fn config(common: &Common, args: &ConfigArgs) {
+    println!("\n== configuration API: durable creates and GET by uuid");
+    let fulcrum = start_fulcrum(&common.fulcrum);
+    let etcd = (!common.no_etcd).then(start_etcd);
 
     let disk = fsync_rate(2000);
     let serial = run_load(1, args.serial_creates, fulcrum_create(fulcrum.url.clone(), "serial"));

@@ -108,7 +108,7 @@ fn render_one(ctx: &RequestContext, cat: &Catalogue, type_def: &TypeDef, stored:
     };
     let mut map = map.clone();
     map.retain(|k, _| !is_hidden(k));
-    render(Registry::get(), type_def, &map, &opts, &|r| cat.get_path(r).and_then(|s| s.meta.name.clone()))
+    render(Registry::get(), type_def, map, &opts, &|r| cat.get_path(r).and_then(|s| s.meta.name.clone()))
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -309,6 +309,8 @@ fn assemble(
 
 /// The stored form of an object's normalized configuration under `uuid`: resolves its
 /// references, checks its name is unique in its tenant, stamps `_last_modified`.
+/// `resolve_only`: resolve the references of these fields only (the others are known to be
+/// resolved already).
 fn prepare_object(
     txn: &mut Txn<'_>,
     type_def: &TypeDef,
@@ -316,12 +318,26 @@ fn prepare_object(
     mut config: Map<String, Value>,
     tenant: &str,
     hidden: Map<String, Value>,
+    resolve_only: Option<&[String]>,
 ) -> Result<Value, ApiError> {
     if type_def.path == "user" && !config.contains_key("username") {
         let name = config.get("name").cloned().unwrap_or_default();
         config.insert("username".into(), name);
     }
-    resolve_refs(txn, type_def, &mut config, tenant)?;
+    match resolve_only {
+        None => resolve_refs(txn, type_def, &mut config, tenant)?,
+        Some(fields) => {
+            for field in fields {
+                // Resolved in place, so the object keeps its field order.
+                if let Some(slot) = config.get_mut(field) {
+                    let mut part = Map::new();
+                    part.insert(field.clone(), std::mem::take(slot));
+                    resolve_refs(txn, type_def, &mut part, tenant)?;
+                    *slot = part.remove(field).unwrap_or_default();
+                }
+            }
+        }
+    }
     check_unique_name(txn, type_def, tenant, &config, uuid)?;
     let stamp = txn.timestamp_micros();
     Ok(assemble(type_def, uuid, config, tenant, hidden, stamp))
@@ -336,7 +352,7 @@ pub(crate) fn store_object(
     tenant: &str,
     hidden: Map<String, Value>,
 ) -> Result<Arc<Stored>, ApiError> {
-    let value = prepare_object(txn, type_def, uuid, config, tenant, hidden)?;
+    let value = prepare_object(txn, type_def, uuid, config, tenant, hidden, None)?;
     Ok(txn.put(type_def.path, uuid, value))
 }
 
@@ -582,22 +598,27 @@ pub async fn patch(
                     ),
                 ));
             }
-            let reg = Registry::get();
-            let schema = reg.schema_of(type_def);
-            let before = existing.value.as_object().cloned().unwrap_or_default();
+            let schema = Registry::get().schema_of(type_def);
+            let empty = Map::new();
+            let before = existing.value.as_object().unwrap_or(&empty);
             let tenant = existing.meta.tenant.clone();
-            let applied =
-                fulcrum_patch::apply(schema, &before, &patch, &mut |kind, r| resolve_ref(txn, &tenant, kind, r))
-                    .map_err(patch_error)?;
-            let config = normalize(reg, schema, &Value::Object(applied.object))?;
-            let value = prepare_object(txn, type_def, &uuid, config, &tenant, hidden_of(&existing))?;
+            let applied = fulcrum_patch::apply(schema, before, &patch, &mut |kind, r| resolve_ref(txn, &tenant, kind, r))
+                .map_err(patch_error)?;
+            let mut config = applied.object;
+            // The object was valid before: checking what the patch touched keeps it valid.
+            fulcrum_patch::validate(schema, &mut config, &applied.touched).map_err(patch_error)?;
+            config.retain(|k, _| schema.field(k).is_some());
+            let touched = fulcrum_patch::touched_fields(&applied.touched);
+            let value = prepare_object(txn, type_def, &uuid, config, &tenant, hidden_of(&existing), Some(&touched))?;
             let after = value.as_object().expect("objects are maps");
-            let mut edits = fulcrum_patch::edit_log(&applied.touched, &before, after);
+            let mut edits = fulcrum_patch::edit_log(&applied.touched, before, after);
             edits.push(json!({"op": "add", "path": "/_last_modified", "value": after["_last_modified"]}));
             if cfg!(debug_assertions) {
                 let mut replayed = existing.value.clone();
                 fulcrum_jsonpatch::apply_all(&mut replayed, &edits).expect("edit log applies");
                 assert_eq!(replayed, value, "the edit log must replay to the patched object");
+                let whole = normalize(Registry::get(), schema, &value).expect("the patched object is valid as a whole");
+                assert!(whole.iter().all(|(k, v)| after.get(k) == Some(v)), "incremental validation agrees with whole validation");
             }
             Ok(txn.edit(type_def.path, &uuid, value, edits))
         })

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use fulcrum_jsonpatch::OpKind;
 use fulcrum_schema::{
-    Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, entry_key_with, normalize_value, rewrite_refs,
+    Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, check_unique_keys, entry_key_with, normalize_value, rewrite_refs,
 };
 use serde_json::{Map, Value, json};
 
@@ -168,6 +168,38 @@ fn parse_json_ops(value: &Value) -> Result<Patch, PatchError> {
     }
     Ok(Patch::Json(ops))
 }
+
+/// A key field of `entry` (dotted path), or the parent's value standing in for it.
+fn key_part<'a>(entry: &'a Value, path: &str, fallbacks: &'a [(&str, Value)]) -> Option<&'a Value> {
+    let mut at = Some(entry);
+    for segment in path.split('.') {
+        at = at.and_then(|v| v.get(segment));
+    }
+    at.or_else(|| fallbacks.iter().find(|(k, _)| *k == path).map(|(_, v)| v))
+}
+
+/// Whether two entries of a list have the same key; compares in place, allocating nothing, so a
+/// scan over thousands of entries stays cheap.
+fn same_key(spec: &ListSpec, a: &Value, b: &Value, fallbacks: &[(&str, Value)]) -> bool {
+    match &spec.key {
+        ListKey::None => false,
+        ListKey::Value => a == b,
+        ListKey::Fields(paths) => paths.iter().all(|p| key_part(a, p, fallbacks) == key_part(b, p, fallbacks)),
+    }
+}
+
+/// The parent's values that stand in for key fields an entry leaves out.
+fn key_fallbacks(spec: &ListSpec, schema: &ObjectSchema, parent: &Map<String, Value>) -> Vec<(&'static str, Value)> {
+    spec.key_defaults
+        .iter()
+        .filter_map(|(key, parent_field)| {
+            Some((*key, parent.get(*parent_field).cloned().or_else(|| schema.field(parent_field)?.default.clone())?))
+        })
+        .collect()
+}
+
+/// Above this many entries in one request, matching builds an index instead of scanning.
+const SCAN_LIMIT: usize = 16;
 
 struct Engine<'a, 'r> {
     reg: &'static Registry,
@@ -344,14 +376,7 @@ impl Engine<'_, '_> {
             _ => None,
         };
         // Key fields an entry may leave out take the parent's value (a server's port).
-        let fallbacks: Vec<(&str, Value)> = spec
-            .key_defaults
-            .iter()
-            .filter_map(|(key, parent_field)| {
-                let v = object.get(*parent_field).cloned().or_else(|| schema.field(parent_field)?.default.clone())?;
-                Some((*key, v))
-            })
-            .collect();
+        let fallbacks = key_fallbacks(spec, schema, object);
         let key_of = |entry: &Value| {
             entry_key_with(&spec.key, entry, &|path| fallbacks.iter().find(|(k, _)| *k == path).map(|(_, v)| v.clone()))
                 .unwrap_or_default()
@@ -379,13 +404,18 @@ impl Engine<'_, '_> {
                         .unwrap_or(Value::Null)
                 }
             };
-            let key = key_of(&entry);
             let items_now = object.get_mut(name).and_then(Value::as_array_mut).expect("made a list above");
-            if !indexed {
-                index = items_now.iter().enumerate().map(|(i, e)| (key_of(e), i)).collect();
-                indexed = true;
-            }
-            match (op, index.get(&key).copied()) {
+            let key = if items.len() > SCAN_LIMIT { key_of(&entry) } else { String::new() };
+            let found = if items.len() > SCAN_LIMIT {
+                if !indexed {
+                    index = items_now.iter().enumerate().map(|(i, e)| (key_of(e), i)).collect();
+                    indexed = true;
+                }
+                index.get(&key).copied()
+            } else {
+                items_now.iter().position(|e| same_key(spec, e, &entry, &fallbacks))
+            };
+            match (op, found) {
                 (Op::Add, Some(pos)) => {
                     if let (Some(existing), Value::Object(given)) = (items_now[pos].as_object_mut(), &entry) {
                         existing.extend(given.clone());
@@ -474,13 +504,7 @@ impl Engine<'_, '_> {
         op: &JsonOp,
         rest: &[String],
     ) -> Result<(), PatchError> {
-        let fallbacks: Vec<(&str, Value)> = spec
-            .key_defaults
-            .iter()
-            .filter_map(|(key, parent)| {
-                Some((*key, object.get(*parent).cloned().or_else(|| schema.field(parent)?.default.clone())?))
-            })
-            .collect();
+        let fallbacks = key_fallbacks(spec, schema, object);
         let items = object.entry(name.to_string()).or_insert_with(|| Value::Array(vec![]));
         let Value::Array(list) = items else { return Err(invalid(format!("field '{name}' is not a list"))) };
         let segment = &rest[0];
@@ -550,6 +574,86 @@ impl Engine<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// The top-level fields a patch changed, in order, each once.
+pub fn touched_fields(touched: &[Touch]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in touched {
+        let (Touch::Field(f) | Touch::Append(f, _) | Touch::Entry(f, _) | Touch::Remove(f, _)) = t;
+        if !out.contains(f) {
+            out.push(f.clone());
+        }
+    }
+    out
+}
+
+/// Validates a patched object, given that it was valid before: only what the patch touched is
+/// checked again (whole fields, or the touched entries of a list plus the list's own rules: its
+/// maximum and unique keys), then the schema's object hook runs. The cost follows the size of
+/// the change, not of the object, except for the O(n) list rules.
+pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched: &[Touch]) -> Result<(), PatchError> {
+    let reg = Registry::get();
+    for name in touched_fields(touched) {
+        let field = schema.field(&name).ok_or_else(|| invalid(format!("field '{name}': unknown field")))?;
+        let entries_only = matches!(field.kind, Kind::List(_))
+            && touched.iter().all(|t| !matches!(t, Touch::Field(f) if *f == name));
+        match (&field.kind, object.get_mut(&name)) {
+            (Kind::List(spec), Some(Value::Array(items))) if entries_only => {
+                for t in touched {
+                    if let Touch::Append(f, i) | Touch::Entry(f, i) = t
+                        && *f == name
+                        && *i < items.len()
+                    {
+                        items[*i] = normalize_value(reg, &spec.item, &items[*i], &format!("{name}[{i}]"))?;
+                    }
+                }
+                if let Some(max) = spec.max
+                    && items.len() > max
+                {
+                    return Err(invalid(format!("field '{name}': has {} entries; at most {max} are allowed", items.len())));
+                }
+            }
+            (_, Some(value)) if !value.is_null() => {
+                *value = normalize_value(reg, &field.kind, value, &name)?;
+            }
+            _ => {
+                object.remove(&name);
+                match &field.default {
+                    Some(default) => {
+                        object.insert(name.clone(), default.clone());
+                    }
+                    None if field.required => return Err(invalid(format!("field '{name}': is required"))),
+                    None => {}
+                }
+            }
+        }
+    }
+    if let Some(hook) = schema.hook {
+        hook(object).map_err(invalid)?;
+    }
+    for name in touched_fields(touched) {
+        let (Some(field), Some(Value::Array(items))) = (schema.field(&name), object.get(&name)) else { continue };
+        let Kind::List(spec) = &field.kind else { continue };
+        let whole = touched.iter().any(|t| matches!(t, Touch::Field(f) if *f == name));
+        if whole {
+            check_unique_keys(spec, items, object, &name)?;
+            continue;
+        }
+        // Only the touched entries can have brought a duplicate.
+        let fallbacks = key_fallbacks(spec, schema, object);
+        for t in touched {
+            if let Touch::Append(f, i) | Touch::Entry(f, i) = t
+                && *f == name
+                && let Some(entry) = items.get(*i)
+                && let Some(j) = items.iter().enumerate().position(|(j, e)| j != *i && same_key(spec, e, entry, &fallbacks))
+            {
+                let key = entry_key_with(&spec.key, entry, &|p| key_part(entry, p, &fallbacks).cloned()).unwrap_or_default();
+                return Err(invalid(format!("field '{name}[{}]': duplicate entry {key}", i.max(&j))));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The edit log of a change: JSON Patch operations that turn `before` into `after` (the final,

@@ -365,6 +365,27 @@ proptest! {
     }
 
     #[test]
+    fn incremental_validation_agrees_with_whole_validation(ops in proptest::collection::vec(op_strategy(), 1..12)) {
+        let schema = reg().schema("Pool");
+        let mut current = pool(&[("10.0.0.1", 80), ("10.0.0.2", 81)]);
+        for op in ops {
+            let Ok(p) = parse(&op, false) else { continue };
+            let Ok(applied) = apply(schema, &current, &p, &mut resolver()) else { continue };
+            let whole = normalize(reg(), schema, &Value::Object(applied.object.clone()));
+            let mut incremental = applied.object.clone();
+            let checked = validate(schema, &mut incremental, &applied.touched);
+            match (whole, checked) {
+                (Ok(whole), Ok(())) => {
+                    prop_assert_eq!(&whole, &incremental);
+                    current = whole;
+                }
+                (Err(_), Err(_)) => {}
+                (w, c) => prop_assert!(false, "whole {:?} but incremental {:?} for {}", w.map(|_| ()), c, op),
+            }
+        }
+    }
+
+    #[test]
     fn random_sequences_never_yield_an_invalid_object(ops in proptest::collection::vec(op_strategy(), 1..12)) {
         let schema = reg().schema("Pool");
         let mut current = pool(&[("10.0.0.1", 80)]);

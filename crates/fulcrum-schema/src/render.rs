@@ -26,16 +26,16 @@ pub fn object_path(type_def: &TypeDef, uuid: &str) -> String {
     if type_def.singleton { format!("/api/{}", type_def.path) } else { refs::canonical(type_def.path, uuid) }
 }
 
-/// Renders a stored object. `name_of` gives the name of a referenced object (canonical form in).
+/// Renders a stored object (taken by value: rendering rewrites it in place). `name_of` gives the
+/// name of a referenced object (canonical form in).
 pub fn render(
     reg: &Registry,
     type_def: &TypeDef,
-    stored: &Map<String, Value>,
+    mut body: Map<String, Value>,
     opts: &RenderOptions<'_>,
     name_of: &dyn Fn(&str) -> Option<String>,
 ) -> Value {
     let schema = reg.schema_of(type_def);
-    let mut body = stored.clone();
     let show = |canonical: &str| {
         let name = if opts.include_name { name_of(canonical) } else { None };
         refs::render(opts.base_url, canonical, name.as_deref())
@@ -51,8 +51,8 @@ pub fn render(
     if let Some(fields) = opts.fields {
         body.retain(|k, _| k == "name" || k == "uuid" || fields.iter().any(|f| f == k));
     }
-    let uuid = stored.get("uuid").and_then(Value::as_str).unwrap_or_default();
-    let name = stored.get("name").and_then(Value::as_str);
+    let uuid = body.get("uuid").and_then(Value::as_str).unwrap_or_default();
+    let name = body.get("name").and_then(Value::as_str);
     let url = refs::render(opts.base_url, &object_path(type_def, uuid), name.filter(|_| opts.include_name));
     let mut out = Map::with_capacity(body.len() + 1);
     out.insert("url".into(), Value::String(url));
@@ -86,29 +86,29 @@ mod tests {
         let t = reg.type_def("pool").unwrap();
         let stored = json!({"uuid": "pool-1", "name": "p", "tenant_ref": "/api/tenant/admin",
             "cloud_ref": "/api/cloud/cloud-1", "default_server_port": 80, "enabled": true});
-        let stored = stored.as_object().unwrap();
+        let stored = stored.as_object().unwrap().clone();
         let names = |r: &str| Some(format!("name-of:{r}"));
-        let plain = render(reg, t, stored, &RenderOptions { base_url: "https://h:1", ..Default::default() }, &names);
+        let plain = render(reg, t, stored.clone(), &RenderOptions { base_url: "https://h:1", ..Default::default() }, &names);
         assert_eq!(plain["url"], "https://h:1/api/pool/pool-1");
         assert_eq!(plain["cloud_ref"], "https://h:1/api/cloud/cloud-1");
         assert_eq!(plain["tenant_ref"], "https://h:1/api/tenant/admin");
         let named = render(
             reg,
             t,
-            stored,
+            stored.clone(),
             &RenderOptions { base_url: "https://h:1", include_name: true, ..Default::default() },
             &names,
         );
         assert_eq!(named["url"], "https://h:1/api/pool/pool-1#p");
         assert_eq!(named["cloud_ref"], "https://h:1/api/cloud/cloud-1#name-of:/api/cloud/cloud-1");
         let lean =
-            render(reg, t, stored, &RenderOptions { base_url: "", skip_default: true, ..Default::default() }, &names);
+            render(reg, t, stored.clone(), &RenderOptions { base_url: "", skip_default: true, ..Default::default() }, &names);
         assert!(lean.get("default_server_port").is_none() && lean.get("enabled").is_none());
         let fields = ["enabled".to_string()];
         let some = render(
             reg,
             t,
-            stored,
+            stored.clone(),
             &RenderOptions { base_url: "", fields: Some(&fields), ..Default::default() },
             &names,
         );

@@ -17,6 +17,9 @@ use crate::model::{Field, Kind, ListKey, ListSpec, ObjectSchema, Scope, TypeDef}
 pub struct Registry {
     schemas: HashMap<&'static str, ObjectSchema>,
     types: Vec<TypeDef>,
+    /// Per schema, the indices of the fields that may hold references (directly or nested), so
+    /// walks over references skip everything else.
+    ref_fields: HashMap<&'static str, Vec<usize>>,
 }
 
 impl Registry {
@@ -36,6 +39,11 @@ impl Registry {
 
     pub fn types(&self) -> &[TypeDef] {
         &self.types
+    }
+
+    /// Indices of the fields of schema `name` that may hold references.
+    pub fn ref_fields(&self, name: &str) -> &[usize] {
+        self.ref_fields.get(name).map_or(&[], Vec::as_slice)
     }
 
     pub fn schemas(&self) -> impl Iterator<Item = &ObjectSchema> {
@@ -130,7 +138,9 @@ fn fill_pool_servers(pool: &mut Map<String, Value>) -> Result<(), String> {
     let default_port = pool.get("default_server_port").cloned().unwrap_or(json!(80));
     if let Some(Value::Array(servers)) = pool.get_mut("servers") {
         for server in servers.iter_mut().filter_map(Value::as_object_mut) {
-            server.entry("port").or_insert_with(|| default_port.clone());
+            if !server.contains_key("port") {
+                server.insert("port".into(), default_port.clone());
+            }
             if !server.contains_key("hostname") {
                 let addr = server.get("ip").and_then(|ip| ip.get("addr")).cloned().unwrap_or(Value::Null);
                 server.insert("hostname".into(), addr);
@@ -911,7 +921,19 @@ fn build() -> Registry {
         let name = schema.name;
         assert!(schemas.insert(name, schema).is_none(), "schema {name} defined twice");
     }
-    Registry { schemas, types: api_types() }
+    fn holds_refs(schemas: &HashMap<&'static str, ObjectSchema>, kind: &Kind) -> bool {
+        match kind {
+            Kind::Ref(_) => true,
+            Kind::Obj(name) => schemas[name].fields.iter().any(|f| holds_refs(schemas, &f.kind)),
+            Kind::List(spec) => holds_refs(schemas, &spec.item),
+            _ => false,
+        }
+    }
+    let ref_fields = schemas
+        .values()
+        .map(|s| (s.name, s.fields.iter().enumerate().filter(|(_, f)| holds_refs(&schemas, &f.kind)).map(|(i, _)| i).collect()))
+        .collect();
+    Registry { schemas, types: api_types(), ref_fields }
 }
 
 #[cfg(test)]

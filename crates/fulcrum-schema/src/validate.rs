@@ -85,7 +85,9 @@ fn normalize_object(
     Ok(out)
 }
 
-fn check_unique_keys(
+/// Refuses a list holding two entries with the same key (key fields an entry leaves out are
+/// taken from `parent`, see [`ListSpec::key_defaults`]).
+pub fn check_unique_keys(
     spec: &ListSpec,
     items: &[Value],
     parent: &Map<String, Value>,
@@ -221,14 +223,32 @@ pub fn entry_key_with(key: &ListKey, entry: &Value, fallback: &dyn Fn(&str) -> O
     }
 }
 
+/// Where a value sits in an object, formatted only when an error needs it (walks over large
+/// lists must not allocate a path per entry).
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Root(&'a str),
+    Field(&'a At<'a>, &'static str),
+    Index(&'a At<'a>, usize),
+}
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            At::Root(path) => f.write_str(path),
+            At::Field(parent, name) => match parent {
+                At::Root("") => f.write_str(name),
+                _ => write!(f, "{parent}.{name}"),
+            },
+            At::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
 /// Visits every reference in a stored object, with the type it must point to.
-pub fn for_each_ref(
-    reg: &Registry,
-    schema: &ObjectSchema,
-    object: &Map<String, Value>,
-    visit: &mut dyn FnMut(&'static str, &str),
-) {
-    for field in &schema.fields {
+pub fn for_each_ref(reg: &Registry, schema: &ObjectSchema, object: &Map<String, Value>, visit: &mut dyn FnMut(&'static str, &str)) {
+    for &i in reg.ref_fields(schema.name) {
+        let field = &schema.fields[i];
         if let Some(value) = object.get(field.name) {
             visit_value(reg, &field.kind, value, visit);
         }
@@ -239,9 +259,7 @@ fn visit_value(reg: &Registry, kind: &Kind, value: &Value, visit: &mut dyn FnMut
     match (kind, value) {
         (Kind::Ref(target), Value::String(s)) => visit(target, s),
         (Kind::Obj(name), Value::Object(map)) => for_each_ref(reg, reg.schema(name), map, visit),
-        (Kind::List(spec), Value::Array(items)) => {
-            items.iter().for_each(|item| visit_value(reg, &spec.item, item, visit))
-        }
+        (Kind::List(spec), Value::Array(items)) => items.iter().for_each(|item| visit_value(reg, &spec.item, item, visit)),
         _ => {}
     }
 }
@@ -254,19 +272,20 @@ pub fn rewrite_refs(
     object: &mut Map<String, Value>,
     rewrite: &mut dyn FnMut(&'static str, &str) -> Result<String, String>,
 ) -> Result<(), SchemaError> {
-    rewrite_object(reg, schema, object, "", rewrite)
+    rewrite_object(reg, schema, object, At::Root(""), rewrite)
 }
 
 fn rewrite_object(
     reg: &Registry,
     schema: &ObjectSchema,
     object: &mut Map<String, Value>,
-    at: &str,
+    at: At<'_>,
     rewrite: &mut dyn FnMut(&'static str, &str) -> Result<String, String>,
 ) -> Result<(), SchemaError> {
-    for field in &schema.fields {
+    for &i in reg.ref_fields(schema.name) {
+        let field = &schema.fields[i];
         if let Some(value) = object.get_mut(field.name) {
-            rewrite_value(reg, &field.kind, value, &join(at, field.name), rewrite)?;
+            rewrite_value(reg, &field.kind, value, At::Field(&at, field.name), rewrite)?;
         }
     }
     Ok(())
@@ -276,17 +295,17 @@ fn rewrite_value(
     reg: &Registry,
     kind: &Kind,
     value: &mut Value,
-    at: &str,
+    at: At<'_>,
     rewrite: &mut dyn FnMut(&'static str, &str) -> Result<String, String>,
 ) -> Result<(), SchemaError> {
     match (kind, value) {
         (Kind::Ref(target), Value::String(s)) => {
-            *s = rewrite(target, s).map_err(|m| err(at, m))?;
+            *s = rewrite(target, s).map_err(|m| err(&at.to_string(), m))?;
         }
         (Kind::Obj(name), Value::Object(map)) => rewrite_object(reg, reg.schema(name), map, at, rewrite)?,
         (Kind::List(spec), Value::Array(items)) => {
             for (i, item) in items.iter_mut().enumerate() {
-                rewrite_value(reg, &spec.item, item, &format!("{at}[{i}]"), rewrite)?;
+                rewrite_value(reg, &spec.item, item, At::Index(&at, i), rewrite)?;
             }
         }
         _ => {}
