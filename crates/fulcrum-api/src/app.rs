@@ -191,15 +191,30 @@ pub fn base_url(app: &App, headers: &HeaderMap) -> String {
     format!("{scheme}://{host}")
 }
 
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
+/// Bodies beyond the limit are still read (and dropped) up to this size, so the client gets
+/// its 413 instead of a connection reset while it is still sending.
+const DRAIN_LIMIT_BYTES: usize = 64 << 20;
+
+async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    let mut buffer = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if seen <= MAX_BODY_BYTES {
+            buffer.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT_BYTES {
+            break;
+        }
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is larger than the limit of {MAX_BODY_BYTES} bytes"),
-        )),
-        Err(e) => Err(ApiError::bad_request(format!("cannot read the request body: {e}"))),
+        ));
     }
+    Ok(Bytes::from(buffer))
 }
 
 /// Checks the caller's credentials: HTTP Basic, or a session cookie with its CSRF token on

@@ -309,8 +309,6 @@ fn assemble(
 
 /// The stored form of an object's normalized configuration under `uuid`: resolves its
 /// references, checks its name is unique in its tenant, stamps `_last_modified`.
-/// `resolve_only`: resolve the references of these fields only (the others are known to be
-/// resolved already).
 fn prepare_object(
     txn: &mut Txn<'_>,
     type_def: &TypeDef,
@@ -318,26 +316,12 @@ fn prepare_object(
     mut config: Map<String, Value>,
     tenant: &str,
     hidden: Map<String, Value>,
-    resolve_only: Option<&[String]>,
 ) -> Result<Value, ApiError> {
     if type_def.path == "user" && !config.contains_key("username") {
         let name = config.get("name").cloned().unwrap_or_default();
         config.insert("username".into(), name);
     }
-    match resolve_only {
-        None => resolve_refs(txn, type_def, &mut config, tenant)?,
-        Some(fields) => {
-            for field in fields {
-                // Resolved in place, so the object keeps its field order.
-                if let Some(slot) = config.get_mut(field) {
-                    let mut part = Map::new();
-                    part.insert(field.clone(), std::mem::take(slot));
-                    resolve_refs(txn, type_def, &mut part, tenant)?;
-                    *slot = part.remove(field).unwrap_or_default();
-                }
-            }
-        }
-    }
+    resolve_refs(txn, type_def, &mut config, tenant)?;
     check_unique_name(txn, type_def, tenant, &config, uuid)?;
     let stamp = txn.timestamp_micros();
     Ok(assemble(type_def, uuid, config, tenant, hidden, stamp))
@@ -352,7 +336,7 @@ pub(crate) fn store_object(
     tenant: &str,
     hidden: Map<String, Value>,
 ) -> Result<Arc<Stored>, ApiError> {
-    let value = prepare_object(txn, type_def, uuid, config, tenant, hidden, None)?;
+    let value = prepare_object(txn, type_def, uuid, config, tenant, hidden)?;
     Ok(txn.put(type_def.path, uuid, value))
 }
 
@@ -582,8 +566,8 @@ pub async fn patch(
     let patch = fulcrum_patch::parse(&input, is_json_patch).map_err(patch_error)?;
     let expected = patch_precondition(ctx, &input)?;
     let uuid = uuid.to_string();
-    let stored = app
-        .store
+    let target = uuid.clone();
+    app.store
         .write(move |txn| {
             let existing = txn.get(type_def.path, &uuid).ok_or_else(|| not_found(type_def, &uuid))?;
             let stamp = last_modified(&existing.value).unwrap_or(0);
@@ -598,33 +582,68 @@ pub async fn patch(
                     ),
                 ));
             }
-            let schema = Registry::get().schema_of(type_def);
-            let empty = Map::new();
-            let before = existing.value.as_object().unwrap_or(&empty);
             let tenant = existing.meta.tenant.clone();
-            let applied = fulcrum_patch::apply(schema, before, &patch, &mut |kind, r| resolve_ref(txn, &tenant, kind, r))
-                .map_err(patch_error)?;
-            let mut config = applied.object;
-            // The object was valid before: checking what the patch touched keeps it valid.
-            fulcrum_patch::validate(schema, &mut config, &applied.touched).map_err(patch_error)?;
-            config.retain(|k, _| schema.field(k).is_some());
-            let touched = fulcrum_patch::touched_fields(&applied.touched);
-            let value = prepare_object(txn, type_def, &uuid, config, &tenant, hidden_of(&existing), Some(&touched))?;
-            let after = value.as_object().expect("objects are maps");
-            let mut edits = fulcrum_patch::edit_log(&applied.touched, before, after);
-            edits.push(json!({"op": "add", "path": "/_last_modified", "value": after["_last_modified"]}));
-            if cfg!(debug_assertions) {
-                let mut replayed = existing.value.clone();
-                fulcrum_jsonpatch::apply_all(&mut replayed, &edits).expect("edit log applies");
-                assert_eq!(replayed, value, "the edit log must replay to the patched object");
-                let whole = normalize(Registry::get(), schema, &value).expect("the patched object is valid as a whole");
-                assert!(whole.iter().all(|(k, v)| after.get(k) == Some(v)), "incremental validation agrees with whole validation");
-            }
-            Ok(txn.edit(type_def.path, &uuid, value, edits))
+            drop(existing);
+            let new_stamp = txn.timestamp_micros();
+            txn.edit_with(type_def.path, &uuid, |txn, value| {
+                let object = value.as_object_mut().ok_or_else(|| ApiError::internal("stored object is not a map"))?;
+                let original = cfg!(debug_assertions).then(|| object.clone());
+                let schema = Registry::get().schema_of(type_def);
+                let done = fulcrum_patch::apply_in_place(schema, object, &patch, &mut |kind, r| resolve_ref(txn, &tenant, kind, r))
+                    .map_err(patch_error)?;
+                // The object was valid before: checking what the patch touched keeps it valid.
+                let checked = fulcrum_patch::validate(schema, object, &done.touched).map_err(patch_error).and_then(|()| {
+                    let touched = fulcrum_patch::touched_fields(&done.touched);
+                    resolve_fields(txn, type_def, object, &touched, &tenant)?;
+                    if touched.iter().any(|f| f == "name") {
+                        check_unique_name(txn, type_def, &tenant, object, &uuid)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = checked {
+                    fulcrum_patch::rollback(object, done.undo);
+                    return Err(e);
+                }
+                object.insert("_last_modified".into(), json!(new_stamp.to_string()));
+                let mut edits = fulcrum_patch::edit_log(&done.touched, &|f| done.was_absent(f), object);
+                edits.push(json!({"op": "add", "path": "/_last_modified", "value": new_stamp.to_string()}));
+                if let Some(original) = original {
+                    let mut replayed = Value::Object(original);
+                    fulcrum_jsonpatch::apply_all(&mut replayed, &edits).expect("edit log applies");
+                    assert_eq!(&replayed, &Value::Object(object.clone()), "the edit log must replay to the patched object");
+                    let whole = normalize(Registry::get(), schema, &replayed).expect("the patched object is valid as a whole");
+                    assert!(whole.iter().all(|(k, v)| object.get(k) == Some(v)), "incremental validation agrees with whole");
+                }
+                Ok((edits, ()))
+            })
+            .unwrap_or_else(|| Err(not_found(type_def, &uuid)))
         })
         .await?;
+    // What the client gets is the object as committed (it includes this PATCH, and any that
+    // were committed with it).
     let cat = app.store.read();
-    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, &stored, true)))
+    let stored = cat.get(type_def.path, &target).ok_or_else(|| not_found(type_def, &target))?;
+    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, stored, true)))
+}
+
+/// Resolves the references of some top-level fields in place (the others are resolved already).
+fn resolve_fields(
+    txn: &Txn<'_>,
+    type_def: &TypeDef,
+    object: &mut Map<String, Value>,
+    fields: &[String],
+    tenant: &str,
+) -> Result<(), ApiError> {
+    for field in fields {
+        if let Some(slot) = object.get_mut(field) {
+            let mut part = Map::new();
+            part.insert(field.clone(), std::mem::take(slot));
+            let outcome = resolve_refs(txn, type_def, &mut part, tenant);
+            *slot = part.remove(field).unwrap_or_default();
+            outcome?;
+        }
+    }
+    Ok(())
 }
 
 fn patch_error(e: fulcrum_patch::PatchError) -> ApiError {

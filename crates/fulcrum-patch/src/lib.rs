@@ -83,6 +83,73 @@ pub struct Applied {
     pub touched: Vec<Touch>,
 }
 
+/// How to take back one step of a patch applied in place (top-level fields and list entries).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Undo {
+    /// Restore a top-level field (`None`: it was absent).
+    Field(String, Option<Value>),
+    /// Restore entry `i` of list `f`.
+    Entry(String, usize, Value),
+    /// Drop the last entry of list `f`.
+    Pop(String),
+    /// Put the entry back at `i` of list `f`.
+    Insert(String, usize, Value),
+    /// Remove the entry inserted at `i` of list `f`.
+    RemoveAt(String, usize),
+}
+
+/// What a patch applied in place did, and how to take it back.
+#[derive(Debug, Clone, Default)]
+pub struct InPlace {
+    pub touched: Vec<Touch>,
+    pub undo: Vec<Undo>,
+}
+
+impl InPlace {
+    /// Whether a top-level field was absent before the patch.
+    pub fn was_absent(&self, field: &str) -> bool {
+        self.undo.iter().find_map(|u| match u {
+            Undo::Field(f, before) if f == field => Some(before.is_none()),
+            Undo::Entry(f, ..) | Undo::Pop(f) | Undo::Insert(f, ..) | Undo::RemoveAt(f, _) if f == field => Some(false),
+            _ => None,
+        }) == Some(true)
+    }
+}
+
+/// Takes back a patch applied in place, restoring the object exactly.
+pub fn rollback(object: &mut Map<String, Value>, undo: Vec<Undo>) {
+    for step in undo.into_iter().rev() {
+        match step {
+            Undo::Field(f, Some(v)) => {
+                object.insert(f, v);
+            }
+            Undo::Field(f, None) => {
+                object.shift_remove(&f);
+            }
+            Undo::Entry(f, i, v) => {
+                if let Some(l) = object.get_mut(&f).and_then(Value::as_array_mut) {
+                    l[i] = v;
+                }
+            }
+            Undo::Pop(f) => {
+                if let Some(l) = object.get_mut(&f).and_then(Value::as_array_mut) {
+                    l.pop();
+                }
+            }
+            Undo::Insert(f, i, v) => {
+                if let Some(l) = object.get_mut(&f).and_then(Value::as_array_mut) {
+                    l.insert(i, v);
+                }
+            }
+            Undo::RemoveAt(f, i) => {
+                if let Some(l) = object.get_mut(&f).and_then(Value::as_array_mut) {
+                    l.remove(i);
+                }
+            }
+        }
+    }
+}
+
 /// Resolves a reference (canonical form in, canonical `/api/<type>/<uuid>` out), or says why not.
 pub type Resolver<'a> = &'a mut dyn FnMut(&'static str, &str) -> Result<String, String>;
 
@@ -205,13 +272,14 @@ struct Engine<'a, 'r> {
     reg: &'static Registry,
     resolve: Resolver<'r>,
     touched: &'a mut Vec<Touch>,
+    undo: &'a mut Vec<Undo>,
 }
 
 fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
 }
 
-/// Applies `patch` to a stored object (identity fields included; they pass through).
+/// Applies `patch` to a copy of a stored object (identity fields included; they pass through).
 pub fn apply(
     schema: &ObjectSchema,
     current: &Map<String, Value>,
@@ -219,23 +287,48 @@ pub fn apply(
     resolve: Resolver<'_>,
 ) -> Result<Applied, PatchError> {
     let mut object = current.clone();
-    let mut touched = Vec::new();
-    let mut engine = Engine { reg: Registry::get(), resolve, touched: &mut touched };
-    match patch {
-        Patch::Classic { op, fields } => engine.classic(schema, &mut object, *op, fields, "", None)?,
-        Patch::Json(ops) => {
-            for (i, op) in ops.iter().enumerate() {
-                engine.json_op(schema, &mut object, op).map_err(|e| match e {
-                    PatchError::Invalid(m) => PatchError::Invalid(format!("json_patch[{i}]: {m}")),
-                    PatchError::TestFailed(m) => PatchError::TestFailed(format!("json_patch[{i}]: {m}")),
-                })?;
-            }
+    let done = apply_in_place(schema, &mut object, patch, resolve)?;
+    Ok(Applied { object, touched: done.touched })
+}
+
+/// Applies `patch` to a stored object in place. On error the object is restored before
+/// returning; on success [`InPlace::undo`] can still take the patch back (when a later check
+/// refuses the result).
+pub fn apply_in_place(
+    schema: &ObjectSchema,
+    object: &mut Map<String, Value>,
+    patch: &Patch,
+    resolve: Resolver<'_>,
+) -> Result<InPlace, PatchError> {
+    let mut done = InPlace::default();
+    let mut engine = Engine { reg: Registry::get(), resolve, touched: &mut done.touched, undo: &mut done.undo };
+    let result = match patch {
+        Patch::Classic { op, fields } => engine.classic(schema, object, *op, fields, "", None),
+        Patch::Json(ops) => ops.iter().enumerate().try_for_each(|(i, op)| {
+            engine.json_op(schema, object, op).map_err(|e| match e {
+                PatchError::Invalid(m) => PatchError::Invalid(format!("json_patch[{i}]: {m}")),
+                PatchError::TestFailed(m) => PatchError::TestFailed(format!("json_patch[{i}]: {m}")),
+            })
+        }),
+    };
+    match result {
+        Ok(()) => Ok(done),
+        Err(e) => {
+            rollback(object, done.undo);
+            Err(e)
         }
     }
-    Ok(Applied { object, touched })
 }
 
 impl Engine<'_, '_> {
+    /// Remembers a top-level field's value before it changes (nested edits are covered by the
+    /// snapshot of their top-level field).
+    fn save_field(&mut self, top: Option<&str>, object: &Map<String, Value>, name: &str) {
+        if top.is_none() {
+            self.undo.push(Undo::Field(name.to_string(), object.get(name).cloned()));
+        }
+    }
+
     fn touch(&mut self, top: Option<&str>, name: &str, touch: impl FnOnce(String) -> Touch) {
         match top {
             Some(top) => self.touched.push(Touch::Field(top.to_string())),
@@ -289,7 +382,7 @@ impl Engine<'_, '_> {
                 object.insert(field.name.to_string(), default.clone());
             }
             None => {
-                object.remove(field.name);
+                object.shift_remove(field.name);
             }
         }
     }
@@ -314,6 +407,7 @@ impl Engine<'_, '_> {
                     let Value::Object(inner_fields) = value else {
                         return Err(invalid(format!("field '{path}': expected an object, got {}", describe(value))));
                     };
+                    self.save_field(top, object, name);
                     let inner = object.entry(name.clone()).or_insert_with(|| Value::Object(Map::new()));
                     if !inner.is_object() {
                         *inner = Value::Object(Map::new());
@@ -327,9 +421,13 @@ impl Engine<'_, '_> {
                     match op {
                         Op::Add | Op::Replace => {
                             let value = self.checked(schema, name, kind, value, &path)?;
+                            self.save_field(top, object, name);
                             object.insert(name.clone(), value);
                         }
-                        Op::Delete => Self::reset(object, field),
+                        Op::Delete => {
+                            self.save_field(top, object, name);
+                            Self::reset(object, field);
+                        }
                     }
                     self.touch(top, name, Touch::Field);
                 }
@@ -353,6 +451,7 @@ impl Engine<'_, '_> {
         let field = schema.field(name).expect("caller found it");
         if op == Op::Delete && !value.is_array() && spec.key != ListKey::None {
             // `{"delete": {"servers": null}}` and the like: reset the list.
+            self.save_field(top, object, name);
             Self::reset(object, field);
             self.touch(top, name, Touch::Field);
             return Ok(());
@@ -362,6 +461,7 @@ impl Engine<'_, '_> {
         };
         if op == Op::Replace {
             let list = self.checked(schema, name, &field.kind, value, path)?;
+            self.save_field(top, object, name);
             object.insert(name.to_string(), list);
             self.touch(top, name, Touch::Field);
             return Ok(());
@@ -381,10 +481,11 @@ impl Engine<'_, '_> {
             entry_key_with(&spec.key, entry, &|path| fallbacks.iter().find(|(k, _)| *k == path).map(|(_, v)| v.clone()))
                 .unwrap_or_default()
         };
-        let list = object.entry(name.to_string()).or_insert_with(|| Value::Array(vec![]));
-        if !list.is_array() {
-            *list = Value::Array(vec![]);
+        if !object.get(name).is_some_and(Value::is_array) {
+            self.save_field(top, object, name);
+            object.insert(name.to_string(), Value::Array(vec![]));
         }
+        let record = top.is_none();
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut indexed = false;
         for (i, raw) in items.iter().enumerate() {
@@ -417,6 +518,9 @@ impl Engine<'_, '_> {
             };
             match (op, found) {
                 (Op::Add, Some(pos)) => {
+                    if record {
+                        self.undo.push(Undo::Entry(name.to_string(), pos, items_now[pos].clone()));
+                    }
                     if let (Some(existing), Value::Object(given)) = (items_now[pos].as_object_mut(), &entry) {
                         existing.extend(given.clone());
                     }
@@ -425,12 +529,18 @@ impl Engine<'_, '_> {
                 (Op::Add, None) => {
                     let full = normalize_value(self.reg, &spec.item, &entry, &at)?;
                     items_now.push(full);
+                    if record {
+                        self.undo.push(Undo::Pop(name.to_string()));
+                    }
                     let pos = items_now.len() - 1;
                     index.insert(key, pos);
                     self.touch(top, name, |n| Touch::Append(n, pos));
                 }
                 (Op::Delete, Some(pos)) => {
-                    items_now.remove(pos);
+                    let removed = items_now.remove(pos);
+                    if record {
+                        self.undo.push(Undo::Insert(name.to_string(), pos, removed));
+                    }
                     indexed = false;
                     self.touch(top, name, |n| Touch::Remove(n, pos));
                 }
@@ -459,11 +569,13 @@ impl Engine<'_, '_> {
                 }
                 (OpKind::Add | OpKind::Replace, kind) => {
                     let checked = self.checked(schema, top, kind, value.expect("parse requires it"), top)?;
+                    self.save_field(None, object, top);
                     object.insert(top.clone(), checked);
                     self.touched.push(Touch::Field(top.clone()));
                     Ok(())
                 }
                 (OpKind::Remove, _) => {
+                    self.save_field(None, object, top);
                     Self::reset(object, field);
                     self.touched.push(Touch::Field(top.clone()));
                     Ok(())
@@ -481,6 +593,9 @@ impl Engine<'_, '_> {
         match &field.kind {
             Kind::List(spec) => self.json_list_op(schema, object, spec, field.name, op, rest),
             Kind::Obj(_) | Kind::Any => {
+                if op.kind != OpKind::Test {
+                    self.save_field(None, object, top);
+                }
                 let sub = object.entry(top.clone()).or_insert_with(|| Value::Object(Map::new()));
                 fulcrum_jsonpatch::apply(sub, op.kind, rest, value).map_err(|e| match e {
                     fulcrum_jsonpatch::OpError::TestFailed(m) => PatchError::TestFailed(format!("{m} (in '{top}')")),
@@ -505,8 +620,11 @@ impl Engine<'_, '_> {
         rest: &[String],
     ) -> Result<(), PatchError> {
         let fallbacks = key_fallbacks(spec, schema, object);
-        let items = object.entry(name.to_string()).or_insert_with(|| Value::Array(vec![]));
-        let Value::Array(list) = items else { return Err(invalid(format!("field '{name}' is not a list"))) };
+        if !object.get(name).is_some_and(Value::is_array) {
+            self.save_field(None, object, name);
+            object.insert(name.to_string(), Value::Array(vec![]));
+        }
+        let Some(Value::Array(list)) = object.get_mut(name) else { unreachable!("made a list above") };
         let segment = &rest[0];
         let by_key = list.iter().position(|e| {
             entry_key_with(&spec.key, e, &|p| fallbacks.iter().find(|(k, _)| *k == p).map(|(_, v)| v.clone()))
@@ -538,18 +656,22 @@ impl Engine<'_, '_> {
                         .unwrap_or_default();
                     let list = object.get_mut(name).and_then(Value::as_array_mut).expect("a list");
                     if op.kind == OpKind::Replace {
-                        list[pos] = entry;
+                        let old = std::mem::replace(&mut list[pos], entry);
+                        self.undo.push(Undo::Entry(name.to_string(), pos, old));
                         self.touched.push(Touch::Entry(name.to_string(), pos));
                     } else if pos == list.len() {
                         list.push(entry);
+                        self.undo.push(Undo::Pop(name.to_string()));
                         self.touched.push(Touch::Append(name.to_string(), pos));
                     } else {
                         list.insert(pos, entry);
+                        self.undo.push(Undo::RemoveAt(name.to_string(), pos));
                         self.touched.push(Touch::Field(name.to_string()));
                     }
                 }
                 OpKind::Remove => {
-                    list.remove(pos);
+                    let removed = list.remove(pos);
+                    self.undo.push(Undo::Insert(name.to_string(), pos, removed));
                     self.touched.push(Touch::Remove(name.to_string(), pos));
                 }
                 OpKind::Test => {
@@ -561,6 +683,9 @@ impl Engine<'_, '_> {
                 }
             }
             return Ok(());
+        }
+        if op.kind != OpKind::Test {
+            self.undo.push(Undo::Entry(name.to_string(), pos, list[pos].clone()));
         }
         let entry = &mut list[pos];
         fulcrum_jsonpatch::apply(entry, op.kind, &rest[1..], op.value.as_ref()).map_err(|e| match e {
@@ -659,7 +784,7 @@ pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched:
 /// The edit log of a change: JSON Patch operations that turn `before` into `after` (the final,
 /// normalized object), touching only what changed. A field rewritten as a whole, or a list whose
 /// entries were both removed and added, is written whole.
-pub fn edit_log(touched: &[Touch], before: &Map<String, Value>, after: &Map<String, Value>) -> Vec<Value> {
+pub fn edit_log(touched: &[Touch], was_absent: &dyn Fn(&str) -> bool, after: &Map<String, Value>) -> Vec<Value> {
     let list_of = |t: &Touch| match t {
         Touch::Field(f) | Touch::Append(f, _) | Touch::Entry(f, _) | Touch::Remove(f, _) => f.clone(),
     };
@@ -669,7 +794,7 @@ pub fn edit_log(touched: &[Touch], before: &Map<String, Value>, after: &Map<Stri
         let mixed = matches!(t, Touch::Append(..) | Touch::Entry(..))
             && touched.iter().any(|o| matches!(o, Touch::Remove(f, _) if *f == field));
         // A list that did not exist before cannot be appended to: write it whole.
-        let new_list = !matches!(t, Touch::Field(_)) && !before.get(&field).is_some_and(Value::is_array);
+        let new_list = !matches!(t, Touch::Field(_)) && was_absent(&field);
         if (matches!(t, Touch::Field(_)) || mixed || new_list) && !whole.contains(&field) {
             whole.push(field);
         }
@@ -691,7 +816,7 @@ pub fn edit_log(touched: &[Touch], before: &Map<String, Value>, after: &Map<Stri
         let path = fulcrum_jsonpatch::to_pointer(&[&field]);
         match after.get(&field) {
             Some(v) => ops.push(json!({"op": "add", "path": path, "value": v})),
-            None if before.contains_key(&field) => ops.push(json!({"op": "remove", "path": path})),
+            None if !was_absent(&field) => ops.push(json!({"op": "remove", "path": path})),
             None => {}
         }
     }

@@ -282,7 +282,7 @@ fn edit_log_replays_to_the_same_object() {
     ] {
         let applied = apply(schema, &before, &parse(&body, false).unwrap(), &mut resolver()).unwrap();
         let after = normalize(reg(), schema, &Value::Object(applied.object)).unwrap();
-        let log = edit_log(&applied.touched, &before, &after);
+        let log = edit_log(&applied.touched, &|f| !before.contains_key(f), &after);
         let mut replayed = Value::Object(before.clone());
         fulcrum_jsonpatch::apply_all(&mut replayed, &log).unwrap();
         assert_eq!(replayed, Value::Object(after.clone()), "{body}");
@@ -362,6 +362,30 @@ proptest! {
         let reset = patch(&p, json!({"delete": {"default_server_port": null, "lb_algorithm": null}})).unwrap();
         prop_assert_eq!(&reset["default_server_port"], &json!(80));
         prop_assert_eq!(&reset["lb_algorithm"], &json!("LB_ALGORITHM_LEAST_CONNECTIONS"));
+    }
+
+    #[test]
+    fn a_refused_patch_in_place_leaves_the_object_exactly_as_it_was(ops in proptest::collection::vec(op_strategy(), 1..12)) {
+        let schema = reg().schema("Pool");
+        let mut object = pool(&[("10.0.0.1", 80), ("10.0.0.2", 81)]);
+        for op in ops {
+            let before = object.clone();
+            let Ok(p) = parse(&op, false) else { continue };
+            match apply_in_place(schema, &mut object, &p, &mut resolver()) {
+                Err(_) => prop_assert_eq!(&object, &before),
+                Ok(done) => {
+                    if validate(schema, &mut object, &done.touched).is_err() {
+                        rollback(&mut object, done.undo);
+                        prop_assert_eq!(&object, &before);
+                    } else {
+                        // Taking back a valid patch restores it too.
+                        let mut copy = object.clone();
+                        rollback(&mut copy, done.undo);
+                        prop_assert_eq!(copy, before);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -97,10 +97,11 @@ impl Catalogue {
         self.get(kind, uuid)
     }
 
-    pub(crate) fn apply(&mut self, change: &Change) {
+    /// Applies a committed change; returns the object version it replaced or removed.
+    pub(crate) fn apply(&mut self, change: &Change) -> Option<Arc<Stored>> {
         match change {
             Change::Put(stored) | Change::Edit { stored, .. } => {
-                self.remove(&stored.kind, &stored.uuid);
+                let old = self.remove(&stored.kind, &stored.uuid);
                 let path = stored.path();
                 for target in &stored.meta.refs {
                     self.referrers.entry(target.clone()).or_default().insert(path.clone());
@@ -110,18 +111,15 @@ impl Catalogue {
                     table.names.insert((stored.meta.tenant.clone(), name.clone()), stored.uuid.clone());
                 }
                 table.objects.insert(stored.uuid.clone(), stored.clone());
+                old
             }
             Change::Delete { kind, uuid } => self.remove(kind, uuid),
         }
     }
 
-    fn remove(&mut self, kind: &str, uuid: &str) {
-        let Some(table) = self.tables.get_mut(kind) else {
-            return;
-        };
-        let Some(old) = table.objects.remove(uuid) else {
-            return;
-        };
+    fn remove(&mut self, kind: &str, uuid: &str) -> Option<Arc<Stored>> {
+        let table = self.tables.get_mut(kind)?;
+        let old = table.objects.remove(uuid)?;
         if let Some(name) = &old.meta.name {
             let key = (old.meta.tenant.clone(), name.clone());
             if table.names.get(&key) == Some(&old.uuid) {
@@ -137,6 +135,7 @@ impl Catalogue {
                 }
             }
         }
+        Some(old)
     }
 }
 

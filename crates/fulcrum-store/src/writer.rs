@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::StoreError;
 use crate::backend::Backend;
-use crate::catalogue::{Catalogue, Change, Indexer, Stored};
+use crate::catalogue::{Catalogue, Change, Indexer, Meta, Stored};
 
 /// At most this many writes share one commit.
 const MAX_BATCH: usize = 4096;
@@ -106,10 +106,23 @@ impl Overlay {
 /// A write's view: committed state, plus the batch so far, plus this write's own changes.
 pub struct Txn<'a> {
     base: &'a Catalogue,
-    batch: &'a Overlay,
+    batch: &'a mut Overlay,
     current: Overlay,
     indexer: &'a Indexer,
     clock: &'a mut u64,
+    /// Set once an edit took an object out of the batch to change it in place: if this write
+    /// then panics, the batch can no longer be trusted and is refused whole.
+    borrowed_from_batch: bool,
+}
+
+/// Where the state an in-place edit starts from came from.
+enum Origin {
+    /// This write's own earlier change (with its edit log, if it is only edits).
+    Current(Option<Vec<Value>>),
+    /// An earlier write of the batch.
+    Batch,
+    /// Committed state (copied: readers may hold it).
+    Base,
 }
 
 impl Txn<'_> {
@@ -187,6 +200,75 @@ impl Txn<'_> {
     /// instead of the whole object.
     pub fn edit(&mut self, kind: &str, uuid: &str, value: Value, edits: Vec<Value>) -> Arc<Stored> {
         self.write(kind, uuid, value, Some(edits))
+    }
+
+    /// Edits an existing object in place: `f` gets this transaction (for lookups) and the
+    /// object's body, changes it and returns the edit log, or refuses after restoring the body
+    /// exactly. Repeated edits of one object within a batch share one copy of it (copied from
+    /// committed state once), so their cost follows the size of the change. `None` when the
+    /// object does not exist.
+    pub fn edit_with<T, E>(
+        &mut self,
+        kind: &str,
+        uuid: &str,
+        f: impl FnOnce(&Txn<'_>, &mut Value) -> Result<(Vec<Value>, T), E>,
+    ) -> Option<Result<T, E>> {
+        let key = (kind.to_string(), uuid.to_string());
+        let unwrap = |arc: Arc<Stored>| match Arc::try_unwrap(arc) {
+            Ok(stored) => (stored.value, stored.meta),
+            Err(shared) => (shared.value.clone(), shared.meta.clone()),
+        };
+        let (mut value, old_meta, origin) = if let Some(pending) = self.current.objects.remove(&key) {
+            let Some(stored) = pending.stored else {
+                self.current.objects.insert(key, pending);
+                return None;
+            };
+            let (value, meta) = unwrap(stored);
+            (value, meta, Origin::Current(pending.edits))
+        } else if let Some(pending) = self.batch.objects.get_mut(&key) {
+            let stored = pending.stored.take()?;
+            self.borrowed_from_batch = true;
+            let (value, meta) = unwrap(stored);
+            (value, meta, Origin::Batch)
+        } else {
+            let stored = self.base.get(kind, uuid)?;
+            (stored.value.clone(), stored.meta.clone(), Origin::Base)
+        };
+        let outcome = f(self, &mut value);
+        let rebuild = |value: Value, meta: Meta| Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value, meta });
+        match outcome {
+            Ok((edits, result)) => {
+                let meta = (self.indexer)(kind, &value);
+                if let Some(name) = &meta.name {
+                    self.current.names.insert((kind.into(), meta.tenant.clone(), name.clone()), uuid.into());
+                }
+                let edits = match origin {
+                    Origin::Current(Some(mut earlier)) => {
+                        earlier.extend(edits);
+                        Some(earlier)
+                    }
+                    Origin::Current(None) => None,
+                    Origin::Batch | Origin::Base => Some(edits),
+                };
+                self.current.objects.insert(key, Pending { stored: Some(rebuild(value, meta)), edits });
+                Some(Ok(result))
+            }
+            Err(e) => {
+                // `f` restored the body, so the old index entry still describes it.
+                match origin {
+                    Origin::Current(edits) => {
+                        self.current.objects.insert(key, Pending { stored: Some(rebuild(value, old_meta)), edits });
+                    }
+                    Origin::Batch => {
+                        if let Some(pending) = self.batch.objects.get_mut(&key) {
+                            pending.stored = Some(rebuild(value, old_meta));
+                        }
+                    }
+                    Origin::Base => {}
+                }
+                Some(Err(e))
+            }
+        }
     }
 
     fn write(&mut self, kind: &str, uuid: &str, value: Value, edits: Option<Vec<Value>>) -> Arc<Stored> {
@@ -292,31 +374,41 @@ fn run_writer(
         }
         let mut batch = Overlay::default();
         let mut finishers = Vec::with_capacity(jobs.len());
+        let mut poisoned = false;
         {
             let base = catalogue.read().unwrap_or_else(|e| e.into_inner());
             for job in jobs {
                 let mut txn = Txn {
                     base: &base,
-                    batch: &batch,
+                    batch: &mut batch,
                     current: Overlay::default(),
                     indexer: &indexer,
                     clock: &mut clock,
+                    borrowed_from_batch: false,
                 };
                 // A write that panics is refused alone (its caller sees `Aborted`); the writer
                 // and the rest of the batch carry on.
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut txn))) {
                     Ok((accepted, finish)) => {
                         let current = std::mem::take(&mut txn.current);
+                        drop(txn);
                         if accepted {
                             batch.absorb(current);
                         }
                         finishers.push(finish);
                     }
+                    Err(_) if txn.borrowed_from_batch => {
+                        tracing::error!("a write panicked while editing the batch in place; the whole batch is refused");
+                        poisoned = true;
+                        break;
+                    }
                     Err(_) => tracing::error!("a write panicked; it was refused and nothing of it was stored"),
                 }
             }
         }
-        let outcome = if batch.objects.is_empty() {
+        let outcome = if poisoned {
+            Err(StoreError::Aborted)
+        } else if batch.objects.is_empty() {
             Ok(())
         } else {
             let changes: Vec<Change> =
@@ -327,8 +419,12 @@ fn run_writer(
             COMMIT_BATCH_SIZE.observe("", finishers.len() as f64);
             match &outcome {
                 Ok(()) => {
-                    let mut cat = catalogue.write().unwrap_or_else(|e| e.into_inner());
-                    changes.iter().for_each(|c| cat.apply(c));
+                    let replaced: Vec<Arc<Stored>> = {
+                        let mut cat = catalogue.write().unwrap_or_else(|e| e.into_inner());
+                        changes.iter().filter_map(|c| cat.apply(c)).collect()
+                    };
+                    // Old versions (possibly large) are freed after the lock is released.
+                    drop(replaced);
                 }
                 Err(e) => tracing::error!(error = %e, "commit failed; the batch is refused"),
             }
