@@ -26,7 +26,12 @@ fn write_bytes(pid: u32) -> u64 {
 
 /// Each client alternates adding its own server and deleting it again, so the pool stays at its
 /// size give or take one server per client. Returns (operations done, seconds).
-fn run_clients(clients: usize, total: usize, max: Duration, op: impl Fn(&ureq::Agent, usize, usize) + Send + Sync + 'static) -> (usize, f64) {
+fn run_clients(
+    clients: usize,
+    total: usize,
+    max: Duration,
+    op: impl Fn(&ureq::Agent, usize, usize) + Send + Sync + 'static,
+) -> (usize, f64) {
     let op = Arc::new(op);
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -55,7 +60,9 @@ fn own_server(client: usize) -> Value {
 }
 
 fn seed_servers(count: usize) -> Vec<Value> {
-    (0..count).map(|i| json!({"ip": {"addr": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), "type": "V4"}})).collect()
+    (0..count)
+        .map(|i| json!({"ip": {"addr": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), "type": "V4"}}))
+        .collect()
 }
 
 struct Measured {
@@ -91,14 +98,19 @@ fn etcd_case(args: &PatchArgs, size: usize, stored_pool: &Value) -> (Measured, u
     let etcd = start_etcd();
     let key = b64(format!("/registry/pools/pool-{size}").as_bytes());
     let mut pool = stored_pool.clone();
-    pool["servers"] = Value::Array(seed_servers(size).into_iter().map(|mut s| {
-        let addr = s["ip"]["addr"].clone();
-        s["port"] = json!(80);
-        s["ratio"] = json!(1);
-        s["enabled"] = json!(true);
-        s["hostname"] = addr;
-        s
-    }).collect());
+    pool["servers"] = Value::Array(
+        seed_servers(size)
+            .into_iter()
+            .map(|mut s| {
+                let addr = s["ip"]["addr"].clone();
+                s["port"] = json!(80);
+                s["ratio"] = json!(1);
+                s["enabled"] = json!(true);
+                s["hostname"] = addr;
+                s
+            })
+            .collect(),
+    );
     ureq::post(&format!("{}/v3/kv/put", etcd.url))
         .send_json(json!({"key": key, "value": b64(pool.to_string().as_bytes())}))
         .expect("seed etcd");
@@ -106,37 +118,52 @@ fn etcd_case(args: &PatchArgs, size: usize, stored_pool: &Value) -> (Measured, u
     let before = write_bytes(pid);
     let conflicts = Arc::new(AtomicUsize::new(0));
     let (url, counter) = (etcd.url.clone(), conflicts.clone());
-    let (done, secs) = run_clients(args.clients, args.patches, Duration::from_secs(args.etcd_seconds), move |agent, client, step| {
-        loop {
-            let range: Value = agent.post(&format!("{url}/v3/kv/range")).send_json(json!({"key": key})).expect("range").into_json().unwrap();
-            let kv = &range["kvs"][0];
-            let revision = kv["mod_revision"].as_str().unwrap().to_string();
-            let raw = base64::engine::general_purpose::STANDARD.decode(kv["value"].as_str().unwrap()).unwrap();
-            let mut pool: Value = serde_json::from_slice(&raw).unwrap();
-            let servers = pool["servers"].as_array_mut().unwrap();
-            let mine = own_server(client);
-            if step % 2 == 0 {
-                let mut server = mine;
-                server["port"] = json!(80);
-                servers.push(server);
-            } else {
-                servers.retain(|s| s["ip"]["addr"] != mine["ip"]["addr"]);
+    let (done, secs) =
+        run_clients(args.clients, args.patches, Duration::from_secs(args.etcd_seconds), move |agent, client, step| {
+            loop {
+                let range: Value = agent
+                    .post(&format!("{url}/v3/kv/range"))
+                    .send_json(json!({"key": key}))
+                    .expect("range")
+                    .into_json()
+                    .unwrap();
+                let kv = &range["kvs"][0];
+                let revision = kv["mod_revision"].as_str().unwrap().to_string();
+                let raw = base64::engine::general_purpose::STANDARD.decode(kv["value"].as_str().unwrap()).unwrap();
+                let mut pool: Value = serde_json::from_slice(&raw).unwrap();
+                let servers = pool["servers"].as_array_mut().unwrap();
+                let mine = own_server(client);
+                if step % 2 == 0 {
+                    let mut server = mine;
+                    server["port"] = json!(80);
+                    servers.push(server);
+                } else {
+                    servers.retain(|s| s["ip"]["addr"] != mine["ip"]["addr"]);
+                }
+                let txn = json!({
+                    "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision}],
+                    "success": [{"request_put": {"key": key, "value": b64(pool.to_string().as_bytes())}}],
+                });
+                let mut answer = String::new();
+                agent
+                    .post(&format!("{url}/v3/kv/txn"))
+                    .send_json(txn)
+                    .expect("txn")
+                    .into_reader()
+                    .read_to_string(&mut answer)
+                    .unwrap();
+                let answer: Value = serde_json::from_str(&answer).unwrap();
+                if answer["succeeded"] == json!(true) {
+                    return;
+                }
+                counter.fetch_add(1, Ordering::Relaxed);
             }
-            let txn = json!({
-                "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision}],
-                "success": [{"request_put": {"key": key, "value": b64(pool.to_string().as_bytes())}}],
-            });
-            let mut answer = String::new();
-            agent.post(&format!("{url}/v3/kv/txn")).send_json(txn).expect("txn").into_reader().read_to_string(&mut answer).unwrap();
-            let answer: Value = serde_json::from_str(&answer).unwrap();
-            if answer["succeeded"] == json!(true) {
-                return;
-            }
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-    });
+        });
     let written = write_bytes(pid) - before;
-    (Measured { rate: done as f64 / secs, bytes_per_op: written as f64 / done.max(1) as f64 }, conflicts.load(Ordering::Relaxed))
+    (
+        Measured { rate: done as f64 / secs, bytes_per_op: written as f64 / done.max(1) as f64 },
+        conflicts.load(Ordering::Relaxed),
+    )
 }
 
 pub fn run(common: &Common, args: &PatchArgs) {
@@ -144,7 +171,10 @@ pub fn run(common: &Common, args: &PatchArgs) {
     let mut results = vec![];
     for size in [10usize, 5000 - args.clients] {
         let f = fulcrum_case(common, args, size);
-        println!("pool of {size:>5} servers: fulcrum {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH", f.rate, f.bytes_per_op);
+        println!(
+            "pool of {size:>5} servers: fulcrum {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH",
+            f.rate, f.bytes_per_op
+        );
         if !common.no_etcd {
             // The stored form of a pool without its servers, so both sides hold the same bytes.
             let shape = json!({"name": format!("pool-{size}"), "default_server_port": 80, "lb_algorithm": "LB_ALGORITHM_LEAST_CONNECTIONS"});
@@ -168,7 +198,11 @@ pub fn run(common: &Common, args: &PatchArgs) {
         if let Some(e) = e {
             let target = if *size == 10 { 2.0 } else { 10.0 };
             let ratio = f.rate / e.rate;
-            println!("target >= {target}x etcd at {size} servers: {:.1}x {}", ratio, if ratio >= target { "met" } else { "NOT met" });
+            println!(
+                "target >= {target}x etcd at {size} servers: {:.1}x {}",
+                ratio,
+                if ratio >= target { "met" } else { "NOT met" }
+            );
         }
     }
 }

@@ -9,23 +9,19 @@ use std::sync::Arc;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fulcrum_schema::{
-    Registry, RenderOptions, Scope, TypeDef, for_each_ref, normalize, object_path, refs, render, rewrite_refs,
+    Registry, RenderOptions, Scope, TypeDef, for_each_ref, is_hidden, normalize, object_path, object_url, refs,
+    render_json, rewrite_refs,
 };
 use fulcrum_store::{Catalogue, Indexer, Meta, Stored, Txn};
 use serde_json::{Map, Value, json};
 
 use crate::access::{ADMIN_TENANT, Level, TenantScope};
-use crate::app::{App, RequestContext, json_response};
+use crate::app::{App, RequestContext};
 use crate::auth::hash_password;
 use crate::error::ApiError;
 
 pub const MAX_PAGE_SIZE: usize = 200;
 pub const DEFAULT_PAGE_SIZE: usize = 25;
-
-/// Hidden fields are kept with the object but never shown (`_password_hash`, `_system_default`).
-fn is_hidden(key: &str) -> bool {
-    key.starts_with('_') && key != "_last_modified"
-}
 
 /// How the catalogue indexes an object: its tenant, name and references (tenant_ref included,
 /// so a tenant that still holds objects cannot be deleted).
@@ -94,21 +90,39 @@ pub fn require(ctx: &RequestContext, type_def: &TypeDef, needed: Level) -> Resul
     }
 }
 
-fn render_one(ctx: &RequestContext, cat: &Catalogue, type_def: &TypeDef, stored: &Stored, include_name: bool) -> Value {
-    let fields: Option<Vec<String>> =
-        ctx.param("fields").map(|f| f.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
-    let opts = RenderOptions {
+/// The request's view options (`fields`, `skip_default`, `include_name`).
+fn view_fields(ctx: &RequestContext) -> Option<Vec<String>> {
+    ctx.param("fields").map(|f| f.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+}
+
+fn view<'a>(ctx: &'a RequestContext, fields: Option<&'a [String]>, include_name: bool) -> RenderOptions<'a> {
+    RenderOptions {
         base_url: &ctx.base_url,
         include_name: include_name || ctx.has_param("include_name"),
         skip_default: ctx.param("skip_default").is_some_and(|v| v != "false"),
-        fields: fields.as_deref(),
-    };
-    let Value::Object(map) = &stored.value else {
-        return stored.value.clone();
-    };
-    let mut map = map.clone();
-    map.retain(|k, _| !is_hidden(k));
-    render(Registry::get(), type_def, map, &opts, &|r| cat.get_path(r).and_then(|s| s.meta.name.clone()))
+        fields,
+    }
+}
+
+/// An object as JSON text, the way the request asked to see it.
+fn render_one(
+    ctx: &RequestContext,
+    cat: &Catalogue,
+    type_def: &TypeDef,
+    stored: &Stored,
+    include_name: bool,
+) -> Vec<u8> {
+    let fields = view_fields(ctx);
+    let opts = view(ctx, fields.as_deref(), include_name);
+    let empty = Map::new();
+    let map = stored.value.as_object().unwrap_or(&empty);
+    render_json(Registry::get(), type_def, map, &opts, &|r| cat.get_path(r).and_then(|s| s.meta.name.clone()))
+}
+
+fn bytes_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -204,13 +218,20 @@ pub fn list(app: &App, ctx: &RequestContext, type_def: &'static TypeDef) -> Resu
     let count = matches.len();
     let start = (page - 1).saturating_mul(page_size).min(count);
     let end = (start + page_size).min(count);
-    let results: Vec<Value> = matches[start..end].iter().map(|s| render_one(ctx, &cat, type_def, s, false)).collect();
-    let mut body = json!({"count": count, "results": results});
-    if end < count {
-        body["next"] =
-            json!(ctx.url_with_params(&format!("/api/{}", type_def.path), &[("page", (page + 1).to_string())]));
+    let mut body = format!("{{\"count\":{count},\"results\":[").into_bytes();
+    for (i, stored) in matches[start..end].iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend(render_one(ctx, &cat, type_def, stored, false));
     }
-    Ok(json_response(StatusCode::OK, &body))
+    body.push(b']');
+    if end < count {
+        let next = ctx.url_with_params(&format!("/api/{}", type_def.path), &[("page", (page + 1).to_string())]);
+        body.extend(format!(",\"next\":{}", Value::String(next)).into_bytes());
+    }
+    body.push(b'}');
+    Ok(bytes_response(StatusCode::OK, body))
 }
 
 /// The uuid of a singleton (there is exactly one, created at first start).
@@ -228,7 +249,7 @@ pub fn get(app: &App, ctx: &RequestContext, type_def: &'static TypeDef, uuid: &s
     let cat = app.store.read();
     let stored =
         cat.get(type_def.path, uuid).filter(|s| visible(ctx, type_def, s)).ok_or_else(|| not_found(type_def, uuid))?;
-    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, stored, false)))
+    Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, stored, false)))
 }
 
 /// Resolves one reference against what the writer sees: a by-name reference becomes a uuid,
@@ -409,9 +430,9 @@ pub async fn create(
         })
         .await?;
     let cat = app.store.read();
-    let body = render_one(ctx, &cat, type_def, &stored, true);
-    let mut response = json_response(StatusCode::CREATED, &body);
-    if let Some(location) = body.get("url").and_then(Value::as_str).and_then(|u| HeaderValue::from_str(u).ok()) {
+    let mut response = bytes_response(StatusCode::CREATED, render_one(ctx, &cat, type_def, &stored, true));
+    let url = stored.value.as_object().map(|m| object_url(type_def, m, &view(ctx, None, true))).unwrap_or_default();
+    if let Ok(location) = HeaderValue::from_str(&url) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
@@ -441,7 +462,7 @@ pub async fn replace(
             .ok_or_else(|| not_found(type_def, uuid))?;
         // The SDK's own tests PUT a singleton with an empty body and expect it back unchanged.
         if type_def.singleton && body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, existing, true)));
+            return Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, existing, true)));
         }
     }
     let input = parse_body(body)?;
@@ -470,7 +491,7 @@ pub async fn replace(
         })
         .await?;
     let cat = app.store.read();
-    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, &stored, true)))
+    Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, &stored, true)))
 }
 
 pub async fn delete(
@@ -589,17 +610,20 @@ pub async fn patch(
                 let object = value.as_object_mut().ok_or_else(|| ApiError::internal("stored object is not a map"))?;
                 let original = cfg!(debug_assertions).then(|| object.clone());
                 let schema = Registry::get().schema_of(type_def);
-                let done = fulcrum_patch::apply_in_place(schema, object, &patch, &mut |kind, r| resolve_ref(txn, &tenant, kind, r))
-                    .map_err(patch_error)?;
+                let done = fulcrum_patch::apply_in_place(schema, object, &patch, &mut |kind, r| {
+                    resolve_ref(txn, &tenant, kind, r)
+                })
+                .map_err(patch_error)?;
                 // The object was valid before: checking what the patch touched keeps it valid.
-                let checked = fulcrum_patch::validate(schema, object, &done.touched).map_err(patch_error).and_then(|()| {
-                    let touched = fulcrum_patch::touched_fields(&done.touched);
-                    resolve_fields(txn, type_def, object, &touched, &tenant)?;
-                    if touched.iter().any(|f| f == "name") {
-                        check_unique_name(txn, type_def, &tenant, object, &uuid)?;
-                    }
-                    Ok(())
-                });
+                let checked =
+                    fulcrum_patch::validate(schema, object, &done.touched).map_err(patch_error).and_then(|()| {
+                        let touched = fulcrum_patch::touched_fields(&done.touched);
+                        resolve_fields(txn, type_def, object, &touched, &tenant)?;
+                        if touched.iter().any(|f| f == "name") {
+                            check_unique_name(txn, type_def, &tenant, object, &uuid)?;
+                        }
+                        Ok(())
+                    });
                 if let Err(e) = checked {
                     fulcrum_patch::rollback(object, done.undo);
                     return Err(e);
@@ -610,9 +634,17 @@ pub async fn patch(
                 if let Some(original) = original {
                     let mut replayed = Value::Object(original);
                     fulcrum_jsonpatch::apply_all(&mut replayed, &edits).expect("edit log applies");
-                    assert_eq!(&replayed, &Value::Object(object.clone()), "the edit log must replay to the patched object");
-                    let whole = normalize(Registry::get(), schema, &replayed).expect("the patched object is valid as a whole");
-                    assert!(whole.iter().all(|(k, v)| object.get(k) == Some(v)), "incremental validation agrees with whole");
+                    assert_eq!(
+                        &replayed,
+                        &Value::Object(object.clone()),
+                        "the edit log must replay to the patched object"
+                    );
+                    let whole =
+                        normalize(Registry::get(), schema, &replayed).expect("the patched object is valid as a whole");
+                    assert!(
+                        whole.iter().all(|(k, v)| object.get(k) == Some(v)),
+                        "incremental validation agrees with whole"
+                    );
                 }
                 Ok((edits, ()))
             })
@@ -623,7 +655,7 @@ pub async fn patch(
     // were committed with it).
     let cat = app.store.read();
     let stored = cat.get(type_def.path, &target).ok_or_else(|| not_found(type_def, &target))?;
-    Ok(json_response(StatusCode::OK, &render_one(ctx, &cat, type_def, stored, true)))
+    Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, stored, true)))
 }
 
 /// Resolves the references of some top-level fields in place (the others are resolved already).

@@ -152,10 +152,9 @@ pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
             .collect();
         let reg = Registry::get();
         let system_config = cat.iter("systemconfiguration").next().map(|s| {
-            let mut map = s.value.as_object().cloned().unwrap_or_default();
-            map.retain(|k, _| !k.starts_with('_') || k == "_last_modified");
+            let map = s.value.as_object().cloned().unwrap_or_default();
             let t = reg.type_def("systemconfiguration").expect("defined");
-            render(reg, t, map, &RenderOptions { base_url: "", ..Default::default() }, &|_| None)
+            render(reg, t, &map, &RenderOptions { base_url: "", ..Default::default() }, &|_| None)
         });
         let idle = app.setting("controllerproperties", "/api_idle_timeout").unwrap_or(json!(15));
         drop(cat);

@@ -16,7 +16,8 @@ use std::collections::HashMap;
 
 use fulcrum_jsonpatch::OpKind;
 use fulcrum_schema::{
-    Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, check_unique_keys, entry_key_with, normalize_value, rewrite_refs,
+    Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, check_unique_keys, entry_key_with, normalize_value,
+    rewrite_refs,
 };
 use serde_json::{Map, Value, json};
 
@@ -721,8 +722,8 @@ pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched:
     let reg = Registry::get();
     for name in touched_fields(touched) {
         let field = schema.field(&name).ok_or_else(|| invalid(format!("field '{name}': unknown field")))?;
-        let entries_only = matches!(field.kind, Kind::List(_))
-            && touched.iter().all(|t| !matches!(t, Touch::Field(f) if *f == name));
+        let entries_only =
+            matches!(field.kind, Kind::List(_)) && touched.iter().all(|t| !matches!(t, Touch::Field(f) if *f == name));
         match (&field.kind, object.get_mut(&name)) {
             (Kind::List(spec), Some(Value::Array(items))) if entries_only => {
                 for t in touched {
@@ -736,7 +737,10 @@ pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched:
                 if let Some(max) = spec.max
                     && items.len() > max
                 {
-                    return Err(invalid(format!("field '{name}': has {} entries; at most {max} are allowed", items.len())));
+                    return Err(invalid(format!(
+                        "field '{name}': has {} entries; at most {max} are allowed",
+                        items.len()
+                    )));
                 }
             }
             (_, Some(value)) if !value.is_null() => {
@@ -771,9 +775,11 @@ pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched:
             if let Touch::Append(f, i) | Touch::Entry(f, i) = t
                 && *f == name
                 && let Some(entry) = items.get(*i)
-                && let Some(j) = items.iter().enumerate().position(|(j, e)| j != *i && same_key(spec, e, entry, &fallbacks))
+                && let Some(j) =
+                    items.iter().enumerate().position(|(j, e)| j != *i && same_key(spec, e, entry, &fallbacks))
             {
-                let key = entry_key_with(&spec.key, entry, &|p| key_part(entry, p, &fallbacks).cloned()).unwrap_or_default();
+                let key =
+                    entry_key_with(&spec.key, entry, &|p| key_part(entry, p, &fallbacks).cloned()).unwrap_or_default();
                 return Err(invalid(format!("field '{name}[{}]': duplicate entry {key}", i.max(&j))));
             }
         }

@@ -11,6 +11,8 @@ pub mod types;
 pub mod validate;
 
 pub use model::{Field, Kind, ListKey, ListSpec, ObjectSchema, Scope, TypeDef};
-pub use render::{RenderOptions, object_path, render};
+pub use render::{RenderOptions, is_hidden, object_path, object_url, render, render_json};
 pub use types::Registry;
-pub use validate::{SchemaError, check_unique_keys, entry_key, entry_key_with, for_each_ref, normalize, normalize_value, rewrite_refs};
+pub use validate::{
+    SchemaError, check_unique_keys, entry_key, entry_key_with, for_each_ref, normalize, normalize_value, rewrite_refs,
+};

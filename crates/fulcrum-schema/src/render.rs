@@ -1,12 +1,14 @@
 //! Turning a stored object into what a client sees: references as URLs (with `#name` when
 //! asked), the object's own `url`, and the `fields` / `skip_default` views.
+//!
+//! The JSON text is written straight from the stored object, rewriting references on the way:
+//! a pool of thousands of servers is answered without copying it first.
 
 use serde_json::{Map, Value};
 
 use crate::model::{Kind, ObjectSchema, TypeDef};
 use crate::refs;
 use crate::types::Registry;
-use crate::validate::rewrite_refs;
 
 /// How a response should show an object.
 #[derive(Debug, Clone, Default)]
@@ -26,53 +28,141 @@ pub fn object_path(type_def: &TypeDef, uuid: &str) -> String {
     if type_def.singleton { format!("/api/{}", type_def.path) } else { refs::canonical(type_def.path, uuid) }
 }
 
-/// Renders a stored object (taken by value: rendering rewrites it in place). `name_of` gives the
-/// name of a referenced object (canonical form in).
+/// The `url` of a stored object as a client sees it.
+pub fn object_url(type_def: &TypeDef, stored: &Map<String, Value>, opts: &RenderOptions<'_>) -> String {
+    let uuid = stored.get("uuid").and_then(Value::as_str).unwrap_or_default();
+    let name = stored.get("name").and_then(Value::as_str);
+    refs::render(opts.base_url, &object_path(type_def, uuid), name.filter(|_| opts.include_name))
+}
+
+/// Hidden fields are kept with an object but never shown (`_password_hash`, `_system_default`).
+pub fn is_hidden(key: &str) -> bool {
+    key.starts_with('_') && key != "_last_modified"
+}
+
+struct Writer<'a> {
+    reg: &'a Registry,
+    opts: &'a RenderOptions<'a>,
+    name_of: &'a dyn Fn(&str) -> Option<String>,
+    out: Vec<u8>,
+}
+
+impl Writer<'_> {
+    fn raw(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+    }
+
+    fn json(&mut self, value: &Value) {
+        serde_json::to_writer(&mut self.out, value).expect("writing JSON to memory cannot fail");
+    }
+
+    fn string(&mut self, text: &str) {
+        serde_json::to_writer(&mut self.out, text).expect("writing JSON to memory cannot fail");
+    }
+
+    fn reference(&mut self, canonical: &str) {
+        let name = if self.opts.include_name { (self.name_of)(canonical) } else { None };
+        let shown = refs::render(self.opts.base_url, canonical, name.as_deref());
+        self.string(&shown);
+    }
+
+    fn value(&mut self, kind: &Kind, value: &Value) {
+        match (kind, value) {
+            (Kind::Ref(_), Value::String(s)) => self.reference(s),
+            (Kind::Obj(name), Value::Object(map)) => {
+                let schema = self.reg.schema(name);
+                self.object(schema, map, false);
+            }
+            (Kind::List(spec), Value::Array(items)) => {
+                self.raw("[");
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.raw(",");
+                    }
+                    self.value(&spec.item, item);
+                }
+                self.raw("]");
+            }
+            _ => self.json(value),
+        }
+    }
+
+    /// Writes `{...}`; at the top level the object's own fields (`url`, `tenant_ref`) and the
+    /// `fields` view apply.
+    fn object(&mut self, schema: &ObjectSchema, map: &Map<String, Value>, top: bool) {
+        self.raw("{");
+        let mut first = true;
+        for (key, value) in map {
+            if is_hidden(key) {
+                continue;
+            }
+            if top
+                && let Some(fields) = self.opts.fields
+                && key != "name"
+                && key != "uuid"
+                && !fields.iter().any(|f| f == key)
+            {
+                continue;
+            }
+            let field = schema.field(key);
+            if self.opts.skip_default && field.is_some_and(|f| f.default.as_ref() == Some(value)) {
+                continue;
+            }
+            if !first {
+                self.raw(",");
+            }
+            first = false;
+            self.string(key);
+            self.raw(":");
+            match field {
+                Some(f) => self.value(&f.kind, value),
+                None if top && key == "tenant_ref" => match value {
+                    Value::String(s) => self.reference(s),
+                    other => self.json(other),
+                },
+                None => self.json(value),
+            }
+        }
+        self.raw("}");
+    }
+}
+
+/// Renders a stored object as JSON text. `name_of` gives the name of a referenced object
+/// (canonical form in).
+pub fn render_json(
+    reg: &Registry,
+    type_def: &TypeDef,
+    stored: &Map<String, Value>,
+    opts: &RenderOptions<'_>,
+    name_of: &dyn Fn(&str) -> Option<String>,
+) -> Vec<u8> {
+    let mut w = Writer { reg, opts, name_of, out: Vec::with_capacity(256) };
+    let url = object_url(type_def, stored, opts);
+    // `{"url":...` then the stored fields.
+    w.raw("{\"url\":");
+    w.string(&url);
+    let before_fields = w.out.len();
+    w.object(reg.schema_of(type_def), stored, true);
+    // Splice: drop the inner object's `{`, and its `}` if it wrote nothing.
+    let inner = w.out.split_off(before_fields);
+    if inner.len() > 2 {
+        w.raw(",");
+        w.out.extend_from_slice(&inner[1..]);
+    } else {
+        w.raw("}");
+    }
+    w.out
+}
+
+/// Like [`render_json`], as a `Value` (for the few places that need one).
 pub fn render(
     reg: &Registry,
     type_def: &TypeDef,
-    mut body: Map<String, Value>,
+    stored: &Map<String, Value>,
     opts: &RenderOptions<'_>,
     name_of: &dyn Fn(&str) -> Option<String>,
 ) -> Value {
-    let schema = reg.schema_of(type_def);
-    let show = |canonical: &str| {
-        let name = if opts.include_name { name_of(canonical) } else { None };
-        refs::render(opts.base_url, canonical, name.as_deref())
-    };
-    // A reference that cannot be rendered does not exist: rewriting never fails here.
-    let _ = rewrite_refs(reg, schema, &mut body, &mut |_, r| Ok(show(r)));
-    if let Some(Value::String(tenant)) = body.get_mut("tenant_ref") {
-        *tenant = show(tenant);
-    }
-    if opts.skip_default {
-        strip_defaults(reg, schema, &mut body);
-    }
-    if let Some(fields) = opts.fields {
-        body.retain(|k, _| k == "name" || k == "uuid" || fields.iter().any(|f| f == k));
-    }
-    let uuid = body.get("uuid").and_then(Value::as_str).unwrap_or_default();
-    let name = body.get("name").and_then(Value::as_str);
-    let url = refs::render(opts.base_url, &object_path(type_def, uuid), name.filter(|_| opts.include_name));
-    let mut out = Map::with_capacity(body.len() + 1);
-    out.insert("url".into(), Value::String(url));
-    out.extend(body);
-    Value::Object(out)
-}
-
-fn strip_defaults(reg: &Registry, schema: &ObjectSchema, object: &mut Map<String, Value>) {
-    for field in &schema.fields {
-        let Some(value) = object.get_mut(field.name) else {
-            continue;
-        };
-        if field.default.as_ref() == Some(value) {
-            object.remove(field.name);
-            continue;
-        }
-        if let (Kind::Obj(name), Value::Object(inner)) = (&field.kind, value) {
-            strip_defaults(reg, reg.schema(name), inner);
-        }
-    }
+    serde_json::from_slice(&render_json(reg, type_def, stored, opts, name_of)).expect("rendered JSON parses")
 }
 
 #[cfg(test)]
@@ -85,34 +175,47 @@ mod tests {
         let reg = Registry::get();
         let t = reg.type_def("pool").unwrap();
         let stored = json!({"uuid": "pool-1", "name": "p", "tenant_ref": "/api/tenant/admin",
-            "cloud_ref": "/api/cloud/cloud-1", "default_server_port": 80, "enabled": true});
-        let stored = stored.as_object().unwrap().clone();
+            "cloud_ref": "/api/cloud/cloud-1", "default_server_port": 80, "enabled": true,
+            "health_monitor_refs": ["/api/healthmonitor/hm-1"], "fail_action": {"type": "FAIL_ACTION_CLOSE_CONN"},
+            "servers": [{"ip": {"addr": "1.1.1.1", "type": "V4"}, "port": 80, "ratio": 1, "nw_ref": "/api/network/n-1"}],
+            "_password_hash": "secret", "_last_modified": "5"});
+        let stored = stored.as_object().unwrap();
         let names = |r: &str| Some(format!("name-of:{r}"));
-        let plain = render(reg, t, stored.clone(), &RenderOptions { base_url: "https://h:1", ..Default::default() }, &names);
+        let plain = render(reg, t, stored, &RenderOptions { base_url: "https://h:1", ..Default::default() }, &names);
         assert_eq!(plain["url"], "https://h:1/api/pool/pool-1");
         assert_eq!(plain["cloud_ref"], "https://h:1/api/cloud/cloud-1");
         assert_eq!(plain["tenant_ref"], "https://h:1/api/tenant/admin");
+        assert_eq!(plain["health_monitor_refs"][0], "https://h:1/api/healthmonitor/hm-1");
+        assert_eq!(plain["servers"][0]["nw_ref"], "https://h:1/api/network/n-1");
+        assert_eq!(plain["_last_modified"], "5");
+        assert!(plain.get("_password_hash").is_none());
+        let keys: Vec<&String> = plain.as_object().unwrap().keys().take(3).collect();
+        assert_eq!(keys, ["url", "uuid", "name"]);
         let named = render(
             reg,
             t,
-            stored.clone(),
+            stored,
             &RenderOptions { base_url: "https://h:1", include_name: true, ..Default::default() },
             &names,
         );
         assert_eq!(named["url"], "https://h:1/api/pool/pool-1#p");
         assert_eq!(named["cloud_ref"], "https://h:1/api/cloud/cloud-1#name-of:/api/cloud/cloud-1");
         let lean =
-            render(reg, t, stored.clone(), &RenderOptions { base_url: "", skip_default: true, ..Default::default() }, &names);
+            render(reg, t, stored, &RenderOptions { base_url: "", skip_default: true, ..Default::default() }, &names);
         assert!(lean.get("default_server_port").is_none() && lean.get("enabled").is_none());
+        assert!(lean["servers"][0].get("ratio").is_none(), "defaults are left out at every depth");
+        assert_eq!(lean["fail_action"], json!({}));
         let fields = ["enabled".to_string()];
         let some = render(
             reg,
             t,
-            stored.clone(),
+            stored,
             &RenderOptions { base_url: "", fields: Some(&fields), ..Default::default() },
             &names,
         );
         let keys: Vec<_> = some.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, ["url", "uuid", "name", "enabled"]);
+        let empty = render(reg, t, &Map::new(), &RenderOptions::default(), &names);
+        assert_eq!(empty, json!({"url": "/api/pool/"}));
     }
 }

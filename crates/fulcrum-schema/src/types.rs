@@ -931,7 +931,12 @@ fn build() -> Registry {
     }
     let ref_fields = schemas
         .values()
-        .map(|s| (s.name, s.fields.iter().enumerate().filter(|(_, f)| holds_refs(&schemas, &f.kind)).map(|(i, _)| i).collect()))
+        .map(|s| {
+            (
+                s.name,
+                s.fields.iter().enumerate().filter(|(_, f)| holds_refs(&schemas, &f.kind)).map(|(i, _)| i).collect(),
+            )
+        })
         .collect();
     Registry { schemas, types: api_types(), ref_fields }
 }

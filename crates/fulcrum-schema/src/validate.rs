@@ -246,7 +246,12 @@ impl fmt::Display for At<'_> {
 }
 
 /// Visits every reference in a stored object, with the type it must point to.
-pub fn for_each_ref(reg: &Registry, schema: &ObjectSchema, object: &Map<String, Value>, visit: &mut dyn FnMut(&'static str, &str)) {
+pub fn for_each_ref(
+    reg: &Registry,
+    schema: &ObjectSchema,
+    object: &Map<String, Value>,
+    visit: &mut dyn FnMut(&'static str, &str),
+) {
     for &i in reg.ref_fields(schema.name) {
         let field = &schema.fields[i];
         if let Some(value) = object.get(field.name) {
@@ -259,7 +264,9 @@ fn visit_value(reg: &Registry, kind: &Kind, value: &Value, visit: &mut dyn FnMut
     match (kind, value) {
         (Kind::Ref(target), Value::String(s)) => visit(target, s),
         (Kind::Obj(name), Value::Object(map)) => for_each_ref(reg, reg.schema(name), map, visit),
-        (Kind::List(spec), Value::Array(items)) => items.iter().for_each(|item| visit_value(reg, &spec.item, item, visit)),
+        (Kind::List(spec), Value::Array(items)) => {
+            items.iter().for_each(|item| visit_value(reg, &spec.item, item, visit))
+        }
         _ => {}
     }
 }

@@ -398,7 +398,9 @@ fn run_writer(
                         finishers.push(finish);
                     }
                     Err(_) if txn.borrowed_from_batch => {
-                        tracing::error!("a write panicked while editing the batch in place; the whole batch is refused");
+                        tracing::error!(
+                            "a write panicked while editing the batch in place; the whole batch is refused"
+                        );
                         poisoned = true;
                         break;
                     }
