@@ -46,6 +46,7 @@ pub struct App {
     pub tls: bool,
     pub started_at: SystemTime,
     pub listen: SocketAddr,
+    pub async_patches: Arc<crate::asyncpatch::AsyncPatches>,
 }
 
 impl App {
@@ -115,6 +116,8 @@ enum Route<'a> {
     ClusterVersion,
     UserAccount,
     OpenApi,
+    AsyncStatus(&'a str),
+    AsyncMerge,
     Collection(&'static TypeDef),
     Object(&'static TypeDef, &'a str),
     Singleton(&'static TypeDef),
@@ -130,6 +133,8 @@ impl<'a> Route<'a> {
             ["cluster", "version"] => Route::ClusterVersion,
             ["useraccount"] => Route::UserAccount,
             ["openapi.json"] => Route::OpenApi,
+            ["pool-async", "status", id] => Route::AsyncStatus(id),
+            ["pool-async", "merge"] => Route::AsyncMerge,
             [kind] => {
                 let t = reg.type_def(kind)?;
                 if t.singleton { Route::Singleton(t) } else { Route::Collection(t) }
@@ -154,6 +159,8 @@ impl<'a> Route<'a> {
             Route::ClusterVersion => "/api/cluster/version".into(),
             Route::UserAccount => "/api/useraccount".into(),
             Route::OpenApi => "/api/openapi.json".into(),
+            Route::AsyncStatus(_) => "/api/pool-async/status/{patch_id}".into(),
+            Route::AsyncMerge => "/api/pool-async/merge".into(),
             Route::Collection(t) | Route::Singleton(t) => format!("/api/{}", t.path),
             Route::Object(t, _) => format!("/api/{}/{{uuid}}", t.path),
         }
@@ -382,7 +389,12 @@ async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> R
         (Route::Object(t, uuid), Method::GET) => objects::get(app, &ctx, t, uuid),
         (Route::Object(t, uuid), Method::PUT) => objects::replace(app, &ctx, t, uuid, &body).await,
         (Route::Object(t, uuid), Method::DELETE) => objects::delete(app, &ctx, t, uuid).await,
+        (Route::Object(t, uuid), Method::PATCH) if async_requested(app, &ctx) => {
+            crate::asyncpatch::accept(app, &ctx, t, uuid, &body).await
+        }
         (Route::Object(t, uuid), Method::PATCH) => objects::patch(app, &ctx, t, uuid, &body).await,
+        (Route::AsyncStatus(id), Method::GET) => crate::asyncpatch::status(app, &ctx, id),
+        (Route::AsyncMerge, Method::POST) => crate::asyncpatch::merge_now(app, &ctx, &body).await,
         (Route::Singleton(t), Method::PATCH) => {
             objects::patch(app, &ctx, t, &objects::singleton_uuid(app, t)?, &body).await
         }
@@ -392,6 +404,13 @@ async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> R
         }
         (_, method) => Err(ApiError::method_not_allowed(method.as_str())),
     }
+}
+
+/// `?async_mode` (or `=true`) while a merge period is set; with the period at 0 the request is
+/// handled synchronously, as the product does.
+fn async_requested(app: &App, ctx: &RequestContext) -> bool {
+    let asked = ctx.param("async_mode").is_some_and(|v| !v.eq_ignore_ascii_case("false"));
+    asked && app.setting("controllerproperties", "/async_patch_merge_period").and_then(|v| v.as_u64()).unwrap_or(0) > 0
 }
 
 /// A JSON response with a status.

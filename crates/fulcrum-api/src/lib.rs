@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod app;
+pub mod asyncpatch;
 pub mod auth;
 pub mod bootstrap;
 pub mod error;

@@ -659,7 +659,7 @@ pub async fn patch(
 }
 
 /// Resolves the references of some top-level fields in place (the others are resolved already).
-fn resolve_fields(
+pub(crate) fn resolve_fields(
     txn: &Txn<'_>,
     type_def: &TypeDef,
     object: &mut Map<String, Value>,

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::app::{App, ClientAddr, router};
+use crate::asyncpatch::{self, AsyncPatches};
 use crate::auth::{BasicAuthCache, Sessions, Throttle};
 use crate::{bootstrap, objects, tls};
 
@@ -93,7 +94,10 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         tls: acceptor.is_some(),
         started_at: SystemTime::now(),
         listen: local,
+        async_patches: Arc::new(AsyncPatches::default()),
     });
+    app.async_patches.recover(&app.store.read().iter(asyncpatch::KIND).cloned().collect::<Vec<_>>());
+    let merger = tokio::spawn(asyncpatch::run_timer(app.clone()));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("fulcrum listening on {scheme}://{local}");
@@ -166,6 +170,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         }
     }
     sweeper.abort();
+    merger.abort();
     tracing::info!("shutting down: draining connections");
     tokio::select! {
         () = graceful.shutdown() => {},

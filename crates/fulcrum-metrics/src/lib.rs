@@ -104,6 +104,44 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down (queue depth).
+#[derive(Debug)]
+pub struct Gauge {
+    name: &'static str,
+    help: &'static str,
+    value: std::sync::atomic::AtomicI64,
+}
+
+impl Gauge {
+    pub const fn new(name: &'static str, help: &'static str) -> Self {
+        Gauge { name, help, value: std::sync::atomic::AtomicI64::new(0) }
+    }
+
+    pub fn set(&self, v: i64) {
+        self.value.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn add(&self, v: i64) {
+        self.value.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.value.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} gauge\n{} {}",
+            self.name,
+            self.help,
+            self.name,
+            self.name,
+            self.get()
+        );
+    }
+}
+
 fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

@@ -12,6 +12,8 @@
 //! The result is not yet validated as a whole; the caller normalizes it. The [`Touch`] list says
 //! which parts changed so the store can write an edit log rather than the whole object.
 
+pub mod merge;
+
 use std::collections::HashMap;
 
 use fulcrum_jsonpatch::OpKind;
@@ -60,7 +62,7 @@ impl From<SchemaError> for PatchError {
     }
 }
 
-fn invalid(message: impl Into<String>) -> PatchError {
+pub(crate) fn invalid(message: impl Into<String>) -> PatchError {
     PatchError::Invalid(message.into())
 }
 
@@ -257,7 +259,11 @@ fn same_key(spec: &ListSpec, a: &Value, b: &Value, fallbacks: &[(&str, Value)]) 
 }
 
 /// The parent's values that stand in for key fields an entry leaves out.
-fn key_fallbacks(spec: &ListSpec, schema: &ObjectSchema, parent: &Map<String, Value>) -> Vec<(&'static str, Value)> {
+pub(crate) fn key_fallbacks(
+    spec: &ListSpec,
+    schema: &ObjectSchema,
+    parent: &Map<String, Value>,
+) -> Vec<(&'static str, Value)> {
     spec.key_defaults
         .iter()
         .filter_map(|(key, parent_field)| {

@@ -150,6 +150,16 @@ fn fill_pool_servers(pool: &mut Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
+fn check_merge_period(props: &mut Map<String, Value>) -> Result<(), String> {
+    match props.get("async_patch_merge_period").and_then(Value::as_i64) {
+        Some(0) | None => Ok(()),
+        Some(p) if (30..=120).contains(&p) => Ok(()),
+        Some(p) => Err(format!(
+            "field 'async_patch_merge_period': value {p} is not allowed; use 0 (off) or a period within 30..120 seconds"
+        )),
+    }
+}
+
 fn check_range(obj: &mut Map<String, Value>) -> Result<(), String> {
     let family = |key: &str| obj.get(key).and_then(|ip| ip.get("type")).cloned();
     if family("begin") != family("end") {
@@ -844,9 +854,15 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("rekey_volume_limit", s()).default("default"),
             ],
         ),
-        schema(
-            "ControllerProperties",
-            vec![
+        ObjectSchema {
+            name: "ControllerProperties",
+            fields: vec![
+                f("async_patch_merge_period", int(0, 120))
+                    .default(0)
+                    .describe("Seconds async PATCH requests are queued before they are merged; 0 is off, else 30-120."),
+                f("async_patch_request_cleanup_duration", int(5, 120))
+                    .default(60)
+                    .describe("Minutes a finished async PATCH request's status is kept."),
                 f("api_idle_timeout", int(0, 43200)).default(15).describe("Minutes an idle session lives."),
                 f("api_perf_logging_threshold", int(10, U32_MAX)).default(10000),
                 f("default_minimum_api_timeout", int(60, 3600)).default(60),
@@ -860,7 +876,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("seupgrade_segroup_min_dead_timeout", int(60, U32_MAX)).default(360),
                 f("system_report_limit", int(5, 100)).default(10),
             ],
-        ),
+            hook: Some(check_merge_period),
+        },
         schema(
             "Cluster",
             vec![

@@ -30,7 +30,12 @@ pub struct Options {
 /// One parsed shell command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Show { kind: String, name: Option<String> },
+    Show {
+        kind: String,
+        name: Option<String>,
+    },
+    /// `show pool-async status <patch_id>`
+    AsyncStatus(String),
     Help,
     Exit,
     Nothing,
@@ -41,6 +46,8 @@ Commands:
   show <type>            list objects of a type (show pool, show virtualservice, ...)
   show <type> <name>     one object, field by field
   show <singleton>       systemconfiguration, controllerproperties, cluster
+  show pool-async status <patch_id>
+                         the status of an asynchronous PATCH
   help                   this text
   exit | quit            leave the shell
 ";
@@ -54,6 +61,8 @@ pub fn parse(line: &str) -> Result<Command, String> {
         [] => Ok(Command::Nothing),
         ["help"] | ["?"] => Ok(Command::Help),
         ["exit"] | ["quit"] => Ok(Command::Exit),
+        ["show", "pool-async", "status", id] => Ok(Command::AsyncStatus(id.to_string())),
+        ["show", "pool-async", ..] => Err("usage: show pool-async status <patch_id>".into()),
         ["show", kind] => Ok(Command::Show { kind: kind.to_string(), name: None }),
         ["show", kind, name @ ..] => Ok(Command::Show { kind: kind.to_string(), name: Some(name.join(" ")) }),
         ["show"] => Err("show what? (show <type> [<name>])".into()),
@@ -72,6 +81,10 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
     match command {
         Command::Nothing | Command::Exit => Ok(String::new()),
         Command::Help => Ok(HELP.to_string()),
+        Command::AsyncStatus(id) => {
+            let reply = client.get(&format!("pool-async/status/{id}")).map_err(|e| e.to_string())?;
+            if reply.status == 200 { Ok(table::object(&reply.body)) } else { Err(error_text(&reply)) }
+        }
         Command::Show { kind, name } => {
             let type_def = reg.type_def(kind).ok_or_else(|| format!("unknown type '{kind}'"))?;
             if type_def.singleton {
@@ -213,6 +226,7 @@ mod tests {
         assert_eq!(parse("quit").unwrap(), Command::Exit);
         assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
         assert!(parse("show").is_err());
+        assert_eq!(parse("show pool-async status 0042").unwrap(), Command::AsyncStatus("0042".into()));
     }
 
     #[test]

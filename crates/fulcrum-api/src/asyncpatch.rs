@@ -1,0 +1,358 @@
+//! Asynchronous PATCH of pool servers: requests are validated and stored durably at once, then
+//! merged every `async_patch_merge_period` seconds — all requests for one pool as one change.
+//!
+//! Unlike the product it is compatible with (whose queue lives in memory), an acknowledged
+//! request survives a crash: the queue is a set of stored records, applied after a restart.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use fulcrum_metrics::{Gauge, Histogram, LATENCY_BUCKETS, SIZE_BUCKETS};
+use fulcrum_patch::merge::{Queued, merge_requests};
+use fulcrum_patch::{Op, Patch};
+use fulcrum_schema::{Registry, TypeDef, normalize_value};
+use fulcrum_store::Stored;
+use serde_json::{Value, json};
+
+use crate::access::{ADMIN_TENANT, Level};
+use crate::app::{App, RequestContext, json_response};
+use crate::error::ApiError;
+use crate::objects::{require, resolve_fields};
+use crate::version;
+
+/// Store kind of queued requests (not an API type: reached through `/api/pool-async/...`).
+pub const KIND: &str = "asyncpatch";
+
+pub static QUEUE_DEPTH: Gauge =
+    Gauge::new("fulcrum_async_patch_queue_depth", "Async PATCH requests waiting for a merge.");
+pub static MERGE_SECONDS: Histogram = Histogram::new(
+    "fulcrum_async_patch_merge_seconds",
+    "Time of one merge cycle, commit included.",
+    "",
+    LATENCY_BUCKETS,
+);
+pub static MERGED_PER_CYCLE: Histogram = Histogram::new(
+    "fulcrum_async_patch_merged_per_cycle",
+    "Async PATCH requests applied by one merge cycle.",
+    "",
+    SIZE_BUCKETS,
+);
+
+const STATUS_QUEUED: &str = "QUEUED";
+
+/// The merger's shared state.
+#[derive(Debug, Default)]
+pub struct AsyncPatches {
+    /// The `X-Avi-Version` of the requests queued in the current window (`Some(None)`: they sent
+    /// none); `None` while the window is empty. Only writer closures touch it, so checks and
+    /// merges are serialised with the writes that queue requests.
+    window: Mutex<Option<Option<String>>>,
+    /// Requests the running merge cycle has taken.
+    in_progress: Mutex<HashSet<String>>,
+    /// Serialises merge cycles (the timer's and explicit ones).
+    cycle: tokio::sync::Mutex<()>,
+}
+
+impl AsyncPatches {
+    /// Rebuilds the window and the queue depth from stored requests (after a restart).
+    pub fn recover(&self, queued: &[Arc<Stored>]) {
+        let pending: Vec<_> = queued.iter().filter(|r| r.value["status"] == STATUS_QUEUED).collect();
+        QUEUE_DEPTH.set(pending.len() as i64);
+        *self.window.lock().unwrap_or_else(|e| e.into_inner()) =
+            pending.first().map(|r| r.value["version"].as_str().map(String::from));
+    }
+}
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+fn refuse() -> ApiError {
+    ApiError::bad_request(
+        "async mode accepts only {\"add\": {\"servers\": [...]}} or {\"delete\": {\"servers\": [...]}} on a pool, \
+         with IPv4 server addresses",
+    )
+}
+
+/// `PATCH /api/pool/<uuid>?async_mode` while a merge period is set: validate, store, answer 202.
+pub async fn accept(
+    app: &App,
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+    uuid: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    require(ctx, type_def, Level::Write)?;
+    if type_def.path != "pool" {
+        return Err(refuse());
+    }
+    let input: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    let (op, entries) = match fulcrum_patch::parse(&input, false).map_err(|e| ApiError::bad_request(e.to_string()))? {
+        Patch::Classic { op: op @ (Op::Add | Op::Delete), fields } if fields.len() == 1 => {
+            match fields.get("servers") {
+                Some(Value::Array(entries)) if !entries.is_empty() => (op, entries.clone()),
+                _ => return Err(refuse()),
+            }
+        }
+        _ => return Err(refuse()),
+    };
+    let reg = Registry::get();
+    let server = match &reg.schema("Pool").field("servers").expect("pools have servers").kind {
+        fulcrum_schema::Kind::List(spec) => spec.item.clone(),
+        _ => unreachable!("servers is a list"),
+    };
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.pointer("/ip/type").and_then(Value::as_str) != Some("V4") {
+            return Err(ApiError::bad_request(format!(
+                "field 'servers[{i}].ip': async mode accepts IPv4 servers only (type V4)"
+            )));
+        }
+        normalize_value(reg, &server, entry, &format!("servers[{i}]"))?;
+    }
+    let pool = app
+        .store
+        .read()
+        .get("pool", uuid)
+        .filter(|p| matches!(&ctx.scope, crate::access::TenantScope::One(t) if *t == p.meta.tenant))
+        .map(|p| (p.uuid.clone(), p.meta.tenant.clone()))
+        .ok_or_else(|| ApiError::not_found(format!("pool '{uuid}' not found")))?;
+    let version = ctx.header("x-avi-version").map(|v| v.trim().to_string());
+    let created = version::rfc3339(SystemTime::now());
+    let state = app.async_patches.clone();
+    let (pool_uuid, tenant) = pool;
+    let op_name = if op == Op::Add { "add" } else { "delete" };
+    let patch_id = app
+        .store
+        .write(move |txn| {
+            if txn.get("pool", &pool_uuid).is_none() {
+                return Err(ApiError::not_found(format!("pool '{pool_uuid}' not found")));
+            }
+            let mut window = state.window.lock().unwrap_or_else(|e| e.into_inner());
+            match &*window {
+                Some(queued) if *queued != version => {
+                    let shown = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+                    return Err(ApiError::conflict(format!(
+                        "all async PATCH requests queued within one merge period must carry the same API version \
+                         (X-Avi-Version): the queue holds {}, this request has {}",
+                        shown(queued),
+                        shown(&version)
+                    )));
+                }
+                _ => *window = Some(version.clone()),
+            }
+            // Strictly increasing and fixed-width: ids sort in arrival order.
+            let patch_id = format!("{:020}", txn.timestamp_micros());
+            txn.put(
+                KIND,
+                &patch_id,
+                json!({
+                    "uuid": patch_id, "pool_uuid": pool_uuid, "tenant": tenant, "op": op_name,
+                    "servers": entries, "version": version, "created": created, "status": STATUS_QUEUED,
+                }),
+            );
+            Ok(patch_id)
+        })
+        .await?;
+    QUEUE_DEPTH.add(1);
+    Ok(json_response(StatusCode::ACCEPTED, &json!({"patch_id": patch_id, "uuid": uuid, "status": STATUS_QUEUED})))
+}
+
+/// `GET /api/pool-async/status/<patch_id>`.
+pub fn status(app: &App, ctx: &RequestContext, patch_id: &str) -> Result<Response, ApiError> {
+    let cat = app.store.read();
+    let not_found = || ApiError::not_found(format!("async PATCH '{patch_id}' not found (unknown or expired)"));
+    let record = cat.get(KIND, patch_id).ok_or_else(not_found)?;
+    let tenant = record.value["tenant"].as_str().unwrap_or(ADMIN_TENANT);
+    if ctx.principal.level(tenant, "pool") < Level::Read {
+        return Err(not_found());
+    }
+    let v = &record.value;
+    let in_progress = app.async_patches.in_progress.lock().unwrap_or_else(|e| e.into_inner()).contains(patch_id);
+    let mut body = json!({
+        "patch_id": patch_id,
+        "uuid": v["pool_uuid"],
+        "status": if in_progress { json!("IN_PROGRESS") } else { v["status"].clone() },
+        "created": v["created"],
+    });
+    for key in ["error_message", "status_code", "finished"] {
+        if let Some(x) = v.get(key) {
+            body[key] = x.clone();
+        }
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// What one merge cycle did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct MergeReport {
+    pub merged: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub pools: usize,
+    pub expired: usize,
+}
+
+/// Runs one merge cycle: applies every queued request (per pool, in arrival order, as one
+/// change), records each outcome, and drops finished statuses older than the cleanup duration.
+/// `now` decides expiry (the timer passes the real time; an operator or a test may pass another).
+pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiError> {
+    let state = app.async_patches.clone();
+    let _one_at_a_time = state.cycle.lock().await;
+    let started = Instant::now();
+    let cleanup_minutes = app
+        .setting("controllerproperties", "/async_patch_request_cleanup_duration")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(60);
+    let expire_before = micros(now).saturating_sub(cleanup_minutes * 60 * 1_000_000);
+    let finished_at = micros(now);
+    let shared = state.clone();
+    let report = app
+        .store
+        .write(move |txn| {
+            let mut report = MergeReport::default();
+            let mut by_pool: BTreeMap<String, Vec<Arc<Stored>>> = BTreeMap::new();
+            let mut records = txn.list(KIND);
+            records.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+            for record in records {
+                if record.value["status"] == STATUS_QUEUED {
+                    let pool = record.value["pool_uuid"].as_str().unwrap_or_default().to_string();
+                    by_pool.entry(pool).or_default().push(record);
+                } else if record.value["finished"].as_u64().is_some_and(|f| f < expire_before) {
+                    txn.delete(KIND, &record.uuid);
+                    report.expired += 1;
+                }
+            }
+            {
+                let mut in_progress = shared.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+                in_progress.extend(by_pool.values().flatten().map(|r| r.uuid.clone()));
+            }
+            *shared.window.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            let schema = Registry::get().schema("Pool");
+            let pool_type = Registry::get().type_def("pool").expect("pools are an API type");
+            for (pool_uuid, requests) in &by_pool {
+                report.pools += 1;
+                let queued: Vec<Queued> = requests
+                    .iter()
+                    .map(|r| Queued {
+                        op: if r.value["op"] == "add" { Op::Add } else { Op::Delete },
+                        entries: r.value["servers"].as_array().cloned().unwrap_or_default(),
+                    })
+                    .collect();
+                let tenant = requests[0].value["tenant"].as_str().unwrap_or(ADMIN_TENANT).to_string();
+                let stamp = txn.timestamp_micros();
+                let outcomes: Vec<Result<(), ApiError>> = match txn.edit_with("pool", pool_uuid, |txn, value| {
+                    let object = value.as_object_mut().ok_or_else(|| ApiError::internal("stored pool is not a map"))?;
+                    let before = object.get("servers").cloned();
+                    let outcomes = merge_requests(schema, object, "servers", &queued)
+                        .map_err(|e| ApiError::bad_request(e.to_string()));
+                    let resolved = outcomes.and_then(|o| {
+                        resolve_fields(txn, pool_type, object, &["servers".to_string()], &tenant).map(|()| o)
+                    });
+                    match resolved {
+                        Ok(outcomes) => {
+                            object.insert("_last_modified".into(), json!(stamp.to_string()));
+                            let edits = vec![
+                                json!({"op": "add", "path": "/servers", "value": object["servers"]}),
+                                json!({"op": "add", "path": "/_last_modified", "value": stamp.to_string()}),
+                            ];
+                            let outcomes = outcomes
+                                .into_iter()
+                                .map(|o| o.map_err(|e| ApiError::bad_request(e.to_string())))
+                                .collect();
+                            Ok((edits, outcomes))
+                        }
+                        Err(e) => {
+                            match before {
+                                Some(b) => object.insert("servers".into(), b),
+                                None => object.remove("servers"),
+                            };
+                            Err(e)
+                        }
+                    }
+                }) {
+                    Some(Ok(outcomes)) => outcomes,
+                    Some(Err(e)) => requests.iter().map(|_| Err(e.clone())).collect(),
+                    None => requests
+                        .iter()
+                        .map(|_| Err(ApiError::not_found(format!("pool '{pool_uuid}' not found"))))
+                        .collect(),
+                };
+                for (record, outcome) in requests.iter().zip(outcomes) {
+                    let mut value = record.value.clone();
+                    value["finished"] = json!(finished_at);
+                    match outcome {
+                        Ok(()) => {
+                            value["status"] = json!("SUCCESS");
+                            value["status_code"] = json!(200);
+                            report.succeeded += 1;
+                        }
+                        Err(e) => {
+                            value["status"] = json!("FAIL");
+                            value["status_code"] = json!(e.status.as_u16());
+                            value["error_message"] = json!(e.message);
+                            report.failed += 1;
+                        }
+                    }
+                    txn.put(KIND, &record.uuid, value);
+                    report.merged += 1;
+                }
+            }
+            Ok::<_, ApiError>(report)
+        })
+        .await;
+    state.in_progress.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let report = report?;
+    QUEUE_DEPTH.add(-(report.merged as i64));
+    MERGE_SECONDS.observe("", started.elapsed().as_secs_f64());
+    MERGED_PER_CYCLE.observe("", report.merged as f64);
+    if report.merged > 0 {
+        tracing::info!(merged = report.merged, failed = report.failed, pools = report.pools, "async PATCH merge");
+    }
+    Ok(report)
+}
+
+/// `POST /api/pool-async/merge [{"now": <epoch seconds>}]`: runs a merge cycle now (admin only).
+pub async fn merge_now(app: &App, ctx: &RequestContext, body: &[u8]) -> Result<Response, ApiError> {
+    if ctx.principal.level(ADMIN_TENANT, "controllerproperties") < Level::Write {
+        return Err(ApiError::forbidden("only administrators may run a merge cycle"));
+    }
+    let now = if body.iter().all(u8::is_ascii_whitespace) {
+        SystemTime::now()
+    } else {
+        let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+        match v.get("now") {
+            None => SystemTime::now(),
+            Some(n) => {
+                UNIX_EPOCH
+                    + Duration::from_secs_f64(
+                        n.as_f64()
+                            .filter(|s| *s >= 0.0)
+                            .ok_or_else(|| ApiError::bad_request("field 'now': expected seconds since the epoch"))?,
+                    )
+            }
+        }
+    };
+    let report = merge_cycle(app, now).await?;
+    Ok(json_response(StatusCode::OK, &serde_json::to_value(report).unwrap_or_default()))
+}
+
+/// The timer: merges every `async_patch_merge_period` seconds; when the period is 0 (async mode
+/// off) it still drains requests queued before it was turned off.
+pub async fn run_timer(app: Arc<App>) {
+    let mut last = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let period =
+            app.setting("controllerproperties", "/async_patch_merge_period").and_then(|v| v.as_u64()).unwrap_or(0);
+        let due = if period == 0 { QUEUE_DEPTH.get() > 0 } else { last.elapsed() >= Duration::from_secs(period) };
+        if due {
+            last = Instant::now();
+            if let Err(e) = merge_cycle(&app, SystemTime::now()).await {
+                tracing::error!(error = %e, "async PATCH merge failed; it will be retried");
+            }
+        }
+    }
+}
