@@ -3,6 +3,7 @@
 //!
 //! Run with `bench/run` (builds release binaries, installs etcd-server when missing).
 
+mod asyncpatch;
 mod patch;
 
 use std::io::{BufRead, BufReader, Write};
@@ -32,6 +33,27 @@ enum Which {
     Config(ConfigArgs),
     /// PATCH add/delete-one-server on pools of 10 and 5,000 servers (issue 3).
     Patch(PatchArgs),
+    /// Async PATCH: accept rate, one merge cycle, and the same adds synchronously (issue 4).
+    Async(AsyncArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct AsyncArgs {
+    #[arg(long, default_value_t = 100_000)]
+    adds: usize,
+    #[arg(long, default_value_t = 100)]
+    pools: usize,
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// How many of the same adds to send synchronously for comparison (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    sync_adds: usize,
+}
+
+impl Default for AsyncArgs {
+    fn default() -> Self {
+        AsyncArgs { adds: 100_000, pools: 100, clients: 64, sync_adds: 100_000 }
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -243,9 +265,11 @@ fn main() {
     match cli.which {
         Some(Which::Config(args)) => config(&cli.common, &args),
         Some(Which::Patch(args)) => patch::run(&cli.common, &args),
+        Some(Which::Async(args)) => asyncpatch::run(&cli.common, &args),
         None => {
             config(&cli.common, &ConfigArgs::default());
             patch::run(&cli.common, &PatchArgs::default());
+            asyncpatch::run(&cli.common, &AsyncArgs::default());
         }
     }
 }

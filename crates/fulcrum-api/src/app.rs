@@ -348,7 +348,7 @@ async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
     response
 }
 
-async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> Result<Response, ApiError> {
+async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) -> Result<Response, ApiError> {
     let method = parts.method.clone();
     match (&route, &method) {
         (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app)),
@@ -371,7 +371,7 @@ async fn handle(app: &Arc<App>, parts: Parts, body: Body, route: Route<'_>) -> R
         scope,
         base_url: base_url(app, &parts.headers),
         query,
-        headers: parts.headers.clone(),
+        headers: std::mem::take(&mut parts.headers),
     };
     if method.as_str() != "PATCH" && method.as_str().eq_ignore_ascii_case("PATCH") {
         return Err(ApiError::bad_request(format!(

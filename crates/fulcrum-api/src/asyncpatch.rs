@@ -2,9 +2,12 @@
 //! merged every `async_patch_merge_period` seconds — all requests for one pool as one change.
 //!
 //! Unlike the product it is compatible with (whose queue lives in memory), an acknowledged
-//! request survives a crash: the queue is a set of stored records, applied after a restart.
+//! request survives a crash: each request is a stored record, applied after a restart.
+//! A merge cycle does not rewrite its requests: it stores one outcome record (which requests it
+//! applied, which failed and why) in the same transaction as the pools it changed. A request's
+//! status is its record read through its cycle's outcome; both go when the outcome expires.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +28,8 @@ use crate::version;
 
 /// Store kind of queued requests (not an API type: reached through `/api/pool-async/...`).
 pub const KIND: &str = "asyncpatch";
+/// Store kind of merge cycle outcomes.
+pub const CYCLE_KIND: &str = "asyncpatch-cycle";
 
 pub static QUEUE_DEPTH: Gauge =
     Gauge::new("fulcrum_async_patch_queue_depth", "Async PATCH requests waiting for a merge.");
@@ -43,26 +48,71 @@ pub static MERGED_PER_CYCLE: Histogram = Histogram::new(
 
 const STATUS_QUEUED: &str = "QUEUED";
 
-/// The merger's shared state.
+/// How a merge cycle ended for the requests it took.
+#[derive(Debug)]
+struct CycleOutcome {
+    cycle_id: String,
+    finished: u64,
+    /// patch id → (status code, message) of the requests that failed; the others succeeded.
+    failed: HashMap<String, (u16, String)>,
+    patch_ids: Vec<String>,
+}
+
+impl CycleOutcome {
+    fn from_record(record: &Stored) -> CycleOutcome {
+        let v = &record.value;
+        let failed = v["failed"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, f)| {
+                        let code = f["status_code"].as_u64().unwrap_or(400) as u16;
+                        (id.clone(), (code, f["error_message"].as_str().unwrap_or_default().to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let patch_ids = v["patch_ids"].as_array().into_iter().flatten().filter_map(|i| i.as_str().map(String::from)).collect();
+        CycleOutcome { cycle_id: record.uuid.clone(), finished: v["finished"].as_u64().unwrap_or(0), failed, patch_ids }
+    }
+}
+
+/// The merger's shared state. The window and the pending set are changed only inside writer
+/// closures, so they stay in step with what is stored.
 #[derive(Debug, Default)]
 pub struct AsyncPatches {
     /// The `X-Avi-Version` of the requests queued in the current window (`Some(None)`: they sent
-    /// none); `None` while the window is empty. Only writer closures touch it, so checks and
-    /// merges are serialised with the writes that queue requests.
+    /// none); `None` while the window is empty.
     window: Mutex<Option<Option<String>>>,
+    /// Ids of stored requests no cycle has applied yet, in arrival order.
+    pending: Mutex<BTreeSet<String>>,
+    /// patch id → the outcome of the cycle that applied it.
+    done: Mutex<HashMap<String, Arc<CycleOutcome>>>,
     /// Requests the running merge cycle has taken.
     in_progress: Mutex<HashSet<String>>,
     /// Serialises merge cycles (the timer's and explicit ones).
     cycle: tokio::sync::Mutex<()>,
 }
 
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl AsyncPatches {
-    /// Rebuilds the window and the queue depth from stored requests (after a restart).
-    pub fn recover(&self, queued: &[Arc<Stored>]) {
-        let pending: Vec<_> = queued.iter().filter(|r| r.value["status"] == STATUS_QUEUED).collect();
+    /// Rebuilds the state from stored requests and cycle outcomes (after a restart).
+    pub fn recover(&self, requests: &[Arc<Stored>], cycles: &[Arc<Stored>]) {
+        let mut done = locked(&self.done);
+        for cycle in cycles {
+            let outcome = Arc::new(CycleOutcome::from_record(cycle));
+            for id in &outcome.patch_ids {
+                done.insert(id.clone(), outcome.clone());
+            }
+        }
+        let mut pending = locked(&self.pending);
+        pending.extend(requests.iter().filter(|r| !done.contains_key(&r.uuid)).map(|r| r.uuid.clone()));
         QUEUE_DEPTH.set(pending.len() as i64);
-        *self.window.lock().unwrap_or_else(|e| e.into_inner()) =
-            pending.first().map(|r| r.value["version"].as_str().map(String::from));
+        let first = pending.iter().next().and_then(|id| requests.iter().find(|r| r.uuid == *id));
+        *locked(&self.window) = first.map(|r| r.value["version"].as_str().map(String::from));
     }
 }
 
@@ -130,7 +180,7 @@ pub async fn accept(
             if txn.get("pool", &pool_uuid).is_none() {
                 return Err(ApiError::not_found(format!("pool '{pool_uuid}' not found")));
             }
-            let mut window = state.window.lock().unwrap_or_else(|e| e.into_inner());
+            let mut window = locked(&state.window);
             match &*window {
                 Some(queued) if *queued != version => {
                     let shown = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
@@ -150,13 +200,14 @@ pub async fn accept(
                 &patch_id,
                 json!({
                     "uuid": patch_id, "pool_uuid": pool_uuid, "tenant": tenant, "op": op_name,
-                    "servers": entries, "version": version, "created": created, "status": STATUS_QUEUED,
+                    "servers": entries, "version": version, "created": created,
                 }),
             );
+            locked(&state.pending).insert(patch_id.clone());
             Ok(patch_id)
         })
         .await?;
-    QUEUE_DEPTH.add(1);
+    QUEUE_DEPTH.set(locked(&app.async_patches.pending).len() as i64);
     Ok(json_response(StatusCode::ACCEPTED, &json!({"patch_id": patch_id, "uuid": uuid, "status": STATUS_QUEUED})))
 }
 
@@ -170,17 +221,25 @@ pub fn status(app: &App, ctx: &RequestContext, patch_id: &str) -> Result<Respons
         return Err(not_found());
     }
     let v = &record.value;
-    let in_progress = app.async_patches.in_progress.lock().unwrap_or_else(|e| e.into_inner()).contains(patch_id);
-    let mut body = json!({
-        "patch_id": patch_id,
-        "uuid": v["pool_uuid"],
-        "status": if in_progress { json!("IN_PROGRESS") } else { v["status"].clone() },
-        "created": v["created"],
-    });
-    for key in ["error_message", "status_code", "finished"] {
-        if let Some(x) = v.get(key) {
-            body[key] = x.clone();
+    let mut body = json!({"patch_id": patch_id, "uuid": v["pool_uuid"], "created": v["created"]});
+    let outcome = locked(&app.async_patches.done).get(patch_id).cloned();
+    match outcome {
+        Some(outcome) => {
+            body["finished"] = json!(version::rfc3339(UNIX_EPOCH + Duration::from_micros(outcome.finished)));
+            match outcome.failed.get(patch_id) {
+                None => {
+                    body["status"] = json!("SUCCESS");
+                    body["status_code"] = json!(200);
+                }
+                Some((code, message)) => {
+                    body["status"] = json!("FAIL");
+                    body["status_code"] = json!(code);
+                    body["error_message"] = json!(message);
+                }
+            }
         }
+        None if locked(&app.async_patches.in_progress).contains(patch_id) => body["status"] = json!("IN_PROGRESS"),
+        None => body["status"] = json!(STATUS_QUEUED),
     }
     Ok(json_response(StatusCode::OK, &body))
 }
@@ -209,36 +268,44 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
     let expire_before = micros(now).saturating_sub(cleanup_minutes * 60 * 1_000_000);
     let finished_at = micros(now);
     let shared = state.clone();
-    let report = app
+    let outcome = app
         .store
         .write(move |txn| {
             let mut report = MergeReport::default();
+            // Outcomes past the cleanup duration go, with their requests.
+            let expired: Vec<Arc<CycleOutcome>> = {
+                let done = locked(&shared.done);
+                let mut seen = HashSet::new();
+                done.values().filter(|o| o.finished < expire_before && seen.insert(o.cycle_id.clone())).cloned().collect()
+            };
+            for outcome in &expired {
+                txn.delete(CYCLE_KIND, &outcome.cycle_id);
+                for id in &outcome.patch_ids {
+                    txn.delete(KIND, id);
+                }
+                report.expired += outcome.patch_ids.len();
+            }
+            // Taken out of the pending set only once the cycle is stored (below, after the commit).
+            let taken: Vec<String> = locked(&shared.pending).iter().cloned().collect();
+            *locked(&shared.window) = None;
+            locked(&shared.in_progress).extend(taken.iter().cloned());
             let mut by_pool: BTreeMap<String, Vec<Arc<Stored>>> = BTreeMap::new();
-            let mut records = txn.list(KIND);
-            records.sort_by(|a, b| a.uuid.cmp(&b.uuid));
-            for record in records {
-                if record.value["status"] == STATUS_QUEUED {
-                    let pool = record.value["pool_uuid"].as_str().unwrap_or_default().to_string();
-                    by_pool.entry(pool).or_default().push(record);
-                } else if record.value["finished"].as_u64().is_some_and(|f| f < expire_before) {
-                    txn.delete(KIND, &record.uuid);
-                    report.expired += 1;
+            for id in &taken {
+                if let Some(record) = txn.get(KIND, id) {
+                    by_pool.entry(record.value["pool_uuid"].as_str().unwrap_or_default().to_string()).or_default().push(record);
                 }
             }
-            {
-                let mut in_progress = shared.in_progress.lock().unwrap_or_else(|e| e.into_inner());
-                in_progress.extend(by_pool.values().flatten().map(|r| r.uuid.clone()));
-            }
-            *shared.window.lock().unwrap_or_else(|e| e.into_inner()) = None;
             let schema = Registry::get().schema("Pool");
             let pool_type = Registry::get().type_def("pool").expect("pools are an API type");
+            let mut failed = serde_json::Map::new();
+            let mut patch_ids = Vec::with_capacity(taken.len());
             for (pool_uuid, requests) in &by_pool {
                 report.pools += 1;
-                let queued: Vec<Queued> = requests
+                let queued: Vec<Queued<'_>> = requests
                     .iter()
                     .map(|r| Queued {
                         op: if r.value["op"] == "add" { Op::Add } else { Op::Delete },
-                        entries: r.value["servers"].as_array().cloned().unwrap_or_default(),
+                        entries: r.value["servers"].as_array().map_or(&[], Vec::as_slice),
                     })
                     .collect();
                 let tenant = requests[0].value["tenant"].as_str().unwrap_or(ADMIN_TENANT).to_string();
@@ -246,23 +313,17 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
                 let outcomes: Vec<Result<(), ApiError>> = match txn.edit_with("pool", pool_uuid, |txn, value| {
                     let object = value.as_object_mut().ok_or_else(|| ApiError::internal("stored pool is not a map"))?;
                     let before = object.get("servers").cloned();
-                    let outcomes = merge_requests(schema, object, "servers", &queued)
-                        .map_err(|e| ApiError::bad_request(e.to_string()));
-                    let resolved = outcomes.and_then(|o| {
+                    let merged = merge_requests(schema, object, "servers", &queued).map_err(|e| ApiError::bad_request(e.to_string()));
+                    let resolved = merged.and_then(|o| {
                         resolve_fields(txn, pool_type, object, &["servers".to_string()], &tenant).map(|()| o)
                     });
                     match resolved {
                         Ok(outcomes) => {
                             object.insert("_last_modified".into(), json!(stamp.to_string()));
-                            let edits = vec![
-                                json!({"op": "add", "path": "/servers", "value": object["servers"]}),
-                                json!({"op": "add", "path": "/_last_modified", "value": stamp.to_string()}),
-                            ];
-                            let outcomes = outcomes
-                                .into_iter()
-                                .map(|o| o.map_err(|e| ApiError::bad_request(e.to_string())))
-                                .collect();
-                            Ok((edits, outcomes))
+                            let outcomes =
+                                outcomes.into_iter().map(|o| o.map_err(|e| ApiError::bad_request(e.to_string()))).collect();
+                            // The merged list is rewritten as a whole: one whole write per pool.
+                            Ok((None, outcomes))
                         }
                         Err(e) => {
                             match before {
@@ -275,37 +336,62 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
                 }) {
                     Some(Ok(outcomes)) => outcomes,
                     Some(Err(e)) => requests.iter().map(|_| Err(e.clone())).collect(),
-                    None => requests
-                        .iter()
-                        .map(|_| Err(ApiError::not_found(format!("pool '{pool_uuid}' not found"))))
-                        .collect(),
+                    None => requests.iter().map(|_| Err(ApiError::not_found(format!("pool '{pool_uuid}' not found")))).collect(),
                 };
                 for (record, outcome) in requests.iter().zip(outcomes) {
-                    let mut value = record.value.clone();
-                    value["finished"] = json!(finished_at);
+                    patch_ids.push(json!(record.uuid));
+                    report.merged += 1;
                     match outcome {
-                        Ok(()) => {
-                            value["status"] = json!("SUCCESS");
-                            value["status_code"] = json!(200);
-                            report.succeeded += 1;
-                        }
+                        Ok(()) => report.succeeded += 1,
                         Err(e) => {
-                            value["status"] = json!("FAIL");
-                            value["status_code"] = json!(e.status.as_u16());
-                            value["error_message"] = json!(e.message);
+                            failed.insert(record.uuid.clone(), json!({"status_code": e.status.as_u16(), "error_message": e.message}));
                             report.failed += 1;
                         }
                     }
-                    txn.put(KIND, &record.uuid, value);
-                    report.merged += 1;
                 }
             }
-            Ok::<_, ApiError>(report)
+            let cycle = (report.merged > 0).then(|| {
+                let cycle_id = format!("{:020}", txn.timestamp_micros());
+                let stored = txn.put(
+                    CYCLE_KIND,
+                    &cycle_id,
+                    json!({"uuid": cycle_id, "finished": finished_at, "patch_ids": patch_ids, "failed": failed}),
+                );
+                Arc::new(CycleOutcome::from_record(&stored))
+            });
+            Ok::<_, ApiError>((report, cycle, expired, taken))
         })
         .await;
-    state.in_progress.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    let report = report?;
-    QUEUE_DEPTH.add(-(report.merged as i64));
+    // Memory follows what was committed.
+    locked(&state.in_progress).clear();
+    let (report, cycle, expired, taken) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            let e = ApiError::from(e);
+            tracing::error!(error = %e, "merge cycle not stored; its requests stay queued");
+            return Err(e);
+        }
+    };
+    {
+        let mut pending = locked(&state.pending);
+        for id in &taken {
+            pending.remove(id);
+        }
+    }
+    {
+        let mut done = locked(&state.done);
+        for outcome in &expired {
+            for id in &outcome.patch_ids {
+                done.remove(id);
+            }
+        }
+        if let Some(cycle) = cycle {
+            for id in &cycle.patch_ids {
+                done.insert(id.clone(), cycle.clone());
+            }
+        }
+    }
+    QUEUE_DEPTH.set(locked(&state.pending).len() as i64);
     MERGE_SECONDS.observe("", started.elapsed().as_secs_f64());
     MERGED_PER_CYCLE.observe("", report.merged as f64);
     if report.merged > 0 {

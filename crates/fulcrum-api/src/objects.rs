@@ -646,7 +646,7 @@ pub async fn patch(
                         "incremental validation agrees with whole"
                     );
                 }
-                Ok((edits, ()))
+                Ok((Some(edits), ()))
             })
             .unwrap_or_else(|| Err(not_found(type_def, &uuid)))
         })

@@ -96,7 +96,12 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         listen: local,
         async_patches: Arc::new(AsyncPatches::default()),
     });
-    app.async_patches.recover(&app.store.read().iter(asyncpatch::KIND).cloned().collect::<Vec<_>>());
+    {
+        let cat = app.store.read();
+        let requests: Vec<_> = cat.iter(asyncpatch::KIND).cloned().collect();
+        let cycles: Vec<_> = cat.iter(asyncpatch::CYCLE_KIND).cloned().collect();
+        app.async_patches.recover(&requests, &cycles);
+    }
     let merger = tokio::spawn(asyncpatch::run_timer(app.clone()));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to learn the port when listening on port 0.

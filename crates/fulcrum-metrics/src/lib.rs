@@ -84,8 +84,14 @@ impl Counter {
     }
 
     pub fn add(&self, labels: &[&str], n: u64) {
-        let key = labels.iter().map(|l| l.to_string()).collect();
-        *self.values.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += n;
+        let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        // Look up without allocating; a new series allocates once.
+        match values.iter_mut().find(|(k, _)| k.iter().map(String::as_str).eq(labels.iter().copied())) {
+            Some((_, v)) => *v += n,
+            None => {
+                values.insert(labels.iter().map(|l| l.to_string()).collect(), n);
+            }
+        }
     }
 
     pub fn get(&self, labels: &[&str]) -> u64 {

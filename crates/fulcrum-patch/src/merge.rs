@@ -11,9 +11,9 @@ use crate::{Op, PatchError, invalid, key_fallbacks};
 
 /// One queued request: add or delete these entries (in stored form) of the list.
 #[derive(Debug, Clone)]
-pub struct Queued {
+pub struct Queued<'a> {
     pub op: Op,
-    pub entries: Vec<Value>,
+    pub entries: &'a [Value],
 }
 
 /// Applies `requests` to list `field` of `object` in order. Returns each request's outcome; a
@@ -23,7 +23,7 @@ pub fn merge_requests(
     schema: &ObjectSchema,
     object: &mut Map<String, Value>,
     field: &str,
-    requests: &[Queued],
+    requests: &[Queued<'_>],
 ) -> Result<Vec<Result<(), PatchError>>, PatchError> {
     let reg = Registry::get();
     let spec = match schema.field(field).map(|f| &f.kind) {
@@ -68,7 +68,7 @@ pub fn merge_requests(
                             .map(|(i, e)| normalize_value(reg, &spec.item, e, &at(i)).map_err(PatchError::from))
                             .collect();
                         checked.map(|entries| {
-                            for ((entry, key), given) in entries.into_iter().zip(keys).zip(&request.entries) {
+                            for ((entry, key), given) in entries.into_iter().zip(keys).zip(request.entries) {
                                 match index.get(&key).copied().filter(|&i| slots[i].is_some()) {
                                     Some(i) => {
                                         // Update the entry with the fields the request gave.
@@ -95,7 +95,7 @@ pub fn merge_requests(
                 }
             }
             Op::Delete => {
-                for entry in &request.entries {
+                for entry in request.entries {
                     if let Some(i) = index.get(&key_of(entry)).copied()
                         && slots[i].take().is_some()
                     {
@@ -125,6 +125,15 @@ mod tests {
         json!({"ip": {"addr": addr, "type": "V4"}})
     }
 
+    /// Requests in stored form, and their borrowed view.
+    fn requests(specs: &[(Op, &[&str])]) -> Vec<(Op, Vec<Value>)> {
+        specs.iter().map(|(op, addrs)| (*op, addrs.iter().map(|a| server(a)).collect())).collect()
+    }
+
+    fn view(owned: &[(Op, Vec<Value>)]) -> Vec<Queued<'_>> {
+        owned.iter().map(|(op, entries)| Queued { op: *op, entries }).collect()
+    }
+
     fn addrs(pool: &Map<String, Value>) -> Vec<String> {
         pool["servers"].as_array().unwrap().iter().map(|s| s["ip"]["addr"].as_str().unwrap().to_string()).collect()
     }
@@ -134,19 +143,13 @@ mod tests {
         let reg = Registry::get();
         let schema = reg.schema("Pool");
         let mut pool = normalize(reg, schema, &json!({"name": "p", "servers": [server("1.1.1.1")]})).unwrap();
-        let q = |op, addrs: &[&str]| Queued { op, entries: addrs.iter().map(|a| server(a)).collect() };
-        let outcomes = merge_requests(
-            schema,
-            &mut pool,
-            "servers",
-            &[
-                q(Op::Add, &["2.2.2.2", "3.3.3.3"]),
-                q(Op::Delete, &["2.2.2.2"]),
-                q(Op::Delete, &["1.1.1.1"]),
-                q(Op::Add, &["1.1.1.1"]),
-            ],
-        )
-        .unwrap();
+        let owned = requests(&[
+            (Op::Add, &["2.2.2.2", "3.3.3.3"]),
+            (Op::Delete, &["2.2.2.2"]),
+            (Op::Delete, &["1.1.1.1"]),
+            (Op::Add, &["1.1.1.1"]),
+        ]);
+        let outcomes = merge_requests(schema, &mut pool, "servers", &view(&owned)).unwrap();
         assert!(outcomes.iter().all(Result::is_ok));
         assert_eq!(addrs(&pool), ["3.3.3.3", "1.1.1.1"]);
         assert_eq!(pool["servers"][0]["port"], 80, "the pool's hook fills the port");
@@ -160,19 +163,13 @@ mod tests {
         let schema = reg.schema("Pool");
         let full: Vec<Value> = (0..4999).map(|i| server(&format!("10.0.{}.{}", i / 256, i % 256))).collect();
         let mut pool = normalize(reg, schema, &json!({"name": "p", "servers": full})).unwrap();
-        let q = |op, addrs: &[&str]| Queued { op, entries: addrs.iter().map(|a| server(a)).collect() };
-        let outcomes = merge_requests(
-            schema,
-            &mut pool,
-            "servers",
-            &[
-                q(Op::Add, &["9.9.9.1", "9.9.9.2"]),
-                q(Op::Add, &["9.9.9.3"]),
-                q(Op::Add, &["9.9.9.4"]),
-                q(Op::Add, &["9.9.9.3"]),
-            ],
-        )
-        .unwrap();
+        let owned = requests(&[
+            (Op::Add, &["9.9.9.1", "9.9.9.2"]),
+            (Op::Add, &["9.9.9.3"]),
+            (Op::Add, &["9.9.9.4"]),
+            (Op::Add, &["9.9.9.3"]),
+        ]);
+        let outcomes = merge_requests(schema, &mut pool, "servers", &view(&owned)).unwrap();
         assert!(outcomes[0].as_ref().unwrap_err().to_string().contains("at most 5000"));
         assert!(outcomes[1].is_ok());
         assert!(outcomes[2].is_err());

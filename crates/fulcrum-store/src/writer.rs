@@ -127,6 +127,9 @@ enum Origin {
 
 impl Txn<'_> {
     pub fn get(&self, kind: &str, uuid: &str) -> Option<Arc<Stored>> {
+        if self.current.objects.is_empty() && self.batch.objects.is_empty() {
+            return self.base.get(kind, uuid).cloned();
+        }
         let key = (kind.to_string(), uuid.to_string());
         if let Some(entry) = self.current.objects.get(&key).or_else(|| self.batch.objects.get(&key)) {
             return entry.stored.clone();
@@ -203,15 +206,15 @@ impl Txn<'_> {
     }
 
     /// Edits an existing object in place: `f` gets this transaction (for lookups) and the
-    /// object's body, changes it and returns the edit log, or refuses after restoring the body
-    /// exactly. Repeated edits of one object within a batch share one copy of it (copied from
+    /// object's body, changes it and returns the edit log (`None`: store the object whole), or
+    /// refuses after restoring the body exactly. Repeated edits of one object within a batch share one copy of it (copied from
     /// committed state once), so their cost follows the size of the change. `None` when the
     /// object does not exist.
     pub fn edit_with<T, E>(
         &mut self,
         kind: &str,
         uuid: &str,
-        f: impl FnOnce(&Txn<'_>, &mut Value) -> Result<(Vec<Value>, T), E>,
+        f: impl FnOnce(&Txn<'_>, &mut Value) -> Result<(Option<Vec<Value>>, T), E>,
     ) -> Option<Result<T, E>> {
         let key = (kind.to_string(), uuid.to_string());
         let unwrap = |arc: Arc<Stored>| match Arc::try_unwrap(arc) {
@@ -242,13 +245,13 @@ impl Txn<'_> {
                 if let Some(name) = &meta.name {
                     self.current.names.insert((kind.into(), meta.tenant.clone(), name.clone()), uuid.into());
                 }
-                let edits = match origin {
-                    Origin::Current(Some(mut earlier)) => {
+                let edits = match (origin, edits) {
+                    (Origin::Current(Some(mut earlier)), Some(edits)) => {
                         earlier.extend(edits);
                         Some(earlier)
                     }
-                    Origin::Current(None) => None,
-                    Origin::Batch | Origin::Base => Some(edits),
+                    (Origin::Current(_), _) | (_, None) => None,
+                    (Origin::Batch | Origin::Base, Some(edits)) => Some(edits),
                 };
                 self.current.objects.insert(key, Pending { stored: Some(rebuild(value, meta)), edits });
                 Some(Ok(result))
@@ -357,6 +360,16 @@ impl Store {
     }
 }
 
+/// Frees what the writer hands it.
+fn reclaimer() -> mpsc::Sender<Vec<Arc<Stored>>> {
+    let (tx, rx) = mpsc::channel::<Vec<Arc<Stored>>>();
+    let spawned = std::thread::Builder::new().name("fulcrum-reclaim".into()).spawn(move || rx.into_iter().for_each(drop));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no reclaim thread; the writer frees old versions itself");
+    }
+    tx
+}
+
 fn run_writer(
     mut backend: impl Backend,
     catalogue: Arc<RwLock<Catalogue>>,
@@ -364,6 +377,7 @@ fn run_writer(
     queue: mpsc::Receiver<Job>,
     mut clock: u64,
 ) {
+    let reclaim = reclaimer();
     while let Ok(first) = queue.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -425,8 +439,9 @@ fn run_writer(
                         let mut cat = catalogue.write().unwrap_or_else(|e| e.into_inner());
                         changes.iter().filter_map(|c| cat.apply(c)).collect()
                     };
-                    // Old versions (possibly large) are freed after the lock is released.
-                    drop(replaced);
+                    // Old versions (possibly large, possibly many) are freed by another thread,
+                    // off the writer's path.
+                    let _ = reclaim.send(replaced);
                 }
                 Err(e) => tracing::error!(error = %e, "commit failed; the batch is refused"),
             }
