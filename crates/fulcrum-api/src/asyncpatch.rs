@@ -72,7 +72,8 @@ impl CycleOutcome {
                     .collect()
             })
             .unwrap_or_default();
-        let patch_ids = v["patch_ids"].as_array().into_iter().flatten().filter_map(|i| i.as_str().map(String::from)).collect();
+        let patch_ids =
+            v["patch_ids"].as_array().into_iter().flatten().filter_map(|i| i.as_str().map(String::from)).collect();
         CycleOutcome { cycle_id: record.uuid.clone(), finished: v["finished"].as_u64().unwrap_or(0), failed, patch_ids }
     }
 }
@@ -276,7 +277,10 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
             let expired: Vec<Arc<CycleOutcome>> = {
                 let done = locked(&shared.done);
                 let mut seen = HashSet::new();
-                done.values().filter(|o| o.finished < expire_before && seen.insert(o.cycle_id.clone())).cloned().collect()
+                done.values()
+                    .filter(|o| o.finished < expire_before && seen.insert(o.cycle_id.clone()))
+                    .cloned()
+                    .collect()
             };
             for outcome in &expired {
                 txn.delete(CYCLE_KIND, &outcome.cycle_id);
@@ -292,9 +296,13 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
             let mut by_pool: BTreeMap<String, Vec<Arc<Stored>>> = BTreeMap::new();
             for id in &taken {
                 if let Some(record) = txn.get(KIND, id) {
-                    by_pool.entry(record.value["pool_uuid"].as_str().unwrap_or_default().to_string()).or_default().push(record);
+                    by_pool
+                        .entry(record.value["pool_uuid"].as_str().unwrap_or_default().to_string())
+                        .or_default()
+                        .push(record);
                 }
             }
+            tracing::debug!(micros = started.elapsed().as_micros() as u64, "merge cycle: requests grouped");
             let schema = Registry::get().schema("Pool");
             let pool_type = Registry::get().type_def("pool").expect("pools are an API type");
             let mut failed = serde_json::Map::new();
@@ -313,15 +321,18 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
                 let outcomes: Vec<Result<(), ApiError>> = match txn.edit_with("pool", pool_uuid, |txn, value| {
                     let object = value.as_object_mut().ok_or_else(|| ApiError::internal("stored pool is not a map"))?;
                     let before = object.get("servers").cloned();
-                    let merged = merge_requests(schema, object, "servers", &queued).map_err(|e| ApiError::bad_request(e.to_string()));
+                    let merged = merge_requests(schema, object, "servers", &queued)
+                        .map_err(|e| ApiError::bad_request(e.to_string()));
                     let resolved = merged.and_then(|o| {
                         resolve_fields(txn, pool_type, object, &["servers".to_string()], &tenant).map(|()| o)
                     });
                     match resolved {
                         Ok(outcomes) => {
                             object.insert("_last_modified".into(), json!(stamp.to_string()));
-                            let outcomes =
-                                outcomes.into_iter().map(|o| o.map_err(|e| ApiError::bad_request(e.to_string()))).collect();
+                            let outcomes = outcomes
+                                .into_iter()
+                                .map(|o| o.map_err(|e| ApiError::bad_request(e.to_string())))
+                                .collect();
                             // The merged list is rewritten as a whole: one whole write per pool.
                             Ok((None, outcomes))
                         }
@@ -336,7 +347,10 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
                 }) {
                     Some(Ok(outcomes)) => outcomes,
                     Some(Err(e)) => requests.iter().map(|_| Err(e.clone())).collect(),
-                    None => requests.iter().map(|_| Err(ApiError::not_found(format!("pool '{pool_uuid}' not found")))).collect(),
+                    None => requests
+                        .iter()
+                        .map(|_| Err(ApiError::not_found(format!("pool '{pool_uuid}' not found"))))
+                        .collect(),
                 };
                 for (record, outcome) in requests.iter().zip(outcomes) {
                     patch_ids.push(json!(record.uuid));
@@ -344,12 +358,16 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
                     match outcome {
                         Ok(()) => report.succeeded += 1,
                         Err(e) => {
-                            failed.insert(record.uuid.clone(), json!({"status_code": e.status.as_u16(), "error_message": e.message}));
+                            failed.insert(
+                                record.uuid.clone(),
+                                json!({"status_code": e.status.as_u16(), "error_message": e.message}),
+                            );
                             report.failed += 1;
                         }
                     }
                 }
             }
+            tracing::debug!(micros = started.elapsed().as_micros() as u64, "merge cycle: pools merged");
             let cycle = (report.merged > 0).then(|| {
                 let cycle_id = format!("{:020}", txn.timestamp_micros());
                 let stored = txn.put(
@@ -359,6 +377,7 @@ pub async fn merge_cycle(app: &App, now: SystemTime) -> Result<MergeReport, ApiE
                 );
                 Arc::new(CycleOutcome::from_record(&stored))
             });
+            tracing::debug!(micros = started.elapsed().as_micros() as u64, "merge cycle computed; committing");
             Ok::<_, ApiError>((report, cycle, expired, taken))
         })
         .await;

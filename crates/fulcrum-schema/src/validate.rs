@@ -38,48 +38,44 @@ fn err(field: &str, message: impl Into<String>) -> SchemaError {
     SchemaError { field: field.to_string(), message: message.into() }
 }
 
-fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() { name.to_string() } else { format!("{parent}.{name}") }
-}
-
 /// Checks `input` against `schema` and returns the stored form of the object.
 /// Unknown fields are dropped, as the controller does.
 pub fn normalize(reg: &Registry, schema: &ObjectSchema, input: &Value) -> Result<Map<String, Value>, SchemaError> {
-    normalize_object(reg, schema, input, "")
+    normalize_object(reg, schema, input, At::Root(""))
 }
 
 fn normalize_object(
     reg: &Registry,
     schema: &ObjectSchema,
     input: &Value,
-    at: &str,
+    at: At<'_>,
 ) -> Result<Map<String, Value>, SchemaError> {
     let Value::Object(input) = input else {
-        return Err(err(at, format!("expected an object, got {}", type_name(input))));
+        return Err(err(&at.to_string(), format!("expected an object, got {}", type_name(input))));
     };
     let mut out = Map::new();
     for field in &schema.fields {
-        let path = join(at, field.name);
+        let path = At::Field(&at, field.name);
         match input.get(field.name) {
             Some(value) if !value.is_null() => {
-                out.insert(field.name.into(), normalize_value(reg, &field.kind, value, &path)?);
+                out.insert(field.name.into(), normalize_at(reg, &field.kind, value, path)?);
             }
             _ => {
                 if let Some(default) = &field.default {
                     out.insert(field.name.into(), default.clone());
                 } else if field.required {
-                    return Err(err(&path, "is required"));
+                    return Err(err(&path.to_string(), "is required"));
                 }
             }
         }
     }
     if let Some(hook) = schema.hook {
-        hook(&mut out).map_err(|message| err(at, message))?;
+        hook(&mut out).map_err(|message| err(&at.to_string(), message))?;
     }
     // After the hook: it may fill key fields (a server's port), which makes entries comparable.
     for field in &schema.fields {
         if let (Kind::List(spec), Some(Value::Array(items))) = (&field.kind, out.get(field.name)) {
-            check_unique_keys(spec, items, &out, &join(at, field.name))?;
+            check_unique_keys(spec, items, &out, &At::Field(&at, field.name).to_string())?;
         }
     }
     Ok(out)
@@ -124,7 +120,11 @@ fn type_name(value: &Value) -> &'static str {
 
 /// Checks one value against its kind (`at` names it in errors) and returns its stored form.
 pub fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> Result<Value, SchemaError> {
-    let wrong = |expected: &str| err(at, format!("expected {expected}, got {}", type_name(value)));
+    normalize_at(reg, kind, value, At::Root(at))
+}
+
+fn normalize_at(reg: &Registry, kind: &Kind, value: &Value, at: At<'_>) -> Result<Value, SchemaError> {
+    let wrong = |expected: &str| err(&at.to_string(), format!("expected {expected}, got {}", type_name(value)));
     match kind {
         Kind::Any => Ok(value.clone()),
         Kind::Str => match value {
@@ -145,7 +145,7 @@ pub fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> 
                 _ => return Err(wrong("an integer")),
             };
             if n < *min || n > *max {
-                return Err(err(at, format!("value {n} is out of range {min}..{max}")));
+                return Err(err(&at.to_string(), format!("value {n} is out of range {min}..{max}")));
             }
             Ok(Value::from(n))
         }
@@ -156,14 +156,14 @@ pub fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> 
             if values.contains(&s.as_str()) {
                 Ok(value.clone())
             } else {
-                Err(err(at, format!("unknown value '{s}'; expected one of {}", values.join(", "))))
+                Err(err(&at.to_string(), format!("unknown value '{s}'; expected one of {}", values.join(", "))))
             }
         }
         Kind::Ref(target) => {
             let Value::String(s) = value else {
                 return Err(wrong("a reference string"));
             };
-            let parsed = refs::parse(target, s).map_err(|m| err(at, m))?;
+            let parsed = refs::parse(target, s).map_err(|m| err(&at.to_string(), m))?;
             Ok(Value::String(parsed.canonical()))
         }
         Kind::Obj(name) => Ok(Value::Object(normalize_object(reg, reg.schema(name), value, at)?)),
@@ -171,18 +171,18 @@ pub fn normalize_value(reg: &Registry, kind: &Kind, value: &Value, at: &str) -> 
     }
 }
 
-fn normalize_list(reg: &Registry, spec: &ListSpec, value: &Value, at: &str) -> Result<Value, SchemaError> {
+fn normalize_list(reg: &Registry, spec: &ListSpec, value: &Value, at: At<'_>) -> Result<Value, SchemaError> {
     let Value::Array(items) = value else {
-        return Err(err(at, format!("expected a list, got {}", type_name(value))));
+        return Err(err(&at.to_string(), format!("expected a list, got {}", type_name(value))));
     };
     if let Some(max) = spec.max
         && items.len() > max
     {
-        return Err(err(at, format!("has {} entries; at most {max} are allowed", items.len())));
+        return Err(err(&at.to_string(), format!("has {} entries; at most {max} are allowed", items.len())));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        out.push(normalize_value(reg, &spec.item, item, &format!("{at}[{i}]"))?);
+        out.push(normalize_at(reg, &spec.item, item, At::Index(&at, i))?);
     }
     // Duplicate keys are checked by the enclosing object, once its hook has run.
     Ok(Value::Array(out))

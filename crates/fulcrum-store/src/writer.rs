@@ -363,7 +363,8 @@ impl Store {
 /// Frees what the writer hands it.
 fn reclaimer() -> mpsc::Sender<Vec<Arc<Stored>>> {
     let (tx, rx) = mpsc::channel::<Vec<Arc<Stored>>>();
-    let spawned = std::thread::Builder::new().name("fulcrum-reclaim".into()).spawn(move || rx.into_iter().for_each(drop));
+    let spawned =
+        std::thread::Builder::new().name("fulcrum-reclaim".into()).spawn(move || rx.into_iter().for_each(drop));
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no reclaim thread; the writer frees old versions itself");
     }
