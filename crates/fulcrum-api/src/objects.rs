@@ -565,9 +565,9 @@ fn patch_precondition(ctx: &RequestContext, input: &Value) -> Result<Option<u64>
     Ok(classic.and_then(|v| last_modified(&json!({"_last_modified": v}))))
 }
 
-/// `PATCH /api/<type>/<uuid>`: applies the patch to the current object inside the writer (so
-/// concurrent PATCHes never lose an update), validates the result as a whole, and stores only
-/// what changed.
+/// `PATCH /api/<type>/<uuid>`: applies the patch in place to the current object inside the
+/// writer (so concurrent PATCHes never lose an update), re-validates what it touched (the rest
+/// was valid already), rolls back on any refusal, and stores only what changed.
 pub async fn patch(
     app: &App,
     ctx: &RequestContext,

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use fulcrum_jsonpatch::OpKind;
 use fulcrum_schema::{
     Kind, ListKey, ListSpec, ObjectSchema, Registry, SchemaError, check_unique_keys, entry_key_with, normalize_value,
-    rewrite_refs,
+    rewrite_refs, type_name,
 };
 use serde_json::{Map, Value, json};
 
@@ -188,24 +188,13 @@ pub fn parse(body: &Value, is_json_patch: bool) -> Result<Patch, PatchError> {
     };
     match value {
         Value::Object(fields) => Ok(Patch::Classic { op, fields: fields.clone() }),
-        other => Err(invalid(format!("the value of '{name}' must be an object of fields, got {}", describe(other)))),
-    }
-}
-
-fn describe(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
+        other => Err(invalid(format!("the value of '{name}' must be an object of fields, got {}", type_name(other)))),
     }
 }
 
 fn parse_json_ops(value: &Value) -> Result<Patch, PatchError> {
     let Value::Array(items) = value else {
-        return Err(invalid(format!("json_patch must be a list of operations, got {}", describe(value))));
+        return Err(invalid(format!("json_patch must be a list of operations, got {}", type_name(value))));
     };
     if items.len() > MAX_JSON_PATCH_OPS {
         return Err(invalid(format!(
@@ -368,7 +357,7 @@ impl Engine<'_, '_> {
         at: &str,
     ) -> Result<Map<String, Value>, PatchError> {
         let Value::Object(given) = entry else {
-            return Err(invalid(format!("field '{at}': expected an object, got {}", describe(entry))));
+            return Err(invalid(format!("field '{at}': expected an object, got {}", type_name(entry))));
         };
         let mut out = Map::new();
         for (name, value) in given {
@@ -412,7 +401,7 @@ impl Engine<'_, '_> {
                         return Err(invalid(format!("field '{path}': PATCH edits nested fields to depth 1 only")));
                     }
                     let Value::Object(inner_fields) = value else {
-                        return Err(invalid(format!("field '{path}': expected an object, got {}", describe(value))));
+                        return Err(invalid(format!("field '{path}': expected an object, got {}", type_name(value))));
                     };
                     self.save_field(top, object, name);
                     let inner = object.entry(name.clone()).or_insert_with(|| Value::Object(Map::new()));
@@ -464,7 +453,7 @@ impl Engine<'_, '_> {
             return Ok(());
         }
         let Value::Array(items) = value else {
-            return Err(invalid(format!("field '{path}': expected a list, got {}", describe(value))));
+            return Err(invalid(format!("field '{path}': expected a list, got {}", type_name(value))));
         };
         if op == Op::Replace {
             let list = self.checked(schema, name, &field.kind, value, path)?;

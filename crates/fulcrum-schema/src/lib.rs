@@ -15,4 +15,5 @@ pub use render::{RenderOptions, is_hidden, object_path, object_url, render, rend
 pub use types::Registry;
 pub use validate::{
     SchemaError, check_unique_keys, entry_key, entry_key_with, for_each_ref, normalize, normalize_value, rewrite_refs,
+    type_name,
 };

@@ -107,7 +107,8 @@ pub fn check_unique_keys(
     Ok(())
 }
 
-fn type_name(value: &Value) -> &'static str {
+/// How an error names the kind of value it got ("a list", "an object", ...).
+pub fn type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
