@@ -92,6 +92,9 @@ pub struct Throttle {
 impl Throttle {
     pub fn is_blocked(&self, client: &str, user: &str, now: Instant) -> bool {
         let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.is_empty() {
+            return false;
+        }
         failures.get(&(client.to_string(), user.to_string())).is_some_and(|(count, since)| {
             *count >= MAX_FAILED_LOGINS && now.saturating_duration_since(*since) < THROTTLE_WINDOW
         })
@@ -107,7 +110,11 @@ impl Throttle {
     }
 
     pub fn record_success(&self, client: &str, user: &str) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&(client.to_string(), user.to_string()));
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        // The common case (nobody failing) costs no allocation.
+        if !failures.is_empty() {
+            failures.remove(&(client.to_string(), user.to_string()));
+        }
     }
 }
 
