@@ -50,12 +50,6 @@ struct AsyncArgs {
     sync_adds: usize,
 }
 
-impl Default for AsyncArgs {
-    fn default() -> Self {
-        AsyncArgs { adds: 100_000, pools: 100, clients: 64, sync_adds: 100_000 }
-    }
-}
-
 #[derive(clap::Args, Clone)]
 struct Common {
     /// The fulcrum binary to measure.
@@ -78,12 +72,6 @@ struct PatchArgs {
     etcd_seconds: u64,
 }
 
-impl Default for PatchArgs {
-    fn default() -> Self {
-        PatchArgs { patches: 4000, clients: 32, etcd_seconds: 30 }
-    }
-}
-
 #[derive(clap::Args, Clone)]
 struct ConfigArgs {
     /// Creates with one client.
@@ -97,12 +85,6 @@ struct ConfigArgs {
     /// Seconds of GET-by-uuid load.
     #[arg(long, default_value_t = 5)]
     get_seconds: u64,
-}
-
-impl Default for ConfigArgs {
-    fn default() -> Self {
-        ConfigArgs { serial_creates: 2000, concurrent_creates: 20000, clients: 32, get_seconds: 5 }
-    }
 }
 
 const PASSWORD: &str = "bench-password-1";
@@ -267,11 +249,18 @@ fn main() {
         Some(Which::Patch(args)) => patch::run(&cli.common, &args),
         Some(Which::Async(args)) => asyncpatch::run(&cli.common, &args),
         None => {
-            config(&cli.common, &ConfigArgs::default());
-            patch::run(&cli.common, &PatchArgs::default());
-            asyncpatch::run(&cli.common, &AsyncArgs::default());
+            config(&cli.common, &defaults::<ConfigArgs>());
+            patch::run(&cli.common, &defaults::<PatchArgs>());
+            asyncpatch::run(&cli.common, &defaults::<AsyncArgs>());
         }
     }
+}
+
+/// A subcommand's arguments with every option at its default, taken from the clap definitions
+/// (so defaults are written once).
+fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let matches = T::augment_args(clap::Command::new("defaults")).get_matches_from(["defaults"]);
+    T::from_arg_matches(&matches).expect("defaults parse")
 }
 
 fn config(common: &Common, args: &ConfigArgs) {
@@ -354,4 +343,19 @@ fn machine() -> String {
         })
         .unwrap_or(0);
     format!("{cpu}, {mem} GiB")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_clap_definitions() {
+        let a: AsyncArgs = defaults();
+        assert_eq!((a.adds, a.pools, a.clients, a.sync_adds), (100_000, 100, 64, 100_000));
+        let c: ConfigArgs = defaults();
+        assert_eq!((c.concurrent_creates, c.clients), (20_000, 32));
+        let p: PatchArgs = defaults();
+        assert_eq!(p.patches, 4000);
+    }
 }

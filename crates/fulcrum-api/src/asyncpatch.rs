@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use crate::access::{ADMIN_TENANT, Level};
 use crate::app::{App, RequestContext, json_response};
 use crate::error::ApiError;
-use crate::objects::{require, resolve_fields};
+use crate::objects::{find_visible, require, resolve_fields};
 use crate::version;
 
 /// Store kind of queued requests (not an API type: reached through `/api/pool-async/...`).
@@ -163,13 +163,7 @@ pub async fn accept(
         }
         normalize_value(reg, &server, entry, &format!("servers[{i}]"))?;
     }
-    let pool = app
-        .store
-        .read()
-        .get("pool", uuid)
-        .filter(|p| matches!(&ctx.scope, crate::access::TenantScope::One(t) if *t == p.meta.tenant))
-        .map(|p| (p.uuid.clone(), p.meta.tenant.clone()))
-        .ok_or_else(|| ApiError::not_found(format!("pool '{uuid}' not found")))?;
+    let pool = find_visible(&app.store.read(), ctx, type_def, uuid).map(|p| (p.uuid.clone(), p.meta.tenant.clone()))?;
     let version = ctx.header("x-avi-version").map(|v| v.trim().to_string());
     let created = version::rfc3339(SystemTime::now());
     let state = app.async_patches.clone();

@@ -62,6 +62,16 @@ fn visible(ctx: &RequestContext, type_def: &TypeDef, stored: &Stored) -> bool {
     }
 }
 
+/// The object `uuid` of a type if this request may see it, else 404.
+pub(crate) fn find_visible<'a>(
+    cat: &'a Catalogue,
+    ctx: &RequestContext,
+    type_def: &TypeDef,
+    uuid: &str,
+) -> Result<&'a Arc<Stored>, ApiError> {
+    cat.get(type_def.path, uuid).filter(|s| visible(ctx, type_def, s)).ok_or_else(|| not_found(type_def, uuid))
+}
+
 /// Refuses the request unless the caller has `needed` access to the type in the request's tenant.
 pub fn require(ctx: &RequestContext, type_def: &TypeDef, needed: Level) -> Result<(), ApiError> {
     let tenant = match (type_def.scope, type_def.path) {
@@ -247,8 +257,7 @@ pub fn singleton_uuid(app: &App, type_def: &TypeDef) -> Result<String, ApiError>
 pub fn get(app: &App, ctx: &RequestContext, type_def: &'static TypeDef, uuid: &str) -> Result<Response, ApiError> {
     require(ctx, type_def, Level::Read)?;
     let cat = app.store.read();
-    let stored =
-        cat.get(type_def.path, uuid).filter(|s| visible(ctx, type_def, s)).ok_or_else(|| not_found(type_def, uuid))?;
+    let stored = find_visible(&cat, ctx, type_def, uuid)?;
     Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, stored, false)))
 }
 
@@ -456,10 +465,7 @@ pub async fn replace(
     require(ctx, type_def, Level::Write)?;
     {
         let cat = app.store.read();
-        let existing = cat
-            .get(type_def.path, uuid)
-            .filter(|s| visible(ctx, type_def, s))
-            .ok_or_else(|| not_found(type_def, uuid))?;
+        let existing = find_visible(&cat, ctx, type_def, uuid)?;
         // The SDK's own tests PUT a singleton with an empty body and expect it back unchanged.
         if type_def.singleton && body.iter().all(u8::is_ascii_whitespace) {
             return Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, existing, true)));
@@ -504,9 +510,7 @@ pub async fn delete(
         return Err(ApiError::method_not_allowed("DELETE"));
     }
     require(ctx, type_def, Level::Write)?;
-    if !app.store.read().get(type_def.path, uuid).is_some_and(|s| visible(ctx, type_def, s)) {
-        return Err(not_found(type_def, uuid));
-    }
+    find_visible(&app.store.read(), ctx, type_def, uuid)?;
     let uuid = uuid.to_string();
     let own_user = ctx.principal.user_uuid.clone();
     app.store
@@ -576,9 +580,7 @@ pub async fn patch(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     require(ctx, type_def, Level::Write)?;
-    if !app.store.read().get(type_def.path, uuid).is_some_and(|s| visible(ctx, type_def, s)) {
-        return Err(not_found(type_def, uuid));
-    }
+    find_visible(&app.store.read(), ctx, type_def, uuid)?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("PATCH body is empty; expected add, replace, delete or json_patch"));
     }
