@@ -47,6 +47,8 @@ pub struct App {
     pub started_at: SystemTime,
     pub listen: SocketAddr,
     pub async_patches: Arc<crate::asyncpatch::AsyncPatches>,
+    pub images: crate::images::Images,
+    pub role: crate::cluster::NodeRole,
 }
 
 impl App {
@@ -118,6 +120,9 @@ enum Route<'a> {
     OpenApi,
     AsyncStatus(&'a str),
     AsyncMerge,
+    UploadSessions,
+    UploadSession(&'a str),
+    UploadSessionComplete(&'a str),
     Collection(&'static TypeDef),
     Object(&'static TypeDef, &'a str),
     Singleton(&'static TypeDef),
@@ -135,6 +140,9 @@ impl<'a> Route<'a> {
             ["openapi.json"] => Route::OpenApi,
             ["pool-async", "status", id] => Route::AsyncStatus(id),
             ["pool-async", "merge"] => Route::AsyncMerge,
+            ["image-upload"] => Route::UploadSessions,
+            ["image-upload", id] => Route::UploadSession(id),
+            ["image-upload", id, "complete"] => Route::UploadSessionComplete(id),
             [kind] => {
                 let t = reg.type_def(kind)?;
                 if t.singleton { Route::Singleton(t) } else { Route::Collection(t) }
@@ -161,6 +169,9 @@ impl<'a> Route<'a> {
             Route::OpenApi => "/api/openapi.json".into(),
             Route::AsyncStatus(_) => "/api/pool-async/status/{patch_id}".into(),
             Route::AsyncMerge => "/api/pool-async/merge".into(),
+            Route::UploadSessions => "/api/image-upload".into(),
+            Route::UploadSession(_) => "/api/image-upload/{id}".into(),
+            Route::UploadSessionComplete(_) => "/api/image-upload/{id}/complete".into(),
             Route::Collection(t) | Route::Singleton(t) => format!("/api/{}", t.path),
             Route::Object(t, _) => format!("/api/{}/{{uuid}}", t.path),
         }
@@ -356,9 +367,18 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (r, _) if !r.needs_auth() => return Err(ApiError::method_not_allowed(method.as_str())),
         _ => {}
     }
-    // Read the body before anything can refuse the request, so the connection stays usable
-    // for the client's next request.
-    let body = read_body(body).await?;
+    // Package uploads stream their body to disk; it is never read into memory.
+    let streams_body = matches!(
+        (&route, &method),
+        (Route::Collection(t), &Method::POST) if t.path == crate::images::KIND
+    ) || matches!((&route, &method), (Route::UploadSession(_), &Method::PUT));
+    let (body, streamed) = if streams_body {
+        (Bytes::new(), Some(body))
+    } else {
+        // Read the body before anything can refuse the request, so the connection stays usable
+        // for the client's next request.
+        (read_body(body).await?, None)
+    };
     let principal = authenticate(app, &parts).await?;
     let scope = {
         let cat = app.store.read();
@@ -378,7 +398,22 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
             "HTTP methods are case-sensitive: the method must be spelled 'PATCH', not '{method}'"
         )));
     }
+    if let Some(stream) = streamed {
+        return match route {
+            Route::UploadSession(id) => crate::images::put_chunk(app, &ctx, id, stream).await,
+            _ => crate::images::upload(app, &ctx, stream).await,
+        };
+    }
+    let is_image = |t: &TypeDef| t.path == crate::images::KIND;
     match (route, method) {
+        (Route::UploadSessions, Method::POST) => crate::images::create_session(app, &ctx, &body).await,
+        (Route::UploadSession(id), Method::GET) => crate::images::session_status(app, &ctx, id).await,
+        (Route::UploadSession(id), Method::DELETE) => crate::images::abort_session(app, &ctx, id).await,
+        (Route::UploadSessionComplete(id), Method::POST) => crate::images::complete_session(app, &ctx, id, &body).await,
+        (Route::Object(t, uuid), Method::DELETE) if is_image(t) => crate::images::delete(app, &ctx, uuid).await,
+        (Route::Object(t, _), method @ (Method::PUT | Method::PATCH)) if is_image(t) => {
+            Err(crate::images::refuse_edit(method.as_str()))
+        }
         (Route::ClusterRuntime, Method::GET) => Ok(system::cluster_runtime(app)),
         (Route::ClusterVersion, Method::GET) => Ok(system::cluster_version()),
         (Route::OpenApi, Method::GET) => Ok(system::openapi()),

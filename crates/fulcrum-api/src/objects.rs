@@ -439,12 +439,17 @@ pub async fn create(
         })
         .await?;
     let cat = app.store.read();
-    let mut response = bytes_response(StatusCode::CREATED, render_one(ctx, &cat, type_def, &stored, true));
+    Ok(render_created(ctx, &cat, type_def, &stored))
+}
+
+/// 201 with a new object and its Location.
+pub(crate) fn render_created(ctx: &RequestContext, cat: &Catalogue, type_def: &TypeDef, stored: &Stored) -> Response {
+    let mut response = bytes_response(StatusCode::CREATED, render_one(ctx, cat, type_def, stored, true));
     let url = stored.value.as_object().map(|m| object_url(type_def, m, &view(ctx, None, true))).unwrap_or_default();
     if let Ok(location) = HeaderValue::from_str(&url) {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    Ok(response)
+    response
 }
 
 fn last_modified(value: &Value) -> Option<u64> {

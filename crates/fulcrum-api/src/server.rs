@@ -23,6 +23,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub plain_http: bool,
+    /// Public keys whose package signatures are accepted (with DATA/trusted-keys/*.pub).
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub enum ServeError {
     Tls(String),
     #[error("first start: {0}")]
     Bootstrap(String),
+    #[error("images: {0}")]
+    Images(String),
 }
 
 fn check_data_dir(config: &ServeConfig) -> Result<(), ServeError> {
@@ -71,6 +75,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
             bootstrap::PASSWORD_ENV
         );
     }
+    let images = crate::images::Images::open(&config.data_dir, &config.trusted_keys).map_err(ServeError::Images)?;
+    images.recover(&store).await.map_err(ServeError::Images)?;
     let listener = TcpListener::bind(config.listen).await.map_err(|e| ServeError::Bind {
         addr: config.listen,
         message: if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -95,6 +101,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         started_at: SystemTime::now(),
         listen: local,
         async_patches: Arc::new(AsyncPatches::default()),
+        images,
+        role: crate::cluster::NodeRole::Leader,
     });
     {
         let cat = app.store.read();

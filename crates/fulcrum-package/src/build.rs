@@ -147,11 +147,15 @@ pub fn build(spec: &BuildSpec, key: Option<&SecretKey>, out: &mut dyn Write) -> 
     let se_image = payload(&spec.se_dir, SE_ROOT, &mut sources)?;
     let mut components = Vec::new();
     let (mut version, mut build, mut build_date) = (spec.version.clone(), spec.build, spec.build_date.clone());
+    let mut min_version = spec.min_version.clone();
     for (role, path) in &spec.components {
         let name = format!("{}.pkg", role.as_str());
         let (sha256, size) = hash_file(path)?;
         if *role == ComponentRole::Base {
-            let (base, _) = read_head(&mut File::open(path).map_err(io_at(path))?)?;
+            let base = read_head(&mut File::open(path).map_err(io_at(path))?)?.manifest;
+            if min_version.is_empty() {
+                min_version = base.min_version;
+            }
             (version, build, build_date) = (base.version, base.build, base.build_date);
         }
         sources.push(Source { from: path.clone(), entry: FileEntry { path: name.clone(), sha256, size, mode: 0o644 } });
@@ -166,7 +170,7 @@ pub fn build(spec: &BuildSpec, key: Option<&SecretKey>, out: &mut dyn Write) -> 
         build,
         build_date,
         patch_version: spec.patch_version.clone(),
-        min_version: spec.min_version.clone(),
+        min_version,
         requirements: spec.requirements.clone(),
         controller,
         se_image,

@@ -21,7 +21,7 @@ pub use manifest::{
     tag_of,
 };
 pub use signing::{PublicKey, SecretKey, SignatureFile, TrustedKeys};
-pub use verify::{HashingReader, Verified, VerifiedComponent, read_head, verify};
+pub use verify::{HashingReader, Head, Verified, VerifiedComponent, read_head, verify};
 
 /// Everything that can be wrong with a package. Each variant's message says what, for the
 /// person who uploaded it.
@@ -69,4 +69,26 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     text.as_bytes().chunks(2).map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?)).collect()
+}
+
+/// Year, month, day, hour, minute, second (UTC) of a Unix time.
+pub fn civil_utc(unix_secs: i64) -> [i64; 6] {
+    let (days, rem) = (unix_secs.div_euclid(86_400), unix_secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    [year, month, day, rem / 3600, rem % 3600 / 60, rem % 60]
+}
+
+/// A build date in the tag's form, `20261122.101500`.
+pub fn build_date(unix_secs: i64) -> String {
+    let [y, mo, d, h, mi, s] = civil_utc(unix_secs);
+    format!("{y:04}{mo:02}{d:02}.{h:02}{mi:02}{s:02}")
 }

@@ -263,7 +263,7 @@ fn garbage_is_not_a_package() {
 fn manifest_with_file(fx: &Fixture, path: &str, data: &[u8]) -> Vec<u8> {
     let mut spec_bytes = Vec::new();
     build(&fx.spec(PackageKind::SePatch), None, &mut spec_bytes).unwrap();
-    let (mut manifest, _) = read_head(&mut Cursor::new(&spec_bytes)).unwrap();
+    let mut manifest = read_head(&mut Cursor::new(&spec_bytes)).unwrap().manifest;
     manifest.files.push(FileEntry {
         path: path.into(),
         sha256: sha256_hex(data),

@@ -119,19 +119,31 @@ pub fn verify(
     verify_at_depth(reader, keys, on_manifest, 0)
 }
 
+/// The first two entries of a package, unchecked.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub manifest: Manifest,
+    /// The exact bytes the signature covers.
+    pub manifest_bytes: Vec<u8>,
+    /// `manifest.sig`, or `None` when something else follows the manifest.
+    pub signature: Option<Vec<u8>>,
+}
+
 /// Reads `manifest.json` and its signature file from the start of an archive, without checking
-/// the signature or the files (for `pkg inspect`, and to name an upload early).
-pub fn read_head(reader: &mut dyn Read) -> Result<(Manifest, Option<Vec<u8>>), PackageError> {
+/// the signature or the files (for `pkg inspect`, and to name a resumable upload early). An
+/// archive that ends before a second entry is `Truncated`.
+pub fn read_head(reader: &mut dyn Read) -> Result<Head, PackageError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries = archive.entries().map_err(|e| read_error(e, "the archive"))?;
     let manifest_bytes = read_manifest_entry(&mut entries)?;
     let manifest = parse_manifest(&manifest_bytes)?;
     let signature = match entries.next() {
         Some(Ok(mut entry)) if entry_path(&entry)? == SIGNATURE_PATH => Some(read_small(&mut entry, SIGNATURE_PATH)?),
+        Some(Ok(_)) => None,
         Some(Err(e)) => return Err(read_error(e, "the archive")),
-        _ => None,
+        None => return Err(PackageError::Truncated("the archive ends after the manifest".into())),
     };
-    Ok((manifest, signature))
+    Ok(Head { manifest, manifest_bytes, signature })
 }
 
 fn entry_path<R: Read>(entry: &tar::Entry<'_, R>) -> Result<String, PackageError> {

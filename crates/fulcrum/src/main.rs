@@ -1,4 +1,6 @@
-//! `fulcrum`: parses arguments and starts the controller or the shell. Nothing else lives here.
+//! `fulcrum`: parses arguments and starts the controller, the shell or the package tools.
+
+mod pkg;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +31,10 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// A public key whose package signatures are trusted (repeatable; DATA/trusted-keys/*.pub
+        /// are trusted too).
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
     },
     /// An interactive shell against a controller, like the controller's own CLI.
     Shell {
@@ -50,6 +56,9 @@ enum Command {
         #[arg(short = 'c', long = "command")]
         command: Option<String>,
     },
+    /// Make and check software packages.
+    #[command(subcommand)]
+    Pkg(pkg::PkgCommand),
 }
 
 fn init_logs(json: bool) {
@@ -70,10 +79,10 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve { listen, data_dir, plain_http, log_json } => {
+        Command::Serve { listen, data_dir, plain_http, log_json, trusted_keys } => {
             init_logs(log_json);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http };
+            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http, trusted_keys };
             match runtime.block_on(fulcrum_api::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -82,6 +91,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Pkg(command) => match pkg::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fulcrum pkg: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Shell { controller, user, password, tenant, ca_cert, command } => {
             let options = fulcrum_shell::Options { controller, user, password, tenant, ca_file: ca_cert };
             match fulcrum_shell::run(options, command.as_deref()) {

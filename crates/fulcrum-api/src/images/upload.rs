@@ -1,0 +1,220 @@
+//! `POST /api/image` (multipart, field `file`): the body streams through two threads at once,
+//! one writing and hashing the file, one verifying the package, and the record follows the
+//! upload from the moment its manifest is known.
+
+use std::io::{self, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use axum::response::Response;
+use bytes::Buf;
+use fulcrum_package::{Manifest, PackageError, Verified};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{Staged, UPLOAD_BYTES, UPLOADS, UPLOADS_IN_FLIGHT, require_image_write};
+use crate::app::{App, RequestContext};
+use crate::error::ApiError;
+use crate::multipart::{self, Event, Multipart};
+
+/// Chunks queued for each of the two threads: bounds the memory an upload holds.
+const QUEUE_CHUNKS: usize = 32;
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// After refusing an upload early, this much more of the body is read so the client gets the
+/// answer instead of a reset connection.
+const DRAIN_AFTER_ERROR: u64 = 64 << 20;
+
+/// The bytes of a channel as a `Read` (for the verifier thread).
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+/// Writes and hashes what arrives; fsyncs at the end. Returns the sha256 and the size.
+fn write_file(
+    file: std::fs::File,
+    mut rx: mpsc::Receiver<Bytes>,
+    written: Arc<AtomicU64>,
+) -> io::Result<(String, u64)> {
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        hasher.update(&chunk);
+        out.write_all(&chunk)?;
+        total += chunk.len() as u64;
+        written.store(total, Ordering::Relaxed);
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_data()?;
+    Ok((fulcrum_package::hex(&hasher.finalize()), total))
+}
+
+/// The answer for a failed write of a package file.
+pub(super) fn write_error(e: &io::Error) -> ApiError {
+    if e.kind() == io::ErrorKind::StorageFull {
+        ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "the disk filled up while the package was written")
+    } else {
+        ApiError::internal(format!("cannot write the package: {e}"))
+    }
+}
+
+/// The answer for a package that failed verification.
+pub(super) fn package_error(e: PackageError) -> ApiError {
+    if e.is_bad_package() {
+        ApiError::bad_request(e.to_string())
+    } else {
+        ApiError::internal(format!("cannot read the package: {e}"))
+    }
+}
+
+async fn discard(body: &mut Body, mut budget: u64) {
+    while budget > 0 {
+        match body.frame().await {
+            Some(Ok(frame)) => budget = budget.saturating_sub(frame.data_ref().map_or(0, |d| d.len() as u64)),
+            _ => return,
+        }
+    }
+}
+
+pub async fn upload(app: &Arc<App>, ctx: &RequestContext, mut body: Body) -> Result<Response, ApiError> {
+    require_image_write(app, ctx, "An image upload")?;
+    let boundary = ctx.header("content-type").and_then(multipart::boundary).ok_or_else(|| {
+        ApiError::bad_request(
+            "POST /api/image takes multipart/form-data with the package in the field 'file' \
+             (curl -F file=@controller.pkg)",
+        )
+    })?;
+    let length = ctx.header("content-length").and_then(|v| v.parse::<u64>().ok());
+    let _reservation = app.images.reserve(length.unwrap_or(0))?;
+    UPLOADS_IN_FLIGHT.add(1);
+    let result = receive(app, ctx, &mut body, &boundary, length).await;
+    UPLOADS_IN_FLIGHT.add(-1);
+    match &result {
+        Ok(_) => UPLOADS.add(&["success"], 1),
+        Err(e) => {
+            UPLOADS.add(&["refused"], 1);
+            tracing::info!(status = e.status.as_u16(), error = %e.message, "image upload refused");
+            discard(&mut body, DRAIN_AFTER_ERROR).await;
+        }
+    }
+    result
+}
+
+async fn receive(
+    app: &Arc<App>,
+    ctx: &RequestContext,
+    body: &mut Body,
+    boundary: &str,
+    length: Option<u64>,
+) -> Result<Response, ApiError> {
+    let started = SystemTime::now();
+    let uuid = format!("{}-{}", super::KIND, uuid::Uuid::new_v4());
+    let tmp: PathBuf = app.images.tmp_path(&uuid);
+    let mut staged = Staged::new(app.clone());
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| ApiError::internal(format!("cannot create {}: {e}", tmp.display())))?;
+    staged.file = Some(tmp.clone());
+
+    let written = Arc::new(AtomicU64::new(0));
+    let (to_writer, writer_rx) = mpsc::channel::<Bytes>(QUEUE_CHUNKS);
+    let (to_verifier, verifier_rx) = mpsc::channel::<Bytes>(QUEUE_CHUNKS);
+    let (manifest_tx, mut manifest_rx) = mpsc::unbounded_channel::<Manifest>();
+    let writer = tokio::task::spawn_blocking({
+        let written = written.clone();
+        move || write_file(file, writer_rx, written)
+    });
+    let keys = app.images.trusted().clone();
+    let verifier = tokio::task::spawn_blocking(move || {
+        let mut reader = ChannelReader { rx: verifier_rx, current: Bytes::new() };
+        fulcrum_package::verify(&mut reader, &keys, &mut |m| {
+            let _ = manifest_tx.send(m.clone());
+        })
+    });
+
+    let mut senders = Some((to_writer, to_verifier));
+    let mut parser = Multipart::new(boundary);
+    let mut events = Vec::new();
+    let (mut in_file, mut file_seen, mut stage_failed) = (false, false, false);
+    let mut manifest: Option<Manifest> = None;
+    let mut last_progress = Instant::now();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("the upload was cut off: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        UPLOAD_BYTES.add(&["multipart"], data.len() as u64);
+        parser.feed(&data, &mut events).map_err(ApiError::bad_request)?;
+        for event in events.drain(..) {
+            match event {
+                Event::Part(h) => {
+                    in_file = !file_seen && h.name.as_deref() == Some("file");
+                    file_seen |= in_file;
+                }
+                Event::Data(chunk) if in_file => {
+                    if let Some((w, v)) = &senders
+                        && (w.send(chunk.clone()).await.is_err() || v.send(chunk).await.is_err())
+                    {
+                        stage_failed = true;
+                    }
+                }
+                Event::PartEnd if in_file => {
+                    in_file = false;
+                    senders = None; // the file is complete: let both threads finish
+                }
+                _ => {}
+            }
+        }
+        if stage_failed {
+            break; // the verifier or the writer gave up; its error is the answer
+        }
+        while let Ok(m) = manifest_rx.try_recv() {
+            staged.announce(&uuid, &m, length.unwrap_or(0), 0, started).await?;
+            manifest = Some(m);
+        }
+        if let (Some(m), Some(total)) = (&manifest, length)
+            && last_progress.elapsed() >= PROGRESS_EVERY
+        {
+            last_progress = Instant::now();
+            let progress = written.load(Ordering::Relaxed).saturating_mul(100) / total.max(1);
+            staged.progress(&uuid, m, total, progress.min(99), started).await?;
+        }
+    }
+    drop(senders);
+    let verified = verifier.await.map_err(|e| ApiError::internal(format!("the verifier failed: {e}")))?;
+    let stored = writer.await.map_err(|e| ApiError::internal(format!("the writer failed: {e}")))?;
+    // A failed write is the cause even when the verifier then saw a short stream.
+    let (hash, _size) = stored.map_err(|e| write_error(&e))?;
+    if !stage_failed {
+        parser.finish().map_err(ApiError::bad_request)?;
+        if !file_seen {
+            return Err(ApiError::bad_request("the multipart body has no field 'file' (curl -F file=@controller.pkg)"));
+        }
+    }
+    let verified: Verified = verified.map_err(package_error)?;
+    if let Ok(m) = manifest_rx.try_recv()
+        && manifest.is_none()
+    {
+        staged.announce(&uuid, &m, length.unwrap_or(0), 0, started).await?;
+    }
+    let published = staged.publish(&uuid, &verified, &hash, &tmp, started).await?;
+    Ok(super::created_response(app, ctx, &published))
+}
