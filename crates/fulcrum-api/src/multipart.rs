@@ -54,6 +54,15 @@ pub fn boundary(content_type: &str) -> Option<String> {
         .filter(|b| !b.is_empty() && b.len() <= 70)
 }
 
+/// The boundary of a body that starts with one (`--boundary\r\n`), for clients that send a
+/// multipart body under another Content-Type (the Python SDK labels every body JSON).
+pub fn sniff_boundary(start: &[u8]) -> Option<String> {
+    let rest = start.strip_prefix(b"--")?;
+    let end = memchr::memmem::find(&rest[..rest.len().min(74)], b"\r\n")?;
+    let boundary = std::str::from_utf8(&rest[..end]).ok()?;
+    (!boundary.is_empty() && boundary.bytes().all(|b| b.is_ascii_graphic() || b == b' ')).then(|| boundary.to_string())
+}
+
 /// `form-data; name="file"; filename="controller.pkg"` → its name and filename.
 fn disposition(value: &str) -> PartHeaders {
     let mut headers = PartHeaders { name: None, filename: None };
@@ -266,5 +275,8 @@ mod tests {
         assert_eq!(boundary("Multipart/Form-Data; charset=x; boundary=\"a b\"").as_deref(), Some("a b"));
         assert_eq!(boundary("application/json"), None);
         assert_eq!(boundary("multipart/form-data"), None);
+        assert_eq!(sniff_boundary(b"--abc123\r\nContent-Disposition").as_deref(), Some("abc123"));
+        assert_eq!(sniff_boundary(b"{\"name\": 1}"), None);
+        assert_eq!(sniff_boundary(b"--\r\n"), None);
     }
 }

@@ -104,6 +104,10 @@ fn drain(reader: &mut dyn Read) -> io::Result<(u64, bool)> {
 fn read_error(e: io::Error, what: &str) -> PackageError {
     match e.kind() {
         io::ErrorKind::UnexpectedEof => PackageError::Truncated(format!("the archive ends inside {what}")),
+        // The tar reader's word for a header cut short by the end of the stream.
+        io::ErrorKind::Other if e.to_string().contains("failed to read entire block") => {
+            PackageError::Truncated(format!("the archive ends inside an entry header ({what})"))
+        }
         io::ErrorKind::Other if e.get_ref().is_some() => PackageError::NotAPackage(format!("{what}: {e}")),
         _ => PackageError::Io(e),
     }

@@ -210,9 +210,7 @@ pub fn run(command: PkgCommand) -> Result<(), String> {
             let key = read_secret_key(&key)?;
             let target = output.unwrap_or_else(|| package.clone());
             let mut input = open(&package)?;
-            write_atomically(&target, |out| {
-                fulcrum_package::sign(&mut input, &key, out).map(drop).map_err(|e| e.to_string())
-            })?;
+            write_atomically(&target, |out| fulcrum_package::sign(&mut input, &key, out).map_err(|e| e.to_string()))?;
             println!("signed {} with key {}", target.display(), key.public().id());
             Ok(())
         }

@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::upload::{package_error, write_error};
+use super::upload::{DRAIN_AFTER_ERROR, discard, package_error, write_error};
 use super::{Images, KIND, SESSIONS_DIR, Staged, UPLOAD_BYTES, require_image_write, sync_dir};
 use crate::app::{App, RequestContext, json_response};
 use crate::error::ApiError;
@@ -99,6 +99,17 @@ impl Images {
         locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         locks.entry(id.to_string()).or_default().clone()
     }
+}
+
+/// A client that retries right after a dropped connection finds the old request still
+/// finishing; it waits for it a little rather than being refused.
+async fn lock_session<'a>(
+    lock: &'a tokio::sync::Mutex<()>,
+    id: &str,
+) -> Result<tokio::sync::MutexGuard<'a, ()>, ApiError> {
+    tokio::time::timeout(Duration::from_secs(10), lock.lock())
+        .await
+        .map_err(|_| ApiError::conflict(format!("another request is writing to upload session '{id}'")))
 }
 
 /// Removes sessions untouched for longer than `max_age`.
@@ -181,11 +192,18 @@ fn content_range(value: Option<&str>) -> Result<(u64, u64, u64), ApiError> {
 }
 
 pub async fn put_chunk(app: &Arc<App>, ctx: &RequestContext, id: &str, mut body: Body) -> Result<Response, ApiError> {
+    let result = write_chunk(app, ctx, id, &mut body).await;
+    if result.is_err() {
+        // Read what the client is still sending, so it gets the answer (and the offset to use).
+        discard(&mut body, DRAIN_AFTER_ERROR).await;
+    }
+    result
+}
+
+async fn write_chunk(app: &Arc<App>, ctx: &RequestContext, id: &str, body: &mut Body) -> Result<Response, ApiError> {
     require_image_write(app, ctx, "An image upload")?;
     let lock = app.images.session_lock(id);
-    let Ok(_guard) = lock.try_lock() else {
-        return Err(ApiError::conflict(format!("another request is writing to upload session '{id}'")));
-    };
+    let _guard = lock_session(&lock, id).await?;
     let mut meta = app.images.load_session(id)?;
     let (first, last, total) = content_range(ctx.header("content-range"))?;
     if total != meta.size {
@@ -289,9 +307,7 @@ pub async fn complete_session(
 ) -> Result<Response, ApiError> {
     require_image_write(app, ctx, "An image upload")?;
     let lock = app.images.session_lock(id);
-    let Ok(_guard) = lock.try_lock() else {
-        return Err(ApiError::conflict(format!("another request is writing to upload session '{id}'")));
-    };
+    let _guard = lock_session(&lock, id).await?;
     let meta = app.images.load_session(id)?;
     let input = parse_json(body)?;
     let digest = input

@@ -27,7 +27,7 @@ const QUEUE_CHUNKS: usize = 32;
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// After refusing an upload early, this much more of the body is read so the client gets the
 /// answer instead of a reset connection.
-const DRAIN_AFTER_ERROR: u64 = 64 << 20;
+pub(super) const DRAIN_AFTER_ERROR: u64 = 64 << 20;
 
 /// The bytes of a channel as a `Read` (for the verifier thread).
 struct ChannelReader {
@@ -88,7 +88,7 @@ pub(super) fn package_error(e: PackageError) -> ApiError {
     }
 }
 
-async fn discard(body: &mut Body, mut budget: u64) {
+pub(super) async fn discard(body: &mut Body, mut budget: u64) {
     while budget > 0 {
         match body.frame().await {
             Some(Ok(frame)) => budget = budget.saturating_sub(frame.data_ref().map_or(0, |d| d.len() as u64)),
@@ -99,16 +99,25 @@ async fn discard(body: &mut Body, mut budget: u64) {
 
 pub async fn upload(app: &Arc<App>, ctx: &RequestContext, mut body: Body) -> Result<Response, ApiError> {
     require_image_write(app, ctx, "An image upload")?;
-    let boundary = ctx.header("content-type").and_then(multipart::boundary).ok_or_else(|| {
-        ApiError::bad_request(
-            "POST /api/image takes multipart/form-data with the package in the field 'file' \
-             (curl -F file=@controller.pkg)",
-        )
-    })?;
     let length = ctx.header("content-length").and_then(|v| v.parse::<u64>().ok());
     let _reservation = app.images.reserve(length.unwrap_or(0))?;
+    let mut first = Bytes::new();
+    let boundary = match ctx.header("content-type").and_then(multipart::boundary) {
+        Some(b) => Some(b),
+        None => {
+            first = first_data(&mut body).await?;
+            multipart::sniff_boundary(&first)
+        }
+    };
+    let Some(boundary) = boundary else {
+        discard(&mut body, DRAIN_AFTER_ERROR).await;
+        return Err(ApiError::bad_request(
+            "POST /api/image takes multipart/form-data with the package in the field 'file' \
+             (curl -F file=@controller.pkg)",
+        ));
+    };
     UPLOADS_IN_FLIGHT.add(1);
-    let result = receive(app, ctx, &mut body, &boundary, length).await;
+    let result = receive(app, ctx, &mut body, first, &boundary, length).await;
     UPLOADS_IN_FLIGHT.add(-1);
     match &result {
         Ok(_) => UPLOADS.add(&["success"], 1),
@@ -121,10 +130,28 @@ pub async fn upload(app: &Arc<App>, ctx: &RequestContext, mut body: Body) -> Res
     result
 }
 
+/// The first bytes of the body (enough to see a boundary line).
+async fn first_data(body: &mut Body) -> Result<Bytes, ApiError> {
+    let mut start = bytes::BytesMut::new();
+    while start.len() < 80 {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    start.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => return Err(ApiError::bad_request(format!("the upload was cut off: {e}"))),
+            None => break,
+        }
+    }
+    Ok(start.freeze())
+}
+
 async fn receive(
     app: &Arc<App>,
     ctx: &RequestContext,
     body: &mut Body,
+    first: Bytes,
     boundary: &str,
     length: Option<u64>,
 ) -> Result<Response, ApiError> {
@@ -158,9 +185,19 @@ async fn receive(
     let (mut in_file, mut file_seen, mut stage_failed) = (false, false, false);
     let mut manifest: Option<Manifest> = None;
     let mut last_progress = Instant::now();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::bad_request(format!("the upload was cut off: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
+    let mut pending = (!first.is_empty()).then_some(first);
+    loop {
+        let data = match pending.take() {
+            Some(data) => data,
+            None => match body.frame().await {
+                None => break,
+                Some(frame) => {
+                    let frame = frame.map_err(|e| ApiError::bad_request(format!("the upload was cut off: {e}")))?;
+                    let Ok(data) = frame.into_data() else { continue };
+                    data
+                }
+            },
+        };
         UPLOAD_BYTES.add(&["multipart"], data.len() as u64);
         parser.feed(&data, &mut events).map_err(ApiError::bad_request)?;
         for event in events.drain(..) {
