@@ -171,6 +171,35 @@ impl Client {
     }
 
     fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Reply, ClientError> {
+        match body {
+            Some(b) => self.send_raw(method, path, &[], Payload::Json(b)),
+            None => self.send_raw(method, path, &[], Payload::None),
+        }
+    }
+
+    /// Sends raw bytes with extra headers (a chunk of an upload); logs in again once if needed.
+    pub fn send_bytes(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        bytes: &[u8],
+    ) -> Result<Reply, ClientError> {
+        let reply = self.send_raw(method, path, headers, Payload::Bytes(bytes))?;
+        if reply.status == 401 {
+            self.login()?;
+            return self.send_raw(method, path, headers, Payload::Bytes(bytes));
+        }
+        Ok(reply)
+    }
+
+    fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Payload<'_>,
+    ) -> Result<Reply, ClientError> {
         let url = format!("{}/api/{}", self.base_url, path.trim_start_matches('/'));
         let mut request =
             self.agent.request(method, &url).set("X-Avi-Tenant", &self.tenant).set("Referer", &self.base_url);
@@ -178,9 +207,13 @@ impl Client {
             request =
                 request.set("Cookie", &format!("avi-sessionid={session}; csrftoken={csrf}")).set("X-CSRFToken", csrf);
         }
+        for (name, value) in headers {
+            request = request.set(name, value);
+        }
         let result = match body {
-            Some(b) => request.send_json(b.clone()),
-            None => request.call(),
+            Payload::Json(b) => request.send_json(b.clone()),
+            Payload::Bytes(b) => request.send_bytes(b),
+            Payload::None => request.call(),
         };
         let response = match result {
             Ok(r) => r,
@@ -196,4 +229,10 @@ impl Client {
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         Ok(Reply { status, body: serde_json::from_str(&text).unwrap_or(Value::Null) })
     }
+}
+
+enum Payload<'a> {
+    None,
+    Json(&'a Value),
+    Bytes(&'a [u8]),
 }

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod table;
+pub mod upload;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,13 @@ pub enum Command {
     },
     /// `show pool-async status <patch_id>`
     AsyncStatus(String),
+    /// `upload image filename <path>`
+    UploadImage(PathBuf),
+    /// `delete <type> <name>`
+    Delete {
+        kind: String,
+        name: String,
+    },
     Help,
     Exit,
     Nothing,
@@ -48,12 +56,15 @@ Commands:
   show <singleton>       systemconfiguration, controllerproperties, cluster
   show pool-async status <patch_id>
                          the status of an asynchronous PATCH
+  upload image filename <path>
+                         upload a package (resumable, with progress)
+  delete <type> <name>   delete an object (delete image <name>)
   help                   this text
   exit | quit            leave the shell
 ";
 
 /// Words the first position accepts.
-const VERBS: &[&str] = &["show", "help", "exit", "quit"];
+const VERBS: &[&str] = &["show", "upload", "delete", "help", "exit", "quit"];
 
 pub fn parse(line: &str) -> Result<Command, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -66,6 +77,14 @@ pub fn parse(line: &str) -> Result<Command, String> {
         ["show", kind] => Ok(Command::Show { kind: kind.to_string(), name: None }),
         ["show", kind, name @ ..] => Ok(Command::Show { kind: kind.to_string(), name: Some(name.join(" ")) }),
         ["show"] => Err("show what? (show <type> [<name>])".into()),
+        ["upload", "image", "filename", path @ ..] if !path.is_empty() => {
+            Ok(Command::UploadImage(PathBuf::from(path.join(" "))))
+        }
+        ["upload", ..] => Err("usage: upload image filename <path>".into()),
+        ["delete", kind, name @ ..] if !name.is_empty() => {
+            Ok(Command::Delete { kind: kind.to_string(), name: name.join(" ") })
+        }
+        ["delete", ..] => Err("usage: delete <type> <name>".into()),
         [verb, ..] => Err(format!("unknown command '{verb}'; type help")),
     }
 }
@@ -85,6 +104,22 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
             let reply = client.get(&format!("pool-async/status/{id}")).map_err(|e| e.to_string())?;
             if reply.status == 200 { Ok(table::object(&reply.body)) } else { Err(error_text(&reply)) }
         }
+        Command::UploadImage(path) => {
+            let image = upload::upload_image(client, path, &mut std::io::stderr())?;
+            let cell = |k: &str| image.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+            Ok(table::render(&["Name", "UUID", "Status"], &[vec![cell("name"), cell("uuid"), image_status(&image)]]))
+        }
+        Command::Delete { kind, name } => {
+            reg.type_def(kind).filter(|t| !t.singleton).ok_or_else(|| format!("unknown type '{kind}'"))?;
+            let query = form_urlencoded::Serializer::new(String::new()).append_pair("name", name).finish();
+            let reply = client.get(&format!("{kind}?{query}&fields=uuid")).map_err(|e| e.to_string())?;
+            let uuid = reply.body["results"][0]["uuid"]
+                .as_str()
+                .ok_or_else(|| format!("{kind} '{name}' not found"))?
+                .to_string();
+            let reply = client.request("DELETE", &format!("{kind}/{uuid}"), None).map_err(|e| e.to_string())?;
+            if reply.status == 204 { Ok(format!("Deleted {kind} {name}\n")) } else { Err(error_text(&reply)) }
+        }
         Command::Show { kind, name } => {
             let type_def = reg.type_def(kind).ok_or_else(|| format!("unknown type '{kind}'"))?;
             if type_def.singleton {
@@ -101,26 +136,43 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
                     reply.body["results"].get(0).map(table::object).ok_or_else(|| format!("{kind} '{name}' not found"))
                 }
                 None => {
+                    let images = kind == "image";
                     let mut rows = Vec::new();
                     for page in 1.. {
                         let reply = client
-                            .get(&format!("{kind}?page_size=200&page={page}&fields=name,uuid"))
+                            .get(&format!("{kind}?page_size=200&page={page}&fields=name,uuid,img_state,progress"))
                             .map_err(|e| e.to_string())?;
                         if reply.status != 200 {
                             return Err(error_text(&reply));
                         }
                         for item in reply.body["results"].as_array().into_iter().flatten() {
                             let cell = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-                            rows.push(vec![cell("name"), cell("uuid")]);
+                            let mut row = vec![cell("name"), cell("uuid")];
+                            if images {
+                                row.push(image_status(item));
+                            }
+                            rows.push(row);
                         }
                         if reply.body.get("next").is_none() {
                             break;
                         }
                     }
-                    Ok(table::render(&["Name", "UUID"], &rows))
+                    let header: &[&str] = if images { &["Name", "UUID", "Status"] } else { &["Name", "UUID"] };
+                    Ok(table::render(header, &rows))
                 }
             }
         }
+    }
+}
+
+/// The Status column of `show image`: SYSERR_SUCCESS for a ready image, as the controller's
+/// CLI prints it; an upload in flight shows its state and progress.
+fn image_status(image: &Value) -> String {
+    match image.pointer("/img_state/state").and_then(Value::as_str) {
+        Some("IMAGE_FSM_COMPLETED") => "SYSERR_SUCCESS".into(),
+        Some("IMAGE_FSM_FAILED") => "SYSERR_FAILURE".into(),
+        Some(state) => format!("{state} ({}%)", image.get("progress").and_then(Value::as_u64).unwrap_or(0)),
+        None => String::new(),
     }
 }
 
@@ -136,13 +188,15 @@ impl Completer for ShellHelper {
         let position = before.split_whitespace().count() - usize::from(!word.is_empty());
         let candidates: Vec<String> = match position {
             0 => VERBS.iter().filter(|v| v.starts_with(word)).map(|v| v.to_string()).collect(),
-            1 if before.trim_start().starts_with("show") => Registry::get()
-                .types()
-                .iter()
-                .map(|t| t.path)
-                .filter(|p| p.starts_with(word))
-                .map(String::from)
-                .collect(),
+            1 if before.trim_start().starts_with("show") || before.trim_start().starts_with("delete") => {
+                Registry::get()
+                    .types()
+                    .iter()
+                    .map(|t| t.path)
+                    .filter(|p| p.starts_with(word))
+                    .map(String::from)
+                    .collect()
+            }
             _ => vec![],
         };
         Ok((start, candidates))
@@ -227,6 +281,15 @@ mod tests {
         assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
         assert!(parse("show").is_err());
         assert_eq!(parse("show pool-async status 0042").unwrap(), Command::AsyncStatus("0042".into()));
+        assert_eq!(
+            parse("upload image filename /tmp/controller.pkg").unwrap(),
+            Command::UploadImage(PathBuf::from("/tmp/controller.pkg"))
+        );
+        assert!(parse("upload image").is_err());
+        assert_eq!(
+            parse("delete image 18.2.7-5000-20191009.205501").unwrap(),
+            Command::Delete { kind: "image".into(), name: "18.2.7-5000-20191009.205501".into() }
+        );
     }
 
     #[test]

@@ -698,3 +698,41 @@ fn a_resumable_upload_survives_a_dropped_connection_and_a_restart() {
     assert_nothing_left(&c, &api, 1, 1);
     assert!(std::fs::read_dir(c.data_dir.join("images/sessions")).unwrap().next().is_none());
 }
+
+fn shell(c: &Controller, command: &str) -> (String, String) {
+    let out = Command::new(BIN)
+        .args(["shell", "--controller", &c.url, "--user", "admin", "--password", PASSWORD, "-c", command])
+        .output()
+        .expect("run the shell");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "{command}: {stdout}{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn the_shell_uploads_with_progress_shows_and_deletes_images() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let package = big_package(&pkgs, "se_patch.pkg", "30.2.7", 20);
+    let c = start(data.path());
+    let (out, progress) = shell(&c, &format!("upload image filename {}", package.display()));
+    let name = images(&c.admin())[0]["name"].as_str().unwrap().to_string();
+    assert!(out.contains(&name) && out.contains("SYSERR_SUCCESS"), "{out}");
+    assert!(progress.contains("100%") && progress.matches('\r').count() >= 3, "one redraw per chunk: {progress:?}");
+    let (table, _) = shell(&c, "show image");
+    let header = table.lines().find(|l| l.contains("Name")).unwrap();
+    assert_eq!(
+        header.split('|').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>(),
+        ["Name", "UUID", "Status"]
+    );
+    assert!(table.lines().any(|l| l.contains(&name) && l.contains("SYSERR_SUCCESS")), "{table}");
+    let (detail, _) = shell(&c, &format!("show image {name}"));
+    assert!(
+        detail.contains("Field") && detail.contains("IMAGE_FSM_COMPLETED") && detail.contains(&sha256_file(&package)),
+        "{detail}"
+    );
+    let (deleted, _) = shell(&c, &format!("delete image {name}"));
+    assert!(deleted.contains("Deleted"), "{deleted}");
+    assert!(images(&c.admin()).is_empty());
+}
