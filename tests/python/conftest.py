@@ -20,6 +20,13 @@ for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
 class Controller:
     def __init__(self, plain_http=False):
         self.data_dir = tempfile.mkdtemp(prefix="fulcrum-sdk-")
+        # A package signing key the controller trusts, for the image upload tests.
+        self.key_dir = tempfile.mkdtemp(prefix="fulcrum-sdk-keys-")
+        self.key = os.path.join(self.key_dir, "release")
+        subprocess.run([BINARY, "pkg", "keygen", "--out", self.key], check=True, capture_output=True)
+        os.makedirs(os.path.join(self.data_dir, "trusted-keys"))
+        with open(self.key + ".pub") as src, open(os.path.join(self.data_dir, "trusted-keys", "release.pub"), "w") as dst:
+            dst.write(src.read())
         args = [BINARY, "serve", "--listen", "127.0.0.1:0", "--data-dir", self.data_dir]
         if plain_http:
             args.append("--plain-http")

@@ -204,3 +204,54 @@ def test_patch_classic_and_json_patch_forms(controller):
     assert bad.status_code == 400 and "out of range" in bad.text
     assert len(api.get("pool/" + pool["uuid"]).json()["servers"]) == 2
     assert api.delete_by_name("pool", "sdk-patch").status_code == 204
+
+
+def build_package(controller, kind, version, patch=None):
+    """A real signed package made with `fulcrum pkg build`; returns its path and tag."""
+    from conftest import BINARY
+    import hashlib
+    import os
+    import subprocess
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="fulcrum-sdk-pkg-")
+    se = os.path.join(work, "se", "bin")
+    os.makedirs(se)
+    with open(os.path.join(se, "fulcrum-se"), "w") as f:
+        f.write("#!/bin/sh\necho se\n")
+    out = os.path.join(work, kind + ".pkg")
+    args = [BINARY, "pkg", "build", "--kind", kind, "--version", version, "--build", "9100",
+            "--date", "20261122.101500", "--min-version", "30.1.1", "--se-dir", os.path.dirname(se),
+            "--key", controller.key + ".secret", "-o", out]
+    if patch:
+        args += ["--patch", patch]
+    subprocess.run(args, check=True, capture_output=True)
+    tag = "-".join([version, "9100"] + ([patch] if patch else []) + ["20261122.101500"])
+    with open(out, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return out, tag, digest
+
+
+def test_image_upload_query_and_delete_through_the_sdk(controller):
+    api = session(controller)
+    path, tag, digest = build_package(controller, "se_patch", "30.2.6", "2p1")
+    with open(path, "rb") as f:
+        resp = api.post("image", files={"file": ("se_patch.pkg", f, "application/octet-stream")})
+    assert resp.status_code == 201, resp.text
+    image = api.get_object_by_name("image", tag)
+    assert image["type"] == "IMAGE_TYPE_PATCH"
+    assert image["img_state"]["state"] == "IMAGE_FSM_COMPLETED"
+    assert image["se_info"]["hash"] == digest
+    assert image["se_info"]["build"]["patch_version"] == "2p1"
+    # Clients pick images by type and by the version in the name, then use the uuid.
+    patches = [i for i in api.get_objects_iter("image") if i["type"] == "IMAGE_TYPE_PATCH" and "30.2.6" in i["name"]]
+    assert [i["uuid"] for i in patches] == [image["uuid"]]
+    # The same tag again is a conflict; a corrupt file is refused.
+    with open(path, "rb") as f:
+        again = api.post("image", files={"file": ("se_patch.pkg", f, "application/octet-stream")})
+    assert again.status_code == 409, again.text
+    bad = api.post("image", files={"file": ("junk.pkg", b"not a package" * 100, "application/octet-stream")})
+    assert bad.status_code == 400, bad.text
+    assert "not a Fulcrum package" in bad.text, bad.text  # the SDK's json() raises on errors
+    assert api.delete_by_name("image", tag).status_code == 204
+    assert api.get_object_by_name("image", tag) is None

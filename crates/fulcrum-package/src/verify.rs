@@ -171,7 +171,8 @@ fn read_manifest_entry<R: Read>(entries: &mut tar::Entries<'_, R>) -> Result<Vec
     let not_package = |why: String| PackageError::NotAPackage(format!("not a Fulcrum package: {why}"));
     let mut entry = match entries.next() {
         None => return Err(not_package("the archive is empty".into())),
-        Some(Err(e)) => return Err(not_package(e.to_string())),
+        // The tar reader's message quotes the bytes it choked on; they mean nothing to the user.
+        Some(Err(_)) => return Err(not_package("it is not a tar archive starting with manifest.json".into())),
         Some(Ok(entry)) => entry,
     };
     let path = entry_path(&entry)?;
