@@ -5,6 +5,7 @@
 
 mod asyncpatch;
 mod patch;
+mod upload;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,15 @@ enum Which {
     Patch(PatchArgs),
     /// Async PATCH: accept rate, one merge cycle, and the same adds synchronously (issue 4).
     Async(AsyncArgs),
+    /// Image upload against cp and docker-registry (issue 5).
+    Upload(UploadArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct UploadArgs {
+    /// Size of the package's payload in MiB.
+    #[arg(long, default_value_t = 2048)]
+    mib: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -103,11 +113,19 @@ impl Drop for Process {
 }
 
 fn start_fulcrum(binary: &Path) -> Process {
+    start_fulcrum_trusting(binary, None)
+}
+
+/// Starts fulcrum, trusting packages signed by `key` (a public key file).
+fn start_fulcrum_trusting(binary: &Path, key: Option<&Path>) -> Process {
     let dir =
         tempfile::Builder::new().prefix("fulcrum-bench-").tempdir_in(".").expect("temp dir on the project's disk");
-    let mut child = Command::new(binary)
-        .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+    let mut command = Command::new(binary);
+    command.args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path());
+    if let Some(key) = key {
+        command.arg("--trusted-key").arg(key);
+    }
+    let mut child = command
         .env("FULCRUM_ADMIN_PASSWORD", PASSWORD)
         .env("FULCRUM_LOG", "warn")
         .stdout(Stdio::piped())
@@ -248,10 +266,12 @@ fn main() {
         Some(Which::Config(args)) => config(&cli.common, &args),
         Some(Which::Patch(args)) => patch::run(&cli.common, &args),
         Some(Which::Async(args)) => asyncpatch::run(&cli.common, &args),
+        Some(Which::Upload(args)) => upload::run_upload(&cli.common, &args),
         None => {
             config(&cli.common, &defaults::<ConfigArgs>());
             patch::run(&cli.common, &defaults::<PatchArgs>());
             asyncpatch::run(&cli.common, &defaults::<AsyncArgs>());
+            upload::run_upload(&cli.common, &defaults::<UploadArgs>());
         }
     }
 }

@@ -87,6 +87,9 @@ pub async fn metrics(State(_app): State<Arc<App>>) -> Response {
     crate::asyncpatch::QUEUE_DEPTH.render(&mut out);
     crate::asyncpatch::MERGE_SECONDS.render(&mut out);
     crate::asyncpatch::MERGED_PER_CYCLE.render(&mut out);
+    crate::images::UPLOAD_BYTES.render(&mut out);
+    crate::images::UPLOADS.render(&mut out);
+    crate::images::UPLOADS_IN_FLIGHT.render(&mut out);
     let mut response = out.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response

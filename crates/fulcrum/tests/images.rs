@@ -186,6 +186,9 @@ fn the_documented_curl_command_uploads_a_controller_package() {
     // Query by name.
     let found = api.object("/api/image?name=30.2.2-9100-20261122.101500");
     assert_eq!(found["count"], 1);
+    let metrics = c.anonymous().get("/metrics").body;
+    assert!(metrics.contains("fulcrum_image_uploads_total{outcome=\"success\"} 1"), "{metrics}");
+    assert!(metrics.contains("fulcrum_image_upload_bytes_total{how=\"multipart\"}"), "{metrics}");
 }
 
 #[test]

@@ -1,0 +1,166 @@
+//! Image upload (issue 5): a 2 GiB package uploaded to fulcrum (multipart, as curl -F sends
+//! it), against `cp` + fsync of the same file on the same disk, and against Debian's
+//! docker-registry (the CNCF distribution registry) receiving the same bytes as a monolithic
+//! blob upload. All three read the source from the page cache (it was just written).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::{Common, PASSWORD, Process, UploadArgs, free_port, start_fulcrum_trusting};
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.stderr(Stdio::inherit()).output().expect("run a command");
+    assert!(out.status.success(), "{cmd:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// VmRSS or VmHWM of a process, in bytes.
+fn memory(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn build_package(dir: &Path, fulcrum: &Path, mib: usize) -> std::path::PathBuf {
+    let se = dir.join("se/lib");
+    std::fs::create_dir_all(&se).unwrap();
+    let mut file = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(se.join("payload")).unwrap());
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for word in block.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        file.write_all(&block).unwrap();
+    }
+    file.flush().unwrap();
+    drop(file);
+    let key = dir.join("bench");
+    run(Command::new(fulcrum).args(["pkg", "keygen", "--out"]).arg(&key));
+    let out = dir.join("se_patch.pkg");
+    run(Command::new(fulcrum)
+        .args(["pkg", "build", "--kind", "se_patch", "--version", "30.2.9", "--build", "1", "--patch", "1p1"])
+        .arg("--se-dir")
+        .arg(dir.join("se"))
+        .arg("--key")
+        .arg(dir.join("bench.secret"))
+        .arg("-o")
+        .arg(&out));
+    std::fs::remove_dir_all(dir.join("se")).unwrap();
+    out
+}
+
+fn start_registry(dir: &Path) -> Process {
+    let port = free_port();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start docker-registry (apt-get install docker-registry)");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ureq::get(&format!("{url}/v2/")).call().is_err() {
+        assert!(Instant::now() < deadline, "docker-registry did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Process { child, url, _dir: tempfile::tempdir().unwrap() }
+}
+
+fn throughput(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
+}
+
+pub fn run_upload(common: &Common, args: &UploadArgs) {
+    println!("\n== image upload: a {} MiB package", args.mib);
+    let dir = tempfile::Builder::new().prefix("upload-bench-").tempdir_in(".").expect("temp dir on the project's disk");
+    let package = build_package(dir.path(), &common.fulcrum, args.mib);
+    let size = std::fs::metadata(&package).unwrap().len();
+    let digest: String = {
+        let mut hasher = Sha256::new();
+        let mut file = std::fs::File::open(&package).unwrap();
+        std::io::copy(&mut file, &mut hasher).unwrap();
+        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    };
+
+    // cp, then fsync of the copy: what any durable write of these bytes costs on this disk.
+    let copy = dir.path().join("copy.pkg");
+    let started = Instant::now();
+    run(Command::new("cp").arg(&package).arg(&copy));
+    std::fs::File::open(&copy).unwrap().sync_all().unwrap();
+    let cp = started.elapsed();
+    std::fs::remove_file(&copy).unwrap();
+
+    let fulcrum = start_fulcrum_trusting(&common.fulcrum, Some(&dir.path().join("bench.pub")));
+    let pid = fulcrum.child.id();
+    let rss_before = memory(pid, "VmRSS");
+    let started = Instant::now();
+    let out = run(Command::new("curl")
+        .args(["-sS", "-X", "POST", "-u", &format!("admin:{PASSWORD}"), "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg("-F")
+        .arg(format!("file=@{}", package.display()))
+        .arg(format!("{}/api/image", fulcrum.url)));
+    let upload = started.elapsed();
+    assert_eq!(out.trim(), "201", "the upload must succeed");
+    let peak = memory(pid, "VmHWM");
+    drop(fulcrum);
+
+    let registry = start_registry(dir.path());
+    let started = Instant::now();
+    let start = ureq::post(&format!("{}/v2/bench/blobs/uploads/", registry.url)).call().expect("start a blob upload");
+    let location = start.header("Location").expect("an upload location").to_string();
+    let location = if location.starts_with("http") { location } else { format!("{}{location}", registry.url) };
+    let separator = if location.contains('?') { '&' } else { '?' };
+    let out = run(Command::new("curl")
+        .args(["-sS", "-X", "PUT", "-H", "Content-Type: application/octet-stream", "-o", "/dev/null"])
+        .args(["-w", "%{http_code}", "-T"])
+        .arg(&package)
+        .arg(format!("{location}{separator}digest=sha256:{digest}")));
+    let registry_time = started.elapsed();
+    assert_eq!(out.trim(), "201", "the registry must accept the blob");
+    drop(registry);
+
+    let (f, c, r) = (throughput(size, upload), throughput(size, cp), throughput(size, registry_time));
+    println!(
+        "{:<44} {:>10.0} MiB/s  ({:.2} s)",
+        "fulcrum upload (multipart, verified, fsync)",
+        f,
+        upload.as_secs_f64()
+    );
+    println!("{:<44} {:>10.0} MiB/s  ({:.2} s)", "cp + fsync", c, cp.as_secs_f64());
+    println!(
+        "{:<44} {:>10.0} MiB/s  ({:.2} s)",
+        "docker-registry monolithic blob upload",
+        r,
+        registry_time.as_secs_f64()
+    );
+    println!("ratio vs cp {:.2}x (target >= 0.8), vs docker-registry {:.2}x (target >= 1.0)", f / c, f / r);
+    let growth = peak.saturating_sub(rss_before);
+    println!(
+        "controller RSS: {:.1} MiB before, peak {:.1} MiB, growth {:.1} MiB (target <= 64)",
+        rss_before as f64 / (1 << 20) as f64,
+        peak as f64 / (1 << 20) as f64,
+        growth as f64 / (1 << 20) as f64
+    );
+}
