@@ -211,7 +211,19 @@ pub fn base_url(app: &App, headers: &HeaderMap) -> String {
 
 /// Bodies beyond the limit are still read (and dropped) up to this size, so the client gets
 /// its 413 instead of a connection reset while it is still sending.
-const DRAIN_LIMIT_BYTES: usize = 64 << 20;
+pub const DRAIN_LIMIT_BYTES: usize = 64 << 20;
+
+/// Reads and drops up to `limit` more bytes of a body whose request was refused early (a
+/// streamed upload), so the client reads the answer instead of a reset connection.
+pub async fn discard_body(body: &mut Body, limit: usize) {
+    let mut budget = limit;
+    while budget > 0 {
+        match body.frame().await {
+            Some(Ok(frame)) => budget = budget.saturating_sub(frame.data_ref().map_or(0, |d| d.len())),
+            _ => return,
+        }
+    }
+}
 
 async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
     let mut buffer = Vec::new();

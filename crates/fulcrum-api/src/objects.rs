@@ -135,7 +135,7 @@ fn bytes_response(status: StatusCode, body: Vec<u8>) -> Response {
     response
 }
 
-fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("request body is empty; expected a JSON object"));
     }

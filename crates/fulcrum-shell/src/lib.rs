@@ -89,7 +89,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
     }
 }
 
-fn error_text(reply: &Reply) -> String {
+pub(crate) fn error_text(reply: &Reply) -> String {
     let message = reply.body.get("error").and_then(Value::as_str).map_or_else(|| reply.body.to_string(), String::from);
     format!("Error ({}): {message}", reply.status)
 }

@@ -9,15 +9,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::client::{Client, Reply};
+use crate::client::Client;
+use crate::error_text;
 
 const CHUNK_BYTES: usize = 8 << 20;
 const RETRIES: usize = 5;
-
-fn error_text(reply: &Reply) -> String {
-    let message = reply.body.get("error").and_then(Value::as_str).map_or_else(|| reply.body.to_string(), String::from);
-    format!("Error ({}): {message}", reply.status)
-}
 
 fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];

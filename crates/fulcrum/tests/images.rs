@@ -22,11 +22,7 @@ fn fulcrum(args: &[&str]) -> String {
 }
 
 fn sha256_file(path: &Path) -> String {
-    fulcrum_package_hex(&Sha256::digest(std::fs::read(path).unwrap()))
-}
-
-fn fulcrum_package_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    fulcrum_package::hex(&Sha256::digest(std::fs::read(path).unwrap()))
 }
 
 /// Payload directories, a signing key, and packages built from them.
@@ -92,6 +88,22 @@ impl Packages {
             args.extend(["--patch", "2p1"]);
         }
         args.extend(extra);
+        fulcrum(&args);
+        out
+    }
+
+    /// A signed composite of a base and optional patches.
+    fn bundle(&self, name: &str, base: &Path, controller_patch: Option<&Path>, se_patch: Option<&Path>) -> PathBuf {
+        let out = self.path(name);
+        let key = self.key();
+        let mut args = vec!["pkg", "build", "--kind", "bundle", "--base", base.to_str().unwrap()];
+        if let Some(cp) = controller_patch {
+            args.extend(["--controller-patch", cp.to_str().unwrap()]);
+        }
+        if let Some(sp) = se_patch {
+            args.extend(["--se-patch", sp.to_str().unwrap()]);
+        }
+        args.extend(["--key", key.as_str(), "-o", out.to_str().unwrap()]);
         fulcrum(&args);
         out
     }
@@ -232,23 +244,7 @@ fn every_kind_and_a_composite_are_described_field_by_field() {
     let base = pkgs.build("base.pkg", "controller", "30.3.1", "9300", &["--cloud", "CLOUD_VCENTER"]);
     let cp = pkgs.build("cp.pkg", "controller_patch", "30.3.1", "9310", &[]);
     let sp = pkgs.build("sp.pkg", "se_patch", "30.3.1", "9320", &[]);
-    let bundle = pkgs.path("bundle.pkg");
-    fulcrum(&[
-        "pkg",
-        "build",
-        "--kind",
-        "bundle",
-        "--base",
-        base.to_str().unwrap(),
-        "--controller-patch",
-        cp.to_str().unwrap(),
-        "--se-patch",
-        sp.to_str().unwrap(),
-        "--key",
-        &pkgs.key(),
-        "-o",
-        bundle.to_str().unwrap(),
-    ]);
+    let bundle = pkgs.bundle("bundle.pkg", &base, Some(&cp), Some(&sp));
     let verified = fulcrum(&[
         "pkg",
         "verify",
@@ -384,7 +380,7 @@ fn bad_packages_are_refused_and_leave_nothing_behind() {
 /// A package signed by the trusted key whose archive holds one bad entry besides a good file.
 fn crafted(pkgs: &Packages, bad_path: &str, kind: tar::EntryType) -> Vec<u8> {
     let good = b"#!/bin/sh\n";
-    let hash = fulcrum_package_hex(&Sha256::digest(good));
+    let hash = fulcrum_package::hex(&Sha256::digest(good));
     let manifest = json!({
         "format": 1, "product": "fulcrum", "kind": "se_patch", "version": "30.2.9", "build": 1,
         "build_date": "20261122.101500", "tag": "30.2.9-1-2p1-20261122.101500", "patch_version": "2p1",
@@ -561,21 +557,7 @@ fn images_in_use_cannot_be_deleted() {
 
     let base = pkgs.build("base.pkg", "controller", "30.3.1", "9300", &[]);
     let sp = pkgs.build("sp.pkg", "se_patch", "30.3.1", "9320", &[]);
-    let bundle = pkgs.path("bundle.pkg");
-    fulcrum(&[
-        "pkg",
-        "build",
-        "--kind",
-        "bundle",
-        "--base",
-        base.to_str().unwrap(),
-        "--se-patch",
-        sp.to_str().unwrap(),
-        "--key",
-        &pkgs.key(),
-        "-o",
-        bundle.to_str().unwrap(),
-    ]);
+    let bundle = pkgs.bundle("bundle.pkg", &base, None, Some(&sp));
     let top = upload(&api, &bundle).json();
     let part = top["se_patch_ref"].as_str().unwrap().rsplit('/').next().unwrap().split('#').next().unwrap().to_string();
     let r = api.delete(&format!("/api/image/{part}"));

@@ -300,6 +300,13 @@ pub fn refuse_edit(method: &str) -> ApiError {
     )
 }
 
+/// What [`Staged::show_progress`] does when the record is not there (any more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IfGone {
+    Create,
+    Skip,
+}
+
 /// An upload's file and record until they are published; whatever is left when it is dropped
 /// (an error, a refused package, a client that went away) is removed.
 pub(crate) struct Staged {
@@ -319,58 +326,35 @@ impl Staged {
         Staged { app, file: None, record: None }
     }
 
-    async fn write_progress(
+    /// Shows the upload as IMAGE_FSM_IN_PROGRESS under its tag, with its progress; 409 if
+    /// another image has the tag. When the record is gone or finished meanwhile, `if_gone`
+    /// says whether to (re)create it or leave it be.
+    pub async fn show_progress(
         &mut self,
         uuid: &str,
         manifest: &fulcrum_package::Manifest,
         expected: u64,
         progress: u64,
         started: SystemTime,
-        creating: bool,
+        if_gone: IfGone,
     ) -> Result<(), ApiError> {
         let path = self.app.images.file_path(&format!("{uuid}.pkg"));
         let mut config = record::image_config(manifest, manifest, None, &path.to_string_lossy(), expected);
         config.extend(record::status_fields(record::IN_PROGRESS, progress, started, None));
         let config = normalized(config)?;
-        let uuid = uuid.to_string();
-        let t = type_def();
-        let id = uuid.clone();
+        let (t, id) = (type_def(), uuid.to_string());
         self.app
             .store
             .write(move |txn| {
-                if !creating && txn.get(KIND, &id).is_none_or(|s| record::is_completed(&s.value)) {
-                    return Ok(()); // gone or finished meanwhile: nothing to report
+                let gone = txn.get(KIND, &id).is_none_or(|s| record::is_completed(&s.value));
+                if gone && if_gone == IfGone::Skip {
+                    return Ok(());
                 }
                 crate::objects::store_object(txn, t, &id, config, ADMIN_TENANT, serde_json::Map::new()).map(drop)
             })
             .await?;
-        self.record = Some(uuid);
+        self.record = Some(uuid.to_string());
         Ok(())
-    }
-
-    /// Shows the upload as IMAGE_FSM_IN_PROGRESS under its tag (creating the record if need
-    /// be); 409 if another image has the tag.
-    pub async fn announce(
-        &mut self,
-        uuid: &str,
-        manifest: &fulcrum_package::Manifest,
-        expected: u64,
-        progress: u64,
-        started: SystemTime,
-    ) -> Result<(), ApiError> {
-        self.write_progress(uuid, manifest, expected, progress, started, true).await
-    }
-
-    /// Updates the progress of a record that exists (a no-op once it is gone or finished).
-    pub async fn progress(
-        &mut self,
-        uuid: &str,
-        manifest: &fulcrum_package::Manifest,
-        expected: u64,
-        progress: u64,
-        started: SystemTime,
-    ) -> Result<(), ApiError> {
-        self.write_progress(uuid, manifest, expected, progress, started, false).await
     }
 
     /// Moves the verified, fsynced file to its place and stores the records that describe it.

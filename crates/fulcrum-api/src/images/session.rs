@@ -24,9 +24,9 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::upload::{DRAIN_AFTER_ERROR, discard, package_error, write_error};
-use super::{Images, KIND, SESSIONS_DIR, Staged, UPLOAD_BYTES, require_image_write, sync_dir};
-use crate::app::{App, RequestContext, json_response};
+use super::upload::{package_error, write_error};
+use super::{IfGone, Images, KIND, SESSIONS_DIR, Staged, UPLOAD_BYTES, require_image_write, sync_dir};
+use crate::app::{App, DRAIN_LIMIT_BYTES, RequestContext, discard_body, json_response};
 use crate::error::ApiError;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,16 +137,9 @@ pub fn expire(dir: &Path, max_age: Duration, now: SystemTime) {
     }
 }
 
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice::<Value>(body)
-        .ok()
-        .filter(Value::is_object)
-        .ok_or_else(|| ApiError::bad_request("request body must be a JSON object"))
-}
-
 pub async fn create_session(app: &Arc<App>, ctx: &RequestContext, body: &[u8]) -> Result<Response, ApiError> {
     require_image_write(app, ctx, "An image upload")?;
-    let input = parse_json(body)?;
+    let input = crate::objects::parse_body(body)?;
     let size = input
         .get("size")
         .and_then(Value::as_u64)
@@ -195,7 +188,7 @@ pub async fn put_chunk(app: &Arc<App>, ctx: &RequestContext, id: &str, mut body:
     let result = write_chunk(app, ctx, id, &mut body).await;
     if result.is_err() {
         // Read what the client is still sending, so it gets the answer (and the offset to use).
-        discard(&mut body, DRAIN_AFTER_ERROR).await;
+        discard_body(&mut body, DRAIN_LIMIT_BYTES).await;
     }
     result
 }
@@ -290,7 +283,9 @@ async fn show_progress(app: &Arc<App>, meta: &SessionMeta) -> Result<(), ApiErro
     };
     let mut staged = Staged::new(app.clone());
     let progress = meta.offset.saturating_mul(100) / meta.size.max(1);
-    let result = staged.announce(&meta.image_uuid, &manifest, meta.size, progress.min(99), meta.started()).await;
+    let result = staged
+        .show_progress(&meta.image_uuid, &manifest, meta.size, progress.min(99), meta.started(), IfGone::Create)
+        .await;
     staged.keep_record();
     if let Err(e) = result {
         app.images.remove_session(&meta.id);
@@ -309,7 +304,7 @@ pub async fn complete_session(
     let lock = app.images.session_lock(id);
     let _guard = lock_session(&lock, id).await?;
     let meta = app.images.load_session(id)?;
-    let input = parse_json(body)?;
+    let input = crate::objects::parse_body(body)?;
     let digest = input
         .get("sha256")
         .and_then(Value::as_str)

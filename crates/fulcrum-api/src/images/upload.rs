@@ -17,18 +17,14 @@ use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{Staged, UPLOAD_BYTES, UPLOADS, UPLOADS_IN_FLIGHT, require_image_write};
-use crate::app::{App, RequestContext};
+use super::{IfGone, Staged, UPLOAD_BYTES, UPLOADS, UPLOADS_IN_FLIGHT, require_image_write};
+use crate::app::{App, DRAIN_LIMIT_BYTES, RequestContext, discard_body};
 use crate::error::ApiError;
 use crate::multipart::{self, Event, Multipart};
 
 /// Chunks queued for each of the two threads: bounds the memory an upload holds.
 const QUEUE_CHUNKS: usize = 32;
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
-/// After refusing an upload early, this much more of the body is read so the client gets the
-/// answer instead of a reset connection.
-pub(super) const DRAIN_AFTER_ERROR: u64 = 64 << 20;
-
 /// The bytes of a channel as a `Read` (for the verifier thread).
 struct ChannelReader {
     rx: mpsc::Receiver<Bytes>,
@@ -88,15 +84,6 @@ pub(super) fn package_error(e: PackageError) -> ApiError {
     }
 }
 
-pub(super) async fn discard(body: &mut Body, mut budget: u64) {
-    while budget > 0 {
-        match body.frame().await {
-            Some(Ok(frame)) => budget = budget.saturating_sub(frame.data_ref().map_or(0, |d| d.len() as u64)),
-            _ => return,
-        }
-    }
-}
-
 pub async fn upload(app: &Arc<App>, ctx: &RequestContext, mut body: Body) -> Result<Response, ApiError> {
     require_image_write(app, ctx, "An image upload")?;
     let length = ctx.header("content-length").and_then(|v| v.parse::<u64>().ok());
@@ -110,7 +97,7 @@ pub async fn upload(app: &Arc<App>, ctx: &RequestContext, mut body: Body) -> Res
         }
     };
     let Some(boundary) = boundary else {
-        discard(&mut body, DRAIN_AFTER_ERROR).await;
+        discard_body(&mut body, DRAIN_LIMIT_BYTES).await;
         return Err(ApiError::bad_request(
             "POST /api/image takes multipart/form-data with the package in the field 'file' \
              (curl -F file=@controller.pkg)",
@@ -124,7 +111,7 @@ pub async fn upload(app: &Arc<App>, ctx: &RequestContext, mut body: Body) -> Res
         Err(e) => {
             UPLOADS.add(&["refused"], 1);
             tracing::info!(status = e.status.as_u16(), error = %e.message, "image upload refused");
-            discard(&mut body, DRAIN_AFTER_ERROR).await;
+            discard_body(&mut body, DRAIN_LIMIT_BYTES).await;
         }
     }
     result
@@ -224,7 +211,7 @@ async fn receive(
             break; // the verifier or the writer gave up; its error is the answer
         }
         while let Ok(m) = manifest_rx.try_recv() {
-            staged.announce(&uuid, &m, length.unwrap_or(0), 0, started).await?;
+            staged.show_progress(&uuid, &m, length.unwrap_or(0), 0, started, IfGone::Create).await?;
             manifest = Some(m);
         }
         if let (Some(m), Some(total)) = (&manifest, length)
@@ -232,7 +219,7 @@ async fn receive(
         {
             last_progress = Instant::now();
             let progress = written.load(Ordering::Relaxed).saturating_mul(100) / total.max(1);
-            staged.progress(&uuid, m, total, progress.min(99), started).await?;
+            staged.show_progress(&uuid, m, total, progress.min(99), started, IfGone::Skip).await?;
         }
     }
     drop(senders);
@@ -250,7 +237,7 @@ async fn receive(
     if let Ok(m) = manifest_rx.try_recv()
         && manifest.is_none()
     {
-        staged.announce(&uuid, &m, length.unwrap_or(0), 0, started).await?;
+        staged.show_progress(&uuid, &m, length.unwrap_or(0), 0, started, IfGone::Create).await?;
     }
     let published = staged.publish(&uuid, &verified, &hash, &tmp, started).await?;
     Ok(super::created_response(app, ctx, &published))
