@@ -49,6 +49,7 @@ pub struct App {
     pub async_patches: Arc<crate::asyncpatch::AsyncPatches>,
     pub images: crate::images::Images,
     pub role: crate::cluster::NodeRole,
+    pub engines: crate::engines::Engines,
 }
 
 impl App {
@@ -123,6 +124,13 @@ enum Route<'a> {
     UploadSessions,
     UploadSession(&'a str),
     UploadSessionComplete(&'a str),
+    LicenseUsage,
+    SeAgentJoin,
+    SeAgentPoll,
+    SeAgentEvent,
+    SeAgentImage(&'a str),
+    /// `/api/<type>/<uuid>/<action>`: `runtime` of a virtual service, `install` and `rollback` of an SE.
+    ObjectAction(&'static TypeDef, &'a str, &'a str),
     Collection(&'static TypeDef),
     Object(&'static TypeDef, &'a str),
     Singleton(&'static TypeDef),
@@ -143,6 +151,14 @@ impl<'a> Route<'a> {
             ["image-upload"] => Route::UploadSessions,
             ["image-upload", id] => Route::UploadSession(id),
             ["image-upload", id, "complete"] => Route::UploadSessionComplete(id),
+            ["licenseusage"] => Route::LicenseUsage,
+            ["se-agent", "join"] => Route::SeAgentJoin,
+            ["se-agent", "poll"] => Route::SeAgentPoll,
+            ["se-agent", "event"] => Route::SeAgentEvent,
+            ["se-agent", "image", id] => Route::SeAgentImage(id),
+            [kind @ ("virtualservice" | "serviceengine"), uuid, action @ ("runtime" | "install" | "rollback")] => {
+                Route::ObjectAction(reg.type_def(kind)?, uuid, action)
+            }
             [kind] => {
                 let t = reg.type_def(kind)?;
                 if t.singleton { Route::Singleton(t) } else { Route::Collection(t) }
@@ -172,13 +188,24 @@ impl<'a> Route<'a> {
             Route::UploadSessions => "/api/image-upload".into(),
             Route::UploadSession(_) => "/api/image-upload/{id}".into(),
             Route::UploadSessionComplete(_) => "/api/image-upload/{id}/complete".into(),
+            Route::LicenseUsage => "/api/licenseusage".into(),
+            Route::SeAgentJoin => "/api/se-agent/join".into(),
+            Route::SeAgentPoll => "/api/se-agent/poll".into(),
+            Route::SeAgentEvent => "/api/se-agent/event".into(),
+            Route::SeAgentImage(_) => "/api/se-agent/image/{uuid}".into(),
+            Route::ObjectAction(t, _, action) => format!("/api/{}/{{uuid}}/{action}", t.path),
             Route::Collection(t) | Route::Singleton(t) => format!("/api/{}", t.path),
             Route::Object(t, _) => format!("/api/{}/{{uuid}}", t.path),
         }
     }
 
     fn needs_auth(&self) -> bool {
-        !matches!(self, Route::ClusterStatus | Route::InitialData)
+        !matches!(self, Route::ClusterStatus | Route::InitialData) && !self.is_agent()
+    }
+
+    /// Called by SE agents, with a join token or an SE credential instead of a user's.
+    fn is_agent(&self) -> bool {
+        matches!(self, Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent | Route::SeAgentImage(_))
     }
 }
 
@@ -376,6 +403,15 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
     match (&route, &method) {
         (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app)),
         (Route::InitialData, &Method::GET) => return Ok(system::initial_data(app)),
+        (Route::SeAgentImage(id), &Method::GET) => return crate::engines::agent::image(app, &parts.headers, id).await,
+        (r @ (Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent), &Method::POST) => {
+            let body = read_body(body).await?;
+            return match r {
+                Route::SeAgentJoin => crate::engines::agent::join(app, &body).await,
+                Route::SeAgentPoll => crate::engines::agent::poll(app, &parts.headers, &body).await,
+                _ => crate::engines::agent::event(app, &parts.headers, &body).await,
+            };
+        }
         (r, _) if !r.needs_auth() => return Err(ApiError::method_not_allowed(method.as_str())),
         _ => {}
     }
@@ -417,7 +453,27 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         };
     }
     let is_image = |t: &TypeDef| t.path == crate::images::KIND;
+    let is = |t: &TypeDef, kind: &str| t.path == kind;
     match (route, method) {
+        (Route::LicenseUsage, Method::GET) => Ok(crate::engines::license_usage(app)),
+        (Route::Collection(t), Method::POST) if is(t, crate::engines::TOKEN_KIND) => {
+            crate::engines::create_token(app, &ctx, &body).await
+        }
+        (Route::Object(t, uuid), Method::DELETE) if is(t, crate::engines::TOKEN_KIND) => {
+            crate::engines::revoke_token(app, &ctx, uuid).await
+        }
+        (Route::Object(t, uuid), Method::DELETE) if is(t, crate::engines::SE_KIND) => {
+            crate::engines::delete_se(app, &ctx, uuid).await
+        }
+        (Route::ObjectAction(t, uuid, "runtime"), Method::GET) if is(t, "virtualservice") => {
+            crate::engines::vs_runtime(app, &ctx, uuid)
+        }
+        (Route::ObjectAction(t, uuid, "install"), Method::POST) if is(t, crate::engines::SE_KIND) => {
+            crate::engines::command(app, &ctx, uuid, "SE_INSTALL", &body).await
+        }
+        (Route::ObjectAction(t, uuid, "rollback"), Method::POST) if is(t, crate::engines::SE_KIND) => {
+            crate::engines::command(app, &ctx, uuid, "SE_ROLLBACK", &body).await
+        }
         (Route::UploadSessions, Method::POST) => crate::images::create_session(app, &ctx, &body).await,
         (Route::UploadSession(id), Method::GET) => crate::images::session_status(app, &ctx, id).await,
         (Route::UploadSession(id), Method::DELETE) => crate::images::abort_session(app, &ctx, id).await,

@@ -15,6 +15,8 @@ use crate::objects::store_object;
 pub const ADMIN_USER_UUID: &str = "user-1";
 pub const PASSWORD_ENV: &str = "FULCRUM_ADMIN_PASSWORD";
 pub const PASSWORD_FILE: &str = "initial-admin-password";
+/// SE cores of the license a fresh controller starts with.
+pub const EVALUATION_CORES: u64 = 20;
 
 /// Writes a file only its owner can read, durably.
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -60,6 +62,12 @@ fn defaults(node_ip: &str) -> Vec<(&'static str, String, Value)> {
         ("analyticsprofile", String::new(), json!({"name": "System-Analytics-Profile"})),
         ("systemconfiguration", "default".to_string(), json!({"portal_configuration": {}, "global_tenant_config": {}})),
         ("controllerproperties", String::new(), json!({})),
+        // What a fresh controller may run: an evaluation license, as the product ships with.
+        (
+            "controllerlicense",
+            String::new(),
+            json!({"licenses": [{"license_id": "evaluation", "license_name": "Evaluation", "cores": EVALUATION_CORES}]}),
+        ),
         (
             "cluster",
             String::new(),

@@ -9,6 +9,7 @@ pub mod asyncpatch;
 pub mod auth;
 pub mod bootstrap;
 pub mod cluster;
+pub mod engines;
 pub mod error;
 pub mod images;
 pub mod multipart;

@@ -233,7 +233,7 @@ pub fn list(app: &App, ctx: &RequestContext, type_def: &'static TypeDef) -> Resu
         if i > 0 {
             body.push(b',');
         }
-        body.extend(render_one(ctx, &cat, type_def, stored, false));
+        body.extend(render_one(ctx, &cat, type_def, &with_live_fields(app, type_def, stored), false));
     }
     body.push(b']');
     if end < count {
@@ -258,7 +258,20 @@ pub fn get(app: &App, ctx: &RequestContext, type_def: &'static TypeDef, uuid: &s
     require(ctx, type_def, Level::Read)?;
     let cat = app.store.read();
     let stored = find_visible(&cat, ctx, type_def, uuid)?;
-    Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, stored, false)))
+    let shown = with_live_fields(app, type_def, stored);
+    Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, &shown, false)))
+}
+
+/// A service engine as shown: its record with what its last heartbeat said over it.
+fn with_live_fields(app: &App, type_def: &TypeDef, stored: &Arc<Stored>) -> Arc<Stored> {
+    if type_def.path != crate::engines::SE_KIND {
+        return stored.clone();
+    }
+    let mut value = stored.value.clone();
+    if let Some(map) = value.as_object_mut() {
+        map.extend(app.engines.live_fields(&stored.uuid));
+    }
+    Arc::new(Stored { kind: stored.kind.clone(), uuid: stored.uuid.clone(), value, meta: stored.meta.clone() })
 }
 
 /// Resolves one reference against what the writer sees: a by-name reference becomes a uuid,
@@ -476,9 +489,14 @@ pub async fn replace(
             return Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, existing, true)));
         }
     }
-    let input = parse_body(body)?;
+    let mut input = parse_body(body)?;
     let reg = Registry::get();
-    let config = normalize(reg, reg.schema_of(type_def), &input)?;
+    let read_only: Vec<&'static str> = reg.schema_of(type_def).read_only_fields().collect();
+    // Clients PUT back what they read: the controller's own fields keep their stored values.
+    if let Some(map) = input.as_object_mut() {
+        map.retain(|k, _| !read_only.contains(&k.as_str()));
+    }
+    let mut config = normalize(reg, reg.schema_of(type_def), &input)?;
     let new_hidden = hidden_fields(type_def, &input, false)?;
     let expected = last_modified(&input);
     let uuid = uuid.to_string();
@@ -496,6 +514,11 @@ pub async fn replace(
                 ));
             }
             let tenant = existing.meta.tenant.clone();
+            for field in read_only {
+                if let Some(v) = existing.value.get(field) {
+                    config.insert(field.to_string(), v.clone());
+                }
+            }
             let mut hidden = hidden_of(&existing);
             hidden.extend(new_hidden);
             store_object(txn, type_def, &uuid, config, &tenant, hidden)
@@ -625,6 +648,11 @@ pub async fn patch(
                 let checked =
                     fulcrum_patch::validate(schema, object, &done.touched).map_err(patch_error).and_then(|()| {
                         let touched = fulcrum_patch::touched_fields(&done.touched);
+                        if let Some(field) = touched.iter().find(|f| schema.field(f).is_some_and(|d| d.read_only)) {
+                            return Err(ApiError::bad_request(format!(
+                                "field '{field}' is set by the controller and cannot be changed"
+                            )));
+                        }
                         resolve_fields(txn, type_def, object, &touched, &tenant)?;
                         if touched.iter().any(|f| f == "name") {
                             check_unique_name(txn, type_def, &tenant, object, &uuid)?;

@@ -25,6 +25,7 @@ pub struct ServeConfig {
     pub plain_http: bool,
     /// Public keys whose package signatures are accepted (with DATA/trusted-keys/*.pub).
     pub trusted_keys: Vec<PathBuf>,
+    pub engines: crate::engines::EngineSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         async_patches: Arc::new(AsyncPatches::default()),
         images,
         role: crate::cluster::NodeRole::Leader,
+        engines: crate::engines::Engines::new(config.engines.clone()),
     });
     {
         let cat = app.store.read();
@@ -111,6 +113,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         app.async_patches.recover(&requests, &cycles);
     }
     let merger = tokio::spawn(asyncpatch::run_timer(app.clone()));
+    let engine_loop = tokio::spawn(crate::engines::run(app.clone()));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("fulcrum listening on {scheme}://{local}");
@@ -184,6 +187,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     }
     sweeper.abort();
     merger.abort();
+    engine_loop.abort();
     tracing::info!("shutting down: draining connections");
     tokio::select! {
         () = graceful.shutdown() => {},

@@ -18,6 +18,7 @@ use crate::{PackageError, hex};
 /// Hooks are found by name inside a payload directory.
 pub const PRE_INSTALL_HOOK: &str = "hooks/pre-install";
 pub const POST_INSTALL_HOOK: &str = "hooks/post-install";
+pub const HEALTH_CHECK_HOOK: &str = "hooks/health-check";
 
 /// What to put in a package.
 #[derive(Debug, Clone)]
@@ -115,7 +116,12 @@ fn payload(dir: &Option<PathBuf>, root: &str, sources: &mut Vec<Source>) -> Resu
         let path = format!("{root}{name}");
         sources.iter().any(|s| s.entry.path == path).then_some(path)
     };
-    Ok(Some(Payload { root: root.into(), pre_install: hook(PRE_INSTALL_HOOK), post_install: hook(POST_INSTALL_HOOK) }))
+    Ok(Some(Payload {
+        root: root.into(),
+        pre_install: hook(PRE_INSTALL_HOOK),
+        post_install: hook(POST_INSTALL_HOOK),
+        health_check: hook(HEALTH_CHECK_HOOK),
+    }))
 }
 
 fn file_header(size: u64, mode: u32) -> tar::Header {

@@ -9,18 +9,20 @@
 mod build;
 mod manifest;
 mod signing;
+mod unpack;
 mod verify;
 
 #[cfg(test)]
 mod tests;
 
-pub use build::{BuildSpec, POST_INSTALL_HOOK, PRE_INSTALL_HOOK, build, sign};
+pub use build::{BuildSpec, HEALTH_CHECK_HOOK, POST_INSTALL_HOOK, PRE_INSTALL_HOOK, build, sign};
 pub use manifest::{
     CONTROLLER_ROOT, Component, ComponentRole, FileEntry, MANIFEST_PATH, Manifest, PackageKind, Payload, Requirements,
     SE_ROOT, SIGNATURE_PATH, check_entry_path, compare_versions, is_sha256_hex, parse_patch_version, parse_version,
     tag_of,
 };
 pub use signing::{PublicKey, SecretKey, SignatureFile, TrustedKeys};
+pub use unpack::unpack;
 pub use verify::{HashingReader, Head, Verified, VerifiedComponent, read_head, verify};
 
 /// Everything that can be wrong with a package. Each variant's message says what, for the

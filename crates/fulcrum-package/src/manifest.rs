@@ -115,6 +115,16 @@ pub struct Payload {
     /// Run after the switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_install: Option<String>,
+    /// Run once the new version has restarted; failing it switches back to the old slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
+}
+
+impl Payload {
+    /// The hooks that exist, with their names.
+    pub fn hooks(&self) -> impl Iterator<Item = &String> {
+        [&self.pre_install, &self.post_install, &self.health_check].into_iter().flatten()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -380,7 +390,7 @@ impl Manifest {
         if !self.files.iter().any(|f| f.path.starts_with(root)) {
             return bad(format!("{field} has no files under {root}"));
         }
-        for hook in [&payload.pre_install, &payload.post_install].into_iter().flatten() {
+        for hook in payload.hooks() {
             if !hook.starts_with(root) || self.file(hook).is_none() {
                 return bad(format!("{field} hook '{hook}' is not a file of the package under {root}"));
             }
@@ -455,7 +465,7 @@ mod tests {
                     size: 3,
                     mode: 0o755,
                 });
-                Payload { root: root.into(), pre_install: None, post_install: None }
+                Payload { root: root.into(), pre_install: None, post_install: None, health_check: None }
             })
         };
         let controller = payload(controller, CONTROLLER_ROOT, &mut files);

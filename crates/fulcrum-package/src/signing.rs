@@ -105,6 +105,10 @@ impl TrustedKeys {
         TrustedKeys(keys)
     }
 
+    pub fn keys(&self) -> &[PublicKey] {
+        &self.0
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

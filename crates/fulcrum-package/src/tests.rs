@@ -322,3 +322,26 @@ fn hex_round_trips() {
     assert!(unhex("0g").is_none());
     assert!(unhex("abc").is_none());
 }
+
+#[test]
+fn unpack_writes_one_payload_and_catches_a_change_after_verification() {
+    let f = Fixture::new();
+    std::fs::create_dir_all(f.dir.path().join("se/hooks")).unwrap();
+    std::fs::write(f.dir.path().join("se/hooks/health-check"), b"#!/bin/sh\nexit 0\n").unwrap();
+    let bytes = f.package(PackageKind::Controller);
+    let verified = f.verify(&bytes).unwrap();
+    let se = verified.manifest.se_image.clone().unwrap();
+    assert_eq!(se.health_check.as_deref(), Some("se/hooks/health-check"));
+    let dest = tempfile::tempdir().unwrap();
+    let n = unpack(&mut Cursor::new(&bytes), &verified.manifest, SE_ROOT, dest.path()).unwrap();
+    assert_eq!(n, 2, "the SE payload only");
+    assert_eq!(std::fs::read(dest.path().join("bin/fulcrum-se")).unwrap(), b"#!se");
+    assert!(!dest.path().join("etc/config").exists(), "controller files stay out");
+    // A payload byte flipped after verification: the unpacked file does not match its hash.
+    let at = bytes.windows(4).position(|w| w == b"#!se").unwrap();
+    let mut changed = bytes.clone();
+    changed[at + 2] = b'X';
+    let again = tempfile::tempdir().unwrap();
+    let err = unpack(&mut Cursor::new(&changed), &verified.manifest, SE_ROOT, again.path()).unwrap_err();
+    assert!(matches!(err, PackageError::HashMismatch(_)), "{err}");
+}

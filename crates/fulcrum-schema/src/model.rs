@@ -52,12 +52,14 @@ pub struct Field {
     pub kind: Kind,
     pub default: Option<Value>,
     pub required: bool,
+    /// Set by the controller only: a PUT keeps the stored value, a PATCH that touches it is refused.
+    pub read_only: bool,
     pub description: &'static str,
 }
 
 impl Field {
     pub fn new(name: &'static str, kind: Kind) -> Field {
-        Field { name, kind, default: None, required: false, description: "" }
+        Field { name, kind, default: None, required: false, read_only: false, description: "" }
     }
     pub fn required(mut self) -> Field {
         self.required = true;
@@ -65,6 +67,10 @@ impl Field {
     }
     pub fn default(mut self, value: impl Into<Value>) -> Field {
         self.default = Some(value.into());
+        self
+    }
+    pub fn read_only(mut self) -> Field {
+        self.read_only = true;
         self
     }
     pub fn describe(mut self, text: &'static str) -> Field {
@@ -87,6 +93,10 @@ pub struct ObjectSchema {
 impl ObjectSchema {
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
+    }
+
+    pub fn read_only_fields(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.fields.iter().filter(|f| f.read_only).map(|f| f.name)
     }
 }
 

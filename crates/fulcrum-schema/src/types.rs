@@ -474,6 +474,41 @@ fn sub_schemas() -> Vec<ObjectSchema> {
                 f("version", s()),
             ],
         ),
+        schema(
+            "OperationalStatus",
+            vec![
+                f("state", en(&["OPER_UP", "OPER_DOWN", "OPER_RESOURCES", "OPER_UNAVAIL", "OPER_DISABLED"])),
+                f("reason", strs()),
+                f("last_changed_time", o("TimeStamp")),
+            ],
+        ),
+        schema(
+            "SeResources",
+            vec![f("num_vcpus", int(0, 4096)), f("memory", int(0, i64::MAX)), f("disk", int(0, i64::MAX))],
+        ),
+        schema(
+            "SeInstallStatus",
+            vec![
+                f("command_id", int(0, i64::MAX)),
+                f("operation", en(&["SE_INSTALL", "SE_ROLLBACK"])),
+                f("image_ref", r("image")),
+                f("image_name", s()),
+                f("state", s()),
+                f("progress", int(0, 100)),
+                f("reason", s()),
+                f("start_time", s()),
+                f("end_time", s()),
+                f("events", Kind::Any),
+            ],
+        ),
+        schema(
+            "SingleLicense",
+            vec![
+                f("license_id", s()).required(),
+                f("license_name", s()),
+                f("cores", int(0, 1_000_000)).required().describe("SE cores this license allows."),
+            ],
+        ),
         schema("PatchInfo", vec![f("patch_type", s()), f("reboot", b()).default(false)]),
         schema(
             "PackageDetails",
@@ -762,8 +797,30 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("availability_zone", s()),
                 f("flavor", s()),
                 f("hypervisor", s()),
+                // What the agent reports and the controller decides; never set by clients.
+                f("oper_status", o("OperationalStatus")).read_only(),
+                f("version", s()).read_only().describe("Version of the SE's active slot, as the agent reports it."),
+                f("build", int(0, i64::MAX)).read_only(),
+                f("patch_version", s()).read_only(),
+                f("previous_version", s()).read_only().describe("What the other slot holds (the rollback target)."),
+                f("resources", o("SeResources")).read_only(),
+                f("free_disk_bytes", int(0, i64::MAX)).read_only().describe("Free space of the agent's data dir."),
+                f("last_heartbeat", s()).read_only(),
+                f("license_state", en(&["LICENSE_STATE_LICENSED", "LICENSE_STATE_UNLICENSED"])).read_only(),
+                f("licensed_cores", int(0, U32_MAX)).read_only(),
+                f("vs_refs", refs("virtualservice")).read_only().describe("Virtual services placed on this SE."),
+                f("install_status", o("SeInstallStatus")).read_only(),
             ],
         ),
+        schema(
+            "SeJoinToken",
+            named(vec![
+                f("se_group_ref", r("serviceenginegroup")).required(),
+                f("created", s()).read_only(),
+                f("joined", int(0, U32_MAX)).read_only().default(0).describe("How many SEs joined with it."),
+            ]),
+        ),
+        schema("ControllerLicense", vec![f("licenses", keyed("SingleLicense", &["license_id"]))]),
         schema(
             "IpAddrGroup",
             named(vec![
@@ -979,6 +1036,7 @@ fn api_types() -> Vec<TypeDef> {
             system_created: true,
         },
         TypeDef { path: "image", schema: "Image", scope: Tenant, singleton: false, system_created: true },
+        TypeDef { path: "sejointoken", schema: "SeJoinToken", scope: Tenant, singleton: false, system_created: true },
         api_type("ipaddrgroup", "IpAddrGroup", Tenant),
         api_type("stringgroup", "StringGroup", Tenant),
         api_type("microservice", "MicroService", Tenant),
@@ -993,6 +1051,7 @@ fn api_types() -> Vec<TypeDef> {
         singleton("systemconfiguration", "SystemConfiguration"),
         singleton("controllerproperties", "ControllerProperties"),
         singleton("cluster", "Cluster"),
+        singleton("controllerlicense", "ControllerLicense"),
     ]
 }
 

@@ -5,6 +5,7 @@ mod pkg;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,15 @@ enum Command {
         /// are trusted too).
         #[arg(long = "trusted-key")]
         trusted_keys: Vec<PathBuf>,
+        /// Seconds between an SE agent's heartbeats.
+        #[arg(long, default_value = "10", value_parser = seconds)]
+        se_heartbeat_interval: Duration,
+        /// Seconds without a heartbeat after which an SE is marked down.
+        #[arg(long, default_value = "30", value_parser = seconds)]
+        se_down_after: Duration,
+        /// Seconds a newly installed SE slot has to come up healthy before the agent switches back.
+        #[arg(long, default_value = "120", value_parser = seconds)]
+        se_health_timeout: Duration,
     },
     /// An interactive shell against a controller, like the controller's own CLI.
     Shell {
@@ -56,9 +66,43 @@ enum Command {
         #[arg(short = 'c', long = "command")]
         command: Option<String>,
     },
+    /// Run a service engine agent: join a controller, heartbeat, serve, install images.
+    SeAgent {
+        /// The controller's URL.
+        #[arg(long)]
+        controller: String,
+        /// A join token of the SE group to join (needed the first time only).
+        #[arg(long, env = "FULCRUM_JOIN_TOKEN")]
+        join_token: Option<String>,
+        /// Where the agent keeps its identity, state and image slots.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The SE's name (default: the host name; with --simulate, a prefix).
+        #[arg(long)]
+        name: Option<String>,
+        /// Verify the controller's certificate against this CA file (default: accept it, like `curl -k`).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// Cores to report (default: this machine's; 1 per simulated SE).
+        #[arg(long)]
+        cores: Option<u32>,
+        /// Run this many SEs in one process, each with its own data dir under --data-dir.
+        #[arg(long)]
+        simulate: Option<usize>,
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Make and check software packages.
     #[command(subcommand)]
     Pkg(pkg::PkgCommand),
+}
+
+/// A duration in (possibly fractional) seconds.
+fn seconds(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("'{text}' is not a positive number of seconds")),
+    }
 }
 
 fn init_logs(json: bool) {
@@ -79,15 +123,53 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve { listen, data_dir, plain_http, log_json, trusted_keys } => {
+        Command::Serve {
+            listen,
+            data_dir,
+            plain_http,
+            log_json,
+            trusted_keys,
+            se_heartbeat_interval,
+            se_down_after,
+            se_health_timeout,
+        } => {
             init_logs(log_json);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http, trusted_keys };
+            let engines = fulcrum_api::engines::EngineSettings {
+                heartbeat_interval: se_heartbeat_interval,
+                down_after: se_down_after,
+                health_timeout: se_health_timeout,
+            };
+            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http, trusted_keys, engines };
             match runtime.block_on(fulcrum_api::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fulcrum: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::SeAgent { controller, join_token, data_dir, name, ca_cert, cores, simulate, log_json } => {
+            init_logs(log_json);
+            let options = fulcrum_agent::Options {
+                controller,
+                join_token,
+                data_dir,
+                name,
+                ca_file: ca_cert,
+                cores,
+                base_version: fulcrum_api::version::VERSION.into(),
+                base_build: fulcrum_api::version::BUILD,
+            };
+            let outcome = match simulate {
+                Some(n) => fulcrum_agent::simulate(options, n),
+                None => fulcrum_agent::run(options),
+            };
+            match outcome {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fulcrum se-agent: {e}");
+                    ExitCode::from(3)
                 }
             }
         }

@@ -10,7 +10,7 @@
 //!   chunks are durable) until they expire.
 //! - Only the leader writes (see [`crate::cluster::require_leader`]).
 
-mod record;
+pub mod record;
 mod session;
 mod upload;
 
@@ -141,7 +141,7 @@ impl Images {
     }
 
     /// The published file of an image.
-    fn file_path(&self, file_name: &str) -> PathBuf {
+    pub fn file_path(&self, file_name: &str) -> PathBuf {
         self.dir.join(file_name)
     }
 

@@ -1,0 +1,556 @@
+//! The SE agent: `fulcrum se-agent`. It joins a controller with a token, then keeps a long
+//! poll open to it (heartbeats out, commands and placements in), serves the virtual services
+//! placed on it, and installs images into A/B slots (see [`slots`]).
+//!
+//! Layout of its data dir:
+//!
+//! ```text
+//! identity.json      controller, SE uuid, credential, pinned package keys (mode 0600)
+//! state.json         active/previous slot, trial, running command, unsent reports, hosted VSs
+//! slots/a, slots/b   the installed SE images; slot.json says what each holds
+//! downloads/         images being downloaded (resumed after a restart)
+//! ```
+
+mod channel;
+pub mod install;
+pub mod slots;
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fulcrum_package::{PublicKey, TrustedKeys};
+use fulcrum_se_protocol::{Command, Event, Facts, JoinRequest, Op, PollRequest, Step};
+use serde::{Deserialize, Serialize};
+
+use crate::channel::Channel;
+use crate::install::{SlotInfo, slot_dir};
+use crate::slots::{Boot, State};
+
+/// Set when the agent starts itself from a slot's own executable, so it does not do so again.
+const SLOT_STARTED_ENV: &str = "FULCRUM_SE_SLOT_STARTED";
+/// The executable that was started first (the one outside the slots).
+const LAUNCHER_ENV: &str = "FULCRUM_SE_LAUNCHER";
+/// A slot may carry the agent itself; the agent then runs that one.
+const SLOT_EXECUTABLE: &str = "bin/fulcrum";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the controller refused this SE: {0}")]
+    Refused(String),
+    #[error("the controller answered {0}: {1}")]
+    Controller(u16, String),
+    #[error("cannot reach the controller: {0}")]
+    Unreachable(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("install failed: {0}")]
+    Install(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub controller: String,
+    pub join_token: Option<String>,
+    pub data_dir: PathBuf,
+    pub name: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// Cores to report (default: the machine's).
+    pub cores: Option<u32>,
+    /// The version of a fresh SE (the version this binary was built as).
+    pub base_version: String,
+    pub base_build: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Identity {
+    controller: String,
+    se_uuid: String,
+    credential: String,
+    trusted_keys: Vec<String>,
+}
+
+/// Writes JSON durably: a temporary file, fsync, rename.
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), AgentError> {
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, AgentError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| AgentError::Setup(format!("{} is damaged: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn free_disk(path: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return (0, 0) };
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `s` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return (0, 0);
+    }
+    let unit = s.f_frsize as u64;
+    (s.f_bavail as u64 * unit, s.f_blocks as u64 * unit)
+}
+
+fn memory_mb() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// What ends one run of an SE.
+enum Exit {
+    /// Start again (into the slot that is now active).
+    Restart,
+}
+
+/// One SE: its data dir and its connection.
+pub struct Se {
+    options: Options,
+    name: String,
+    channel: Channel,
+    simulated: bool,
+}
+
+impl Se {
+    pub fn new(options: Options, simulated: bool) -> Result<Se, AgentError> {
+        let tls = fulcrum_shell::client::tls_config(options.ca_file.as_deref())
+            .map_err(|e| AgentError::Setup(e.to_string()))?;
+        let channel = Channel::new(&options.controller, tls);
+        let name = options.name.clone().unwrap_or_else(|| {
+            fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "se".into())
+        });
+        fs::create_dir_all(&options.data_dir)?;
+        Ok(Se { options, name, channel, simulated })
+    }
+
+    fn dir(&self) -> &Path {
+        &self.options.data_dir
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir().join("state.json")
+    }
+
+    fn load_state(&self) -> Result<State, AgentError> {
+        let state: State = read_json(&self.state_path())?.unwrap_or_default();
+        let active = slot_dir(self.dir(), &state.active);
+        if SlotInfo::read(&active).is_none() {
+            // A fresh SE runs the version it was built as.
+            fs::create_dir_all(&active)?;
+            let base = SlotInfo {
+                version: self.options.base_version.clone(),
+                build: self.options.base_build,
+                patch_version: None,
+                image: None,
+                post_install: None,
+                health_check: None,
+            };
+            write_json(&active.join(install::SLOT_FILE), &base)?;
+            write_json(&self.state_path(), &state)?;
+        }
+        Ok(state)
+    }
+
+    fn save(&self, state: &State) -> Result<(), AgentError> {
+        write_json(&self.state_path(), state)
+    }
+
+    fn identity(&self) -> Result<Identity, AgentError> {
+        let path = self.dir().join("identity.json");
+        if let Some(identity) = read_json::<Identity>(&path)? {
+            return Ok(identity);
+        }
+        let token = self.options.join_token.clone().ok_or_else(|| {
+            AgentError::Setup(format!("{} has not joined a controller yet: give --join-token", self.dir().display()))
+        })?;
+        let state = self.load_state()?;
+        let facts = self.facts(&state);
+        let answer = self.channel.join(&JoinRequest { token, name: self.name.clone(), facts })?;
+        let identity = Identity {
+            controller: self.options.controller.clone(),
+            se_uuid: answer.se_uuid,
+            credential: answer.credential,
+            trusted_keys: answer.trusted_keys,
+        };
+        write_json(&path, &identity)?;
+        tracing::info!(se = %identity.se_uuid, name = %self.name, "joined");
+        Ok(identity)
+    }
+
+    fn facts(&self, state: &State) -> Facts {
+        let active = SlotInfo::read(&slot_dir(self.dir(), &state.active));
+        let previous = state.previous.as_ref().and_then(|p| SlotInfo::read(&slot_dir(self.dir(), p)));
+        let (free, total) = free_disk(self.dir());
+        let cores = self
+            .options
+            .cores
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+        Facts {
+            version: active.as_ref().map_or_else(|| self.options.base_version.clone(), |a| a.version.clone()),
+            build: active.as_ref().map_or(self.options.base_build, |a| a.build),
+            patch_version: active.and_then(|a| a.patch_version),
+            previous_version: previous.map(|p| p.label()),
+            free_disk_bytes: free,
+            disk_bytes: total,
+            cores,
+            memory_mb: memory_mb(),
+            hosted_vs: state.hosted.iter().map(|h| h.uuid.clone()).collect(),
+        }
+    }
+
+    /// Queues a report of a command's step and tries to deliver what is queued.
+    fn report(
+        &self,
+        state: &mut State,
+        identity: &Identity,
+        command_id: u64,
+        step: Step,
+        progress: u8,
+        message: String,
+    ) {
+        tracing::info!(se = %self.name, step = step.as_str(), %message, "install step");
+        state.unsent.push(Event { command_id, step, progress, message });
+        let _ = self.save(state);
+        self.flush(state, identity);
+    }
+
+    fn flush(&self, state: &mut State, identity: &Identity) {
+        let before = state.unsent.len();
+        while let Some(event) = state.unsent.first() {
+            match self.channel.report(&identity.credential, event) {
+                // A report the controller does not want (an old command) is dropped too.
+                Ok(()) | Err(AgentError::Controller(..)) => {
+                    state.unsent.remove(0);
+                }
+                Err(_) => break,
+            }
+        }
+        if state.unsent.len() != before {
+            let _ = self.save(state);
+        }
+    }
+
+    /// One run, from start to a restart (or an error that ends the agent).
+    fn run_once(&self) -> Result<Exit, AgentError> {
+        let identity = self.identity()?;
+        let keys = TrustedKeys::new(
+            identity
+                .trusted_keys
+                .iter()
+                .map(|k| PublicKey::parse(k))
+                .collect::<Result<_, _>>()
+                .map_err(|e| AgentError::Setup(e.to_string()))?,
+        );
+        let mut state = self.load_state()?;
+        match state.boot(unix_now()) {
+            Boot::Abandon(reason) => return self.switch_back(&mut state, &identity, reason),
+            Boot::Trial | Boot::Normal => self.save(&state)?,
+        }
+        let mut interval = Duration::from_secs(10);
+        let mut backoff = Duration::from_millis(200);
+        // A command cut short by a restart is taken up again (the download resumes).
+        if state.trial.is_none()
+            && let Some(command) = state.running.clone()
+            && let Some(exit) = self.execute(&mut state, &identity, &keys, command)?
+        {
+            return Ok(exit);
+        }
+        loop {
+            self.flush(&mut state, &identity);
+            if state.trial_expired(unix_now()) {
+                return self.switch_back(
+                    &mut state,
+                    &identity,
+                    "the new version did not reach the controller within its health timeout".into(),
+                );
+            }
+            let request = PollRequest { facts: self.facts(&state), last_command: state.last_command };
+            let answer = match self.channel.poll(&identity.credential, &request, interval) {
+                Ok(a) => a,
+                Err(AgentError::Refused(message)) => return Err(AgentError::Refused(message)),
+                Err(e) => {
+                    tracing::warn!(se = %self.name, error = %e, "heartbeat failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
+            if let Some(trial) = state.trial.clone() {
+                // Reaching the controller is half of being healthy; the slot's check is the rest.
+                let active = slot_dir(self.dir(), &state.active);
+                let info = SlotInfo::read(&active);
+                let check = match (trial.health_check, info.as_ref().and_then(|i| i.health_check.clone())) {
+                    (true, Some(hook)) => {
+                        install::run_hook(&active, &hook, &info.as_ref().map(|i| i.version.clone()).unwrap_or_default())
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = check {
+                    return self.switch_back(&mut state, &identity, format!("health check failed: {e}"));
+                }
+                state.commit();
+                state.running = None;
+                let label = info.map(|i| i.label()).unwrap_or_default();
+                self.report(&mut state, &identity, trial.command_id, Step::Done, 100, format!("running {label}"));
+            }
+            if let Some(placement) = answer.placement {
+                tracing::info!(se = %self.name, virtual_services = placement.virtualservices.len(), "placement");
+                state.hosted = placement.virtualservices;
+                self.save(&state)?;
+            }
+            if let Some(command) = answer.command
+                && command.id > state.last_command
+            {
+                state.last_command = command.id;
+                state.running = Some(command.clone());
+                self.save(&state)?;
+                if let Some(exit) = self.execute(&mut state, &identity, &keys, command)? {
+                    return Ok(exit);
+                }
+            }
+        }
+    }
+
+    /// Runs a command; `Some(Restart)` when the agent must restart into another slot.
+    fn execute(
+        &self,
+        state: &mut State,
+        identity: &Identity,
+        keys: &TrustedKeys,
+        command: Command,
+    ) -> Result<Option<Exit>, AgentError> {
+        let id = command.id;
+        let deadline = |secs: u64| unix_now() + secs.max(1);
+        match command.op {
+            Op::Rollback => {
+                let Some(previous) =
+                    state.previous.clone().filter(|p| SlotInfo::read(&slot_dir(self.dir(), p)).is_some())
+                else {
+                    state.running = None;
+                    self.report(
+                        state,
+                        identity,
+                        id,
+                        Step::Failed,
+                        0,
+                        "there is no previous version to roll back to".into(),
+                    );
+                    return Ok(None);
+                };
+                self.report(state, identity, id, Step::Switching, 0, format!("back to slot {previous}"));
+                state.begin_trial(id, &previous, deadline(120), false);
+                self.save(state)?;
+                self.report(state, identity, id, Step::Restarting, 0, String::new());
+                Ok(Some(Exit::Restart))
+            }
+            Op::Install { image_uuid, image_name, sha256, size, health_timeout_secs } => {
+                let downloads = self.dir().join("downloads");
+                fs::create_dir_all(&downloads)?;
+                let part = downloads.join(format!("{image_uuid}.pkg"));
+                self.report(state, identity, id, Step::Downloading, 0, format!("{image_name} ({size} bytes)"));
+                let mut last_pct = 0u8;
+                let mut progress = |have: u64| {
+                    let pct = (have.saturating_mul(100) / size.max(1)).min(100) as u8;
+                    if pct >= last_pct + 10 {
+                        last_pct = pct;
+                        let event =
+                            Event { command_id: id, step: Step::Downloading, progress: pct, message: String::new() };
+                        let _ = self.channel.report(&identity.credential, &event);
+                    }
+                };
+                let outcome = self
+                    .channel
+                    .download(&identity.credential, &image_uuid, size, &part, &mut progress)
+                    .and_then(|()| {
+                        let spare = slot_dir(self.dir(), state.spare());
+                        let active = slot_dir(self.dir(), &state.active);
+                        let request = install::Request {
+                            package: &part,
+                            sha256: &sha256,
+                            image_name: &image_name,
+                            keys,
+                            active: &active,
+                            spare: &spare,
+                            free_disk_bytes: free_disk(self.dir()).0,
+                        };
+                        let mut steps = Vec::new();
+                        let info =
+                            install::prepare(&request, &mut |step, pct, message| steps.push((step, pct, message)));
+                        for (step, pct, message) in steps {
+                            self.report(state, identity, id, step, pct, message);
+                        }
+                        info.map(|info| (info, spare))
+                    });
+                let _ = fs::remove_file(&part);
+                let (info, spare) = match outcome {
+                    Ok(done) => done,
+                    Err(e @ AgentError::Refused(_)) => return Err(e),
+                    Err(e) => {
+                        state.running = None;
+                        let message = match e {
+                            AgentError::Install(m) => m,
+                            other => other.to_string(),
+                        };
+                        self.report(state, identity, id, Step::Failed, 0, message);
+                        return Ok(None);
+                    }
+                };
+                let to = state.spare().to_string();
+                self.report(
+                    state,
+                    identity,
+                    id,
+                    Step::Switching,
+                    0,
+                    format!("slot {} -> {to} ({})", state.active, info.label()),
+                );
+                state.begin_trial(id, &to, deadline(health_timeout_secs), true);
+                self.save(state)?;
+                if let Some(post) = &info.post_install {
+                    self.report(state, identity, id, Step::PostInstall, 0, post.clone());
+                    if let Err(e) = install::run_hook(&spare, post, &info.version) {
+                        state.abandon();
+                        state.running = None;
+                        self.save(state)?;
+                        self.report(state, identity, id, Step::Failed, 0, e.to_string());
+                        return Ok(None);
+                    }
+                }
+                self.report(state, identity, id, Step::Restarting, 0, format!("into slot {to}"));
+                Ok(Some(Exit::Restart))
+            }
+        }
+    }
+
+    fn switch_back(&self, state: &mut State, identity: &Identity, reason: String) -> Result<Exit, AgentError> {
+        tracing::warn!(se = %self.name, %reason, "switching back to the previous slot");
+        let command = state.abandon().unwrap_or(0);
+        state.running = None;
+        self.save(state)?;
+        let back = SlotInfo::read(&slot_dir(self.dir(), &state.active)).map(|i| i.label()).unwrap_or_default();
+        self.report(state, identity, command, Step::RolledBack, 0, format!("{reason}; back on {back}"));
+        Ok(Exit::Restart)
+    }
+
+    /// Runs until the controller cuts the SE off. A restart re-executes the process (a
+    /// simulated SE starts over in place).
+    pub fn run(&self) -> Result<(), AgentError> {
+        loop {
+            match self.run_once()? {
+                Exit::Restart if self.simulated => continue,
+                Exit::Restart => return Err(self.reexec()),
+            }
+        }
+    }
+
+    /// Replaces the process with the agent again, which then starts the active slot's
+    /// executable when the slot carries one.
+    fn reexec(&self) -> AgentError {
+        use std::os::unix::process::CommandExt;
+        let launcher = launcher();
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        tracing::info!(launcher = %launcher.display(), "restarting");
+        let error = std::process::Command::new(&launcher)
+            .args(args)
+            .env(LAUNCHER_ENV, &launcher)
+            .env_remove(SLOT_STARTED_ENV)
+            .exec();
+        AgentError::Setup(format!("cannot restart {}: {error}", launcher.display()))
+    }
+
+    /// At start: when the active slot carries its own agent, become that one.
+    pub fn start_active_slot(&self) -> Result<(), AgentError> {
+        let state = self.load_state()?;
+        let executable = slot_dir(self.dir(), &state.active).join(SLOT_EXECUTABLE);
+        if !executable.is_file() || std::env::var(SLOT_STARTED_ENV).ok().as_deref() == Some(state.active.as_str()) {
+            return Ok(());
+        }
+        use std::os::unix::process::CommandExt;
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        tracing::info!(slot = %state.active, "starting the slot's own agent");
+        let error = std::process::Command::new(&executable)
+            .args(args)
+            .env(LAUNCHER_ENV, launcher())
+            .env(SLOT_STARTED_ENV, &state.active)
+            .exec();
+        Err(AgentError::Setup(format!("cannot start {}: {error}", executable.display())))
+    }
+}
+
+fn launcher() -> PathBuf {
+    std::env::var_os(LAUNCHER_ENV)
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| PathBuf::from("fulcrum"))
+}
+
+/// `fulcrum se-agent`: one SE in this process.
+pub fn run(options: Options) -> Result<(), AgentError> {
+    let se = Se::new(options, false)?;
+    se.start_active_slot()?;
+    se.run()
+}
+
+/// `fulcrum se-agent --simulate N`: N SEs in this process, each with its own data dir
+/// (`DATA/se-0001`, ...) and name (`NAME-0001`, ...), each on its own thread and connection.
+pub fn simulate(options: Options, count: usize) -> Result<(), AgentError> {
+    let base_name = options.name.clone().unwrap_or_else(|| "sim".into());
+    let mut threads = Vec::with_capacity(count);
+    for i in 1..=count {
+        let mut one = options.clone();
+        one.data_dir = options.data_dir.join(format!("se-{i:04}"));
+        one.name = Some(format!("{base_name}-{i:04}"));
+        one.cores = Some(options.cores.unwrap_or(1));
+        let se = Arc::new(Se::new(one, true)?);
+        let handle = std::thread::Builder::new()
+            .name(format!("se-{i:04}"))
+            .stack_size(256 << 10)
+            .spawn(move || {
+                // Joins are spread out a little so a few hundred SEs do not arrive at once.
+                std::thread::sleep(Duration::from_millis((i as u64 % 50) * 10));
+                if let Err(e) = se.run() {
+                    tracing::error!(se = %se.name, error = %e, "simulated SE stopped");
+                }
+            })
+            .map_err(AgentError::Io)?;
+        threads.push(handle);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}

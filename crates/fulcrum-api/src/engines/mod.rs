@@ -1,0 +1,619 @@
+//! Service engines on the controller side: join tokens, liveness, licensing, placement of
+//! virtual services, and install commands. The agents' own endpoints are in [`agent`].
+//!
+//! What an SE is and does lives in its ServiceEngine record (durable: version, oper_status,
+//! license, install status). What changes with every heartbeat (the time of the last one, free
+//! disk) and the placement of virtual services live in memory and are shown over the record:
+//! after a restart the placement is rebuilt from what the agents report they serve.
+
+pub mod agent;
+pub mod license;
+pub mod placement;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use fulcrum_schema::{Registry, TypeDef, normalize, refs};
+use fulcrum_se_protocol::{Facts, Step};
+use fulcrum_store::{Catalogue, Stored, Txn};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::access::Level;
+use crate::app::{App, RequestContext, json_response};
+use crate::error::ApiError;
+use crate::objects::{self, find_visible, require, store_object};
+use crate::version::rfc3339;
+
+pub const SE_KIND: &str = "serviceengine";
+pub const TOKEN_KIND: &str = "sejointoken";
+pub const LICENSE_KIND: &str = "controllerlicense";
+const VS_KIND: &str = "virtualservice";
+const GROUP_KIND: &str = "serviceenginegroup";
+/// Install events kept per SE (the oldest go first).
+const MAX_EVENTS: usize = 50;
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// How often agents send a heartbeat (the long poll is held this long).
+    pub heartbeat_interval: Duration,
+    /// An SE not heard from for this long is down.
+    pub down_after: Duration,
+    /// How long a new slot has to come up healthy before the agent switches back.
+    pub health_timeout: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            heartbeat_interval: Duration::from_secs(10),
+            down_after: Duration::from_secs(30),
+            health_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+struct Live {
+    seen: Instant,
+    seen_at: SystemTime,
+    facts: Facts,
+}
+
+#[derive(Default)]
+struct Placed {
+    by_vs: placement::Placement,
+    by_se: HashMap<String, Vec<String>>,
+}
+
+pub struct Engines {
+    pub settings: EngineSettings,
+    started: Instant,
+    live: Mutex<HashMap<String, Live>>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    placed: Mutex<Placed>,
+    reconcile: Notify,
+}
+
+impl Engines {
+    pub fn new(settings: EngineSettings) -> Engines {
+        Engines {
+            settings,
+            started: Instant::now(),
+            live: Mutex::default(),
+            wakers: Mutex::default(),
+            placed: Mutex::default(),
+            reconcile: Notify::new(),
+        }
+    }
+
+    /// Wakes the SE's long poll, if one is waiting (or makes the next one return at once).
+    fn waker(&self, se: &str) -> Arc<Notify> {
+        self.wakers.lock().unwrap_or_else(|e| e.into_inner()).entry(se.to_string()).or_default().clone()
+    }
+
+    fn wake(&self, se: &str) {
+        self.waker(se).notify_one();
+    }
+
+    /// Asks the background loop to look at liveness, licenses and placement now.
+    pub fn changed(&self) {
+        self.reconcile.notify_one();
+    }
+
+    fn record_heartbeat(&self, se: &str, facts: Facts) {
+        let live = Live { seen: Instant::now(), seen_at: SystemTime::now(), facts };
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(se.to_string(), live);
+    }
+
+    fn forget(&self, se: &str) {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(se);
+        self.wake(se);
+        self.changed();
+    }
+
+    /// The virtual services placed on an SE.
+    pub fn assigned(&self, se: &str) -> Vec<String> {
+        self.placed.lock().unwrap_or_else(|e| e.into_inner()).by_se.get(se).cloned().unwrap_or_default()
+    }
+
+    /// The SEs a virtual service is placed on.
+    pub fn placed_on(&self, vs: &str) -> Vec<String> {
+        self.placed.lock().unwrap_or_else(|e| e.into_inner()).by_vs.get(vs).cloned().unwrap_or_default()
+    }
+
+    /// Whether the SE's agent says it serves the virtual service.
+    fn serves(&self, se: &str, vs: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(se)
+            .is_some_and(|l| l.facts.hosted_vs.iter().any(|h| h == vs))
+    }
+
+    /// The fields shown over a ServiceEngine record: the last heartbeat and what came with it,
+    /// and the virtual services placed on it.
+    pub fn live_fields(&self, se: &str) -> Map<String, Value> {
+        let mut out = Map::new();
+        if let Some(live) = self.live.lock().unwrap_or_else(|e| e.into_inner()).get(se) {
+            out.insert("last_heartbeat".into(), json!(rfc3339(live.seen_at)));
+            out.insert("free_disk_bytes".into(), json!(live.facts.free_disk_bytes));
+        }
+        let vs: Vec<Value> = self.assigned(se).iter().map(|v| json!(refs::canonical(VS_KIND, v))).collect();
+        out.insert("vs_refs".into(), Value::Array(vs));
+        out
+    }
+
+    fn last_seen(&self, se: &str) -> Instant {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(se).map_or(self.started, |l| l.seen)
+    }
+}
+
+fn timestamp(t: SystemTime) -> Value {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    json!({"secs": d.as_secs(), "usecs": d.subsec_micros()})
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    fulcrum_package::hex(&Sha256::digest(data))
+}
+
+/// Compares a presented secret with a stored sha256, in time independent of where they differ.
+fn secret_matches(secret: &str, stored_sha256: Option<&str>) -> bool {
+    let Some(stored) = stored_sha256 else { return false };
+    let presented = sha256_hex(secret.as_bytes());
+    presented.len() == stored.len() && presented.bytes().zip(stored.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn oper_status(state: &str, reason: &str) -> Value {
+    let reasons: Vec<&str> = if reason.is_empty() { vec![] } else { vec![reason] };
+    json!({"state": state, "reason": reasons, "last_changed_time": timestamp(SystemTime::now())})
+}
+
+fn state_of(se: &Value) -> &str {
+    se.pointer("/oper_status/state").and_then(Value::as_str).unwrap_or("OPER_DOWN")
+}
+
+fn install_step(se: &Value) -> Option<&str> {
+    se.pointer("/install_status/state").and_then(Value::as_str)
+}
+
+fn uuid_of_ref(reference: Option<&Value>) -> Option<String> {
+    reference.and_then(Value::as_str).and_then(refs::split_canonical).map(|(_, uuid)| uuid.to_string())
+}
+
+/// Sets some fields of an SE record (the controller's own fields; `null` removes one), stamping
+/// `_last_modified`.
+fn update_se(txn: &mut Txn<'_>, uuid: &str, fields: Map<String, Value>) -> Option<Arc<Stored>> {
+    let existing = txn.get(SE_KIND, uuid)?;
+    let mut value = existing.value.clone();
+    let map = value.as_object_mut()?;
+    for (k, v) in fields {
+        if v.is_null() {
+            map.remove(&k);
+        } else {
+            map.insert(k, v);
+        }
+    }
+    let stamp = txn.timestamp_micros();
+    map.insert("_last_modified".into(), json!(stamp.to_string()));
+    Some(txn.put(SE_KIND, uuid, value))
+}
+
+fn se_type() -> &'static TypeDef {
+    Registry::get().type_def(SE_KIND).expect("serviceengine is defined")
+}
+
+fn token_type() -> &'static TypeDef {
+    Registry::get().type_def(TOKEN_KIND).expect("sejointoken is defined")
+}
+
+/// Cores the controller's license (the `controllerlicense` singleton) allows in total.
+fn licensed_cores<'a>(licenses: impl Iterator<Item = &'a Value>) -> u64 {
+    licenses
+        .flat_map(|l| l.get("licenses").and_then(Value::as_array).into_iter().flatten())
+        .filter_map(|l| l.get("cores").and_then(Value::as_u64))
+        .sum()
+}
+
+fn cores_of(se: &Value) -> u64 {
+    se.pointer("/resources/num_vcpus").and_then(Value::as_u64).unwrap_or(1)
+}
+
+fn holds_license(se: &Value) -> bool {
+    se.get("license_state").and_then(Value::as_str) == Some("LICENSE_STATE_LICENSED")
+}
+
+fn license_fields(licensed: bool, cores: u64) -> Map<String, Value> {
+    let mut out = Map::new();
+    let state = if licensed { "LICENSE_STATE_LICENSED" } else { "LICENSE_STATE_UNLICENSED" };
+    out.insert("license_state".into(), json!(state));
+    out.insert("licensed_cores".into(), json!(if licensed { cores } else { 0 }));
+    out
+}
+
+/// `GET /api/licenseusage`.
+pub fn license_usage(app: &App) -> Response {
+    let cat = app.store.read();
+    let total = licensed_cores(cat.iter(LICENSE_KIND).map(|l| &l.value));
+    let ses: Vec<&Arc<Stored>> = cat.iter(SE_KIND).collect();
+    let consumed: u64 = ses.iter().filter(|s| holds_license(&s.value)).map(|s| cores_of(&s.value)).sum();
+    let licensed = ses.iter().filter(|s| holds_license(&s.value)).count();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "licensed_cores": total,
+            "consumed_cores": consumed,
+            "available_cores": total.saturating_sub(consumed),
+            "num_ses": ses.len(),
+            "num_licensed_ses": licensed,
+            "num_unlicensed_ses": ses.len() - licensed,
+        }),
+    )
+}
+
+/// `POST /api/sejointoken`: a token that lets an agent join one SE group, shown once.
+pub async fn create_token(app: &App, ctx: &RequestContext, body: &[u8]) -> Result<Response, ApiError> {
+    let t = token_type();
+    require(ctx, t, Level::Write)?;
+    let mut input = objects::parse_body(body)?;
+    let map = input.as_object_mut().ok_or_else(|| ApiError::bad_request("expected a JSON object"))?;
+    let uuid = format!("{TOKEN_KIND}-{}", uuid::Uuid::new_v4());
+    map.entry("name").or_insert_with(|| json!(format!("token-{}", &uuid[TOKEN_KIND.len() + 1..][..8])));
+    let reg = Registry::get();
+    let mut config = normalize(reg, reg.schema_of(t), &input)?;
+    config.insert("created".into(), json!(rfc3339(SystemTime::now())));
+    config.insert("joined".into(), json!(0));
+    let secret = crate::auth::random_token(32);
+    let mut hidden = Map::new();
+    hidden.insert("_secret_sha256".into(), json!(sha256_hex(secret.as_bytes())));
+    let tenant = ctx.scope.for_write()?.to_string();
+    let id = uuid.clone();
+    let stored = app.store.write(move |txn| store_object(txn, t, &id, config, &tenant, hidden)).await?;
+    let response = objects::render_created(ctx, &app.store.read(), t, &stored);
+    // The secret is in this answer only; the controller keeps its hash.
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut shown: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(e.to_string()))?;
+    shown["token"] = json!(format!("{uuid}.{secret}"));
+    Ok(json_response(parts.status, &shown))
+}
+
+/// `DELETE /api/sejointoken/<uuid>`: revokes the token and cuts off every SE that joined with it.
+pub async fn revoke_token(app: &App, ctx: &RequestContext, uuid: &str) -> Result<Response, ApiError> {
+    let t = token_type();
+    require(ctx, t, Level::Write)?;
+    find_visible(&app.store.read(), ctx, t, uuid)?;
+    let token = uuid.to_string();
+    let cut_off = app
+        .store
+        .write(move |txn| {
+            if txn.get(TOKEN_KIND, &token).is_none() {
+                return Err(ApiError::not_found(format!("sejointoken '{token}' not found")));
+            }
+            let joined: Vec<String> = txn
+                .list(SE_KIND)
+                .into_iter()
+                .filter(|s| s.value.get("_join_token").and_then(Value::as_str) == Some(token.as_str()))
+                .map(|s| s.uuid.clone())
+                .collect();
+            for se in &joined {
+                txn.delete(SE_KIND, se);
+            }
+            txn.delete(TOKEN_KIND, &token);
+            Ok(joined)
+        })
+        .await?;
+    for se in &cut_off {
+        app.engines.forget(se);
+    }
+    tracing::info!(token = uuid, ses = cut_off.len(), "join token revoked");
+    Ok(no_content())
+}
+
+fn no_content() -> Response {
+    let mut response = json_response(StatusCode::NO_CONTENT, &Value::Null);
+    *response.body_mut() = axum::body::Body::empty();
+    response
+}
+
+/// `DELETE /api/serviceengine/<uuid>`: the SE's credential stops working with the record.
+pub async fn delete_se(app: &App, ctx: &RequestContext, uuid: &str) -> Result<Response, ApiError> {
+    let response = objects::delete(app, ctx, se_type(), uuid).await?;
+    app.engines.forget(uuid);
+    Ok(response)
+}
+
+/// `POST /api/serviceengine/<uuid>/install` `{"image_ref": ...}` and `.../rollback`: queues a
+/// command for the agent; its steps show in the SE's `install_status`.
+pub async fn command(
+    app: &App,
+    ctx: &RequestContext,
+    uuid: &str,
+    operation: &'static str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let t = se_type();
+    require(ctx, t, Level::Write)?;
+    let image = if operation == "SE_INSTALL" {
+        let input = objects::parse_body(body)?;
+        let reference = input
+            .get("image_ref")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad_request("field 'image_ref': is required (the image to install)"))?;
+        let cat = app.store.read();
+        let image = resolve_image(&cat, ctx, reference)?;
+        Some((image.uuid.clone(), image.meta.name.clone().unwrap_or_default()))
+    } else {
+        None
+    };
+    let se_name = find_visible(&app.store.read(), ctx, t, uuid)?.meta.name.clone().unwrap_or_default();
+    let se = uuid.to_string();
+    let stored = app
+        .store
+        .write(move |txn| {
+            let existing =
+                txn.get(SE_KIND, &se).ok_or_else(|| ApiError::not_found(format!("serviceengine '{se}' not found")))?;
+            if let Some(step) = install_step(&existing.value)
+                && Step::parse(step).is_none_or(|s| !s.is_final())
+            {
+                return Err(ApiError::conflict(format!(
+                    "Service engine '{se_name}' has an operation in progress ({step}); wait for it to finish"
+                )));
+            }
+            if image.is_none() && existing.value.get("previous_version").and_then(Value::as_str).is_none() {
+                return Err(ApiError::conflict(format!(
+                    "Service engine '{se_name}' has no previous version to roll back to"
+                )));
+            }
+            let now = SystemTime::now();
+            let command_id = txn.timestamp_micros();
+            let mut status = json!({
+                "command_id": command_id,
+                "operation": operation,
+                "state": "PENDING",
+                "progress": 0,
+                "start_time": rfc3339(now),
+                "events": [{"step": "PENDING", "time": rfc3339(now), "message": "queued for the agent"}],
+            });
+            if let Some((image_uuid, image_name)) = &image {
+                status["image_ref"] = json!(refs::canonical(crate::images::KIND, image_uuid));
+                status["image_name"] = json!(image_name);
+            }
+            let mut fields = Map::new();
+            fields.insert("install_status".into(), status);
+            update_se(txn, &se, fields).ok_or_else(|| ApiError::not_found(format!("serviceengine '{se}' not found")))
+        })
+        .await?;
+    app.engines.wake(uuid);
+    let cat = app.store.read();
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({"uuid": uuid, "install_status": stored.value.get("install_status").cloned().unwrap_or_default(), "url": format!("{}/api/{SE_KIND}/{uuid}", ctx.base_url), "name": cat.get(SE_KIND, uuid).and_then(|s| s.meta.name.clone())}),
+    ))
+}
+
+/// An image an SE can install: uploaded completely, carrying an SE image.
+fn resolve_image<'a>(cat: &'a Catalogue, ctx: &RequestContext, reference: &str) -> Result<&'a Arc<Stored>, ApiError> {
+    let t = crate::images::type_def();
+    let target = refs::parse(crate::images::KIND, reference)
+        .map_err(|e| ApiError::bad_request(format!("field 'image_ref': {e}")))?;
+    let by_name = |name: &str| {
+        cat.iter(crate::images::KIND)
+            .find(|i| i.meta.name.as_deref() == Some(name))
+            .filter(|i| find_visible(cat, ctx, t, &i.uuid).is_ok())
+    };
+    // A bare word is a uuid or, failing that, an image's name (its tag).
+    let image = match &target {
+        refs::RefTarget::Uuid { uuid, .. } => find_visible(cat, ctx, t, uuid).ok().or_else(|| by_name(uuid)),
+        refs::RefTarget::Name { name, .. } => by_name(name),
+    }
+    .ok_or_else(|| ApiError::bad_request(format!("field 'image_ref': no image '{reference}'")))?;
+    let name = image.meta.name.as_deref().unwrap_or_default();
+    if !crate::images::record::is_completed(&image.value) {
+        return Err(ApiError::conflict(format!("image '{name}' is still being uploaded")));
+    }
+    let carries_se = image.value.pointer("/_package/carries_se").and_then(Value::as_bool) == Some(true);
+    let bundle = image.value.pointer("/_package/kind").and_then(Value::as_str) == Some("bundle");
+    if !carries_se && !bundle {
+        return Err(ApiError::bad_request(format!(
+            "image '{name}' carries no SE image (it is for the controller only)"
+        )));
+    }
+    Ok(image)
+}
+
+/// `GET /api/virtualservice/<uuid>/runtime`: where the virtual service runs.
+pub fn vs_runtime(app: &App, ctx: &RequestContext, uuid: &str) -> Result<Response, ApiError> {
+    let t = Registry::get().type_def(VS_KIND).expect("virtualservice is defined");
+    require(ctx, t, Level::Read)?;
+    let cat = app.store.read();
+    let vs = find_visible(&cat, ctx, t, uuid)?;
+    let group = cat.get_path(vs.value.get("se_group_ref").and_then(Value::as_str).unwrap_or_default());
+    let requested = group.and_then(|g| g.value.get("min_scaleout_per_vs")).and_then(Value::as_u64).unwrap_or(1);
+    let placed = app.engines.placed_on(uuid);
+    let engines: Vec<Value> = placed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, se)| {
+            let stored = cat.get(SE_KIND, se)?;
+            Some(json!({
+                "uuid": se,
+                "url": format!("{}/api/{SE_KIND}/{se}", ctx.base_url),
+                "name": stored.meta.name,
+                "primary": i == 0,
+                "standby": false,
+                "active_on_se": app.engines.serves(se, uuid),
+                "oper_status": stored.value.get("oper_status"),
+            }))
+        })
+        .collect();
+    let serving = engines.iter().filter(|e| e["active_on_se"] == json!(true)).count();
+    let enabled = vs.value.get("enabled").and_then(Value::as_bool) != Some(false);
+    let (state, reason) = match (enabled, placed.len(), serving) {
+        (false, _, _) => ("OPER_DISABLED", "the virtual service is disabled"),
+        (true, 0, _) => ("OPER_RESOURCES", "no service engine of its group is available"),
+        (true, _, 0) => ("OPER_DOWN", "placed, waiting for its service engines to take it"),
+        _ => ("OPER_UP", ""),
+    };
+    let status = oper_status(state, reason);
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "uuid": uuid,
+            "name": vs.meta.name,
+            "oper_status": status,
+            "num_se_requested": requested,
+            "num_se_assigned": placed.len(),
+            "percent_ses_up": if placed.is_empty() { 0 } else { 100 * serving / placed.len() },
+            "vip_summary": [{
+                "vip_id": "0",
+                "oper_status": status,
+                "num_se_requested": requested,
+                "num_se_assigned": placed.len(),
+                "service_engine": engines,
+            }],
+        }),
+    ))
+}
+
+/// The background loop: liveness, licenses and placement, every half second and whenever
+/// something changed.
+pub async fn run(app: Arc<App>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(RECONCILE_EVERY) => {}
+            () = app.engines.reconcile.notified() => {}
+        }
+        if let Err(e) = reconcile(&app).await {
+            tracing::warn!(error = %e, "service engine bookkeeping failed; retrying");
+        }
+    }
+}
+
+async fn reconcile(app: &App) -> Result<(), ApiError> {
+    let engines = &app.engines;
+    let now = Instant::now();
+    let (changes, candidates, demands, groups) = {
+        let cat = app.store.read();
+        let mut ses: Vec<&Arc<Stored>> = cat.iter(SE_KIND).collect();
+        ses.sort_by_key(|s| (s.value.get("_joined_at").and_then(Value::as_u64).unwrap_or(0), s.uuid.clone()));
+        let mut changes: HashMap<String, Map<String, Value>> = HashMap::new();
+        // Liveness: only the down transition happens here; a heartbeat brings an SE up.
+        let mut up: HashMap<&str, bool> = HashMap::new();
+        for se in &ses {
+            let is_up = state_of(&se.value) == "OPER_UP";
+            let silent = now.duration_since(engines.last_seen(&se.uuid));
+            if is_up && silent > engines.settings.down_after {
+                let reason = format!("no heartbeat for {} s", silent.as_secs());
+                tracing::info!(se = %se.uuid, %reason, "service engine down");
+                changes
+                    .entry(se.uuid.clone())
+                    .or_default()
+                    .insert("oper_status".into(), oper_status("OPER_DOWN", &reason));
+                up.insert(&se.uuid, false);
+            } else {
+                up.insert(&se.uuid, is_up);
+            }
+        }
+        // Licenses.
+        let claims: Vec<license::Claim<'_>> = ses
+            .iter()
+            .map(|s| license::Claim { se: &s.uuid, cores: cores_of(&s.value), holds: holds_license(&s.value) })
+            .collect();
+        let licensed = license::allocate(licensed_cores(cat.iter(LICENSE_KIND).map(|l| &l.value)), &claims);
+        for (claim, now_licensed) in claims.iter().zip(&licensed) {
+            if claim.holds != *now_licensed {
+                changes.entry(claim.se.to_string()).or_default().extend(license_fields(*now_licensed, claim.cores));
+            }
+        }
+        // Placement input.
+        let candidates: Vec<placement::Candidate> = ses
+            .iter()
+            .zip(&licensed)
+            .map(|(s, licensed)| {
+                let enable = s.value.get("enable_state").and_then(Value::as_str).unwrap_or("SE_STATE_ENABLED");
+                let restarting = install_step(&s.value).and_then(Step::parse).is_some_and(Step::is_disruptive);
+                let serviceable = up[s.uuid.as_str()] && *licensed && !restarting;
+                placement::Candidate {
+                    uuid: s.uuid.clone(),
+                    name: s.meta.name.clone().unwrap_or_default(),
+                    group: uuid_of_ref(s.value.get("se_group_ref")).unwrap_or_default(),
+                    takes_new: serviceable && enable == "SE_STATE_ENABLED",
+                    keeps: serviceable && matches!(enable, "SE_STATE_ENABLED" | "SE_STATE_DISABLED_FOR_PLACEMENT"),
+                }
+            })
+            .collect();
+        let demands: Vec<placement::Demand> = cat
+            .iter(VS_KIND)
+            .filter(|v| v.value.get("enabled").and_then(Value::as_bool) != Some(false))
+            .filter_map(|v| {
+                Some(placement::Demand { uuid: v.uuid.clone(), group: uuid_of_ref(v.value.get("se_group_ref"))? })
+            })
+            .collect();
+        let groups: HashMap<String, placement::GroupLimits> = cat
+            .iter(GROUP_KIND)
+            .map(|g| {
+                let int = |f: &str, d: u64| g.value.get(f).and_then(Value::as_u64).unwrap_or(d) as usize;
+                let packed = g.value.get("algo").and_then(Value::as_str) != Some("PLACEMENT_ALGO_DISTRIBUTED");
+                let limits = placement::GroupLimits {
+                    max_vs_per_se: int("max_vs_per_se", 10),
+                    min_scaleout_per_vs: int("min_scaleout_per_vs", 1),
+                    packed,
+                };
+                (g.uuid.clone(), limits)
+            })
+            .collect();
+        (changes, candidates, demands, groups)
+    };
+    if !changes.is_empty() {
+        app.store
+            .write(move |txn| {
+                for (se, fields) in changes {
+                    update_se(txn, &se, fields);
+                }
+                Ok::<_, ApiError>(())
+            })
+            .await?;
+    }
+    // What agents report they serve counts as placed, so a restarted controller keeps the
+    // placement the data plane already has.
+    let current = {
+        let placed = engines.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = placed.by_vs.clone();
+        let live = engines.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reported: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (se, l) in live.iter() {
+            for vs in &l.facts.hosted_vs {
+                reported.entry(vs.clone()).or_default().push(se.clone());
+            }
+        }
+        for (vs, mut ses) in reported {
+            ses.sort();
+            current.entry(vs).or_insert(ses);
+        }
+        current
+    };
+    let next = placement::place(&groups, &candidates, &demands, &current);
+    let next_by_se = placement::by_se(&next);
+    let moved: Vec<String> = {
+        let mut placed = engines.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut moved: Vec<String> = next_by_se.keys().chain(placed.by_se.keys()).cloned().collect();
+        moved.sort();
+        moved.dedup();
+        moved.retain(|se| next_by_se.get(se) != placed.by_se.get(se));
+        if placed.by_vs != next {
+            tracing::debug!(virtual_services = next.len(), "placement changed");
+        }
+        *placed = Placed { by_vs: next, by_se: next_by_se };
+        moved
+    };
+    for se in moved {
+        engines.wake(&se);
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The SE agent's protocol: JSON over HTTPS, always opened by the agent (so it works behind
+//! NAT). The channel is a long poll: each `POST /api/se-agent/poll` carries a heartbeat and is
+//! held by the controller until it has something for the agent (a command, a new placement) or
+//! the heartbeat interval has passed. See ARCHITECTURE.md.
+//!
+//! Pure data: both sides depend on this crate, neither on the other.
+
+use serde::{Deserialize, Serialize};
+
+pub const JOIN_PATH: &str = "/api/se-agent/join";
+pub const POLL_PATH: &str = "/api/se-agent/poll";
+pub const EVENT_PATH: &str = "/api/se-agent/event";
+/// `GET {IMAGE_PATH}/<image uuid>`: the package bytes, with `Range` support.
+pub const IMAGE_PATH: &str = "/api/se-agent/image";
+/// How an agent presents its credential: `Authorization: Bearer <credential>`.
+pub const BEARER: &str = "Bearer ";
+
+/// What an agent knows about itself; sent when joining and with every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    /// Version, build and patch of the active slot.
+    pub version: String,
+    pub build: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_version: Option<String>,
+    /// What the other slot holds (`30.2.1-9001`), the rollback target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<String>,
+    pub free_disk_bytes: u64,
+    pub disk_bytes: u64,
+    pub cores: u32,
+    pub memory_mb: u64,
+    /// The virtual services the agent serves now (the controller re-sends the placement while
+    /// this differs from it, and after a controller restart adopts it).
+    #[serde(default)]
+    pub hosted_vs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub name: String,
+    pub facts: Facts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub se_uuid: String,
+    /// The agent's own secret (`<se uuid>.<hex>`): it is shown once, the controller keeps a hash.
+    pub credential: String,
+    pub se_group_uuid: String,
+    pub heartbeat_interval_ms: u64,
+    /// The package signing keys the controller trusts (`ed25519 <hex>` lines); the agent pins
+    /// them at join and verifies every image against them.
+    pub trusted_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PollRequest {
+    pub facts: Facts,
+    /// The last command id the agent has taken on (so a command is delivered once).
+    #[serde(default)]
+    pub last_command: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PollResponse {
+    pub heartbeat_interval_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Command>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// The virtual services an SE is to serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub virtualservices: Vec<HostedVs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostedVs {
+    pub uuid: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: u64,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Download the image, verify it, install its SE payload into the other slot, switch to it.
+    Install { image_uuid: String, image_name: String, sha256: String, size: u64, health_timeout_secs: u64 },
+    /// Switch back to the other slot.
+    Rollback,
+}
+
+/// The steps of an install or a rollback, reported as they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Step {
+    Downloading,
+    Verifying,
+    Unpacking,
+    PreInstall,
+    PostInstall,
+    Switching,
+    Restarting,
+    HealthCheck,
+    /// The new slot is active and healthy.
+    Done,
+    /// Nothing changed on the SE (download, verification, a hook failed).
+    Failed,
+    /// The new slot did not come up healthy; the agent is back on the old slot.
+    RolledBack,
+}
+
+impl Step {
+    /// No further step follows.
+    pub fn is_final(self) -> bool {
+        matches!(self, Step::Done | Step::Failed | Step::RolledBack)
+    }
+
+    /// The SE is restarting or checking its new slot: it serves nothing meanwhile.
+    pub fn is_disruptive(self) -> bool {
+        matches!(self, Step::Switching | Step::Restarting | Step::HealthCheck)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Downloading => "DOWNLOADING",
+            Step::Verifying => "VERIFYING",
+            Step::Unpacking => "UNPACKING",
+            Step::PreInstall => "PRE_INSTALL",
+            Step::PostInstall => "POST_INSTALL",
+            Step::Switching => "SWITCHING",
+            Step::Restarting => "RESTARTING",
+            Step::HealthCheck => "HEALTH_CHECK",
+            Step::Done => "DONE",
+            Step::Failed => "FAILED",
+            Step::RolledBack => "ROLLED_BACK",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub command_id: u64,
+    pub step: Step,
+    /// Percent of the current step, where it has one (the download).
+    #[serde(default)]
+    pub progress: u8,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `30.2.1-9001` or `30.2.1-9001-2p1`: how versions are shown side by side.
+pub fn version_label(version: &str, build: u64, patch_version: Option<&str>) -> String {
+    match patch_version {
+        Some(p) => format!("{version}-{build}-{p}"),
+        None => format!("{version}-{build}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_and_steps_have_stable_wire_forms() {
+        let c = Command {
+            id: 7,
+            op: Op::Install {
+                image_uuid: "image-1".into(),
+                image_name: "30.2.2-9100-20261122.101500".into(),
+                sha256: "ab".into(),
+                size: 10,
+                health_timeout_secs: 60,
+            },
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["op"], "install");
+        assert_eq!(v["id"], 7);
+        assert_eq!(serde_json::from_value::<Command>(v).unwrap(), c);
+        let r: Command = serde_json::from_str(r#"{"id":8,"op":"rollback"}"#).unwrap();
+        assert_eq!(r.op, Op::Rollback);
+        for step in [Step::Downloading, Step::PreInstall, Step::HealthCheck, Step::RolledBack] {
+            assert_eq!(Step::parse(step.as_str()), Some(step));
+            assert_eq!(serde_json::to_value(step).unwrap(), step.as_str());
+        }
+        assert!(Step::Done.is_final() && !Step::Restarting.is_final());
+        assert_eq!(version_label("30.2.1", 9001, Some("2p1")), "30.2.1-9001-2p1");
+    }
+}
