@@ -103,12 +103,13 @@ impl State {
         self.trial.take().map(|t| t.command_id)
     }
 
-    /// The trial ended badly: back to the slot it came from (the failed one stays as
-    /// `previous`). Returns the trial's command.
+    /// The trial ended badly: back to the slot it came from. The failed slot is no rollback
+    /// target (and the one before it was overwritten by the install), so there is none.
+    /// Returns the trial's command.
     pub fn abandon(&mut self) -> Option<u64> {
         let trial = self.trial.take()?;
-        let failed = std::mem::replace(&mut self.active, trial.from);
-        self.previous = Some(failed);
+        self.active = trial.from;
+        self.previous = None;
         Some(trial.command_id)
     }
 }
@@ -136,7 +137,7 @@ mod tests {
         assert_eq!(s.boot(50), Boot::Trial);
         assert!(matches!(s.boot(51), Boot::Abandon(r) if r.contains("restarted")));
         assert_eq!(s.abandon(), Some(7));
-        assert_eq!((s.active.as_str(), s.previous.as_deref()), ("a", Some("b")));
+        assert_eq!((s.active.as_str(), s.previous.as_deref()), ("a", None));
         assert!(s.trial.is_none());
 
         let mut late = State::default();

@@ -9,105 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::packages::{BIN, Packages, fulcrum, sha256_file};
 use common::{Api, Controller, Launch, PASSWORD, Resp, start, temp_dir, try_start};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
-
-fn fulcrum(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().expect("run fulcrum");
-    assert!(out.status.success(), "fulcrum {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn sha256_file(path: &Path) -> String {
-    fulcrum_package::hex(&Sha256::digest(std::fs::read(path).unwrap()))
-}
-
-/// Payload directories, a signing key, and packages built from them.
-struct Packages {
-    dir: tempfile::TempDir,
-}
-
-impl Packages {
-    fn new() -> Packages {
-        let dir = temp_dir();
-        let root = dir.path();
-        for (path, data) in [
-            ("controller/bin/fulcrum-controller", "#!/bin/sh\necho controller\n"),
-            ("controller/etc/defaults.json", "{}\n"),
-            ("se/bin/fulcrum-se", "#!/bin/sh\necho se\n"),
-            ("se/hooks/post-install", "#!/bin/sh\nexit 0\n"),
-        ] {
-            let p = root.join(path);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, data).unwrap();
-        }
-        fulcrum(&["pkg", "keygen", "--out", root.join("release").to_str().unwrap()]);
-        Packages { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn key(&self) -> String {
-        self.path("release.secret").to_string_lossy().into_owned()
-    }
-
-    /// A data dir that trusts this key.
-    fn data_dir(&self) -> tempfile::TempDir {
-        let data = temp_dir();
-        std::fs::create_dir_all(data.path().join("trusted-keys")).unwrap();
-        std::fs::copy(self.path("release.pub"), data.path().join("trusted-keys/release.pub")).unwrap();
-        data
-    }
-
-    /// Builds `<name>` of a kind; `extra` are more `pkg build` arguments.
-    fn build(&self, name: &str, kind: &str, version: &str, build: &str, extra: &[&str]) -> PathBuf {
-        let out = self.path(name);
-        let controller = self.path("controller");
-        let se = self.path("se");
-        let mut args = vec!["pkg", "build", "--kind", kind, "--version", version, "--build", build];
-        args.extend(["--date", "20261122.101500", "--min-version", "30.1.1", "-o", out.to_str().unwrap()]);
-        let key = self.key();
-        args.extend(["--key", key.as_str()]);
-        match kind {
-            "controller" | "avi_patch" => {
-                args.extend(["--controller-dir", controller.to_str().unwrap(), "--se-dir", se.to_str().unwrap()])
-            }
-            "controller_docker" => {
-                args.extend(["--controller-dir", controller.to_str().unwrap(), "--docker-version", "20.10"])
-            }
-            "controller_patch" => args.extend(["--controller-dir", controller.to_str().unwrap()]),
-            "se_patch" => args.extend(["--se-dir", se.to_str().unwrap()]),
-            _ => {}
-        }
-        if kind.ends_with("patch") {
-            args.extend(["--patch", "2p1"]);
-        }
-        args.extend(extra);
-        fulcrum(&args);
-        out
-    }
-
-    /// A signed composite of a base and optional patches.
-    fn bundle(&self, name: &str, base: &Path, controller_patch: Option<&Path>, se_patch: Option<&Path>) -> PathBuf {
-        let out = self.path(name);
-        let key = self.key();
-        let mut args = vec!["pkg", "build", "--kind", "bundle", "--base", base.to_str().unwrap()];
-        if let Some(cp) = controller_patch {
-            args.extend(["--controller-patch", cp.to_str().unwrap()]);
-        }
-        if let Some(sp) = se_patch {
-            args.extend(["--se-patch", sp.to_str().unwrap()]);
-        }
-        args.extend(["--key", key.as_str(), "-o", out.to_str().unwrap()]);
-        fulcrum(&args);
-        out
-    }
-}
 
 fn multipart(field: &str, filename: &str, data: &[u8]) -> (String, Vec<u8>) {
     let boundary = "----fulcrum-test-boundary-7c2f";

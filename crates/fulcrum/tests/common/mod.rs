@@ -2,6 +2,8 @@
 //! to it.
 #![allow(dead_code)]
 
+pub mod packages;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -26,11 +28,13 @@ pub struct Launch<'a> {
     pub plain_http: bool,
     pub password: Option<&'a str>,
     pub listen: &'a str,
+    /// More `fulcrum serve` arguments.
+    pub args: &'a [&'a str],
 }
 
 impl<'a> Launch<'a> {
     pub fn plain(data_dir: &'a Path) -> Launch<'a> {
-        Launch { data_dir, plain_http: true, password: Some(PASSWORD), listen: "127.0.0.1:0" }
+        Launch { data_dir, plain_http: true, password: Some(PASSWORD), listen: "127.0.0.1:0", args: &[] }
     }
 }
 
@@ -41,6 +45,7 @@ pub fn try_start(launch: Launch<'_>) -> Result<Controller, String> {
     if launch.plain_http {
         cmd.arg("--plain-http");
     }
+    cmd.args(launch.args);
     cmd.env("FULCRUM_LOG", "warn").env_remove("FULCRUM_ADMIN_PASSWORD");
     if let Some(p) = launch.password {
         cmd.env("FULCRUM_ADMIN_PASSWORD", p);
