@@ -320,7 +320,6 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
     );
     let tampered = pkgs.with_se("tampered.pkg", "30.2.4", "9300", &[("etc/version", "30.2.4\n")]);
     let good_image = upload(&api, &good);
-    let _ = good_image;
     let sick_image = upload(&api, &sick);
     let tampered_image = upload(&api, &tampered);
 
@@ -362,6 +361,10 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
     assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "b", "the agent restarted through the new slot");
     assert_eq!(agent.child.id(), pid, "re-exec keeps the process");
     assert!(agent.log_text().contains("restarting"));
+    // The image an SE runs is in use.
+    let in_use = api.delete(&format!("/api/image/{good_image}"));
+    assert_eq!(in_use.status, 409);
+    assert!(in_use.error().contains("SE group 'Default-Group' (service engine 'se1')"), "{}", in_use.error());
 
     // A tampered image (changed on the controller's disk) is refused before anything is installed.
     let file = data.path().join("images").join(format!("{tampered_image}.pkg"));

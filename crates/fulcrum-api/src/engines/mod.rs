@@ -236,6 +236,44 @@ fn license_fields(licensed: bool, cores: u64) -> Map<String, Value> {
     out
 }
 
+/// What each SE runs and keeps for rollback, for the image service's in-use check.
+pub fn versions_in_use(cat: &Catalogue) -> Vec<(String, crate::images::record::RunningVersion)> {
+    use crate::images::record::RunningVersion;
+    let mut out = Vec::new();
+    for se in cat.iter(SE_KIND) {
+        let group = cat
+            .get_path(se.value.get("se_group_ref").and_then(Value::as_str).unwrap_or_default())
+            .and_then(|g| g.meta.name.clone())
+            .unwrap_or_default();
+        let who = format!("SE group '{group}' (service engine '{}')", se.meta.name.as_deref().unwrap_or_default());
+        if let (Some(version), Some(build)) =
+            (se.value.get("version").and_then(Value::as_str), se.value.get("build").and_then(Value::as_u64))
+        {
+            let patch = se.value.get("patch_version").and_then(Value::as_str).map(String::from);
+            out.push((who.clone(), RunningVersion { version: version.into(), build, patch }));
+        }
+        // `30.2.1-9001` or `30.2.1-9001-2p1`: the slot kept for rollback.
+        if let Some(previous) = se.value.get("previous_version").and_then(Value::as_str) {
+            let mut parts = previous.splitn(3, '-');
+            if let (Some(version), Some(Ok(build))) = (parts.next(), parts.next().map(str::parse)) {
+                let patch = parts.next().map(String::from);
+                out.push((format!("{who}, kept for rollback"), RunningVersion { version: version.into(), build, patch }));
+            }
+        }
+    }
+    out
+}
+
+/// The SE that is installing an image (`/api/image/<uuid>`) now, if any.
+pub fn installing(cat: &Catalogue, image_path: &str) -> Option<String> {
+    cat.iter(SE_KIND)
+        .find(|se| {
+            se.value.pointer("/install_status/image_ref").and_then(Value::as_str) == Some(image_path)
+                && install_step(&se.value).is_some_and(|s| Step::parse(s).is_none_or(|s| !s.is_final()))
+        })
+        .map(|se| se.meta.name.clone().unwrap_or_default())
+}
+
 /// `GET /api/licenseusage`.
 pub fn license_usage(app: &App) -> Response {
     let cat = app.store.read();

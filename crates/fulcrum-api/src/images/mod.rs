@@ -218,14 +218,15 @@ fn require_image_write(app: &App, ctx: &RequestContext, what: &str) -> Result<()
     require_leader(&app.role, what)
 }
 
-/// Versions that are running or kept, each with who runs or keeps it. Today the controller
-/// runs its built-in version; the upgrade service adds the previous version, SE groups and
-/// ongoing operations.
-fn versions_in_use() -> Vec<(String, record::RunningVersion)> {
-    vec![(
+/// Versions that are running or kept, each with who runs or keeps it: the controller's
+/// built-in version, and what every SE runs and keeps in its other slot.
+fn versions_in_use(cat: &fulcrum_store::Catalogue) -> Vec<(String, record::RunningVersion)> {
+    let mut out = vec![(
         "the controller".into(),
         record::RunningVersion { version: version::VERSION.into(), build: version::BUILD, patch: None },
-    )]
+    )];
+    out.extend(crate::engines::versions_in_use(cat));
+    out
 }
 
 /// `DELETE /api/image/<uuid>`: removes the record(s) and then the file, unless the image is in
@@ -235,7 +236,13 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestContext, uuid: &str) -> Result<
     let t = type_def();
     crate::objects::find_visible(&app.store.read(), ctx, t, uuid)?;
     let uuid = uuid.to_string();
-    let in_use = versions_in_use();
+    let (in_use, installing) = {
+        let cat = app.store.read();
+        (versions_in_use(&cat), crate::engines::installing(&cat, &object_path(type_def(), &uuid)))
+    };
+    if let Some(se) = installing {
+        return Err(ApiError::conflict(format!("Cannot delete image '{uuid}': service engine '{se}' is installing it")));
+    }
     let files = app
         .store
         .write(move |txn| {
@@ -245,7 +252,13 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestContext, uuid: &str) -> Result<
                 return Err(ApiError::conflict(format!("Cannot delete image '{name}': its upload is in progress")));
             }
             let path = object_path(t, &uuid);
-            if let Some(bundle) = txn.referrers(&path).into_iter().filter(|r| *r != path).find_map(|r| txn.get_path(&r))
+            // An SE's install status refers to images too; only a bundle holds one.
+            if let Some(bundle) = txn
+                .referrers(&path)
+                .into_iter()
+                .filter(|r| *r != path)
+                .filter_map(|r| txn.get_path(&r))
+                .find(|referrer| referrer.kind == KIND)
             {
                 return Err(ApiError::conflict(format!(
                     "Cannot delete image '{name}': it is part of the composite image '{}' ({}); delete that instead",
