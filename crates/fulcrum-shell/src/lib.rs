@@ -54,6 +54,9 @@ Commands:
   show <type>            list objects of a type (show pool, show virtualservice, ...)
   show <type> <name>     one object, field by field
   show <singleton>       systemconfiguration, controllerproperties, cluster
+  show serviceengine     SEs with their group, version, states and last heartbeat
+  show serviceenginegroup <name>
+                         a group, then its SEs
   show pool-async status <patch_id>
                          the status of an asynchronous PATCH
   upload image filename <path>
@@ -133,36 +136,109 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
                     if reply.status != 200 {
                         return Err(error_text(&reply));
                     }
-                    reply.body["results"].get(0).map(table::object).ok_or_else(|| format!("{kind} '{name}' not found"))
+                    let object = reply.body["results"].get(0).ok_or_else(|| format!("{kind} '{name}' not found"))?;
+                    let mut out = table::object(object);
+                    if kind == "serviceenginegroup" {
+                        // A group is shown with its SEs: their versions and states side by side.
+                        let uuid = text(object, "uuid");
+                        let listing = Listing::of("serviceengine");
+                        let rows = list_rows(client, &format!("serviceengine?refers_to=serviceenginegroup:{uuid}"), listing)?;
+                        out.push_str(&format!("Service engines ({}):\n", rows.len()));
+                        out.push_str(&table::render(listing.header, &rows));
+                    }
+                    Ok(out)
                 }
                 None => {
-                    let images = kind == "image";
-                    let mut rows = Vec::new();
-                    for page in 1.. {
-                        let reply = client
-                            .get(&format!("{kind}?page_size=200&page={page}&fields=name,uuid,img_state,progress"))
-                            .map_err(|e| e.to_string())?;
-                        if reply.status != 200 {
-                            return Err(error_text(&reply));
-                        }
-                        for item in reply.body["results"].as_array().into_iter().flatten() {
-                            let cell = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-                            let mut row = vec![cell("name"), cell("uuid")];
-                            if images {
-                                row.push(image_status(item));
-                            }
-                            rows.push(row);
-                        }
-                        if reply.body.get("next").is_none() {
-                            break;
-                        }
-                    }
-                    let header: &[&str] = if images { &["Name", "UUID", "Status"] } else { &["Name", "UUID"] };
-                    Ok(table::render(header, &rows))
+                    let listing = Listing::of(kind);
+                    let rows = list_rows(client, kind, listing)?;
+                    Ok(table::render(listing.header, &rows))
                 }
             }
         }
     }
+}
+
+/// What `show <type>` prints for a type: most show name and uuid; images their status; SEs
+/// their group, version and states.
+#[derive(Clone, Copy)]
+struct Listing {
+    header: &'static [&'static str],
+    fields: &'static str,
+    row: fn(&Value) -> Vec<String>,
+}
+
+impl Listing {
+    fn of(kind: &str) -> Listing {
+        match kind {
+            "image" => Listing {
+                header: &["Name", "UUID", "Status"],
+                fields: "name,uuid,img_state,progress",
+                row: |i| vec![text(i, "name"), text(i, "uuid"), image_status(i)],
+            },
+            "serviceengine" => Listing {
+                header: &["Name", "UUID", "SE Group", "Version", "Oper State", "License", "Install", "Last Heartbeat"],
+                fields: "name,uuid,se_group_ref,version,build,patch_version,oper_status,license_state,install_status,last_heartbeat",
+                row: se_row,
+            },
+            _ => Listing { header: &["Name", "UUID"], fields: "name,uuid", row: |i| vec![text(i, "name"), text(i, "uuid")] },
+        }
+    }
+}
+
+fn text(item: &Value, field: &str) -> String {
+    item.get(field).and_then(Value::as_str).unwrap_or_default().to_string()
+}
+
+/// The name a rendered reference carries after `#`.
+fn ref_name(item: &Value, field: &str) -> String {
+    item.get(field).and_then(Value::as_str).and_then(|r| r.split_once('#')).map_or_else(String::new, |(_, n)| n.into())
+}
+
+fn se_row(se: &Value) -> Vec<String> {
+    let mut version = text(se, "version");
+    if let Some(build) = se.get("build").and_then(Value::as_u64) {
+        version = format!("{version}-{build}");
+    }
+    if let Some(patch) = se.get("patch_version").and_then(Value::as_str) {
+        version = format!("{version}-{patch}");
+    }
+    let install = match (se.pointer("/install_status/operation"), se.pointer("/install_status/state")) {
+        (Some(op), Some(state)) => format!(
+            "{} {}",
+            op.as_str().unwrap_or_default().trim_start_matches("SE_").to_lowercase(),
+            state.as_str().unwrap_or_default()
+        ),
+        _ => String::new(),
+    };
+    vec![
+        text(se, "name"),
+        text(se, "uuid"),
+        ref_name(se, "se_group_ref"),
+        version,
+        se.pointer("/oper_status/state").and_then(Value::as_str).unwrap_or_default().to_string(),
+        text(se, "license_state").trim_start_matches("LICENSE_STATE_").to_string(),
+        install,
+        text(se, "last_heartbeat"),
+    ]
+}
+
+/// Every page of a listing, as table rows.
+fn list_rows(client: &mut Client, path_and_filter: &str, listing: Listing) -> Result<Vec<Vec<String>>, String> {
+    let mut rows = Vec::new();
+    let separator = if path_and_filter.contains('?') { '&' } else { '?' };
+    for page in 1.. {
+        let reply = client
+            .get(&format!("{path_and_filter}{separator}page_size=200&page={page}&include_name&fields={}", listing.fields))
+            .map_err(|e| e.to_string())?;
+        if reply.status != 200 {
+            return Err(error_text(&reply));
+        }
+        rows.extend(reply.body["results"].as_array().into_iter().flatten().map(listing.row));
+        if reply.body.get("next").is_none() {
+            break;
+        }
+    }
+    Ok(rows)
 }
 
 /// The Status column of `show image`: SYSERR_SUCCESS for a ready image, as the controller's

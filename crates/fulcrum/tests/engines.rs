@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::packages::{BIN, Packages};
-use common::{Api, Controller, Launch, temp_dir, try_start};
+use common::{Api, Controller, Launch, shell, temp_dir, try_start};
 use serde_json::{Value, json};
 
 /// Fast heartbeats so that "down" and "back up" happen within a test's patience.
@@ -249,6 +249,19 @@ fn license_cores_decide_which_ses_are_licensed() {
     wait_for("all licensed", Duration::from_secs(10), || {
         Some(()).filter(|()| api.object("/api/licenseusage")["num_unlicensed_ses"] == 0)
     });
+
+    // The shell shows SEs with their group, version and states, and a group with its SEs.
+    let (list, _) = shell(&c, "show serviceengine");
+    assert!(list.contains("| Name ") && list.contains("| SE Group ") && list.contains("| Oper State "), "{list}");
+    for i in 1..=3 {
+        let line = list.lines().find(|l| l.contains(&format!("lic-000{i} "))).unwrap_or_else(|| panic!("{list}"));
+        for cell in ["Default-Group", "30.2.1-9001", "OPER_UP", "LICENSED"] {
+            assert!(line.contains(cell), "{cell} missing in {line}");
+        }
+    }
+    let (group, _) = shell(&c, "show serviceenginegroup Default-Group");
+    assert!(group.contains("| max_vs_per_se ") && group.contains("Service engines (3):"), "{group}");
+    assert_eq!(group.matches("30.2.1-9001").count(), 3, "{group}");
 }
 
 fn install(api: &Api, se: &str, image: &str) {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::packages::{BIN, Packages, fulcrum, sha256_file};
-use common::{Api, Controller, Launch, PASSWORD, Resp, start, temp_dir, try_start};
+use common::{Api, Controller, Launch, PASSWORD, Resp, shell, start, temp_dir, try_start};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -589,16 +589,6 @@ fn a_resumable_upload_survives_a_dropped_connection_and_a_restart() {
     assert!(std::fs::read_dir(c.data_dir.join("images/sessions")).unwrap().next().is_none());
 }
 
-fn shell(c: &Controller, command: &str) -> (String, String) {
-    let out = Command::new(BIN)
-        .args(["shell", "--controller", &c.url, "--user", "admin", "--password", PASSWORD, "-c", command])
-        .output()
-        .expect("run the shell");
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(out.status.success(), "{command}: {stdout}{stderr}");
-    (stdout, stderr)
-}
 
 #[test]
 fn the_shell_uploads_with_progress_shows_and_deletes_images() {

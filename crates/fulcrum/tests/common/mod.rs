@@ -248,3 +248,15 @@ impl Api {
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("fulcrum-test-").tempdir().unwrap()
 }
+
+/// Runs one `fulcrum shell -c` command as admin; returns stdout and stderr.
+pub fn shell(c: &Controller, command: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["shell", "--controller", &c.url, "--user", "admin", "--password", PASSWORD, "-c", command])
+        .output()
+        .expect("run the shell");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "{command}: {stdout}{stderr}");
+    (stdout, stderr)
+}
