@@ -315,6 +315,7 @@ impl Se {
                 let info = SlotInfo::read(&active);
                 let check = match (trial.health_check, info.as_ref().and_then(|i| i.health_check.clone())) {
                     (true, Some(hook)) => {
+                        self.report(&mut state, &identity, trial.command_id, Step::HealthCheck, 0, hook.clone());
                         install::run_hook(&active, &hook, &info.as_ref().map(|i| i.version.clone()).unwrap_or_default())
                     }
                     _ => Ok(()),

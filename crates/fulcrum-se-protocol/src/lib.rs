@@ -126,9 +126,10 @@ impl Step {
         matches!(self, Step::Done | Step::Failed | Step::RolledBack)
     }
 
-    /// The SE is restarting or checking its new slot: it serves nothing meanwhile.
+    /// The SE is switching slots, restarting or checking its new slot: it serves nothing
+    /// meanwhile, so its virtual services go elsewhere.
     pub fn is_disruptive(self) -> bool {
-        matches!(self, Step::Switching | Step::Restarting | Step::HealthCheck)
+        matches!(self, Step::Switching | Step::PostInstall | Step::Restarting | Step::HealthCheck)
     }
 
     pub fn as_str(self) -> &'static str {

@@ -142,7 +142,8 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
                         // A group is shown with its SEs: their versions and states side by side.
                         let uuid = text(object, "uuid");
                         let listing = Listing::of("serviceengine");
-                        let rows = list_rows(client, &format!("serviceengine?refers_to=serviceenginegroup:{uuid}"), listing)?;
+                        let rows =
+                            list_rows(client, &format!("serviceengine?refers_to=serviceenginegroup:{uuid}"), listing)?;
                         out.push_str(&format!("Service engines ({}):\n", rows.len()));
                         out.push_str(&table::render(listing.header, &rows));
                     }
@@ -180,7 +181,11 @@ impl Listing {
                 fields: "name,uuid,se_group_ref,version,build,patch_version,oper_status,license_state,install_status,last_heartbeat",
                 row: se_row,
             },
-            _ => Listing { header: &["Name", "UUID"], fields: "name,uuid", row: |i| vec![text(i, "name"), text(i, "uuid")] },
+            _ => Listing {
+                header: &["Name", "UUID"],
+                fields: "name,uuid",
+                row: |i| vec![text(i, "name"), text(i, "uuid")],
+            },
         }
     }
 }
@@ -228,7 +233,10 @@ fn list_rows(client: &mut Client, path_and_filter: &str, listing: Listing) -> Re
     let separator = if path_and_filter.contains('?') { '&' } else { '?' };
     for page in 1.. {
         let reply = client
-            .get(&format!("{path_and_filter}{separator}page_size=200&page={page}&include_name&fields={}", listing.fields))
+            .get(&format!(
+                "{path_and_filter}{separator}page_size=200&page={page}&include_name&fields={}",
+                listing.fields
+            ))
             .map_err(|e| e.to_string())?;
         if reply.status != 200 {
             return Err(error_text(&reply));

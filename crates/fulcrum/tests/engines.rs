@@ -319,7 +319,8 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
             ("bin/fulcrum", &wrapper),
             ("etc/version", "30.2.2\n"),
             ("hooks/post-install", "#!/bin/sh\ntouch \"$FULCRUM_SE_SLOT/post-install-ran\"\n"),
-            ("hooks/health-check", "#!/bin/sh\ntest -f etc/version\n"),
+            // Slow enough that the SE is visibly out of service while it checks.
+            ("hooks/health-check", "#!/bin/sh\nsleep 1\ntest -f etc/version\n"),
         ],
     );
     let sick = pkgs.with_se(
@@ -343,6 +344,12 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
         wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
     let se = se["uuid"].as_str().unwrap().to_string();
     let pid = agent.child.id();
+    // A virtual service on se1 (the only SE yet), and a second SE it can move to.
+    let vs = api.post("/api/virtualservice", &json!({"name": "vs-up", "services": [{"port": 80}]})).json();
+    let vs = vs["uuid"].as_str().unwrap().to_string();
+    assert_eq!(wait_for("the VS on se1", Duration::from_secs(10), || serving(&api, &vs)), se);
+    let _se2 = Agent::start(&c, Some(&token), &work.path().join("se2"), "se2", &[]);
+    let se2 = wait_for("se2 up", Duration::from_secs(30), || se_by_name(&api, "se2").filter(|s| state(s) == "OPER_UP"));
 
     // The image is served to the SE only, resumably.
     let credential = agent.credential();
@@ -365,10 +372,21 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
     assert_eq!(done["previous_version"], "30.2.1-9001");
     let steps: Vec<&str> =
         done["install_status"]["events"].as_array().unwrap().iter().map(|e| e["step"].as_str().unwrap()).collect();
-    for step in ["PENDING", "DOWNLOADING", "VERIFYING", "UNPACKING", "SWITCHING", "POST_INSTALL", "RESTARTING", "DONE"]
-    {
+    for step in [
+        "PENDING",
+        "DOWNLOADING",
+        "VERIFYING",
+        "UNPACKING",
+        "SWITCHING",
+        "POST_INSTALL",
+        "RESTARTING",
+        "HEALTH_CHECK",
+        "DONE",
+    ] {
         assert!(steps.contains(&step), "{step} missing from {steps:?}");
     }
+    // While se1 restarted into its new version, its virtual service moved to se2, and stays.
+    assert_eq!(serving(&api, &vs).as_deref(), se2["uuid"].as_str(), "placement redone around the upgrade");
     assert_eq!(slot_json(&agent_dir, "b")["version"], "30.2.2", "the version comes from the installed slot");
     assert!(agent_dir.join("slots/b/post-install-ran").exists());
     assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "b", "the agent restarted through the new slot");

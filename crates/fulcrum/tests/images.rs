@@ -589,7 +589,6 @@ fn a_resumable_upload_survives_a_dropped_connection_and_a_restart() {
     assert!(std::fs::read_dir(c.data_dir.join("images/sessions")).unwrap().next().is_none());
 }
 
-
 #[test]
 fn the_shell_uploads_with_progress_shows_and_deletes_images() {
     let pkgs = Packages::new();

@@ -257,7 +257,10 @@ pub fn versions_in_use(cat: &Catalogue) -> Vec<(String, crate::images::record::R
             let mut parts = previous.splitn(3, '-');
             if let (Some(version), Some(Ok(build))) = (parts.next(), parts.next().map(str::parse)) {
                 let patch = parts.next().map(String::from);
-                out.push((format!("{who}, kept for rollback"), RunningVersion { version: version.into(), build, patch }));
+                out.push((
+                    format!("{who}, kept for rollback"),
+                    RunningVersion { version: version.into(), build, patch },
+                ));
             }
         }
     }

@@ -241,7 +241,9 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestContext, uuid: &str) -> Result<
         (versions_in_use(&cat), crate::engines::installing(&cat, &object_path(type_def(), &uuid)))
     };
     if let Some(se) = installing {
-        return Err(ApiError::conflict(format!("Cannot delete image '{uuid}': service engine '{se}' is installing it")));
+        return Err(ApiError::conflict(format!(
+            "Cannot delete image '{uuid}': service engine '{se}' is installing it"
+        )));
     }
     let files = app
         .store
