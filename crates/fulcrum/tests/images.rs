@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::packages::{BIN, Packages, fulcrum, sha256_file};
+use common::packages::{Packages, fulcrum, sha256_file};
 use common::{Api, Controller, Launch, PASSWORD, Resp, shell, start, temp_dir, try_start};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
