@@ -4,6 +4,7 @@
 //! Run with `bench/run` (builds release binaries, installs etcd-server when missing).
 
 mod asyncpatch;
+mod heartbeat;
 mod patch;
 mod upload;
 
@@ -38,6 +39,21 @@ enum Which {
     Async(AsyncArgs),
     /// Image upload against cp and docker-registry (issue 5).
     Upload(UploadArgs),
+    /// SE heartbeats: controller CPU per 1,000 heartbeats/s, against etcd lease keepalives (issue 6).
+    Heartbeat(HeartbeatArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct HeartbeatArgs {
+    /// Simulated SEs.
+    #[arg(long, default_value_t = 500)]
+    ses: usize,
+    /// Seconds between one SE's heartbeats (500 SEs at 0.5 s: 1,000 heartbeats/s).
+    #[arg(long, default_value_t = 0.5)]
+    interval: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
 }
 
 #[derive(clap::Args, Clone)]
@@ -113,11 +129,12 @@ impl Drop for Process {
 }
 
 fn start_fulcrum(binary: &Path) -> Process {
-    start_fulcrum_trusting(binary, None)
+    start_fulcrum_with(binary, None, &[])
 }
 
-/// Starts fulcrum, trusting packages signed by `key` (a public key file).
-fn start_fulcrum_trusting(binary: &Path, key: Option<&Path>) -> Process {
+/// Starts fulcrum, trusting packages signed by `key` (a public key file), with more `serve`
+/// arguments.
+fn start_fulcrum_with(binary: &Path, key: Option<&Path>, args: &[&str]) -> Process {
     let dir =
         tempfile::Builder::new().prefix("fulcrum-bench-").tempdir_in(".").expect("temp dir on the project's disk");
     let mut command = Command::new(binary);
@@ -125,6 +142,7 @@ fn start_fulcrum_trusting(binary: &Path, key: Option<&Path>) -> Process {
     if let Some(key) = key {
         command.arg("--trusted-key").arg(key);
     }
+    command.args(args);
     let mut child = command
         .env("FULCRUM_ADMIN_PASSWORD", PASSWORD)
         .env("FULCRUM_LOG", "warn")
@@ -267,11 +285,13 @@ fn main() {
         Some(Which::Patch(args)) => patch::run(&cli.common, &args),
         Some(Which::Async(args)) => asyncpatch::run(&cli.common, &args),
         Some(Which::Upload(args)) => upload::run_upload(&cli.common, &args),
+        Some(Which::Heartbeat(args)) => heartbeat::run(&cli.common, &args),
         None => {
             config(&cli.common, &defaults::<ConfigArgs>());
             patch::run(&cli.common, &defaults::<PatchArgs>());
             asyncpatch::run(&cli.common, &defaults::<AsyncArgs>());
             upload::run_upload(&cli.common, &defaults::<UploadArgs>());
+            heartbeat::run(&cli.common, &defaults::<HeartbeatArgs>());
         }
     }
 }

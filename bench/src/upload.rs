@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::{Common, PASSWORD, Process, UploadArgs, free_port, start_fulcrum_trusting};
+use crate::{Common, PASSWORD, Process, UploadArgs, free_port, start_fulcrum_with};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.stderr(Stdio::inherit()).output().expect("run a command");
@@ -112,7 +112,7 @@ pub fn run_upload(common: &Common, args: &UploadArgs) {
     let cp = started.elapsed();
     std::fs::remove_file(&copy).unwrap();
 
-    let fulcrum = start_fulcrum_trusting(&common.fulcrum, Some(&dir.path().join("bench.pub")));
+    let fulcrum = start_fulcrum_with(&common.fulcrum, Some(&dir.path().join("bench.pub")), &[]);
     let pid = fulcrum.child.id();
     let rss_before = memory(pid, "VmRSS");
     let started = Instant::now();
