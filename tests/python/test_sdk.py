@@ -255,3 +255,46 @@ def test_image_upload_query_and_delete_through_the_sdk(controller):
     assert "not a Fulcrum package" in bad.text, bad.text  # the SDK's json() raises on errors
     assert api.delete_by_name("image", tag).status_code == 204
     assert api.get_object_by_name("image", tag) is None
+
+
+def test_service_engines_through_the_sdk(controller, tmp_path):
+    """The SDK's usage-meter call, a join token, a real agent, its SE and a VS's runtime."""
+    import subprocess
+    import time
+
+    from conftest import BINARY
+
+    api = session(controller)
+    assert api.get("licenseusage").json()["licensed_cores"]  # the SDK's own usage test reads this
+    token = api.post("sejointoken", data={"se_group_ref": "/api/serviceenginegroup?name=Default-Group"}).json()
+    assert "token" in token
+    agent = subprocess.Popen(
+        [BINARY, "se-agent", "--controller", controller.url, "--join-token", token["token"],
+         "--data-dir", str(tmp_path / "se"), "--name", "sdk-se", "--cores", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        se = None
+        while time.time() < deadline:
+            se = api.get_object_by_name("serviceengine", "sdk-se")
+            if se and se.get("oper_status", {}).get("state") == "OPER_UP":
+                break
+            time.sleep(0.2)
+        assert se["oper_status"]["state"] == "OPER_UP"
+        assert se["version"] == "30.2.1"
+        vs = api.post("virtualservice", data={"name": "sdk-vs-se", "services": [{"port": 8080}]}).json()
+        runtime = None
+        while time.time() < deadline:
+            runtime = api.get("virtualservice/%s/runtime" % vs["uuid"]).json()
+            if runtime["oper_status"]["state"] == "OPER_UP":
+                break
+            time.sleep(0.2)
+        assert runtime["vip_summary"][0]["service_engine"][0]["uuid"] == se["uuid"]
+        assert api.delete("serviceengine/%s" % se["uuid"]).status_code == 204
+        assert agent.wait(timeout=20) != 0, "a deleted SE's agent is cut off"
+        assert api.delete_by_name("virtualservice", "sdk-vs-se").status_code == 204
+        assert api.delete("sejointoken/%s" % token["uuid"]).status_code == 204
+    finally:
+        agent.kill()
+        agent.wait()

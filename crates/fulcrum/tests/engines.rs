@@ -219,6 +219,62 @@ fn three_agents_join_heartbeat_go_down_come_back_and_are_cut_off() {
 }
 
 #[test]
+fn a_controller_restart_keeps_its_ses_and_where_virtual_services_run() {
+    let data = temp_dir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let launch = || Launch { args: ENGINE_ARGS, listen: &listen, ..Launch::plain(data.path()) };
+    let c = try_start(launch()).expect("starts");
+    let api = c.admin();
+    // Distributed: the two virtual services land on different SEs.
+    let group = api.object("/api/serviceenginegroup?name=Default-Group")["results"][0].clone();
+    let g = group["uuid"].as_str().unwrap();
+    let r = api.send(
+        "PATCH",
+        &format!("/api/serviceenginegroup/{g}"),
+        Some(br#"{"replace": {"algo": "PLACEMENT_ALGO_DISTRIBUTED"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.error());
+    let (_, token) = token(&api, "Default-Group");
+    let work = temp_dir();
+    let _sims = Agent::start(&c, Some(&token), &work.path().join("sims"), "keep", &["--simulate", "3", "--cores", "1"]);
+    wait_for("3 SEs", Duration::from_secs(30), || (api.object("/api/licenseusage")["num_ses"] == 3).then_some(()));
+    // keep-0001 takes nothing while the virtual services are placed, then is enabled again: the
+    // placement is now one a fresh computation would not choose.
+    let first = se_by_name(&api, "keep-0001").unwrap();
+    let first = first["uuid"].as_str().unwrap();
+    let set_state = |state: &str| {
+        let body = json!({"replace": {"enable_state": state}}).to_string();
+        let r = api.send("PATCH", &format!("/api/serviceengine/{first}"), Some(body.as_bytes()));
+        assert_eq!(r.status, 200, "{}", r.error());
+    };
+    set_state("SE_STATE_DISABLED_FOR_PLACEMENT");
+    let vss: Vec<String> = (1..=2)
+        .map(|i| {
+            let vs = api.post("/api/virtualservice", &json!({"name": format!("keep-{i}"), "services": [{"port": 80}]}));
+            vs.json()["uuid"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let before: Vec<String> =
+        vss.iter().map(|vs| wait_for("served", Duration::from_secs(10), || serving(&api, vs))).collect();
+    assert!(!before.contains(&first.to_string()));
+    set_state("SE_STATE_ENABLED");
+    std::thread::sleep(Duration::from_secs(1));
+    let still: Vec<Option<String>> = vss.iter().map(|vs| serving(&api, vs)).collect();
+    assert_eq!(still, before.iter().cloned().map(Some).collect::<Vec<_>>(), "sticky");
+
+    c.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let c = try_start(launch()).expect("restarts");
+    let api = c.admin();
+    let after: Vec<String> =
+        vss.iter().map(|vs| wait_for("served again", Duration::from_secs(15), || serving(&api, vs))).collect();
+    assert_eq!(after, before, "the placement the SEs report is kept across a controller restart");
+    let list = api.object("/api/serviceengine");
+    assert!(list["results"].as_array().unwrap().iter().all(|s| state(s) == "OPER_UP"), "{list}");
+}
+
+#[test]
 fn license_cores_decide_which_ses_are_licensed() {
     let data = temp_dir();
     let c = controller(data.path());

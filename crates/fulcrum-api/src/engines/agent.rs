@@ -193,11 +193,14 @@ fn pending(app: &App, se_uuid: &str, request: &PollRequest) -> Result<Option<Pol
             answer.command = Some(Command { id, op });
         }
     }
-    let mut assigned = app.engines.assigned(se_uuid);
-    assigned.sort();
+    // Until the controller has placed anything since its start, agents keep what they serve.
+    let assigned = app.engines.assignment(se_uuid).map(|mut a| {
+        a.sort();
+        a
+    });
     let mut hosted = request.facts.hosted_vs.clone();
     hosted.sort();
-    if assigned != hosted {
+    if let Some(assigned) = assigned.filter(|a| *a != hosted) {
         let virtualservices = assigned
             .iter()
             .map(|vs| HostedVs {

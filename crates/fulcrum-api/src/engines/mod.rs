@@ -76,6 +76,8 @@ pub struct Engines {
     live: Mutex<HashMap<String, Live>>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     placed: Mutex<Placed>,
+    /// Set once a placement was computed since the start; until then agents keep what they serve.
+    placement_known: std::sync::atomic::AtomicBool,
     reconcile: Notify,
 }
 
@@ -87,6 +89,7 @@ impl Engines {
             live: Mutex::default(),
             wakers: Mutex::default(),
             placed: Mutex::default(),
+            placement_known: std::sync::atomic::AtomicBool::new(false),
             reconcile: Notify::new(),
         }
     }
@@ -114,6 +117,11 @@ impl Engines {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(se);
         self.wake(se);
         self.changed();
+    }
+
+    /// The virtual services placed on an SE, once a placement is known since the start.
+    pub fn assignment(&self, se: &str) -> Option<Vec<String>> {
+        self.placement_known.load(std::sync::atomic::Ordering::Acquire).then(|| self.assigned(se))
     }
 
     /// The virtual services placed on an SE.
@@ -146,6 +154,16 @@ impl Engines {
         let vs: Vec<Value> = self.assigned(se).iter().map(|v| json!(refs::canonical(VS_KIND, v))).collect();
         out.insert("vs_refs".into(), Value::Array(vs));
         out
+    }
+
+    /// Whether every SE that may serve has reported since the controller started, or the
+    /// time for it to do so has passed.
+    fn heard_from_all(&self, candidates: &[placement::Candidate]) -> bool {
+        if self.started.elapsed() > self.settings.down_after {
+            return true;
+        }
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        candidates.iter().filter(|c| c.keeps).all(|c| live.contains_key(&c.uuid))
     }
 
     fn last_seen(&self, se: &str) -> Instant {
@@ -622,7 +640,11 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
             .await?;
     }
     // What agents report they serve counts as placed, so a restarted controller keeps the
-    // placement the data plane already has.
+    // placement the data plane already has: until every SE it believes up has reported (or
+    // could have), it places nothing rather than move what runs.
+    if !engines.heard_from_all(&candidates) {
+        return Ok(());
+    }
     let current = {
         let placed = engines.placed.lock().unwrap_or_else(|e| e.into_inner());
         let mut current = placed.by_vs.clone();
@@ -651,6 +673,7 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
             tracing::debug!(virtual_services = next.len(), "placement changed");
         }
         *placed = Placed { by_vs: next, by_se: next_by_se };
+        engines.placement_known.store(true, std::sync::atomic::Ordering::Release);
         moved
     };
     for se in moved {
