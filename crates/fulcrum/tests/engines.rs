@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::packages::{BIN, Packages};
+use common::packages::{BIN, Packages, upload};
 use common::{Api, Controller, Launch, shell, temp_dir, try_start};
 use serde_json::{Value, json};
 
@@ -338,17 +338,9 @@ fn slot_json(agent_dir: &Path, slot: &str) -> Value {
     serde_json::from_slice(&fs::read(agent_dir.join("slots").join(slot).join("slot.json")).unwrap()).unwrap()
 }
 
-fn upload(api: &Api, path: &Path) -> String {
-    let boundary = "----engines-test";
-    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.pkg\"\r\n\r\n")
-        .into_bytes();
-    body.extend(fs::read(path).unwrap());
-    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let r = api.clone().header("Content-Type", &format!("multipart/form-data; boundary={boundary}")).send(
-        "POST",
-        "/api/image",
-        Some(&body),
-    );
+/// Uploads a package; returns the image's uuid.
+fn upload_image(api: &Api, path: &Path) -> String {
+    let r = upload(api, path);
     assert_eq!(r.status, 201, "{}", r.error());
     r.json()["uuid"].as_str().unwrap().to_string()
 }
@@ -389,9 +381,9 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
         ],
     );
     let tampered = pkgs.with_se("tampered.pkg", "30.2.4", "9300", &[("etc/version", "30.2.4\n")]);
-    let good_image = upload(&api, &good);
-    let sick_image = upload(&api, &sick);
-    let tampered_image = upload(&api, &tampered);
+    let good_image = upload_image(&api, &good);
+    let sick_image = upload_image(&api, &sick);
+    let tampered_image = upload_image(&api, &tampered);
 
     let (_, token) = token(&api, "Default-Group");
     let agent_dir = work.path().join("se1");

@@ -5,35 +5,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::packages::{Packages, fulcrum, sha256_file};
+use common::packages::{Packages, fulcrum, multipart, sha256_file, upload, upload_bytes};
 use common::{Api, Controller, Launch, PASSWORD, Resp, shell, start, temp_dir, try_start};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-fn multipart(field: &str, filename: &str, data: &[u8]) -> (String, Vec<u8>) {
-    let boundary = "----fulcrum-test-boundary-7c2f";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(data);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-fn upload_bytes(api: &Api, data: &[u8]) -> Resp {
-    let (content_type, body) = multipart("file", "package.pkg", data);
-    api.clone().header("Content-Type", &content_type).send("POST", "/api/image", Some(&body))
-}
-
-fn upload(api: &Api, path: &Path) -> Resp {
-    upload_bytes(api, &std::fs::read(path).unwrap())
-}
 
 fn images(api: &Api) -> Vec<Value> {
     api.object("/api/image?page_size=200")["results"].as_array().unwrap().clone()

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use super::temp_dir;
+use super::{Api, Resp, temp_dir};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
 
@@ -145,4 +145,26 @@ impl Packages {
         ]);
         out
     }
+}
+
+/// Uploads: the multipart body `curl -F` sends.
+pub fn multipart(field: &str, filename: &str, data: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "----fulcrum-test-boundary-7c2f";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+pub fn upload_bytes(api: &Api, data: &[u8]) -> Resp {
+    let (content_type, body) = multipart("file", "package.pkg", data);
+    api.clone().header("Content-Type", &content_type).send("POST", "/api/image", Some(&body))
+}
+
+pub fn upload(api: &Api, path: &Path) -> Resp {
+    upload_bytes(api, &std::fs::read(path).unwrap())
 }
