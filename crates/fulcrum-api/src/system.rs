@@ -90,6 +90,7 @@ pub async fn metrics(State(_app): State<Arc<App>>) -> Response {
     crate::images::UPLOAD_BYTES.render(&mut out);
     crate::images::UPLOADS.render(&mut out);
     crate::images::UPLOADS_IN_FLIGHT.render(&mut out);
+    crate::engines::render_metrics(&mut out);
     let mut response = out.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response

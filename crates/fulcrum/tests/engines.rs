@@ -152,6 +152,10 @@ fn three_agents_join_heartbeat_go_down_come_back_and_are_cut_off() {
         assert_eq!(se["license_state"], "LICENSE_STATE_LICENSED");
     }
     assert_eq!(api.object(&format!("/api/sejointoken/{token_uuid}"))["joined"], 3);
+    let metrics = || Api::new(&c.url).get("/metrics").body;
+    wait_for("the SE gauge", Duration::from_secs(5), || {
+        metrics().contains("fulcrum_service_engines_up 3").then_some(())
+    });
     // Heartbeats keep arriving.
     let first = ses[0]["last_heartbeat"].as_str().unwrap().to_string();
     wait_for("a newer heartbeat", Duration::from_secs(5), || {

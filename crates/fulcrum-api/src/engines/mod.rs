@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use axum::response::Response;
+use fulcrum_metrics::Gauge;
 use fulcrum_schema::{Registry, TypeDef, normalize, refs};
 use fulcrum_se_protocol::{Facts, Step};
 use fulcrum_store::{Catalogue, Stored, Txn};
@@ -37,6 +38,18 @@ const GROUP_KIND: &str = "serviceenginegroup";
 /// Install events kept per SE (the oldest go first).
 const MAX_EVENTS: usize = 50;
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+
+pub static SES_UP: Gauge = Gauge::new("fulcrum_service_engines_up", "Service engines whose heartbeats arrive.");
+pub static SES_DOWN: Gauge = Gauge::new("fulcrum_service_engines_down", "Service engines marked down.");
+pub static VS_UNPLACED: Gauge =
+    Gauge::new("fulcrum_virtualservices_unplaced", "Enabled virtual services with fewer SEs than they ask for.");
+
+/// Renders this module's metrics.
+pub fn render_metrics(out: &mut String) {
+    for gauge in [&SES_UP, &SES_DOWN, &VS_UNPLACED] {
+        gauge.render(out);
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -627,6 +640,9 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
                 (g.uuid.clone(), limits)
             })
             .collect();
+        let up_now = up.values().filter(|u| **u).count() as i64;
+        SES_UP.set(up_now);
+        SES_DOWN.set(up.len() as i64 - up_now);
         (changes, candidates, demands, groups)
     };
     if !changes.is_empty() {
@@ -662,6 +678,9 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
         current
     };
     let next = placement::place(&groups, &candidates, &demands, &current);
+    let wanted = |d: &placement::Demand| groups.get(&d.group).map_or(1, |g| g.min_scaleout_per_vs);
+    let short = demands.iter().filter(|d| next.get(&d.uuid).map_or(0, Vec::len) < wanted(d)).count();
+    VS_UNPLACED.set(short as i64);
     let next_by_se = placement::by_se(&next);
     let moved: Vec<String> = {
         let mut placed = engines.placed.lock().unwrap_or_else(|e| e.into_inner());
