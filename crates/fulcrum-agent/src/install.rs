@@ -4,12 +4,12 @@
 //! failure before the switch leaves the SE as it was.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fulcrum_package::{ComponentRole, Manifest, PackageKind, SE_ROOT, TrustedKeys, Verified, unpack, verify};
+use fulcrum_package::{Side, TrustedKeys, fill_slot, verify};
 use fulcrum_se_protocol::Step;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -69,35 +69,6 @@ fn failed(message: impl Into<String>) -> AgentError {
     AgentError::Install(message.into())
 }
 
-/// The packages whose SE payloads make up the new slot, in the order they are laid down:
-/// (offset in the file, length, manifest).
-fn layers(verified: &Verified) -> Result<Vec<(u64, u64, Manifest)>, AgentError> {
-    let whole = |v: &Verified| (0, v.size, v.manifest.clone());
-    if verified.manifest.kind == PackageKind::Bundle {
-        let base = verified.component(ComponentRole::Base).ok_or_else(|| failed("the bundle has no base image"))?;
-        let mut out = vec![(base.offset, base.size, base.package.manifest.clone())];
-        if let Some(patch) = verified.component(ComponentRole::SePatch) {
-            out.push((patch.offset, patch.size, patch.package.manifest.clone()));
-        }
-        return Ok(out);
-    }
-    Ok(vec![whole(verified)])
-}
-
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if entry.file_type()?.is_file() {
-            fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
-
 /// Runs a hook of a slot with the slot as its working directory.
 pub fn run_hook(slot: &Path, hook: &str, version: &str) -> Result<(), AgentError> {
     let path = slot.join(hook);
@@ -149,58 +120,34 @@ pub fn prepare(request: &Request<'_>, report: Report<'_>) -> Result<SlotInfo, Ag
     }
     let mut file = fs::File::open(request.package).map_err(AgentError::Io)?;
     let verified = verify(&mut file, request.keys, &mut |_| {}).map_err(|e| failed(format!("package refused: {e}")))?;
-    let layers = layers(&verified)?;
     let active = SlotInfo::read(request.active).ok_or_else(|| failed("the active slot has no slot.json"))?;
-    let first = &layers[0].2;
-    if first.se_image.is_none() {
-        return Err(failed(format!("{} carries no SE image", request.image_name)));
-    }
-    let patch_only = first.is_patch();
-    if patch_only && first.version != active.version {
-        return Err(failed(format!("the patch is for version {}, this SE runs {}", first.version, active.version)));
-    }
-    let needed = layers.iter().map(|l| l.2.requirements.se_free_disk_bytes).max().unwrap_or(0);
+    let needed = verified.manifest.requirements.se_free_disk_bytes;
     if request.free_disk_bytes < needed {
         return Err(failed(format!(
             "the image needs {needed} bytes free on the SE, {} are free",
             request.free_disk_bytes
         )));
     }
-
     report(Step::Unpacking, 0, format!("into {}", request.spare.display()));
-    let spare = request.spare;
-    if spare.exists() {
-        fs::remove_dir_all(spare).map_err(AgentError::Io)?;
+    let running = (active.version.as_str(), active.build, active.patch_version.as_deref());
+    let installed = fill_slot(&mut file, &verified, Side::Se, running, request.active, request.spare)
+        .map_err(|e| failed(e.to_string()))?;
+    let _ = fs::remove_file(request.spare.join(SLOT_FILE));
+    if let Some(pre) = &installed.pre_install {
+        report(Step::PreInstall, 0, pre.clone());
+        run_hook(request.spare, pre, &installed.version)?;
     }
-    if patch_only {
-        // A patch changes some files of the running version: start from a copy of it.
-        copy_tree(request.active, spare).map_err(AgentError::Io)?;
-        let _ = fs::remove_file(spare.join(SLOT_FILE));
-    }
-    fs::create_dir_all(spare).map_err(AgentError::Io)?;
-    let mut info = if patch_only { active.clone() } else { SlotInfo { patch_version: None, ..active.clone() } };
-    for (offset, length, manifest) in &layers {
-        let Some(payload) = &manifest.se_image else { continue };
-        file.seek(SeekFrom::Start(*offset)).map_err(AgentError::Io)?;
-        unpack(&mut (&mut file).take(*length), manifest, SE_ROOT, spare).map_err(|e| failed(format!("unpack: {e}")))?;
-        let relative =
-            |hook: &Option<String>| hook.as_ref().and_then(|h| h.strip_prefix(&payload.root)).map(String::from);
-        if !manifest.is_patch() {
-            info.version = manifest.version.clone();
-            info.build = manifest.build;
-        }
-        if manifest.is_patch() {
-            info.patch_version = manifest.patch_version.clone();
-        }
-        if let Some(pre) = relative(&payload.pre_install) {
-            report(Step::PreInstall, 0, pre.clone());
-            run_hook(spare, &pre, &manifest.version)?;
-        }
-        info.post_install = relative(&payload.post_install).or(info.post_install.take().filter(|_| patch_only));
-        info.health_check = relative(&payload.health_check).or(info.health_check.take().filter(|_| patch_only));
-    }
-    info.image = Some(request.image_name.to_string());
-    crate::write_json(&spare.join(SLOT_FILE), &info)?;
+    // A patch without hooks of its own keeps those of the release it patches.
+    let patched = installed.version == active.version && installed.build == active.build;
+    let info = SlotInfo {
+        version: installed.version,
+        build: installed.build,
+        patch_version: installed.patch_version,
+        image: Some(request.image_name.to_string()),
+        post_install: installed.post_install.or(active.post_install.clone().filter(|_| patched)),
+        health_check: installed.health_check.or(active.health_check.clone().filter(|_| patched)),
+    };
+    crate::write_json(&request.spare.join(SLOT_FILE), &info)?;
     Ok(info)
 }
 

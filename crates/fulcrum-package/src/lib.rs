@@ -7,6 +7,7 @@
 //! server.
 
 mod build;
+mod install;
 mod manifest;
 mod signing;
 mod unpack;
@@ -16,6 +17,7 @@ mod verify;
 mod tests;
 
 pub use build::{BuildSpec, HEALTH_CHECK_HOOK, POST_INSTALL_HOOK, PRE_INSTALL_HOOK, build, sign};
+pub use install::{Installed, Side, fill_slot};
 pub use manifest::{
     CONTROLLER_ROOT, Component, ComponentRole, FileEntry, MANIFEST_PATH, Manifest, PackageKind, Payload, Requirements,
     SE_ROOT, SIGNATURE_PATH, check_entry_path, compare_versions, is_sha256_hex, parse_patch_version, parse_version,
@@ -43,6 +45,9 @@ pub enum PackageError {
     Manifest(String),
     #[error("key: {0}")]
     Key(String),
+    /// A good package that does not fit where it is being installed.
+    #[error("{0}")]
+    NotApplicable(String),
     /// Reading or writing failed for a reason that is not the package's fault.
     #[error("{0}")]
     Io(#[from] std::io::Error),

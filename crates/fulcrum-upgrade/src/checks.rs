@@ -128,24 +128,43 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
     let ses = || groups(request, facts).flat_map(|g| g.ses.iter().map(move |s| (g, s)));
 
     // 1. Controller cluster readiness.
-    let (level, details) =
-        error_if(facts.cluster_problem.iter().cloned().collect(), "The controller cluster is ready (1 of 1 nodes up, leader known).");
-    out.push("SYSERR_CHECK_CLUSTER_STATE", "Check Controller Cluster readiness for upgrade operations.", level, details);
+    let (level, details) = error_if(
+        facts.cluster_problem.iter().cloned().collect(),
+        "The controller cluster is ready (1 of 1 nodes up, leader known).",
+    );
+    out.push(
+        "SYSERR_CHECK_CLUSTER_STATE",
+        "Check Controller Cluster readiness for upgrade operations.",
+        level,
+        details,
+    );
 
     // 2. A recent configuration backup.
     let backup = match facts.backup_age_secs {
-        None => vec!["No configuration backup exists: take one (POST /api/configuration/backup) before upgrading.".into()],
+        None => {
+            vec!["No configuration backup exists: take one (POST /api/configuration/backup) before upgrading.".into()]
+        }
         Some(age) if age > BACKUP_MAX_AGE_SECS => {
-            vec![format!("The latest configuration backup is {} hours old: take a new one before upgrading.", age / 3600)]
+            vec![format!(
+                "The latest configuration backup is {} hours old: take a new one before upgrading.",
+                age / 3600
+            )]
         }
         Some(_) => vec![],
     };
     let (level, details) = warning_if(backup, "A configuration backup from the last 24 hours exists.");
-    out.push("SYSERR_CHECK_BACKUP", "Check and inform user to take a backup prior to upgrade operations.", level, details);
+    out.push(
+        "SYSERR_CHECK_BACKUP",
+        "Check and inform user to take a backup prior to upgrade operations.",
+        level,
+        details,
+    );
 
     // 3. SELinux.
     let selinux = match facts.selinux.as_deref() {
-        Some("enforcing") => vec!["SELinux is enforcing on the controller node: the new version's files may be denied.".into()],
+        Some("enforcing") => {
+            vec!["SELinux is enforcing on the controller node: the new version's files may be denied.".into()]
+        }
         _ => vec![],
     };
     let state = facts.selinux.clone().unwrap_or_else(|| "not enabled".into());
@@ -163,7 +182,9 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
     let held: Vec<String> = groups(request, facts)
         .filter_map(|g| match (request.ops, &g.held_by, g.suspended) {
             (Ops::SegroupResume, _, true) => None,
-            (Ops::SegroupResume, _, false) => Some(format!("SE group '{}' is not suspended: there is nothing to resume.", g.name)),
+            (Ops::SegroupResume, _, false) => {
+                Some(format!("SE group '{}' is not suspended: there is nothing to resume.", g.name))
+            }
             (_, Some(op), _) => Some(format!("SE group '{}' has an ongoing operation: {op}.", g.name)),
             (_, None, _) => None,
         })
@@ -185,10 +206,17 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
     );
 
     // 7. SE reachability.
-    let unreachable: Vec<String> =
-        ses().filter(|(_, s)| !s.up).map(|(g, s)| format!("SE '{}' of SE group '{}' is not reachable (down).", s.name, g.name)).collect();
+    let unreachable: Vec<String> = ses()
+        .filter(|(_, s)| !s.up)
+        .map(|(g, s)| format!("SE '{}' of SE group '{}' is not reachable (down).", s.name, g.name))
+        .collect();
     let (level, details) = error_if(unreachable, "Every SE taking part is reachable.");
-    out.push("SYSERR_CHECK_SE_REACHABILITY", "Check ServiceEngine reachability for upgrade operations.", level, details);
+    out.push(
+        "SYSERR_CHECK_SE_REACHABILITY",
+        "Check ServiceEngine reachability for upgrade operations.",
+        level,
+        details,
+    );
 
     // 8. SE disk space.
     let se_need = request.se_image.as_ref().map_or(0, |i| i.se_free_disk_bytes.max(1) + i.size);
@@ -206,20 +234,38 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
     };
     let (level, details) = error_if(
         (facts.controller_free_disk_bytes < ctl_need)
-            .then(|| format!("The controller has {} bytes free, the image needs {ctl_need}.", facts.controller_free_disk_bytes))
+            .then(|| {
+                format!(
+                    "The controller has {} bytes free, the image needs {ctl_need}.",
+                    facts.controller_free_disk_bytes
+                )
+            })
             .into_iter()
             .collect(),
         format!("The controller has {} bytes free (needs {ctl_need}).", facts.controller_free_disk_bytes),
     );
-    out.push("SYSERR_CHECK_CLUSTER_DISK_SPACE", "Check Controller Cluster disk space for upgrade operations.", level, details);
+    out.push(
+        "SYSERR_CHECK_CLUSTER_DISK_SPACE",
+        "Check Controller Cluster disk space for upgrade operations.",
+        level,
+        details,
+    );
 
     // 10. Virtual services the operation would disrupt.
     let disrupted = disrupted_virtual_services(request, facts);
     let (level, details) = warning_if(
-        disrupted.iter().map(|(g, vs)| format!("Virtual service '{vs}' of SE group '{g}' will be disrupted.")).collect(),
+        disrupted
+            .iter()
+            .map(|(g, vs)| format!("Virtual service '{vs}' of SE group '{g}' will be disrupted."))
+            .collect(),
         "No virtual service will be disrupted.",
     );
-    out.push("SYSERR_CHECK_VS_DISRUPUTION", "Check and inform Virtual Service(s) disruption for upgrade operations.", level, details);
+    out.push(
+        "SYSERR_CHECK_VS_DISRUPUTION",
+        "Check and inform Virtual Service(s) disruption for upgrade operations.",
+        level,
+        details,
+    );
 
     // 11. Idempotence: nodes already where the operation takes them.
     let (level, details) = idempotence(request, facts);
@@ -227,7 +273,12 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
 
     // 12. At most two active versions afterwards.
     let (level, details) = active_versions(request, facts);
-    out.push("SYSERR_CHECK_ACTIVE_VERSIONS", "Check active versions compatibility for upgrade operations.", level, details);
+    out.push(
+        "SYSERR_CHECK_ACTIVE_VERSIONS",
+        "Check active versions compatibility for upgrade operations.",
+        level,
+        details,
+    );
 
     // 13. SE group error recovery options.
     let recovery = match request.action_on_error {
@@ -249,10 +300,17 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
     let missing: Vec<String> = [&request.controller_image, &request.se_image]
         .into_iter()
         .flatten()
-        .flat_map(|i| i.missing_on.iter().map(move |node| format!("Image '{}' is missing or damaged on {node}.", i.name)))
+        .flat_map(|i| {
+            i.missing_on.iter().map(move |node| format!("Image '{}' is missing or damaged on {node}.", i.name))
+        })
         .collect();
     let (level, details) = error_if(missing, "The image is present and whole on every cluster member.");
-    out.push("SYSERR_CHECK_IMAGE_AVAILABILITY", "Check Image state across Cluster members for upgrade operations.", level, details);
+    out.push(
+        "SYSERR_CHECK_IMAGE_AVAILABILITY",
+        "Check Image state across Cluster members for upgrade operations.",
+        level,
+        details,
+    );
 
     // 15. Patches in an image bundle, and patches that carry what they are asked for.
     let (level, details) = patch_in_bundle(request);
@@ -269,10 +327,16 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
         )]
     };
     let (level, details) = warning_if(gslb, "GSLB is not configured.");
-    out.push("SYSERR_GSLB_FEATURE_CHECK", "Checks if Gslb Feature is enabled and provides feature specific messages.", level, details);
+    out.push(
+        "SYSERR_GSLB_FEATURE_CHECK",
+        "Checks if Gslb Feature is enabled and provides feature specific messages.",
+        level,
+        details,
+    );
 
     // 17. The system configuration.
-    let (level, details) = error_if(facts.config_problems.clone(), "The configuration validates under the new version.");
+    let (level, details) =
+        error_if(facts.config_problems.clone(), "The configuration validates under the new version.");
     out.push("SYSERR_CONFIGURATION_CHECK", "Checks the system configuration.", level, details);
 
     // 18. Open alerts.
@@ -293,12 +357,21 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
         .filter(|i| !i.cloud_types.is_empty())
         .flat_map(|i| {
             facts.clouds.iter().filter(|(_, t)| !i.cloud_types.contains(t)).map(move |(name, t)| {
-                format!("Cloud '{name}' is of type {t}, which {} does not support ({}).", i.name, i.cloud_types.join(", "))
+                format!(
+                    "Cloud '{name}' is of type {t}, which {} does not support ({}).",
+                    i.name,
+                    i.cloud_types.join(", ")
+                )
             })
         })
         .collect();
     let (level, details) = error_if(unsupported, "Every cloud's type is supported by the new version.");
-    out.push("SYSERR_CHECK_CLOUD_COMPATIBILITY", "Checks if the cloud api versions are compatible after upgrade.", level, details);
+    out.push(
+        "SYSERR_CHECK_CLOUD_COMPATIBILITY",
+        "Checks if the cloud api versions are compatible after upgrade.",
+        level,
+        details,
+    );
 
     // 20. Docker version.
     let (level, details) = docker(request, facts);
@@ -313,8 +386,12 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
                 facts.controller_address
             )],
         ),
-        Some(false) => (Level::Success, vec![format!("The controller address {} is static.", facts.controller_address)]),
-        None => (Level::Success, vec![format!("The controller address {} is not DHCP-assigned.", facts.controller_address)]),
+        Some(false) => {
+            (Level::Success, vec![format!("The controller address {} is static.", facts.controller_address)])
+        }
+        None => {
+            (Level::Success, vec![format!("The controller address {} is not DHCP-assigned.", facts.controller_address)])
+        }
     };
     out.push("SYSERR_IP_TYPE_CHECK", "Checks if configured IP type is DHCP or STATIC.", level, details);
 
@@ -331,7 +408,10 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
 
 fn version_level(request: &Request, facts: &Facts) -> (Level, Vec<String>) {
     let mut problems = Vec::new();
-    let mut check_node = |who: &str, running: Option<&Version>, previous: Option<&Version>, image: Option<&ImageFacts>| {
+    let mut check_node = |who: &str,
+                          running: Option<&Version>,
+                          previous: Option<&Version>,
+                          image: Option<&ImageFacts>| {
         let Some(running) = running else {
             problems.push(format!("{who} has not reported its version."));
             return;
@@ -367,18 +447,32 @@ fn version_level(request: &Request, facts: &Facts) -> (Level, Vec<String>) {
             Ops::Rollback | Ops::Rollbackpatch => match previous {
                 None => problems.push(format!("{who} has no previous version to roll back to.")),
                 Some(p) if request.ops == Ops::Rollbackpatch && (!p.same_base(running) || running.patch.is_none()) => {
-                    problems.push(format!("{who} runs {}; its previous version {} is not the same release without the patch.", running.label(), p.label()));
+                    problems.push(format!(
+                        "{who} runs {}; its previous version {} is not the same release without the patch.",
+                        running.label(),
+                        p.label()
+                    ));
                 }
                 Some(_) => {}
             },
         }
     };
     if request.controller {
-        check_node("The controller", Some(&facts.controller), facts.controller_previous.as_ref(), request.controller_image.as_ref());
+        check_node(
+            "The controller",
+            Some(&facts.controller),
+            facts.controller_previous.as_ref(),
+            request.controller_image.as_ref(),
+        );
     }
     for g in groups(request, facts) {
         for se in &g.ses {
-            check_node(&format!("SE '{}'", se.name), se.running.as_ref(), se.previous.as_ref(), request.se_image.as_ref());
+            check_node(
+                &format!("SE '{}'", se.name),
+                se.running.as_ref(),
+                se.previous.as_ref(),
+                request.se_image.as_ref(),
+            );
         }
     }
     // SEs never run a newer release than the controller will.
@@ -458,7 +552,9 @@ fn active_versions(request: &Request, facts: &Facts) -> (Level, Vec<String>) {
     };
     match (&request.controller_image, request.controller, request.ops) {
         (Some(i), true, Ops::Upgrade | Ops::Patch) => add(i.target.clone()),
-        (_, true, Ops::Rollback | Ops::Rollbackpatch) => add(facts.controller_previous.clone().unwrap_or(facts.controller.clone())),
+        (_, true, Ops::Rollback | Ops::Rollbackpatch) => {
+            add(facts.controller_previous.clone().unwrap_or(facts.controller.clone()))
+        }
         _ => add(facts.controller.clone()),
     }
     for g in &facts.groups {
@@ -476,7 +572,14 @@ fn active_versions(request: &Request, facts: &Facts) -> (Level, Vec<String>) {
     }
     let labels: Vec<String> = versions.iter().map(Version::label).collect();
     if versions.len() > 2 {
-        (Level::Error, vec![format!("The operation would leave {} versions active ({}); at most two may be.", versions.len(), labels.join(", "))])
+        (
+            Level::Error,
+            vec![format!(
+                "The operation would leave {} versions active ({}); at most two may be.",
+                versions.len(),
+                labels.join(", ")
+            )],
+        )
     } else {
         (Level::Success, vec![format!("Active versions afterwards: {}.", labels.join(", "))])
     }
@@ -490,7 +593,11 @@ fn patch_in_bundle(request: &Request) -> (Level, Vec<String>) {
             if image.bundle_patches.is_empty() {
                 details.push(format!("Bundle {} carries no patch.", image.name));
             } else {
-                details.push(format!("Bundle {} carries {}; they are applied with it.", image.name, image.bundle_patches.join(", ")));
+                details.push(format!(
+                    "Bundle {} carries {}; they are applied with it.",
+                    image.name,
+                    image.bundle_patches.join(", ")
+                ));
             }
         }
     }
@@ -512,15 +619,20 @@ fn patch_in_bundle(request: &Request) -> (Level, Vec<String>) {
 }
 
 fn docker(request: &Request, facts: &Facts) -> (Level, Vec<String>) {
-    let Some(image) = request.controller_image.as_ref().filter(|i| request.controller && i.kind == "controller_docker") else {
+    let Some(image) = request.controller_image.as_ref().filter(|i| request.controller && i.kind == "controller_docker")
+    else {
         return (Level::Success, vec!["No Docker-based controller image takes part.".into()]);
     };
     let needed = image.docker_version.clone().unwrap_or_default();
     match &facts.controller_docker_version {
-        None => (Level::Error, vec![format!("{} is for a Docker-based controller; this controller does not run in Docker.", image.name)]),
-        Some(have) if fulcrum_package::compare_versions(have, &needed) == Some(Ordering::Less) => {
-            (Level::Error, vec![format!("{} needs Docker {needed} or newer; the controller runs under Docker {have}.", image.name)])
-        }
+        None => (
+            Level::Error,
+            vec![format!("{} is for a Docker-based controller; this controller does not run in Docker.", image.name)],
+        ),
+        Some(have) if fulcrum_package::compare_versions(have, &needed) == Some(Ordering::Less) => (
+            Level::Error,
+            vec![format!("{} needs Docker {needed} or newer; the controller runs under Docker {have}.", image.name)],
+        ),
         Some(have) => (Level::Success, vec![format!("Docker {have} (needs {needed}).")]),
     }
 }

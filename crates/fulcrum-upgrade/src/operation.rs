@@ -8,8 +8,13 @@ use crate::checks::CheckResult;
 use crate::{ActionOnError, Ops, Version};
 
 /// The controller's steps, by the product's task names.
-pub const CONTROLLER_STEPS: [&str; 5] =
-    ["COPY_AND_VERIFY_IMAGE", "INSTALL_IMAGE", "MIGRATE_CONFIG", "START_PRIMARY_CONTROLLER", "SET_CONTROLLER_UPGRADE_COMPLETED"];
+pub const CONTROLLER_STEPS: [&str; 5] = [
+    "COPY_AND_VERIFY_IMAGE",
+    "INSTALL_IMAGE",
+    "MIGRATE_CONFIG",
+    "START_PRIMARY_CONTROLLER",
+    "SET_CONTROLLER_UPGRADE_COMPLETED",
+];
 /// The step that restarts the controller into its new slot.
 pub const RESTART_STEP: usize = 3;
 
@@ -181,9 +186,18 @@ impl GroupRun {
                     if in_flight > 0 {
                         return GroupAction::Wait;
                     }
-                    let done: Vec<usize> =
-                        self.ses.iter().enumerate().filter(|(_, s)| s.state == SeState::Completed).map(|(i, _)| i).collect();
-                    return if done.is_empty() { GroupAction::Finish(GroupState::Error) } else { GroupAction::RollBack(done) };
+                    let done: Vec<usize> = self
+                        .ses
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.state == SeState::Completed)
+                        .map(|(i, _)| i)
+                        .collect();
+                    return if done.is_empty() {
+                        GroupAction::Finish(GroupState::Error)
+                    } else {
+                        GroupAction::RollBack(done)
+                    };
                 }
             }
         }

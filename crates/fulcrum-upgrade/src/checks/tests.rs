@@ -122,7 +122,14 @@ fn versions_downgrade_min_version_patches_and_active_versions() {
     // A patch for another release.
     let mut patch = image("30.2.2", 9100, "se_patch");
     patch.target.patch = Some("2p1".into());
-    let request = Request { ops: Ops::Patch, controller: false, groups: vec!["g1".into()], controller_image: None, se_image: Some(patch), ..system_upgrade(image("1", 1, "x")) };
+    let request = Request {
+        ops: Ops::Patch,
+        controller: false,
+        groups: vec!["g1".into()],
+        controller_image: None,
+        se_image: Some(patch),
+        ..system_upgrade(image("1", 1, "x"))
+    };
     assert_eq!(state_of(&run(&request, &facts()), "SYSERR_CHECK_VERSION_COMPATIBILITY"), Level::Error);
 
     // Three releases at once: controller 30.2.2, g1 on 30.2.1, g2 on 30.2.0.
