@@ -50,6 +50,8 @@ pub struct App {
     pub images: crate::images::Images,
     pub role: crate::cluster::NodeRole,
     pub engines: crate::engines::Engines,
+    pub upgrade: crate::upgrade::Upgrades,
+    pub data_dir: std::path::PathBuf,
 }
 
 impl App {
@@ -125,6 +127,12 @@ enum Route<'a> {
     UploadSession(&'a str),
     UploadSessionComplete(&'a str),
     LicenseUsage,
+    UpgradeOp(crate::upgrade::Which, bool),
+    UpgradeStatusInfo(Option<&'a str>),
+    UpgradeStatusSummary,
+    Backups,
+    Backup(&'a str),
+    ConfigExport,
     SeAgentJoin,
     SeAgentPoll,
     SeAgentEvent,
@@ -152,6 +160,17 @@ impl<'a> Route<'a> {
             ["image-upload", id] => Route::UploadSession(id),
             ["image-upload", id, "complete"] => Route::UploadSessionComplete(id),
             ["licenseusage"] => Route::LicenseUsage,
+            ["upgradestatusinfo"] => Route::UpgradeStatusInfo(None),
+            ["upgradestatusinfo", uuid] => Route::UpgradeStatusInfo(Some(uuid)),
+            ["upgradestatussummary"] => Route::UpgradeStatusSummary,
+            ["configuration", "backup"] => Route::Backups,
+            ["configuration", "backup", name] => Route::Backup(name),
+            ["configuration", "export"] => Route::ConfigExport,
+            [first @ ("upgrade" | "patch" | "rollback" | "rollbackpatch" | "segroup"), ..] => {
+                let (which, preview) = crate::upgrade::Which::parse(segments)?;
+                let _ = first;
+                Route::UpgradeOp(which, preview)
+            }
             ["se-agent", "join"] => Route::SeAgentJoin,
             ["se-agent", "poll"] => Route::SeAgentPoll,
             ["se-agent", "event"] => Route::SeAgentEvent,
@@ -189,6 +208,15 @@ impl<'a> Route<'a> {
             Route::UploadSession(_) => "/api/image-upload/{id}".into(),
             Route::UploadSessionComplete(_) => "/api/image-upload/{id}/complete".into(),
             Route::LicenseUsage => "/api/licenseusage".into(),
+            Route::UpgradeOp(which, preview) => {
+                format!("/api/{}{}", which.path(), if *preview { "/preview" } else { "" })
+            }
+            Route::UpgradeStatusInfo(None) => "/api/upgradestatusinfo".into(),
+            Route::UpgradeStatusInfo(Some(_)) => "/api/upgradestatusinfo/{uuid}".into(),
+            Route::UpgradeStatusSummary => "/api/upgradestatussummary".into(),
+            Route::Backups => "/api/configuration/backup".into(),
+            Route::Backup(_) => "/api/configuration/backup/{name}".into(),
+            Route::ConfigExport => "/api/configuration/export".into(),
             Route::SeAgentJoin => "/api/se-agent/join".into(),
             Route::SeAgentPoll => "/api/se-agent/poll".into(),
             Route::SeAgentEvent => "/api/se-agent/event".into(),
@@ -454,7 +482,22 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
     }
     let is_image = |t: &TypeDef| t.path == crate::images::KIND;
     let is = |t: &TypeDef, kind: &str| t.path == kind;
+    let config_write =
+        matches!(route, Route::Collection(_) | Route::Object(..) | Route::Singleton(_) | Route::ObjectAction(..))
+            && !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if config_write {
+        app.upgrade.refuse_config_write()?;
+    }
     match (route, method) {
+        (Route::UpgradeOp(which, preview), Method::POST) => {
+            crate::upgrade::operate(app, &ctx, which, preview, &body).await
+        }
+        (Route::UpgradeStatusInfo(uuid), Method::GET) => crate::upgrade::status_info(app, &ctx, uuid),
+        (Route::UpgradeStatusSummary, Method::GET) => crate::upgrade::status_summary(app, &ctx),
+        (Route::Backups, Method::POST) => crate::upgrade::backup::create(app, &ctx).await,
+        (Route::Backups, Method::GET) => crate::upgrade::backup::index(app, &ctx),
+        (Route::Backup(name), Method::GET) => crate::upgrade::backup::download(app, &ctx, name),
+        (Route::ConfigExport, Method::GET) => crate::upgrade::backup::export_now(app, &ctx),
         (Route::LicenseUsage, Method::GET) => Ok(crate::engines::license_usage(app)),
         (Route::Collection(t), Method::POST) if is(t, crate::engines::TOKEN_KIND) => {
             crate::engines::create_token(app, &ctx, &body).await
@@ -483,7 +526,7 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
             Err(crate::images::refuse_edit(method.as_str()))
         }
         (Route::ClusterRuntime, Method::GET) => Ok(system::cluster_runtime(app)),
-        (Route::ClusterVersion, Method::GET) => Ok(system::cluster_version()),
+        (Route::ClusterVersion, Method::GET) => Ok(system::cluster_version(app)),
         (Route::OpenApi, Method::GET) => Ok(system::openapi()),
         (Route::UserAccount, Method::GET) => system::get_user_account(app, &ctx),
         (Route::UserAccount, Method::PUT) => system::put_user_account(app, &ctx, &body).await,

@@ -17,6 +17,7 @@ pub mod objects;
 pub mod server;
 pub mod system;
 pub mod tls;
+pub mod upgrade;
 pub mod version;
 
 pub use error::ApiError;

@@ -53,6 +53,21 @@ fn check_data_dir(config: &ServeConfig) -> Result<(), ServeError> {
         .map_err(|e| err(format!("is not writable: {e}")))
 }
 
+/// The listening socket handed over by the process this one replaced (an upgrade's restart).
+fn inherited_listener() -> Option<TcpListener> {
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::env::var(crate::upgrade::slots::LISTEN_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: only this process's parent set the variable, for a descriptor it left open
+    // across exec; nothing else in this process owns it.
+    unsafe { std::env::remove_var(crate::upgrade::slots::LISTEN_FD_ENV) };
+    if fd < 0 {
+        return None;
+    }
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    std_listener.set_nonblocking(true).ok()?;
+    TcpListener::from_std(std_listener).ok()
+}
+
 /// Runs the controller until `shutdown` completes, then drains open connections.
 pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     check_data_dir(&config)?;
@@ -77,15 +92,23 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         );
     }
     let images = crate::images::Images::open(&config.data_dir, &config.trusted_keys).map_err(ServeError::Images)?;
+    let upgrade = crate::upgrade::Upgrades::open(&config.data_dir, &store.read()).map_err(ServeError::Images)?;
     images.recover(&store).await.map_err(ServeError::Images)?;
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| ServeError::Bind {
-        addr: config.listen,
-        message: if e.kind() == std::io::ErrorKind::AddrInUse {
-            "the address is already in use".into()
-        } else {
-            e.to_string()
-        },
-    })?;
+    let listener = match inherited_listener() {
+        Some(listener) => listener,
+        None => TcpListener::bind(config.listen).await.map_err(|e| ServeError::Bind {
+            addr: config.listen,
+            message: if e.kind() == std::io::ErrorKind::AddrInUse {
+                "the address is already in use".into()
+            } else {
+                e.to_string()
+            },
+        })?,
+    };
+    {
+        use std::os::fd::AsRawFd;
+        crate::upgrade::slots::remember_listener(listener.as_raw_fd());
+    }
     let local = listener.local_addr().map_err(|e| ServeError::Bind { addr: config.listen, message: e.to_string() })?;
     let acceptor = if config.plain_http {
         None
@@ -105,6 +128,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         images,
         role: crate::cluster::NodeRole::Leader,
         engines: crate::engines::Engines::new(config.engines.clone()),
+        upgrade,
+        data_dir: config.data_dir.clone(),
     });
     {
         let cat = app.store.read();
@@ -114,6 +139,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     }
     let merger = tokio::spawn(asyncpatch::run_timer(app.clone()));
     let engine_loop = tokio::spawn(crate::engines::run(app.clone()));
+    let upgrader = tokio::spawn(crate::upgrade::run(app.clone()));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("fulcrum listening on {scheme}://{local}");
@@ -188,6 +214,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     sweeper.abort();
     merger.abort();
     engine_loop.abort();
+    upgrader.abort();
     tracing::info!("shutting down: draining connections");
     tokio::select! {
         () = graceful.shutdown() => {},

@@ -50,7 +50,7 @@ pub fn initial_data(app: &App) -> Response {
             "sso": false,
             "sso_logged_in": false,
             "banner": "",
-            "version": version::info(),
+            "version": version::info(&app.upgrade.slots.running()),
             "up_since": now_secs(app.started_at),
         }),
     )
@@ -62,7 +62,7 @@ pub fn cluster_runtime(app: &App) -> Response {
     json_response(
         StatusCode::OK,
         &json!({
-            "node_info": {"cluster_uuid": cluster_uuid(app), "mgmt_ip": ip, "uuid": format!("node-{ip}"), "version": version::tag()},
+            "node_info": {"cluster_uuid": cluster_uuid(app), "mgmt_ip": ip, "uuid": format!("node-{ip}"), "version": app.upgrade.slots.running().tag},
             "cluster_state": {"state": "CLUSTER_UP_NO_HA", "up_since": up_since, "progress": 100},
             "node_states": [{"name": ip, "mgmt_ip": ip, "role": "CLUSTER_LEADER", "state": "CLUSTER_ACTIVE", "up_since": up_since}],
             "service_states": [],
@@ -70,8 +70,8 @@ pub fn cluster_runtime(app: &App) -> Response {
     )
 }
 
-pub fn cluster_version() -> Response {
-    json_response(StatusCode::OK, &version::info())
+pub fn cluster_version(app: &App) -> Response {
+    json_response(StatusCode::OK, &version::info(&app.upgrade.slots.running()))
 }
 
 pub fn openapi() -> Response {
@@ -167,7 +167,7 @@ pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
         drop(cat);
         let body = json!({
             "user_initialized": true,
-            "version": version::info(),
+            "version": version::info(&app.upgrade.slots.running()),
             "user": user_json(&app, &base, &principal),
             "tenants": tenants,
             "system_config": system_config,

@@ -11,22 +11,23 @@ pub const BUILD: u64 = 9001;
 /// Build date of the base version, in the tag's `YYYYMMDD.HHMMSS` form.
 pub const BUILD_DATE: &str = "20261101.000000";
 
-/// `30.2.1-9001-20261101.000000`.
-pub fn tag() -> String {
-    format!("{VERSION}-{BUILD}-{BUILD_DATE}")
-}
+pub use fulcrum_package::tag_of;
 
-/// The `version` object of `/login`, `/api/initial-data` and `/api/cluster/version`.
-pub fn info() -> Value {
-    json!({
-        "Version": VERSION,
-        "build": BUILD,
-        "Tag": tag(),
-        "Date": "2026-11-01T00:00:00+00:00",
+/// The `version` object of `/login`, `/api/initial-data` and `/api/cluster/version`: what the
+/// controller runs (its active slot).
+pub fn info(running: &crate::upgrade::slots::SlotInfo) -> Value {
+    let mut out = json!({
+        "Version": running.version,
+        "build": running.build,
+        "Tag": running.tag,
         "min_version": 15.2,
         "ProductName": "Fulcrum Controller",
         "Product": "controller",
-    })
+    });
+    if let Some(p) = &running.patch {
+        out["patch"] = json!(p);
+    }
+    out
 }
 
 /// RFC 3339 in UTC with microseconds, as the controller prints times.

@@ -984,6 +984,21 @@ fn object_schemas() -> Vec<ObjectSchema> {
                     .default(60)
                     .describe("Minutes a finished async PATCH request's status is kept."),
                 f("api_idle_timeout", int(0, 43200)).default(15).describe("Minutes an idle session lives."),
+                f("upgrade_concurrent_segroups", int(1, 1000))
+                    .default(1)
+                    .describe("SE groups an upgrade operation works on at once."),
+                f("upgrade_se_batch_size", int(1, 1000))
+                    .default(1)
+                    .describe("SEs of a group upgraded at once (rolling)."),
+                f("upgrade_se_timeout", int(10, 86400))
+                    .default(600)
+                    .describe("Seconds an SE has to finish its install before it counts as failed."),
+                f("upgrade_vs_move_timeout", int(1, 3600))
+                    .default(30)
+                    .describe("Seconds to wait for an SE's virtual services to move before it is upgraded anyway."),
+                f("upgrade_max_alerts", int(0, 100000))
+                    .default(0)
+                    .describe("Open alerts above which the upgrade prechecks warn."),
                 f("api_perf_logging_threshold", int(10, U32_MAX)).default(10000),
                 f("default_minimum_api_timeout", int(60, 3600)).default(60),
                 f("allow_unauthenticated_apis", b()).default(false),

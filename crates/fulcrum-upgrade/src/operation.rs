@@ -20,6 +20,8 @@ pub const RESTART_STEP: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpState {
+    #[serde(rename = "UPGRADE_FSM_INIT")]
+    NotStarted,
     #[serde(rename = "UPGRADE_FSM_IN_PROGRESS")]
     InProgress,
     #[serde(rename = "UPGRADE_FSM_COMPLETED")]
@@ -28,11 +30,20 @@ pub enum OpState {
     Suspended,
     #[serde(rename = "UPGRADE_FSM_ERROR")]
     Error,
+    /// Refused: warnings and no skip_warnings.
+    #[serde(rename = "UPGRADE_PRE_CHECK_WARNING")]
+    PreCheckWarning,
+    /// Refused: a check failed with an error.
+    #[serde(rename = "UPGRADE_PRE_CHECK_ERROR")]
+    PreCheckError,
 }
 
 impl OpState {
     pub fn as_str(self) -> &'static str {
         match self {
+            OpState::NotStarted => "UPGRADE_FSM_INIT",
+            OpState::PreCheckWarning => "UPGRADE_PRE_CHECK_WARNING",
+            OpState::PreCheckError => "UPGRADE_PRE_CHECK_ERROR",
             OpState::InProgress => "UPGRADE_FSM_IN_PROGRESS",
             OpState::Completed => "UPGRADE_FSM_COMPLETED",
             OpState::Suspended => "UPGRADE_FSM_SUSPENDED",
@@ -100,6 +111,9 @@ pub struct SeRun {
     /// When the SE must have finished (unix seconds), once its install was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_unix: Option<u64>,
+    /// Its command takes it back (the group's action_on_error is ROLLBACK).
+    #[serde(default)]
+    pub rolling_back: bool,
     #[serde(default)]
     pub message: String,
 }
@@ -304,6 +318,7 @@ mod tests {
             to: None,
             command_id: None,
             deadline_unix: None,
+            rolling_back: false,
             message: String::new(),
         }
     }

@@ -89,6 +89,8 @@ pub struct Engines {
     live: Mutex<HashMap<String, Live>>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     placed: Mutex<Placed>,
+    /// SEs an upgrade is emptying: they keep and take no virtual service.
+    draining: Mutex<std::collections::HashSet<String>>,
     /// Set once a placement was computed since the start; until then agents keep what they serve.
     placement_known: std::sync::atomic::AtomicBool,
     reconcile: Notify,
@@ -102,6 +104,7 @@ impl Engines {
             live: Mutex::default(),
             wakers: Mutex::default(),
             placed: Mutex::default(),
+            draining: Mutex::default(),
             placement_known: std::sync::atomic::AtomicBool::new(false),
             reconcile: Notify::new(),
         }
@@ -114,6 +117,15 @@ impl Engines {
 
     fn wake(&self, se: &str) {
         self.waker(se).notify_one();
+    }
+
+    /// The SEs an upgrade is emptying now (replaces the previous set).
+    pub fn set_draining(&self, ses: std::collections::HashSet<String>) {
+        let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        if *draining != ses {
+            *draining = ses;
+            self.changed();
+        }
     }
 
     /// Asks the background loop to look at liveness, licenses and placement now.
@@ -423,13 +435,30 @@ pub async fn command(
     } else {
         None
     };
-    let se_name = find_visible(&app.store.read(), ctx, t, uuid)?.meta.name.clone().unwrap_or_default();
+    find_visible(&app.store.read(), ctx, t, uuid)?;
+    let stored = queue_command(app, uuid, operation, image).await?;
+    let cat = app.store.read();
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({"uuid": uuid, "install_status": stored.value.get("install_status").cloned().unwrap_or_default(), "url": format!("{}/api/{SE_KIND}/{uuid}", ctx.base_url), "name": cat.get(SE_KIND, uuid).and_then(|s| s.meta.name.clone())}),
+    ))
+}
+
+/// Stores a command for an SE (`SE_INSTALL` with an image (uuid, name), or `SE_ROLLBACK`) in
+/// its `install_status` and wakes its agent. Refused while the SE runs another command.
+pub async fn queue_command(
+    app: &App,
+    uuid: &str,
+    operation: &'static str,
+    image: Option<(String, String)>,
+) -> Result<Arc<Stored>, ApiError> {
     let se = uuid.to_string();
     let stored = app
         .store
         .write(move |txn| {
             let existing =
                 txn.get(SE_KIND, &se).ok_or_else(|| ApiError::not_found(format!("serviceengine '{se}' not found")))?;
+            let se_name = existing.meta.name.clone().unwrap_or_default();
             if let Some(step) = install_step(&existing.value)
                 && Step::parse(step).is_none_or(|s| !s.is_final())
             {
@@ -462,11 +491,7 @@ pub async fn command(
         })
         .await?;
     app.engines.wake(uuid);
-    let cat = app.store.read();
-    Ok(json_response(
-        StatusCode::ACCEPTED,
-        &json!({"uuid": uuid, "install_status": stored.value.get("install_status").cloned().unwrap_or_default(), "url": format!("{}/api/{SE_KIND}/{uuid}", ctx.base_url), "name": cat.get(SE_KIND, uuid).and_then(|s| s.meta.name.clone())}),
-    ))
+    Ok(stored)
 }
 
 /// An image an SE can install: uploaded completely, carrying an SE image.
@@ -610,7 +635,8 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
             .map(|(s, licensed)| {
                 let enable = s.value.get("enable_state").and_then(Value::as_str).unwrap_or("SE_STATE_ENABLED");
                 let restarting = install_step(&s.value).and_then(Step::parse).is_some_and(Step::is_disruptive);
-                let serviceable = up[s.uuid.as_str()] && *licensed && !restarting;
+                let draining = engines.draining.lock().unwrap_or_else(|e| e.into_inner()).contains(&s.uuid);
+                let serviceable = up[s.uuid.as_str()] && *licensed && !restarting && !draining;
                 placement::Candidate {
                     uuid: s.uuid.clone(),
                     name: s.meta.name.clone().unwrap_or_default(),

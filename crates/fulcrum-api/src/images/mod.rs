@@ -36,7 +36,6 @@ use crate::access::{ADMIN_TENANT, Level};
 use crate::app::{App, RequestContext};
 use crate::cluster::require_leader;
 use crate::error::ApiError;
-use crate::version;
 
 pub const KIND: &str = "image";
 const TMP_DIR: &str = "tmp";
@@ -220,12 +219,18 @@ fn require_image_write(app: &App, ctx: &RequestContext, what: &str) -> Result<()
 
 /// Versions that are running or kept, each with who runs or keeps it: the controller's
 /// built-in version, and what every SE runs and keeps in its other slot.
-fn versions_in_use(cat: &fulcrum_store::Catalogue) -> Vec<(String, record::RunningVersion)> {
-    let mut out = vec![(
-        "the controller".into(),
-        record::RunningVersion { version: version::VERSION.into(), build: version::BUILD, patch: None },
-    )];
+fn versions_in_use(app: &App, cat: &fulcrum_store::Catalogue) -> Vec<(String, record::RunningVersion)> {
+    let as_running = |s: crate::upgrade::slots::SlotInfo| record::RunningVersion {
+        version: s.version,
+        build: s.build,
+        patch: s.patch,
+    };
+    let mut out = vec![("the controller".into(), as_running(app.upgrade.slots.running()))];
+    if let Some(previous) = app.upgrade.slots.previous() {
+        out.push(("the controller, kept for rollback".into(), as_running(previous)));
+    }
     out.extend(crate::engines::versions_in_use(cat));
+    out.extend(app.upgrade.images_in_use(cat));
     out
 }
 
@@ -238,7 +243,7 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestContext, uuid: &str) -> Result<
     let uuid = uuid.to_string();
     let (in_use, installing) = {
         let cat = app.store.read();
-        (versions_in_use(&cat), crate::engines::installing(&cat, &object_path(type_def(), &uuid)))
+        (versions_in_use(app, &cat), crate::engines::installing(&cat, &object_path(type_def(), &uuid)))
     };
     if let Some(se) = installing {
         return Err(ApiError::conflict(format!(
