@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod table;
+pub mod upgrade;
 pub mod upload;
 
 use std::path::PathBuf;
@@ -44,6 +45,12 @@ pub enum Command {
         kind: String,
         name: String,
     },
+    /// `upgrade|patch|rollback|rollbackpatch|resume ...`
+    Upgrade(upgrade::Operation),
+    /// `show upgrade status [detail]`
+    UpgradeStatus {
+        detail: bool,
+    },
     Help,
     Exit,
     Nothing,
@@ -62,12 +69,22 @@ Commands:
   upload image filename <path>
                          upload a package (resumable, with progress)
   delete <type> <name>   delete an object (delete image <name>)
+  upgrade system|controller image_ref <name> [skip_warnings]
+  upgrade segroup image_ref <name> se_group_refs <g>... [action_on_error <A>] [disruptive] [skip_warnings]
+  patch controller controller_patch_ref <name> [skip_warnings]
+  patch segroup se_patch_ref <name> se_group_refs <g>... [skip_warnings]
+  rollback|rollbackpatch system|controller|segroup [se_group_refs <g>...] [skip_warnings]
+  resume segroup se_group_refs <g>... [skip_warnings]
+                         upgrade operations: the checks' preview, then the start
+  show upgrade status [detail]
+                         where the controller and each SE group stand
   help                   this text
   exit | quit            leave the shell
 ";
 
 /// Words the first position accepts.
-const VERBS: &[&str] = &["show", "upload", "delete", "help", "exit", "quit"];
+const VERBS: &[&str] =
+    &["show", "upload", "delete", "upgrade", "patch", "rollback", "rollbackpatch", "resume", "help", "exit", "quit"];
 
 pub fn parse(line: &str) -> Result<Command, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -77,6 +94,14 @@ pub fn parse(line: &str) -> Result<Command, String> {
         ["exit"] | ["quit"] => Ok(Command::Exit),
         ["show", "pool-async", "status", id] => Ok(Command::AsyncStatus(id.to_string())),
         ["show", "pool-async", ..] => Err("usage: show pool-async status <patch_id>".into()),
+        ["show", "upgrade", "status"] => Ok(Command::UpgradeStatus { detail: false }),
+        ["show", "upgrade", "status", "detail"] => Ok(Command::UpgradeStatus { detail: true }),
+        ["show", "upgrade", ..] => Err("usage: show upgrade status [detail]".into()),
+        [verb @ ("upgrade" | "patch" | "rollback" | "rollbackpatch" | "resume"), rest @ ..] => {
+            let mut all = vec![*verb];
+            all.extend_from_slice(rest);
+            upgrade::parse(&all).map(Command::Upgrade)
+        }
         ["show", kind] => Ok(Command::Show { kind: kind.to_string(), name: None }),
         ["show", kind, name @ ..] => Ok(Command::Show { kind: kind.to_string(), name: Some(name.join(" ")) }),
         ["show"] => Err("show what? (show <type> [<name>])".into()),
@@ -103,6 +128,8 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
     match command {
         Command::Nothing | Command::Exit => Ok(String::new()),
         Command::Help => Ok(HELP.to_string()),
+        Command::Upgrade(op) => upgrade::execute(client, op),
+        Command::UpgradeStatus { detail } => upgrade::status(client, *detail),
         Command::AsyncStatus(id) => {
             let reply = client.get(&format!("pool-async/status/{id}")).map_err(|e| e.to_string())?;
             if reply.status == 200 { Ok(table::object(&reply.body)) } else { Err(error_text(&reply)) }

@@ -207,10 +207,13 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
     for se in cat.iter(SE_KIND) {
         let Some(i) = group_of(&se.value) else { continue };
         let v = &se.value;
+        // Up means heard from since this controller started (a restart forgets the rest).
+        let live = app.engines.live_fields(&se.uuid);
         groups[i].ses.push(SeFacts {
             uuid: se.uuid.clone(),
             name: se.meta.name.clone().unwrap_or_default(),
-            up: v.pointer("/oper_status/state").and_then(Value::as_str) == Some("OPER_UP"),
+            up: v.pointer("/oper_status/state").and_then(Value::as_str) == Some("OPER_UP")
+                && live.contains_key("last_heartbeat"),
             licensed: v.get("license_state").and_then(Value::as_str) == Some("LICENSE_STATE_LICENSED"),
             running: version_of_record(v),
             previous: v.get("previous_version").and_then(Value::as_str).and_then(Version::parse),

@@ -2,6 +2,7 @@
 //! to it.
 #![allow(dead_code)]
 
+pub mod agents;
 pub mod packages;
 
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,96 @@
+//! Real SE agent processes for tests, and waiting on the controller.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::packages::BIN;
+use super::{Api, Controller};
+
+pub struct Agent {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(c: &Controller, token: Option<&str>, dir: &Path, name: &str, extra: &[&str]) -> Agent {
+        fs::create_dir_all(dir).unwrap();
+        let log = dir.with_extension("log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["se-agent", "--controller", &c.url, "--name", name, "--data-dir"]).arg(dir).args(extra);
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        let out = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = cmd
+            .env("FULCRUM_LOG", "info")
+            .env_remove("FULCRUM_JOIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn agent");
+        Agent { child, dir: dir.to_path_buf(), log }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the agent to exit on its own.
+    pub fn exits(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent still running; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn credential(&self) -> String {
+        let identity: Value = serde_json::from_slice(&fs::read(self.dir.join("identity.json")).unwrap()).unwrap();
+        identity["credential"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn token(api: &Api, group: &str) -> (String, String) {
+    let r = api.post("/api/sejointoken", &json!({"se_group_ref": format!("/api/serviceenginegroup?name={group}")}));
+    assert_eq!(r.status, 201, "{}", r.error());
+    let body = r.json();
+    (body["uuid"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string())
+}
+
+pub fn se_by_name(api: &Api, name: &str) -> Option<Value> {
+    api.object(&format!("/api/serviceengine?name={name}"))["results"].as_array().unwrap().first().cloned()
+}
+
+pub fn state(se: &Value) -> &str {
+    se["oper_status"]["state"].as_str().unwrap_or_default()
+}
