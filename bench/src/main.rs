@@ -6,6 +6,7 @@
 mod asyncpatch;
 mod heartbeat;
 mod patch;
+mod upgrade;
 mod upload;
 
 use std::io::{BufRead, BufReader, Write};
@@ -41,6 +42,21 @@ enum Which {
     Upload(UploadArgs),
     /// SE heartbeats: controller CPU per 1,000 heartbeats/s, against etcd lease keepalives (issue 6).
     Heartbeat(HeartbeatArgs),
+    /// Upgrade orchestration: preview time and the overhead of a system upgrade of many SEs (issue 7).
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct UpgradeArgs {
+    /// Simulated SEs in all.
+    #[arg(long, default_value_t = 1000)]
+    ses: usize,
+    /// SE groups they are spread over.
+    #[arg(long, default_value_t = 50)]
+    groups: usize,
+    /// SE groups upgraded at once.
+    #[arg(long, default_value_t = 10)]
+    concurrent: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -286,12 +302,14 @@ fn main() {
         Some(Which::Async(args)) => asyncpatch::run(&cli.common, &args),
         Some(Which::Upload(args)) => upload::run_upload(&cli.common, &args),
         Some(Which::Heartbeat(args)) => heartbeat::run(&cli.common, &args),
+        Some(Which::Upgrade(args)) => upgrade::run(&cli.common, &args),
         None => {
             config(&cli.common, &defaults::<ConfigArgs>());
             patch::run(&cli.common, &defaults::<PatchArgs>());
             asyncpatch::run(&cli.common, &defaults::<AsyncArgs>());
             upload::run_upload(&cli.common, &defaults::<UploadArgs>());
             heartbeat::run(&cli.common, &defaults::<HeartbeatArgs>());
+            upgrade::run(&cli.common, &defaults::<UpgradeArgs>());
         }
     }
 }

@@ -296,7 +296,9 @@ impl Se {
                     "the new version did not reach the controller within its health timeout".into(),
                 );
             }
-            let request = PollRequest { facts: self.facts(&state), last_command: state.last_command };
+            // On trial, the new version wants to know at once that it reaches the controller.
+            let no_wait = state.trial.is_some();
+            let request = PollRequest { facts: self.facts(&state), last_command: state.last_command, no_wait };
             let answer = match self.channel.poll(&identity.credential, &request, interval) {
                 Ok(a) => a,
                 Err(AgentError::Refused(message)) => return Err(AgentError::Refused(message)),

@@ -61,6 +61,9 @@ pub struct PollRequest {
     /// The last command id the agent has taken on (so a command is delivered once).
     #[serde(default)]
     pub last_command: u64,
+    /// Answer at once instead of holding the poll (an agent confirming a new version).
+    #[serde(default)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

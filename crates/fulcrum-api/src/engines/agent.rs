@@ -235,7 +235,8 @@ pub async fn poll(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Respons
         }
         app.engines.changed();
     }
-    let deadline = Instant::now() + app.engines.settings.heartbeat_interval;
+    let hold = if request.no_wait { std::time::Duration::ZERO } else { app.engines.settings.heartbeat_interval };
+    let deadline = Instant::now() + hold;
     let waker = app.engines.waker(&se.uuid);
     loop {
         let notified = waker.notified();
@@ -293,6 +294,10 @@ pub async fn event(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Respon
         .await?;
     if step.is_disruptive() || step.is_final() {
         app.engines.changed();
+    }
+    if step.is_final() {
+        // An upgrade waiting on this SE goes on now rather than at its next tick.
+        app.upgrade.wake();
     }
     tracing::info!(se = %se.uuid, step = step.as_str(), %message, "install step");
     Ok(json_response(StatusCode::OK, &json!({})))
