@@ -424,3 +424,65 @@ fn kill_9_of_the_controller_in_its_own_step_and_in_the_se_step_and_the_upgrade_c
     // Nothing is left in progress, and configuration is open again.
     assert_eq!(api.post("/api/pool", &json!({"name": "after-upgrade"})).status, 201);
 }
+
+#[test]
+fn an_se_that_never_comes_back_fails_after_the_timeout_and_the_group_rolls_back() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let listen = free_listen();
+    let c = try_start(Launch { args: ENGINE_ARGS, listen: &listen, ..Launch::plain(data.path()) }).expect("starts");
+    let api = c.admin();
+    let r = api.send("PATCH", "/api/controllerproperties", Some(br#"{"replace": {"upgrade_se_timeout": 10}}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, t) = token(&api, "Default-Group");
+    let work = temp_dir();
+    let mut agents: Vec<(String, Agent)> = ["s1", "s2"]
+        .iter()
+        .map(|n| (n.to_string(), Agent::start(&c, Some(&t), &work.path().join(n), n, &[])))
+        .collect();
+    for n in ["s1", "s2"] {
+        wait_for("SEs up", Duration::from_secs(30), || se_by_name(&api, n).filter(|s| state(s) == "OPER_UP"));
+    }
+    let slow = [("etc/release", "slow\n"), ("hooks/health-check", "#!/bin/sh\nsleep 2\n")];
+    let image = upload(&api, &pkgs.with_se("slow.pkg", "30.2.2", "9100", &slow)).json();
+    let (status, started) = post(
+        &api,
+        "/api/upgrade",
+        json!({"image_ref": image["uuid"], "se_group_refs": ["/api/serviceenginegroup?name=Default-Group"],
+               "skip_warnings": true, "se_group_options": {"action_on_error": "ROLLBACK_UPGRADE_OPS_ON_ERROR"}}),
+    );
+    // SEs may not run past the controller: the controller goes first.
+    assert_eq!(status, 400, "{started}");
+    let (status, started) = post(&api, "/api/upgrade", json!({"image_ref": image["uuid"], "skip_warnings": true}));
+    assert_eq!(status, 200, "{started}");
+    settled(&api);
+    let (status, started) = post(
+        &api,
+        "/api/upgrade",
+        json!({"image_ref": image["uuid"], "se_group_refs": ["/api/serviceenginegroup?name=Default-Group"],
+               "skip_warnings": true, "se_group_options": {"action_on_error": "ROLLBACK_UPGRADE_OPS_ON_ERROR"}}),
+    );
+    assert_eq!(status, 200, "{started}");
+    // The second SE dies in the middle of its install and never comes back.
+    let victim = wait_for("one SE done, the other installing", Duration::from_secs(30), || {
+        let g = node(&api, "Default-Group");
+        let done = g["seg_status"]["se_upgrade_completed"].as_array().map_or(0, Vec::len);
+        let running = g["seg_status"]["se_upgrade_in_progress"][0].as_str().map(String::from);
+        running.filter(|_| done == 1)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, agent) = agents.iter_mut().find(|(n, _)| *n == victim).unwrap();
+    agent.kill9();
+    let group = wait_for("the group to give up and roll back", Duration::from_secs(60), || {
+        let g = node(&api, "Default-Group");
+        (g["state"]["state"] == "UPGRADE_FSM_ERROR").then_some(g)
+    });
+    assert_eq!(group["seg_status"]["se_upgrade_failed"], json!([victim]));
+    assert!(
+        group["seg_status"]["se_upgrade_errors"][0]["reason"][0].as_str().unwrap().contains("did not come back"),
+        "{group}"
+    );
+    let survivor = if victim == "s1" { "s2" } else { "s1" };
+    assert_eq!(group["seg_status"]["se_upgrade_completed"], json!([survivor]), "rolled back, counted as done");
+    assert_eq!(versions(&api, &[survivor]), ["30.2.1-9001"], "the upgraded SE was rolled back");
+}

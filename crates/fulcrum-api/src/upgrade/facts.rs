@@ -163,8 +163,20 @@ fn open_alerts(app: &App, cat: &Catalogue) -> Vec<String> {
 
 /// Measures everything the checks judge.
 pub async fn gather(app: &App, request: &Request) -> Facts {
-    // The controller cluster is ready when its store takes a durable write.
+    // The host's facts (files, `ip`, statvfs) are measured on a blocking thread while the store
+    // proves it takes a durable write (the controller cluster is ready when it does).
+    let (data_dir, ip) = (app.data_dir.clone(), app.listen.ip());
+    let host = tokio::task::spawn_blocking(move || {
+        (
+            backup::newest_age(&data_dir).map(|d| d.as_secs()),
+            selinux(),
+            crate::images::available_bytes(&data_dir).unwrap_or(0),
+            address_dynamic(ip),
+        )
+    });
     let probe = app.store.write(|_| Ok::<_, ApiError>(())).await;
+    let (backup_age_secs, selinux, controller_free_disk_bytes, address_dynamic) =
+        host.await.unwrap_or((None, None, 0, None));
     let cluster_problem =
         probe.err().map(|e| format!("the controller's store does not take writes: {}", ApiError::from(e).message));
     let running = app.upgrade.slots.running();
@@ -236,11 +248,11 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
         controller: running.version(),
         controller_previous: previous.map(|p| p.version()),
         cluster_problem,
-        backup_age_secs: backup::newest_age(&app.data_dir).map(|d| d.as_secs()),
-        selinux: selinux(),
+        backup_age_secs,
+        selinux,
         operation_in_progress,
         groups,
-        controller_free_disk_bytes: crate::images::available_bytes(&app.data_dir).unwrap_or(0),
+        controller_free_disk_bytes,
         gslb_services: cat.iter("gslbservice").map(|g| g.meta.name.clone().unwrap_or_default()).collect(),
         config_problems: config_problems(&cat),
         open_alerts: open_alerts(app, &cat),
@@ -259,7 +271,7 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
             .exists()
             .then(|| std::env::var("FULCRUM_DOCKER_VERSION").unwrap_or_default()),
         controller_address: app.listen.ip().to_string(),
-        address_dynamic: address_dynamic(app.listen.ip()),
+        address_dynamic,
     }
 }
 
