@@ -331,31 +331,7 @@ fn big_controller_package(pkgs: &Packages) -> std::path::PathBuf {
     fs::write(se.join("hooks/health-check"), "#!/bin/sh\nsleep 3\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(se.join("hooks/health-check"), fs::Permissions::from_mode(0o755)).unwrap();
-    let out = pkgs.path("big.pkg");
-    let key = pkgs.key();
-    common::packages::fulcrum(&[
-        "pkg",
-        "build",
-        "--kind",
-        "controller",
-        "--version",
-        "30.2.2",
-        "--build",
-        "9100",
-        "--date",
-        "20261122.101500",
-        "--min-version",
-        "30.1.1",
-        "--controller-dir",
-        dir.to_str().unwrap(),
-        "--se-dir",
-        se.to_str().unwrap(),
-        "--key",
-        &key,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    out
+    pkgs.controller_package("big.pkg", "30.2.2", "9100", &dir, &se)
 }
 
 fn events_of(node: &Value) -> Vec<(String, Option<bool>)> {

@@ -118,9 +118,14 @@ impl Packages {
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
             }
         }
+        self.controller_package(name, version, build, &self.path("controller"), &se)
+    }
+
+    /// A signed controller package of `version` from a controller and an SE payload directory.
+    pub fn controller_package(&self, name: &str, version: &str, build: &str, controller: &Path, se: &Path) -> PathBuf {
         let out = self.path(name);
         let key = self.key();
-        let controller = self.path("controller");
+        let (controller, se, target) = (controller.to_str().unwrap(), se.to_str().unwrap(), out.to_str().unwrap());
         fulcrum(&[
             "pkg",
             "build",
@@ -135,13 +140,13 @@ impl Packages {
             "--min-version",
             "30.1.1",
             "--controller-dir",
-            controller.to_str().unwrap(),
+            controller,
             "--se-dir",
-            se.to_str().unwrap(),
+            se,
             "--key",
             &key,
             "-o",
-            out.to_str().unwrap(),
+            target,
         ]);
         out
     }
