@@ -101,6 +101,9 @@ fn collect(dir: &Path, root: &str, out: &mut Vec<Source>) -> Result<(), PackageE
             .to_str()
             .ok_or_else(|| PackageError::UnsafePath(format!("{} is not a UTF-8 path", path.display())))?;
         let (sha256, size) = hash_file(&path)?;
+        // Hooks are run as programs: a hook file is executable whatever its mode on disk.
+        let is_hook = [PRE_INSTALL_HOOK, POST_INSTALL_HOOK, HEALTH_CHECK_HOOK].contains(&relative);
+        let mode = if is_hook { mode | 0o555 } else { mode };
         out.push(Source {
             from: path.clone(),
             entry: FileEntry { path: format!("{root}{relative}"), sha256, size, mode },

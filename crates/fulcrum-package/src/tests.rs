@@ -345,3 +345,14 @@ fn unpack_writes_one_payload_and_catches_a_change_after_verification() {
     let err = unpack(&mut Cursor::new(&changed), &verified.manifest, SE_ROOT, again.path()).unwrap_err();
     assert!(matches!(err, PackageError::HashMismatch(_)), "{err}");
 }
+
+#[test]
+fn hooks_are_packaged_executable() {
+    let f = Fixture::new();
+    let bytes = f.package(PackageKind::Controller);
+    let m = f.verify(&bytes).unwrap().manifest;
+    let hook = m.file("controller/hooks/pre-install").unwrap();
+    assert_eq!(hook.mode & 0o111, 0o111, "mode {:o}", hook.mode);
+    let plain = m.file("controller/etc/config").unwrap();
+    assert_eq!(plain.mode & 0o111, 0, "other files keep their mode");
+}

@@ -303,6 +303,27 @@ fn prechecks_system_upgrade_suspend_resume_one_group_alone_patch_and_rollbacks()
     let g2 = after.iter().find(|x| x["name"] == "G2").unwrap();
     let history: Vec<&str> = g2["history"].as_array().unwrap().iter().map(|h| h["ops"].as_str().unwrap()).collect();
     assert_eq!(&history[..3], ["ROLLBACK", "UPGRADE", "UPGRADE"], "{history:?}");
+
+    // An SE patch for the release G2 runs again, through the shell; then its rollback.
+    let se_patch = upload(&api, &pkgs.build("sp.pkg", "se_patch", "30.2.2", "9100", &[])).json();
+    let (out, _) = shell(&c, &format!("patch segroup se_patch_ref {} se_group_refs G2 skip_warnings", name(&se_patch)));
+    assert!(out.contains("SYSERR_PATCH_SEGROUP_STARTED"), "{out}");
+    settled(&api);
+    let patched: Vec<Value> = ["g1", "g2", "g3"].iter().map(|n| se_by_name(&api, n).unwrap()).collect();
+    assert!(patched.iter().all(|s| s["patch_version"] == "2p1" && s["version"] == "30.2.2"), "{patched:?}");
+    assert!(versions(&api, &["d1", "d2", "d3"]).iter().all(|v| v == "30.2.2-9100"), "Default-Group untouched");
+    let (status, started) = post(
+        &api,
+        "/api/rollbackpatch",
+        json!({"se_group_refs": ["/api/serviceenginegroup?name=G2"], "skip_warnings": true}),
+    );
+    assert_eq!(
+        (status, started["status_code"].as_str()),
+        (200, Some("SYSERR_ROLLBACKPATCH_SEGROUP_STARTED")),
+        "{started}"
+    );
+    settled(&api);
+    assert!(["g1", "g2", "g3"].iter().all(|n| se_by_name(&api, n).unwrap().get("patch_version").is_none()));
     let summary = get(&api, "/api/upgradestatussummary");
     assert_eq!(summary["count"], 3);
     let (detail, _) = shell(&c, "show upgrade status detail");
