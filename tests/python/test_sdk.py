@@ -225,6 +225,12 @@ def build_package(controller, kind, version, patch=None):
             "--key", controller.key + ".secret", "-o", out]
     if patch:
         args += ["--patch", patch]
+    if kind == "controller":
+        controller_dir = os.path.join(work, "controller", "bin")
+        os.makedirs(controller_dir)
+        with open(os.path.join(controller_dir, "fulcrum"), "w") as f:
+            f.write("#!/bin/sh\necho controller\n")
+        args += ["--controller-dir", os.path.dirname(controller_dir)]
     subprocess.run(args, check=True, capture_output=True)
     tag = "-".join([version, "9100"] + ([patch] if patch else []) + ["20261122.101500"])
     with open(out, "rb") as f:
@@ -298,3 +304,25 @@ def test_service_engines_through_the_sdk(controller, tmp_path):
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_upgrade_preview_and_status_through_the_sdk(controller):
+    api = session(controller)
+    path, tag, _ = build_package(controller, "controller", "30.2.7")
+    with open(path, "rb") as f:
+        assert api.post("image", files={"file": ("controller.pkg", f, "application/octet-stream")}).status_code == 201
+    preview = api.post("upgrade/preview", data={"image_ref": "/api/image?name=" + tag, "system": True})
+    assert preview.status_code == 200, preview.text
+    body = preview.json()
+    assert body["status_code"] == "SYSERR_UPGRADE_OPS_PREVIEW_RESPONSE"
+    assert len(body["checks"]) == 22
+    assert body["checks"][0]["description"] == "Check Controller Cluster readiness for upgrade operations."
+    # Without skip_warnings a warning (no backup yet) stops it, and the status says so.
+    refused = api.post("upgrade", data={"image_ref": "/api/image?name=" + tag, "system": True})
+    assert refused.status_code == 400, refused.text
+    nodes = api.get("upgradestatusinfo").json()["results"]
+    controller_node = [n for n in nodes if n["node_type"] == "NODE_CONTROLLER_CLUSTER"][0]
+    assert controller_node["state"]["state"] == "UPGRADE_PRE_CHECK_WARNING"
+    assert controller_node["version"] == "30.2.1-9001"
+    assert api.get("upgradestatussummary").json()["count"] == len(nodes)
+    assert api.delete_by_name("image", tag).status_code == 204
