@@ -77,6 +77,10 @@ struct UploadArgs {
     /// Size of the package's payload in MiB.
     #[arg(long, default_value_t = 2048)]
     mib: usize,
+    /// Rounds of the three peers, interleaved; the medians are compared (this machine's disk
+    /// and memory vary by 2x from one run to the next).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(clap::Args, Clone)]

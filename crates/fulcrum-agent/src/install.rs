@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use fulcrum_package::{Side, TrustedKeys, fill_slot, verify};
 use fulcrum_se_protocol::Step;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::AgentError;
 
@@ -56,13 +55,6 @@ pub struct Request<'a> {
     pub active: &'a Path,
     pub spare: &'a Path,
     pub free_disk_bytes: u64,
-}
-
-fn hash_file(path: &Path) -> Result<String, AgentError> {
-    let mut file = fs::File::open(path).map_err(AgentError::Io)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(AgentError::Io)?;
-    Ok(fulcrum_package::hex(&hasher.finalize()))
 }
 
 fn failed(message: impl Into<String>) -> AgentError {
@@ -111,7 +103,7 @@ pub fn run_hook(slot: &Path, hook: &str, version: &str) -> Result<(), AgentError
 /// The caller switches slots afterwards.
 pub fn prepare(request: &Request<'_>, report: Report<'_>) -> Result<SlotInfo, AgentError> {
     report(Step::Verifying, 0, format!("checking {}", request.image_name));
-    let got = hash_file(request.package)?;
+    let (got, _) = fulcrum_package::sha256_of_file(request.package).map_err(AgentError::Io)?;
     if !request.sha256.is_empty() && got != request.sha256 {
         return Err(failed(format!(
             "sha256 mismatch: the controller announced {}, the download is {got} (the image is damaged or was tampered with)",

@@ -95,6 +95,42 @@ impl Multipart {
         self.state == State::Done
     }
 
+    /// Like `feed`, but inside a part's data the chunk is not copied: its `Data` events are
+    /// slices of it. (Only the few bytes that might begin a delimiter are kept back.)
+    pub fn feed_bytes(&mut self, chunk: Bytes, out: &mut Vec<Event>) -> Result<(), String> {
+        let kept = self.buf.len();
+        let overlap = self.delimiter_len - 1;
+        if self.state != State::Body || chunk.len() < self.delimiter_len {
+            return self.feed(&chunk, out);
+        }
+        // A delimiter that starts in the kept bytes ends within the chunk's first `overlap`.
+        let mut seam = Vec::with_capacity(kept + overlap);
+        seam.extend_from_slice(&self.buf);
+        seam.extend_from_slice(&chunk[..overlap]);
+        if self.delimiter.find(&seam).is_some_and(|at| at < kept) {
+            return self.feed(&chunk, out);
+        }
+        if kept > 0 {
+            out.push(Event::Data(self.buf.split().freeze()));
+        }
+        match self.delimiter.find(&chunk) {
+            Some(at) => {
+                if at > 0 {
+                    out.push(Event::Data(chunk.slice(..at)));
+                }
+                out.push(Event::PartEnd);
+                self.state = State::AfterDelimiter;
+                self.feed(&chunk[at + self.delimiter_len..], out)
+            }
+            None => {
+                let safe = chunk.len() - overlap;
+                out.push(Event::Data(chunk.slice(..safe)));
+                self.buf.extend_from_slice(&chunk[safe..]);
+                Ok(())
+            }
+        }
+    }
+
     /// Feeds the next bytes of the body; appends what they complete to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<Event>) -> Result<(), String> {
         if self.state == State::Done {
@@ -215,12 +251,23 @@ mod tests {
         out
     }
 
-    /// Parses `input` fed in pieces of `step` bytes; returns each part's headers and data.
+    /// Parses `input` fed in pieces of `step` bytes, through `feed` and through `feed_bytes`
+    /// (which must agree); returns each part's headers and data.
     fn parse(boundary: &str, input: &[u8], step: usize) -> Vec<(PartHeaders, Vec<u8>)> {
+        let by_slice = parse_with(boundary, input, step, false);
+        assert_eq!(by_slice, parse_with(boundary, input, step, true), "feed_bytes disagrees, step {step}");
+        by_slice
+    }
+
+    fn parse_with(boundary: &str, input: &[u8], step: usize, zero_copy: bool) -> Vec<(PartHeaders, Vec<u8>)> {
         let mut parser = Multipart::new(boundary);
         let mut events = Vec::new();
         for piece in input.chunks(step) {
-            parser.feed(piece, &mut events).unwrap();
+            if zero_copy {
+                parser.feed_bytes(Bytes::copy_from_slice(piece), &mut events).unwrap();
+            } else {
+                parser.feed(piece, &mut events).unwrap();
+            }
         }
         parser.finish().unwrap();
         let mut parts: Vec<(PartHeaders, Vec<u8>)> = Vec::new();
@@ -240,13 +287,49 @@ mod tests {
         // Data that contains near-boundaries and CRLFs.
         let tricky = b"x\r\n--------------------------abc12\r\n-- \r\n\r\n--y".repeat(50);
         let input = body(boundary, &[("name", None, b"value"), ("file", Some("controller.pkg"), &tricky)]);
-        for step in [1, 2, 3, 7, 31, 64, 1000, input.len()] {
+        for step in [1, 2, 3, 7, 31, 32, 33, 34, 35, 64, 65, 1000, input.len()] {
             let parts = parse(boundary, &input, step);
             assert_eq!(parts.len(), 2, "step {step}");
             assert_eq!(parts[0].0.name.as_deref(), Some("name"));
             assert_eq!(parts[0].1, b"value");
             assert_eq!(parts[1].0, PartHeaders { name: Some("file".into()), filename: Some("controller.pkg".into()) });
             assert_eq!(parts[1].1, tricky, "step {step}");
+        }
+    }
+
+    /// Uneven pieces, so that delimiters fall across every kind of seam.
+    #[test]
+    fn uneven_pieces_agree() {
+        let boundary = "xyz";
+        let data = b"--xy\r\n--xy-\r\n--x\r\r\n--xyy\r\n-xyz\r\n".repeat(40);
+        let input = body(boundary, &[("file", Some("f"), &data), ("other", None, b"\r\n--xy")]);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200 {
+            let (mut parsers, mut events) = ([Multipart::new(boundary), Multipart::new(boundary)], [vec![], vec![]]);
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let n = (state % 23 + 1).min(rest.len() as u64) as usize;
+                parsers[0].feed(&rest[..n], &mut events[0]).unwrap();
+                parsers[1].feed_bytes(Bytes::copy_from_slice(&rest[..n]), &mut events[1]).unwrap();
+                rest = &rest[n..];
+            }
+            let joined = |events: &[Event]| {
+                let mut out: Vec<Vec<u8>> = Vec::new();
+                for e in events {
+                    match e {
+                        Event::Part(_) => out.push(Vec::new()),
+                        Event::Data(d) => out.last_mut().unwrap().extend_from_slice(d),
+                        Event::PartEnd => {}
+                    }
+                }
+                out
+            };
+            assert_eq!(joined(&events[1]), vec![data.clone(), b"\r\n--xy".to_vec()]);
+            assert_eq!(joined(&events[0]), joined(&events[1]));
+            assert!(parsers[0].is_done() && parsers[1].is_done());
         }
     }
 

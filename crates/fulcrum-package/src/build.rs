@@ -5,15 +5,14 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
+use crate::PackageError;
 use crate::manifest::{
     CONTROLLER_ROOT, Component, ComponentRole, FORMAT_VERSION, FileEntry, MANIFEST_PATH, Manifest, PackageKind,
     Payload, Requirements, SE_ROOT, SIGNATURE_PATH, tag_of,
 };
+use crate::sha256::sha256_of_file;
 use crate::signing::SecretKey;
 use crate::verify::read_head;
-use crate::{PackageError, hex};
 
 /// Hooks are found by name inside a payload directory.
 pub const PRE_INSTALL_HOOK: &str = "hooks/pre-install";
@@ -47,21 +46,6 @@ struct Source {
 
 fn io_at(path: &Path) -> impl Fn(io::Error) -> PackageError + '_ {
     move |e| PackageError::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
-}
-
-fn hash_file(path: &Path) -> Result<(String, u64), PackageError> {
-    let mut file = BufReader::with_capacity(1 << 20, File::open(path).map_err(io_at(path))?);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(io_at(path))?;
-        if n == 0 {
-            return Ok((hex(&hasher.finalize()), size));
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
 }
 
 #[cfg(unix)]
@@ -100,7 +84,7 @@ fn collect(dir: &Path, root: &str, out: &mut Vec<Source>) -> Result<(), PackageE
         let relative = relative
             .to_str()
             .ok_or_else(|| PackageError::UnsafePath(format!("{} is not a UTF-8 path", path.display())))?;
-        let (sha256, size) = hash_file(&path)?;
+        let (sha256, size) = sha256_of_file(&path).map_err(io_at(&path))?;
         // Hooks are run as programs: a hook file is executable whatever its mode on disk.
         let is_hook = [PRE_INSTALL_HOOK, POST_INSTALL_HOOK, HEALTH_CHECK_HOOK].contains(&relative);
         let mode = if is_hook { mode | 0o555 } else { mode };
@@ -159,7 +143,7 @@ pub fn build(spec: &BuildSpec, key: Option<&SecretKey>, out: &mut dyn Write) -> 
     let mut min_version = spec.min_version.clone();
     for (role, path) in &spec.components {
         let name = format!("{}.pkg", role.as_str());
-        let (sha256, size) = hash_file(path)?;
+        let (sha256, size) = sha256_of_file(path).map_err(io_at(path))?;
         if *role == ComponentRole::Base {
             let base = read_head(&mut File::open(path).map_err(io_at(path))?)?.manifest;
             if min_version.is_empty() {

@@ -9,6 +9,7 @@
 mod build;
 mod install;
 mod manifest;
+mod sha256;
 mod signing;
 mod unpack;
 mod verify;
@@ -23,9 +24,10 @@ pub use manifest::{
     SE_ROOT, SIGNATURE_PATH, check_entry_path, compare_versions, is_sha256_hex, parse_patch_version, parse_version,
     tag_of,
 };
+pub use sha256::sha256_of_file;
 pub use signing::{PublicKey, SecretKey, SignatureFile, TrustedKeys};
 pub use unpack::unpack;
-pub use verify::{HashingReader, Head, Verified, VerifiedComponent, read_head, verify};
+pub use verify::{Head, Verified, VerifiedComponent, read_head, verify};
 
 /// Everything that can be wrong with a package. Each variant's message says what, for the
 /// person who uploaded it.

@@ -179,7 +179,8 @@ fn a_bundle_verifies_its_components_and_locates_them() {
     let sp_bytes = std::fs::read(&sp).unwrap();
     let at = se.offset as usize;
     assert_eq!(&bytes[at..at + se.size as usize], &sp_bytes[..]);
-    assert_eq!(se.sha256, sha256_hex(&sp_bytes));
+    assert_eq!(se.package.sha256, sha256_hex(&sp_bytes));
+    assert_eq!(verified.sha256, sha256_hex(&bytes));
     assert_eq!(se.package.manifest.kind, PackageKind::SePatch);
     // A bundle whose base is a patch is refused when built and when verified.
     let mut wrong = fx.spec(PackageKind::Bundle);

@@ -4,17 +4,19 @@
 //! files. The signature is checked before any file is read, and each file is hashed as it
 //! streams past and compared with the manifest's hash.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::io::{self, Read};
+use std::rc::Rc;
 
-use sha2::{Digest, Sha256};
 use tar::EntryType;
 
+use crate::PackageError;
 use crate::manifest::{
     ComponentRole, MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest, PackageKind, SIGNATURE_PATH, check_entry_path,
 };
+use crate::sha256::{Sha256, update_pair};
 use crate::signing::TrustedKeys;
-use crate::{PackageError, hex};
 
 const BLOCK: u64 = 512;
 
@@ -28,6 +30,8 @@ pub struct Verified {
     pub components: Vec<VerifiedComponent>,
     /// Bytes of the archive, end-of-archive marker included.
     pub size: u64,
+    /// The sha256 of the archive (hex).
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone)]
@@ -37,7 +41,6 @@ pub struct VerifiedComponent {
     /// Where the component's bytes start inside the bundle, and how many there are.
     pub offset: u64,
     pub size: u64,
-    pub sha256: String,
 }
 
 impl Verified {
@@ -46,41 +49,52 @@ impl Verified {
     }
 }
 
-/// Counts (and optionally hashes) what is read through it.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Option<Sha256>,
+/// What the tar reader has pulled from the stream: a count and the archive's sha256. While a
+/// file's data passes (`in_file`), the verify loop hashes it into the archive's digest and the
+/// file's at once, so the reader leaves it alone. The tar reader reads an entry's data straight
+/// into the caller's buffer, so the loop sees exactly those bytes.
+#[derive(Default)]
+struct Seen {
     count: u64,
+    archive: Sha256,
+    in_file: bool,
 }
 
-impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Some(Sha256::new()), count: 0 }
-    }
-
-    fn counting(inner: R) -> Self {
-        HashingReader { inner, hasher: None, count: 0 }
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// The hex sha256 of everything read (empty for a counting-only reader).
-    pub fn finish(self) -> String {
-        self.hasher.map(|h| hex(&h.finalize())).unwrap_or_default()
-    }
+struct SeenReader<'a> {
+    inner: &'a mut dyn Read,
+    seen: Rc<RefCell<Seen>>,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl Read for SeenReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
+        let seen = &mut *self.seen.borrow_mut();
+        seen.count += n as u64;
+        if !seen.in_file {
+            seen.archive.update(&buf[..n]);
         }
-        self.count += n as u64;
         Ok(n)
     }
+}
+
+/// Reads a file's data to its end, hashing it into the archive's digest and its own.
+/// Returns how many bytes there were and the file's sha256.
+fn hash_entry(entry: &mut dyn Read, seen: &RefCell<Seen>, buf: &mut [u8]) -> io::Result<(u64, String)> {
+    let mut file = Sha256::new();
+    let mut count = 0u64;
+    seen.borrow_mut().in_file = true;
+    loop {
+        let n = match entry.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        update_pair(&mut seen.borrow_mut().archive, &mut file, &buf[..n]);
+        count += n as u64;
+    }
+    seen.borrow_mut().in_file = false;
+    Ok((count, file.finalize_hex()))
 }
 
 /// Reads to the end; returns how many bytes there were and whether all were zero.
@@ -192,8 +206,8 @@ fn verify_at_depth(
     on_manifest: &mut dyn FnMut(&Manifest),
     depth: u8,
 ) -> Result<Verified, PackageError> {
-    let mut counted = HashingReader::counting(reader);
-    let mut archive = tar::Archive::new(&mut counted);
+    let stream = Rc::new(RefCell::new(Seen::default()));
+    let mut archive = tar::Archive::new(SeenReader { inner: reader, seen: stream.clone() });
     let mut entries = archive.entries().map_err(|e| read_error(e, "the archive"))?;
     let manifest_bytes = read_manifest_entry(&mut entries)?;
     let signature = match entries.next() {
@@ -249,28 +263,22 @@ fn verify_at_depth(
         }
         let offset = entry.raw_file_position();
         data_end = offset + entry.size().div_ceil(BLOCK) * BLOCK;
-        let mut hashing = HashingReader::new(&mut entry);
-        let component = manifest.components.iter().find(|c| c.path == path);
-        let nested = match component {
-            Some(c) => Some((c.role, verify_at_depth(&mut hashing, keys, &mut |_| {}, depth + 1)?)),
-            None => None,
-        };
-        loop {
-            match hashing.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(read_error(e, &format!("'{path}'"))),
+        let (count, sha256, nested) = match manifest.components.iter().find(|c| c.path == path) {
+            // A component is a package: verifying it reads it to its end and hashes it.
+            Some(component) => {
+                let package = verify_at_depth(&mut entry, keys, &mut |_| {}, depth + 1)?;
+                (package.size, package.sha256.clone(), Some((component.role, package)))
             }
-        }
-        if hashing.count() < listed.size {
+            None => hash_entry(&mut entry, &stream, &mut buf)
+                .map(|(n, h)| (n, h, None))
+                .map_err(|e| read_error(e, &format!("'{path}'")))?,
+        };
+        if count < listed.size {
             return Err(PackageError::Truncated(format!(
-                "the archive ends inside '{path}' ({} of {} bytes)",
-                hashing.count(),
+                "the archive ends inside '{path}' ({count} of {} bytes)",
                 listed.size
             )));
         }
-        let sha256 = hashing.finish();
         if sha256 != listed.sha256 {
             return Err(PackageError::HashMismatch(format!(
                 "the sha256 of '{path}' is {sha256}, the manifest says {}",
@@ -279,7 +287,7 @@ fn verify_at_depth(
         }
         if let Some((role, package)) = nested {
             manifest.check_component(role, &package.manifest)?;
-            components.push(VerifiedComponent { role, package, offset, size: listed.size, sha256 });
+            components.push(VerifiedComponent { role, package, offset, size: listed.size });
         }
     }
     if let Some(missing) = manifest.files.iter().find(|f| !seen.contains(&f.path)) {
@@ -288,14 +296,15 @@ fn verify_at_depth(
             missing.path
         )));
     }
-    let counted = archive.into_inner();
-    let (rest, zeros) = drain(counted).map_err(PackageError::Io)?;
-    let size = counted.count();
+    let mut counted = archive.into_inner();
+    let (rest, zeros) = drain(&mut counted).map_err(PackageError::Io)?;
+    drop(counted);
+    let Seen { count: size, archive: digest, .. } = Rc::into_inner(stream).expect("the reader is gone").into_inner();
     if !zeros {
         return Err(PackageError::NotAPackage(format!("{rest} bytes of data follow the end of the archive")));
     }
     if size < data_end + 2 * BLOCK || !size.is_multiple_of(BLOCK) {
         return Err(PackageError::Truncated("the archive ends without its end-of-archive marker".into()));
     }
-    Ok(Verified { manifest, key_id, components, size })
+    Ok(Verified { manifest, key_id, components, size, sha256: digest.finalize_hex() })
 }

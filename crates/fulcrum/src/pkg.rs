@@ -230,13 +230,14 @@ pub fn run(command: PkgCommand) -> Result<(), String> {
                 .map_err(|e| format!("{}: {e}", package.display()))?;
             let m = &verified.manifest;
             println!(
-                "{}: OK: {} {} ({} files, {} bytes), signed by key {}",
+                "{}: OK: {} {} ({} files, {} bytes), signed by key {}, sha256 {}",
                 package.display(),
                 m.kind.as_str(),
                 m.tag,
                 m.files.len(),
                 verified.size,
-                verified.key_id
+                verified.key_id,
+                verified.sha256
             );
             for c in &verified.components {
                 println!("  {}: {} {}", c.role.as_str(), c.package.manifest.kind.as_str(), c.package.manifest.tag);

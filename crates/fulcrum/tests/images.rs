@@ -137,6 +137,7 @@ fn every_kind_and_a_composite_are_described_field_by_field() {
         bundle.to_str().unwrap(),
     ]);
     assert!(verified.contains("controller_patch: controller_patch 30.3.1-9310-2p1-20261122.101500"), "{verified}");
+    assert!(verified.contains(&format!("sha256 {}", sha256_file(&bundle))), "{verified}");
     let r = upload(&api, &bundle);
     assert_eq!(r.status, 201, "{}", r.body);
     let top = r.json();

@@ -10,6 +10,7 @@
 //!   chunks are durable) until they expire.
 //! - Only the leader writes (see [`crate::cluster::require_leader`]).
 
+mod direct;
 pub mod record;
 mod session;
 mod upload;
@@ -382,7 +383,6 @@ impl Staged {
         &mut self,
         uuid: &str,
         verified: &fulcrum_package::Verified,
-        hash: &str,
         staged_file: &Path,
         started: SystemTime,
     ) -> Result<Arc<fulcrum_store::Stored>, ApiError> {
@@ -394,15 +394,8 @@ impl Staged {
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::internal(format!("cannot publish the package file: {e}")))?;
         self.file = Some(target.clone());
-        let records = record::records_for(
-            verified,
-            uuid,
-            hash,
-            &file_name,
-            &target.to_string_lossy(),
-            started,
-            SystemTime::now(),
-        );
+        let records =
+            record::records_for(verified, uuid, &file_name, &target.to_string_lossy(), started, SystemTime::now());
         let mut prepared = Vec::with_capacity(records.len());
         for r in records {
             prepared.push((r.uuid, normalized(r.config)?, r.hidden));

@@ -189,7 +189,6 @@ pub struct NewRecord {
 pub fn records_for(
     verified: &Verified,
     uuid: &str,
-    hash: &str,
     file: &str,
     path: &str,
     started: SystemTime,
@@ -199,7 +198,7 @@ pub fn records_for(
     let m = &verified.manifest;
     let done = status_fields(COMPLETED, 100, started, Some(ended));
     let base = verified.component(ComponentRole::Base).map_or(m, |c| &c.package.manifest);
-    let mut top = image_config(m, base, Some(hash), path, verified.size);
+    let mut top = image_config(m, base, Some(&verified.sha256), path, verified.size);
     top.extend(done.clone());
     let mut records = Vec::new();
     for (role, ref_field, name_field) in [
@@ -211,7 +210,7 @@ pub fn records_for(
         top.insert(ref_field.into(), json!(refs::canonical(KIND, &part_uuid)));
         top.insert(name_field.into(), json!(part.package.manifest.tag));
         let pm = &part.package.manifest;
-        let mut config = image_config(pm, pm, Some(&part.sha256), path, part.size);
+        let mut config = image_config(pm, pm, Some(&part.package.sha256), path, part.size);
         config.extend(done.clone());
         let hidden = hidden_fields(pm, pm, file, part.offset, part.size, &part.package.key_id);
         records.push(NewRecord { uuid: part_uuid, config, hidden });

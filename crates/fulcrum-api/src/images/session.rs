@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use fulcrum_package::{HashingReader, PackageError, is_sha256_hex};
+use fulcrum_package::{PackageError, is_sha256_hex};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -321,9 +321,18 @@ pub async fn complete_session(
     let keys = app.images.trusted().clone();
     let source = part.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        let mut reader = HashingReader::new(BufReader::with_capacity(1 << 20, std::fs::File::open(&source)?));
-        let verified = fulcrum_package::verify(&mut reader, &keys, &mut |_| {});
-        Ok::<_, PackageError>((verified, reader.finish()))
+        let verified = fulcrum_package::verify(
+            &mut BufReader::with_capacity(1 << 20, std::fs::File::open(&source)?),
+            &keys,
+            &mut |_| {},
+        );
+        // Bytes that are not the package the client sent: say so, rather than what is wrong
+        // with them (hashing a refused package once more costs nothing that matters).
+        let hash = match &verified {
+            Ok(v) => v.sha256.clone(),
+            Err(_) => fulcrum_package::sha256_of_file(&source)?.0,
+        };
+        Ok::<_, PackageError>((verified, hash))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -335,7 +344,7 @@ pub async fn complete_session(
             "hash mismatch: the uploaded bytes have sha256 {hash}, the client says {digest}"
         ))),
         Ok((Err(e), _)) => Err(package_error(e)),
-        Ok((Ok(verified), hash)) => staged.publish(&meta.image_uuid, &verified, &hash, &part, meta.started()).await,
+        Ok((Ok(verified), _)) => staged.publish(&meta.image_uuid, &verified, &part, meta.started()).await,
     };
     // Published or refused, the session is over; a refused one leaves nothing behind.
     app.images.remove_session(id);

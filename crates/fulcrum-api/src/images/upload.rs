@@ -1,8 +1,9 @@
 //! `POST /api/image` (multipart, field `file`): the body streams through two threads at once,
-//! one writing and hashing the file, one verifying the package, and the record follows the
-//! upload from the moment its manifest is known.
+//! one writing the file, one verifying the package (which also yields its sha256), and the
+//! record follows the upload from the moment its manifest is known. (The hashing takes a core's
+//! full attention; on the writer's thread it would stall the disk.)
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,28 +15,83 @@ use axum::response::Response;
 use bytes::Buf;
 use fulcrum_package::{Manifest, PackageError, Verified};
 use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::direct::DirectWriter;
 use super::{IfGone, Staged, UPLOAD_BYTES, UPLOADS, UPLOADS_IN_FLIGHT, require_image_write};
 use crate::app::{App, DRAIN_LIMIT_BYTES, RequestContext, discard_body};
 use crate::error::ApiError;
 use crate::multipart::{self, Event, Multipart};
 
-/// Chunks queued for each of the two threads: bounds the memory an upload holds.
-const QUEUE_CHUNKS: usize = 32;
+/// Batches queued for each of the two threads: bounds the memory an upload holds.
+const QUEUE_BATCHES: usize = 8;
+/// Bytes gathered before the threads are woken: one wake per socket read would cost more
+/// in context switches than the copies saved by passing slices.
+const BATCH_BYTES: usize = 1 << 20;
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Slices of the file's bytes, shared by the two threads.
+type Batch = Arc<Vec<Bytes>>;
+
+/// The file's bytes on their way to the writer and the verifier, in batches.
+struct Fanout {
+    senders: Option<[mpsc::Sender<Batch>; 2]>,
+    batch: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl Fanout {
+    /// Queues a slice; false when a thread has given up (its error is the answer).
+    async fn push(&mut self, chunk: Bytes) -> bool {
+        if self.senders.is_none() {
+            return true;
+        }
+        self.bytes += chunk.len();
+        self.batch.push(chunk);
+        self.bytes < BATCH_BYTES || self.flush().await
+    }
+
+    async fn flush(&mut self) -> bool {
+        let Some(senders) = &self.senders else { return true };
+        if self.batch.is_empty() {
+            return true;
+        }
+        let batch: Batch = Arc::new(std::mem::take(&mut self.batch));
+        self.bytes = 0;
+        for sender in senders {
+            if sender.send(batch.clone()).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends what is gathered and lets the threads finish.
+    async fn close(&mut self) -> bool {
+        let sent = self.flush().await;
+        self.senders = None;
+        sent
+    }
+}
+
 /// The bytes of a channel as a `Read` (for the verifier thread).
 struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Batch>,
+    batch: Batch,
+    next: usize,
     current: Bytes,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
+            if let Some(chunk) = self.batch.get(self.next) {
+                self.current = chunk.clone();
+                self.next += 1;
+                continue;
+            }
             match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
+                Some(batch) => (self.batch, self.next) = (batch, 0),
                 None => return Ok(0),
             }
         }
@@ -46,24 +102,19 @@ impl Read for ChannelReader {
     }
 }
 
-/// Writes and hashes what arrives; fsyncs at the end. Returns the sha256 and the size.
-fn write_file(
-    file: std::fs::File,
-    mut rx: mpsc::Receiver<Bytes>,
-    written: Arc<AtomicU64>,
-) -> io::Result<(String, u64)> {
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut hasher = Sha256::new();
+/// Writes what arrives; fsyncs at the end.
+fn write_file(file: std::fs::File, mut rx: mpsc::Receiver<Batch>, written: Arc<AtomicU64>) -> io::Result<()> {
+    let mut out = DirectWriter::new(file);
     let mut total = 0u64;
-    while let Some(chunk) = rx.blocking_recv() {
-        hasher.update(&chunk);
-        out.write_all(&chunk)?;
-        total += chunk.len() as u64;
+    while let Some(batch) = rx.blocking_recv() {
+        for chunk in batch.iter() {
+            out.write(chunk)?;
+            total += chunk.len() as u64;
+        }
         written.store(total, Ordering::Relaxed);
     }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_data()?;
-    Ok((fulcrum_package::hex(&hasher.finalize()), total))
+    out.finish()?;
+    Ok(())
 }
 
 /// The answer for a failed write of a package file.
@@ -151,8 +202,8 @@ async fn receive(
     staged.file = Some(tmp.clone());
 
     let written = Arc::new(AtomicU64::new(0));
-    let (to_writer, writer_rx) = mpsc::channel::<Bytes>(QUEUE_CHUNKS);
-    let (to_verifier, verifier_rx) = mpsc::channel::<Bytes>(QUEUE_CHUNKS);
+    let (to_writer, writer_rx) = mpsc::channel::<Batch>(QUEUE_BATCHES);
+    let (to_verifier, verifier_rx) = mpsc::channel::<Batch>(QUEUE_BATCHES);
     let (manifest_tx, mut manifest_rx) = mpsc::unbounded_channel::<Manifest>();
     let writer = tokio::task::spawn_blocking({
         let written = written.clone();
@@ -160,13 +211,13 @@ async fn receive(
     });
     let keys = app.images.trusted().clone();
     let verifier = tokio::task::spawn_blocking(move || {
-        let mut reader = ChannelReader { rx: verifier_rx, current: Bytes::new() };
+        let mut reader = ChannelReader { rx: verifier_rx, batch: Batch::default(), next: 0, current: Bytes::new() };
         fulcrum_package::verify(&mut reader, &keys, &mut |m| {
             let _ = manifest_tx.send(m.clone());
         })
     });
 
-    let mut senders = Some((to_writer, to_verifier));
+    let mut fanout = Fanout { senders: Some([to_writer, to_verifier]), batch: Vec::new(), bytes: 0 };
     let mut parser = Multipart::new(boundary);
     let mut events = Vec::new();
     let (mut in_file, mut file_seen, mut stage_failed) = (false, false, false);
@@ -186,23 +237,17 @@ async fn receive(
             },
         };
         UPLOAD_BYTES.add(&["multipart"], data.len() as u64);
-        parser.feed(&data, &mut events).map_err(ApiError::bad_request)?;
+        parser.feed_bytes(data, &mut events).map_err(ApiError::bad_request)?;
         for event in events.drain(..) {
             match event {
                 Event::Part(h) => {
                     in_file = !file_seen && h.name.as_deref() == Some("file");
                     file_seen |= in_file;
                 }
-                Event::Data(chunk) if in_file => {
-                    if let Some((w, v)) = &senders
-                        && (w.send(chunk.clone()).await.is_err() || v.send(chunk).await.is_err())
-                    {
-                        stage_failed = true;
-                    }
-                }
+                Event::Data(chunk) if in_file => stage_failed |= !fanout.push(chunk).await,
                 Event::PartEnd if in_file => {
                     in_file = false;
-                    senders = None; // the file is complete: let both threads finish
+                    stage_failed |= !fanout.close().await; // the file is complete
                 }
                 _ => {}
             }
@@ -222,11 +267,14 @@ async fn receive(
             staged.show_progress(&uuid, m, total, progress.min(99), started, IfGone::Skip).await?;
         }
     }
-    drop(senders);
+    if !stage_failed {
+        fanout.close().await; // a body cut off inside the file: the verifier says how
+    }
+    drop(fanout);
     let verified = verifier.await.map_err(|e| ApiError::internal(format!("the verifier failed: {e}")))?;
     let stored = writer.await.map_err(|e| ApiError::internal(format!("the writer failed: {e}")))?;
     // A failed write is the cause even when the verifier then saw a short stream.
-    let (hash, _size) = stored.map_err(|e| write_error(&e))?;
+    stored.map_err(|e| write_error(&e))?;
     if !stage_failed {
         parser.finish().map_err(ApiError::bad_request)?;
         if !file_seen {
@@ -239,6 +287,6 @@ async fn receive(
     {
         staged.show_progress(&uuid, &m, length.unwrap_or(0), 0, started, IfGone::Create).await?;
     }
-    let published = staged.publish(&uuid, &verified, &hash, &tmp, started).await?;
+    let published = staged.publish(&uuid, &verified, &tmp, started).await?;
     Ok(super::created_response(app, ctx, &published))
 }
