@@ -328,6 +328,26 @@ fn prechecks_system_upgrade_suspend_resume_one_group_alone_patch_and_rollbacks()
     assert_eq!(summary["count"], 3);
     let (detail, _) = shell(&c, "show upgrade status detail");
     assert!(detail.contains("NODE_SE_GROUP") && detail.contains("seg_status"), "{detail}");
+
+    // Default-Group to the controller's version with CONTINUE_UPGRADE_OPS_ON_ERROR: d1 fails its
+    // health check, the group goes on with d2 and d3 and ends in error with d1 on its old version.
+    fs::write(fleet.dir("d1").join("fail-health"), b"").unwrap();
+    let (status, started) = post(
+        &api,
+        "/api/upgrade",
+        json!({"image_ref": name(&v223), "se_group_refs": ["/api/serviceenginegroup?name=Default-Group"],
+               "skip_warnings": true, "se_group_options": {"action_on_error": "CONTINUE_UPGRADE_OPS_ON_ERROR"}}),
+    );
+    assert_eq!((status, started["status_code"].as_str()), (200, Some("SYSERR_UPGRADE_SEGROUP_STARTED")), "{started}");
+    let after = settled(&api);
+    let default = after.iter().find(|x| x["name"] == "Default-Group").unwrap();
+    assert_eq!(default["state"]["state"], "UPGRADE_FSM_ERROR", "{default}");
+    assert_eq!(default["seg_status"]["se_upgrade_failed"], json!(["d1"]), "{default}");
+    let mut completed: Vec<&str> =
+        default["seg_status"]["se_upgrade_completed"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    completed.sort();
+    assert_eq!(completed, ["d2", "d3"], "{default}");
+    assert_eq!(versions(&api, &["d1", "d2", "d3"]), ["30.2.2-9100", "30.2.3-9200", "30.2.3-9200"]);
 }
 
 /// A package whose controller payload is large enough that its copy-and-verify step can be
