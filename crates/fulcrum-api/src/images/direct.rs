@@ -86,7 +86,7 @@ impl DirectWriter {
     }
 
     /// Writes what is left (the unaligned tail through the page cache) and fsyncs the data.
-    pub(super) fn finish(mut self) -> io::Result<File> {
+    pub(super) fn finish(mut self) -> io::Result<()> {
         let aligned = self.filled / ALIGN * ALIGN;
         if aligned > 0 {
             self.write_out(aligned)?;
@@ -98,8 +98,7 @@ impl DirectWriter {
             let tail = &self.buf[self.start + aligned..self.start + self.filled];
             (&self.file).write_all(tail)?;
         }
-        self.file.sync_data()?;
-        Ok(self.file)
+        self.file.sync_data()
     }
 }
 

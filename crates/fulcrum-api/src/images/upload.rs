@@ -113,8 +113,7 @@ fn write_file(file: std::fs::File, mut rx: mpsc::Receiver<Batch>, written: Arc<A
         }
         written.store(total, Ordering::Relaxed);
     }
-    out.finish()?;
-    Ok(())
+    out.finish()
 }
 
 /// The answer for a failed write of a package file.
