@@ -1,6 +1,7 @@
 """Starts a real `fulcrum serve` on an ephemeral 127.0.0.1 port for the SDK tests."""
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -8,7 +9,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BINARY = os.environ.get("FULCRUM_BIN", os.path.join(ROOT, "target", "debug", "fulcrum"))
+TARGET_DIR = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))  # join keeps an absolute one
+BINARY = os.environ.get("FULCRUM_BIN", os.path.join(TARGET_DIR, "debug", "fulcrum"))
 PASSWORD = "Adm1n-secret"
 
 # requests lets these variables override verify=False, which the SDK relies on for the
@@ -19,9 +21,13 @@ for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
 
 class Controller:
     def __init__(self, plain_http=False):
-        self.data_dir = tempfile.mkdtemp(prefix="fulcrum-sdk-")
+        # Everything this controller and its tests write lives under one folder, removed by stop().
+        self.scratch = tempfile.mkdtemp(prefix="fulcrum-sdk-")
+        self.data_dir = os.path.join(self.scratch, "data")
+        os.makedirs(self.data_dir)
         # A package signing key the controller trusts, for the image upload tests.
-        self.key_dir = tempfile.mkdtemp(prefix="fulcrum-sdk-keys-")
+        self.key_dir = os.path.join(self.scratch, "keys")
+        os.makedirs(self.key_dir)
         self.key = os.path.join(self.key_dir, "release")
         subprocess.run([BINARY, "pkg", "keygen", "--out", self.key], check=True, capture_output=True)
         os.makedirs(os.path.join(self.data_dir, "trusted-keys"))
@@ -44,11 +50,16 @@ class Controller:
                 break
         if self.url is None:
             self.proc.kill()
+            self.proc.wait(timeout=15)
+            shutil.rmtree(self.scratch, ignore_errors=True)
             raise RuntimeError("fulcrum did not start")
 
     def stop(self):
         self.proc.terminate()
-        self.proc.wait(timeout=15)
+        try:
+            self.proc.wait(timeout=15)
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -214,7 +214,7 @@ def build_package(controller, kind, version, patch=None):
     import subprocess
     import tempfile
 
-    work = tempfile.mkdtemp(prefix="fulcrum-sdk-pkg-")
+    work = tempfile.mkdtemp(prefix="pkg-", dir=controller.scratch)
     se = os.path.join(work, "se", "bin")
     os.makedirs(se)
     with open(os.path.join(se, "fulcrum-se"), "w") as f:

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::AgentError;
 
 pub const SLOT_FILE: &str = "slot.json";
-const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an install hook (pre-install, post-install) may run.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a slot holds, written last when it is filled (a slot without it is not installable).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,8 +62,9 @@ fn failed(message: impl Into<String>) -> AgentError {
     AgentError::Install(message.into())
 }
 
-/// Runs a hook of a slot with the slot as its working directory.
-pub fn run_hook(slot: &Path, hook: &str, version: &str) -> Result<(), AgentError> {
+/// Runs a hook of a slot with the slot as its working directory; it is killed, and fails, once
+/// it has run for `timeout`.
+pub fn run_hook(slot: &Path, hook: &str, version: &str, timeout: Duration) -> Result<(), AgentError> {
     let path = slot.join(hook);
     let mut child = Command::new(&path)
         .current_dir(slot)
@@ -78,10 +80,10 @@ pub fn run_hook(slot: &Path, hook: &str, version: &str) -> Result<(), AgentError
         if let Some(status) = child.try_wait().map_err(AgentError::Io)? {
             break status;
         }
-        if started.elapsed() > HOOK_TIMEOUT {
+        if started.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(failed(format!("{hook} did not finish within {} s", HOOK_TIMEOUT.as_secs())));
+            return Err(failed(format!("{hook} did not finish within {:.0} s", timeout.as_secs_f64())));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -127,7 +129,7 @@ pub fn prepare(request: &Request<'_>, report: Report<'_>) -> Result<SlotInfo, Ag
     let _ = fs::remove_file(request.spare.join(SLOT_FILE));
     if let Some(pre) = &installed.pre_install {
         report(Step::PreInstall, 0, pre.clone());
-        run_hook(request.spare, pre, &installed.version)?;
+        run_hook(request.spare, pre, &installed.version, HOOK_TIMEOUT)?;
     }
     // A patch without hooks of its own keeps those of the release it patches.
     let patched = installed.version == active.version && installed.build == active.build;

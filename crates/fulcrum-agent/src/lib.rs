@@ -144,7 +144,7 @@ pub struct Se {
 }
 
 impl Se {
-    pub fn new(options: Options, simulated: bool) -> Result<Se, AgentError> {
+    pub fn new(mut options: Options, simulated: bool) -> Result<Se, AgentError> {
         let tls = fulcrum_shell::client::tls_config(options.ca_file.as_deref())
             .map_err(|e| AgentError::Setup(e.to_string()))?;
         let channel = Channel::new(&options.controller, tls);
@@ -152,6 +152,9 @@ impl Se {
             fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "se".into())
         });
         fs::create_dir_all(&options.data_dir)?;
+        // Hooks run with their slot as working directory: a relative data dir would not name
+        // them from there.
+        options.data_dir = std::path::absolute(&options.data_dir)?;
         Ok(Se { options, name, channel, simulated })
     }
 
@@ -318,7 +321,10 @@ impl Se {
                 let check = match (trial.health_check, info.as_ref().and_then(|i| i.health_check.clone())) {
                     (true, Some(hook)) => {
                         self.report(&mut state, &identity, trial.command_id, Step::HealthCheck, 0, hook.clone());
-                        install::run_hook(&active, &hook, &info.as_ref().map(|i| i.version.clone()).unwrap_or_default())
+                        // The health timeout bounds the check itself: a hook that hangs is a failed check.
+                        let left = Duration::from_secs(trial.deadline_unix.saturating_sub(unix_now()).max(1));
+                        let version = info.as_ref().map(|i| i.version.clone()).unwrap_or_default();
+                        install::run_hook(&active, &hook, &version, left)
                     }
                     _ => Ok(()),
                 };
@@ -445,7 +451,7 @@ impl Se {
                 self.save(state)?;
                 if let Some(post) = &info.post_install {
                     self.report(state, identity, id, Step::PostInstall, 0, post.clone());
-                    if let Err(e) = install::run_hook(&spare, post, &info.version) {
+                    if let Err(e) = install::run_hook(&spare, post, &info.version, install::HOOK_TIMEOUT) {
                         state.abandon();
                         state.running = None;
                         self.save(state)?;

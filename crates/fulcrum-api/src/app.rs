@@ -541,6 +541,9 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (Route::Object(t, uuid), Method::PATCH) => objects::patch(app, &ctx, t, uuid, &body).await,
         (Route::AsyncStatus(id), Method::GET) => crate::asyncpatch::status(app, &ctx, id),
         (Route::AsyncMerge, Method::POST) => crate::asyncpatch::merge_now(app, &ctx, &body).await,
+        (Route::Singleton(t), Method::PATCH) if async_requested(app, &ctx) => {
+            crate::asyncpatch::accept(app, &ctx, t, &objects::singleton_uuid(app, t)?, &body).await
+        }
         (Route::Singleton(t), Method::PATCH) => {
             objects::patch(app, &ctx, t, &objects::singleton_uuid(app, t)?, &body).await
         }

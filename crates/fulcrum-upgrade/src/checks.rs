@@ -624,17 +624,46 @@ fn docker(request: &Request, facts: &Facts) -> (Level, Vec<String>) {
     else {
         return (Level::Success, vec!["No Docker-based controller image takes part.".into()]);
     };
-    let needed = image.docker_version.clone().unwrap_or_default();
-    match &facts.controller_docker_version {
-        None => (
+    let needed = image.docker_version.as_deref().map(str::trim).filter(|v| !v.is_empty());
+    let have = match facts.controller_docker_version.as_deref().map(str::trim) {
+        None => {
+            return (
+                Level::Error,
+                vec![format!(
+                    "{} is for a Docker-based controller; this controller does not run in Docker.",
+                    image.name
+                )],
+            );
+        }
+        Some(have) => have,
+    };
+    // A version that cannot be read is not a compatible one: the check must prove compatibility.
+    if fulcrum_package::parse_version(have).is_none() {
+        let shown = if have.is_empty() { "unknown".to_string() } else { format!("'{have}'") };
+        return (
             Level::Error,
-            vec![format!("{} is for a Docker-based controller; this controller does not run in Docker.", image.name)],
-        ),
-        Some(have) if fulcrum_package::compare_versions(have, &needed) == Some(Ordering::Less) => (
-            Level::Error,
-            vec![format!("{} needs Docker {needed} or newer; the controller runs under Docker {have}.", image.name)],
-        ),
-        Some(have) => (Level::Success, vec![format!("Docker {have} (needs {needed}).")]),
+            vec![format!(
+                "The Docker version the controller runs under cannot be determined ({shown}); {} needs {}.",
+                image.name,
+                needed.map_or_else(|| "a known Docker version".to_string(), |n| format!("Docker {n} or newer"))
+            )],
+        );
+    }
+    match needed {
+        None => (Level::Success, vec![format!("Docker {have}; {} names no minimum Docker version.", image.name)]),
+        Some(needed) => match fulcrum_package::compare_versions(have, needed) {
+            Some(Ordering::Less) => (
+                Level::Error,
+                vec![format!(
+                    "{} needs Docker {needed} or newer; the controller runs under Docker {have}.",
+                    image.name
+                )],
+            ),
+            Some(_) => (Level::Success, vec![format!("Docker {have} (needs {needed}).")]),
+            None => {
+                (Level::Error, vec![format!("{} names an unreadable minimum Docker version '{needed}'.", image.name)])
+            }
+        },
     }
 }
 

@@ -191,11 +191,25 @@ fn refused_in_async_mode_and_mixed_versions() {
             "out of range",
         ),
         (format!("/api/virtualservice/{vs}?async_mode"), json!({"add": {"services": [{"port": 80}]}}), "accepts only"),
+        // Singletons too: a settings PATCH asking for async mode must not be applied behind the client's back.
+        (
+            "/api/systemconfiguration?async_mode".into(),
+            json!({"replace": {"welcome_workflow_complete": true}}),
+            "accepts only",
+        ),
+        (
+            "/api/controllerproperties?async_mode=true".into(),
+            json!({"replace": {"api_idle_timeout": 20}}),
+            "accepts only",
+        ),
     ] {
+        let before = api.get("/api/systemconfiguration").json();
         let r = api.send("PATCH", &path, Some(body.to_string().as_bytes()));
         assert_eq!(r.status, 400, "{body}: {}", r.body);
         assert!(r.error().contains(message), "{body}: {}", r.error());
+        assert_eq!(api.get("/api/systemconfiguration").json(), before, "a refused PATCH changed nothing");
     }
+    assert_eq!(api.object("/api/controllerproperties")["api_idle_timeout"], 15);
     assert_eq!(
         api.send(
             "PATCH",

@@ -406,6 +406,49 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
 }
 
 #[test]
+fn hooks_run_from_a_relative_data_dir_and_a_hanging_health_check_is_cut_at_the_health_timeout() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let health_timeout = 4;
+    let args = ["--se-heartbeat-interval", "0.3", "--se-down-after", "5", "--se-health-timeout", "4"];
+    let c = try_start(Launch { args: &args, ..Launch::plain(data.path()) }).expect("controller starts");
+    let api = c.admin();
+    let hanging = pkgs.with_se(
+        "hanging.pkg",
+        "30.2.2",
+        "9100",
+        &[
+            ("etc/version", "30.2.2\n"),
+            ("hooks/post-install", "#!/bin/sh\ntouch \"$FULCRUM_SE_SLOT/post-install-ran\"\n"),
+            ("hooks/health-check", "#!/bin/sh\nsleep 30\n"),
+        ],
+    );
+    let image = upload_image(&api, &hanging);
+    let (_, token) = token(&api, "Default-Group");
+    let work = temp_dir();
+    // As the README starts it: `--data-dir ./se1`, relative to where the agent runs.
+    let agent = Agent::start_in(&c, Some(&token), Some(work.path()), Path::new("./se1"), "se1", &[]);
+    let se =
+        wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    let se = se["uuid"].as_str().unwrap().to_string();
+    install(&api, &se, &image);
+    let started = Instant::now();
+    let end = finished(&api, &se);
+    let took = started.elapsed();
+    assert!(work.path().join("se1/slots/b/post-install-ran").exists(), "{}", agent.log_text());
+    assert_eq!(end["install_status"]["state"], "ROLLED_BACK", "{}", end["install_status"]);
+    let reason = end["install_status"]["reason"].as_str().unwrap();
+    assert!(reason.contains("health check failed") && reason.contains("did not finish"), "{reason}");
+    // The whole install (download, hooks, restart) fits well within the 30 s the hook would take.
+    assert!(took < Duration::from_secs(health_timeout + 15), "switching back took {took:?}");
+    let back = wait_for("the old version reported", Duration::from_secs(10), || {
+        let s = api.object(&format!("/api/serviceengine/{se}"));
+        (s["version"] == "30.2.1").then_some(s)
+    });
+    assert_eq!(state(&back), "OPER_UP");
+}
+
+#[test]
 fn five_hundred_simulated_ses_join_one_controller() {
     let data = temp_dir();
     let c = try_start(Launch {

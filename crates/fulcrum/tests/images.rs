@@ -428,6 +428,57 @@ fn two_uploads_at_once_both_land_and_one_tag_cannot_land_twice() {
 }
 
 #[test]
+fn a_composite_whose_patches_share_a_patch_level_is_one_patch_image_with_two_sides() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let c = start(data.path());
+    let api = c.admin();
+    // The product names a release's patches by their level: 2p1 of 30.3.2-9400 is one tag for both.
+    let base = pkgs.build("base.pkg", "controller", "30.3.2", "9400", &[]);
+    let cp = pkgs.build("cp.pkg", "controller_patch", "30.3.2", "9400", &[]);
+    let sp = pkgs.build("sp.pkg", "se_patch", "30.3.2", "9400", &[]);
+    let bundle = pkgs.bundle("bundle.pkg", &base, Some(&cp), Some(&sp));
+    let r = upload(&api, &bundle);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let top = r.json();
+    let tag = "30.3.2-9400-2p1-20261122.101500";
+    assert_eq!(top["controller_patch_name"], tag);
+    assert_eq!(top["se_patch_name"], tag);
+    let uuid_of =
+        |field: &str| top[field].as_str().unwrap().rsplit('/').next().unwrap().split('#').next().unwrap().to_string();
+    assert_eq!(uuid_of("controller_patch_ref"), uuid_of("se_patch_ref"), "both sides are one patch image");
+    let patch = api.object(&format!("/api/image?name={tag}"))["results"][0].clone();
+    assert_eq!(patch["type"], "IMAGE_TYPE_PATCH");
+    assert_eq!(
+        patch["controller_info"]["hash"],
+        sha256_file(&cp).as_str(),
+        "the controller side is the controller patch"
+    );
+    assert_eq!(patch["se_info"]["hash"], sha256_file(&sp).as_str(), "the SE side is the SE patch");
+    assert_eq!(images(&api).len(), 2);
+
+    // An SE downloading the patch image gets the SE patch's bytes, exactly.
+    let (_, token) = common::agents::token(&api, "Default-Group");
+    let work = temp_dir();
+    let agent = common::agents::Agent::start(&c, Some(&token), &work.path().join("se1"), "se1", &[]);
+    common::agents::wait_for("the agent joined", Duration::from_secs(30), || {
+        work.path().join("se1/identity.json").exists().then_some(())
+    });
+    let download = ureq::get(&format!("{}/api/se-agent/image/{}", c.url, uuid_of("se_patch_ref")))
+        .set("Authorization", &format!("Bearer {}", agent.credential()))
+        .call()
+        .expect("the SE downloads its image");
+    let mut bytes = Vec::new();
+    download.into_reader().read_to_end(&mut bytes).unwrap();
+    assert_eq!(format!("{:x}", Sha256::digest(&bytes)), sha256_file(&sp));
+    drop(agent);
+
+    // Deleting the composite takes the shared part once, and the file.
+    assert_eq!(api.delete(&format!("/api/image/{}", top["uuid"].as_str().unwrap())).status, 204);
+    assert_nothing_left(&c, &api, 0, 0);
+}
+
+#[test]
 fn images_in_use_cannot_be_deleted() {
     let pkgs = Packages::new();
     let data = pkgs.data_dir();

@@ -184,7 +184,7 @@ fn pending(app: &App, se_uuid: &str, request: &PollRequest) -> Result<Option<Pol
                             .and_then(Value::as_str)
                             .unwrap_or_default()
                             .into(),
-                        size: image.and_then(|i| i.value.get("_length")).and_then(Value::as_u64).unwrap_or(0),
+                        size: image.map_or(0, |i| crate::images::record::slice(&i.value, true).1),
                         image_uuid,
                         health_timeout_secs: app.engines.settings.health_timeout.as_secs(),
                     }
@@ -336,11 +336,8 @@ pub async fn image(app: &App, headers: &HeaderMap, image_uuid: &str) -> Result<R
             .ok_or_else(|| ApiError::not_found(format!("image '{image_uuid}' not found")))?;
         let v = &image.value;
         let file = crate::images::record::file_name(v).ok_or_else(|| ApiError::internal("image record has no file"))?;
-        (
-            app.images.file_path(file),
-            v.get("_offset").and_then(Value::as_u64).unwrap_or(0),
-            v.get("_length").and_then(Value::as_u64).unwrap_or(0),
-        )
+        let (offset, length) = crate::images::record::slice(v, true);
+        (app.images.file_path(file), offset, length)
     };
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (start, end) = match range {

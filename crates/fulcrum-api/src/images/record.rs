@@ -31,13 +31,30 @@ pub fn file_name(value: &Value) -> Option<&str> {
     value.get("_file").and_then(Value::as_str)
 }
 
-/// The uuids of a bundle's parts.
+/// Where the bytes a side installs lie in the record's file: (offset, length). A patch image
+/// with both sides keeps the SE part's place in `_se_slice`.
+pub fn slice(value: &Value, se_side: bool) -> (u64, u64) {
+    let at = |v: &Value, offset: &str, length: &str| {
+        (v.get(offset).and_then(Value::as_u64).unwrap_or(0), v.get(length).and_then(Value::as_u64).unwrap_or(0))
+    };
+    match value.get("_se_slice").filter(|_| se_side) {
+        Some(se) => at(se, "offset", "length"),
+        None => at(value, "_offset", "_length"),
+    }
+}
+
+/// The uuids of a bundle's parts (once each: both sides may share one patch image).
 pub fn part_uuids(value: &Value) -> Vec<String> {
     ["controller_patch_ref", "se_patch_ref"]
         .iter()
         .filter_map(|f| value.get(*f).and_then(Value::as_str))
         .filter_map(|r| refs::split_canonical(r).map(|(_, uuid)| uuid.to_string()))
-        .collect()
+        .fold(Vec::new(), |mut parts, uuid| {
+            if !parts.contains(&uuid) {
+                parts.push(uuid);
+            }
+            parts
+        })
 }
 
 /// Who uses the image of this record, if anyone: matched on version, build and patch.
@@ -200,16 +217,28 @@ pub fn records_for(
     let base = verified.component(ComponentRole::Base).map_or(m, |c| &c.package.manifest);
     let mut top = image_config(m, base, Some(&verified.sha256), path, verified.size);
     top.extend(done.clone());
-    let mut records = Vec::new();
-    for (role, ref_field, name_field) in [
-        (ComponentRole::ControllerPatch, "controller_patch_ref", "controller_patch_name"),
-        (ComponentRole::SePatch, "se_patch_ref", "se_patch_name"),
+    let mut records: Vec<NewRecord> = Vec::new();
+    for (part, ref_field, name_field) in [
+        (verified.component(ComponentRole::ControllerPatch), "controller_patch_ref", "controller_patch_name"),
+        (verified.component(ComponentRole::SePatch), "se_patch_ref", "se_patch_name"),
     ] {
-        let Some(part) = verified.component(role) else { continue };
+        let Some(part) = part else { continue };
+        let pm = &part.package.manifest;
+        // A controller patch and an SE patch of the same patch level (one tag, as the
+        // product names patches) are one patch image with a side for each: its se_info and
+        // `_se_slice` describe the SE part.
+        if let Some(shared) = records.first_mut().filter(|r| r.config.get("name") == Some(&json!(pm.tag))) {
+            shared.config.insert("se_info".into(), package_details(pm, Some(&part.package.sha256), path));
+            shared.hidden.insert("_se_slice".into(), json!({"offset": part.offset, "length": part.size}));
+            shared.hidden["_package"]["carries_se"] = json!(pm.se_image.is_some());
+            let shared_ref = refs::canonical(KIND, &shared.uuid);
+            top.insert(ref_field.into(), json!(shared_ref));
+            top.insert(name_field.into(), json!(pm.tag));
+            continue;
+        }
         let part_uuid = format!("{KIND}-{}", uuid::Uuid::new_v4());
         top.insert(ref_field.into(), json!(refs::canonical(KIND, &part_uuid)));
-        top.insert(name_field.into(), json!(part.package.manifest.tag));
-        let pm = &part.package.manifest;
+        top.insert(name_field.into(), json!(pm.tag));
         let mut config = image_config(pm, pm, Some(&part.package.sha256), path, part.size);
         config.extend(done.clone());
         let hidden = hidden_fields(pm, pm, file, part.offset, part.size, &part.package.key_id);

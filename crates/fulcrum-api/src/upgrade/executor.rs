@@ -200,10 +200,11 @@ fn copy_and_verify(app: &App, c: &ControllerRun) -> Result<u64, String> {
         let cat = app.store.read();
         let image = cat.get(crate::images::KIND, uuid).ok_or_else(|| format!("image {uuid} is gone"))?;
         let v = &image.value;
+        let (offset, length) = crate::images::record::slice(v, false);
         (
             app.images.file_path(crate::images::record::file_name(v).ok_or("the image has no file")?),
-            v.get("_offset").and_then(Value::as_u64).unwrap_or(0),
-            v.get("_length").and_then(Value::as_u64).unwrap_or(0),
+            offset,
+            length,
             v.pointer("/controller_info/hash")
                 .or(v.pointer("/se_info/hash"))
                 .and_then(Value::as_str)

@@ -62,8 +62,8 @@ pub fn image_facts(app: &App, cat: &Catalogue, image: &Arc<Stored>, side: Side) 
     }
     let requirements = package.get("requirements").cloned().unwrap_or_default();
     let file_ok = crate::images::record::file_name(v).is_some_and(|f| {
-        let need = v.get("_offset").and_then(Value::as_u64).unwrap_or(0)
-            + v.get("_length").and_then(Value::as_u64).unwrap_or(0);
+        let (offset, length) = crate::images::record::slice(v, side == Side::Se);
+        let need = offset + length;
         std::fs::metadata(app.images.file_path(f)).is_ok_and(|m| m.len() >= need)
     });
     let bool_of = |f: &str| package.get(f).and_then(Value::as_bool).unwrap_or(false);

@@ -192,3 +192,32 @@ fn idempotence_disruption_licenses_clouds_disk_and_the_rest() {
     let disrupted = checks.iter().find(|c| c.check_code == "SYSERR_CHECK_VS_DISRUPUTION").unwrap();
     assert!(disrupted.details[0].contains("vs-g1"), "named: {:?}", disrupted.details);
 }
+
+#[test]
+fn docker_version_must_be_known_and_new_enough() {
+    let mut to = image("30.2.2", 9100, "controller_docker");
+    to.docker_version = Some("20.10".into());
+    let docker = |have: Option<&str>, to: &ImageFacts| {
+        let mut f = facts();
+        f.controller_docker_version = have.map(String::from);
+        let checks = run(&system_upgrade(to.clone()), &f);
+        let check = checks.into_iter().find(|c| c.check_code == "SYSERR_DOCKER_VERSION_CHECK").unwrap();
+        (check.state, check.details.join(" "))
+    };
+    assert_eq!(docker(Some("24.0.7"), &to).0, Level::Success);
+    assert_eq!(docker(Some("20.10"), &to).0, Level::Success);
+    let (level, details) = docker(Some("19.03.1"), &to);
+    assert_eq!(level, Level::Error, "{details}");
+    assert!(details.contains("needs Docker 20.10"), "{details}");
+    // Running in Docker with a version nobody could read is not proof of compatibility.
+    for unknown in ["", "  ", "unknown", "20.x"] {
+        let (level, details) = docker(Some(unknown), &to);
+        assert_eq!(level, Level::Error, "{unknown:?}: {details}");
+        assert!(details.contains("cannot be determined"), "{details}");
+    }
+    let (level, details) = docker(None, &to);
+    assert_eq!(level, Level::Error);
+    assert!(details.contains("does not run in Docker"), "{details}");
+    // A plain controller image does not ask about Docker at all.
+    assert_eq!(docker(Some(""), &image("30.2.2", 9100, "controller")).0, Level::Success);
+}

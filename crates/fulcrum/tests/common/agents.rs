@@ -18,9 +18,26 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(c: &Controller, token: Option<&str>, dir: &Path, name: &str, extra: &[&str]) -> Agent {
-        fs::create_dir_all(dir).unwrap();
-        let log = dir.with_extension("log");
+        Agent::start_in(c, token, None, dir, name, extra)
+    }
+
+    /// Starts an agent in working directory `cwd`, so that `dir` may be relative to it (as
+    /// the README's `--data-dir ./se1`).
+    pub fn start_in(
+        c: &Controller,
+        token: Option<&str>,
+        cwd: Option<&Path>,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Agent {
+        let absolute = cwd.map_or_else(|| dir.to_path_buf(), |cwd| cwd.join(dir));
+        fs::create_dir_all(&absolute).unwrap();
+        let log = absolute.with_extension("log");
         let mut cmd = Command::new(BIN);
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
         cmd.args(["se-agent", "--controller", &c.url, "--name", name, "--data-dir"]).arg(dir).args(extra);
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
@@ -33,7 +50,7 @@ impl Agent {
             .stderr(out)
             .spawn()
             .expect("spawn agent");
-        Agent { child, dir: dir.to_path_buf(), log }
+        Agent { child, dir: absolute, log }
     }
 
     pub fn kill9(&mut self) {
