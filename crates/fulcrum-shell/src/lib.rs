@@ -3,13 +3,18 @@
 
 pub mod client;
 pub mod table;
+pub mod terminal;
 pub mod upgrade;
 pub mod upload;
+pub mod words;
 
 use std::path::PathBuf;
 
 use fulcrum_schema::Registry;
-use rustyline::completion::Completer;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use rustyline::completion::{Completer, FilenameCompleter, Pair};
 use rustyline::error::ReadlineError;
 use rustyline::highlight::Highlighter;
 use rustyline::hint::Hinter;
@@ -51,46 +56,21 @@ pub enum Command {
     UpgradeStatus {
         detail: bool,
     },
-    Help,
+    /// `help`, `?`, `help <command>`, `<command> ?`
+    Help(Option<String>),
+    Clear,
     Exit,
     Nothing,
 }
-
-const HELP: &str = "\
-Commands:
-  show <type>            list objects of a type (show pool, show virtualservice, ...)
-  show <type> <name>     one object, field by field
-  show <singleton>       systemconfiguration, controllerproperties, cluster
-  show serviceengine     SEs with their group, version, states and last heartbeat
-  show serviceenginegroup <name>
-                         a group, then its SEs
-  show pool-async status <patch_id>
-                         the status of an asynchronous PATCH
-  upload image filename <path>
-                         upload a package (resumable, with progress)
-  delete <type> <name>   delete an object (delete image <name>)
-  upgrade system|controller image_ref <name> [skip_warnings]
-  upgrade segroup image_ref <name> se_group_refs <g>... [action_on_error <A>] [disruptive] [skip_warnings]
-  patch controller controller_patch_ref <name> [skip_warnings]
-  patch segroup se_patch_ref <name> se_group_refs <g>... [skip_warnings]
-  rollback|rollbackpatch system|controller|segroup [se_group_refs <g>...] [skip_warnings]
-  resume segroup se_group_refs <g>... [skip_warnings]
-                         upgrade operations: the checks' preview, then the start
-  show upgrade status [detail]
-                         where the controller and each SE group stand
-  help                   this text
-  exit | quit            leave the shell
-";
-
-/// Words the first position accepts.
-const VERBS: &[&str] =
-    &["show", "upload", "delete", "upgrade", "patch", "rollback", "rollbackpatch", "resume", "help", "exit", "quit"];
 
 pub fn parse(line: &str) -> Result<Command, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         [] => Ok(Command::Nothing),
-        ["help"] | ["?"] => Ok(Command::Help),
+        ["help"] | ["?"] => Ok(Command::Help(None)),
+        ["help", topic] => Ok(Command::Help(Some(topic.to_string()))),
+        [verb, .., "?"] => Ok(Command::Help(Some(verb.to_string()))),
+        ["clear"] => Ok(Command::Clear),
         ["exit"] | ["quit"] => Ok(Command::Exit),
         ["show", "pool-async", "status", id] => Ok(Command::AsyncStatus(id.to_string())),
         ["show", "pool-async", ..] => Err("usage: show pool-async status <patch_id>".into()),
@@ -127,7 +107,8 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
     let reg = Registry::get();
     match command {
         Command::Nothing | Command::Exit => Ok(String::new()),
-        Command::Help => Ok(HELP.to_string()),
+        Command::Clear => Ok("\x1b[H\x1b[2J".to_string()),
+        Command::Help(topic) => words::help(topic.as_deref()),
         Command::Upgrade(op) => upgrade::execute(client, op),
         Command::UpgradeStatus { detail } => upgrade::status(client, *detail),
         Command::AsyncStatus(id) => {
@@ -287,28 +268,52 @@ fn image_status(image: &Value) -> String {
     }
 }
 
-/// Completes verbs and type names.
-struct ShellHelper;
+/// Completes command words, keywords and object names (asked of the controller), adding a
+/// space after a completed word.
+struct ShellHelper {
+    client: Rc<RefCell<Client>>,
+    files: FilenameCompleter,
+}
+
+impl ShellHelper {
+    /// Names of objects of a type that start with `prefix` (the first 200).
+    fn names(&self, kind: &str, prefix: &str) -> Vec<String> {
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("fields", "name")
+            .append_pair("page_size", "200")
+            .append_pair("name.contains", prefix)
+            .finish();
+        let Ok(mut client) = self.client.try_borrow_mut() else { return vec![] };
+        let Ok(reply) = client.get(&format!("{kind}?{query}")) else { return vec![] };
+        reply.body["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["name"].as_str())
+            .filter(|n| n.starts_with(prefix) && !n.contains(char::is_whitespace))
+            .map(String::from)
+            .collect()
+    }
+}
 
 impl Completer for ShellHelper {
-    type Candidate = String;
-    fn complete(&self, line: &str, pos: usize, _: &Context<'_>) -> rustyline::Result<(usize, Vec<String>)> {
+    type Candidate = Pair;
+    fn complete(&self, line: &str, pos: usize, ctx: &Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
         let before = &line[..pos];
-        let start = before.rfind(' ').map_or(0, |i| i + 1);
+        let start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
         let word = &before[start..];
-        let position = before.split_whitespace().count() - usize::from(!word.is_empty());
-        let candidates: Vec<String> = match position {
-            0 => VERBS.iter().filter(|v| v.starts_with(word)).map(|v| v.to_string()).collect(),
-            1 if before.trim_start().starts_with("show") || before.trim_start().starts_with("delete") => {
-                Registry::get()
-                    .types()
-                    .iter()
-                    .map(|t| t.path)
-                    .filter(|p| p.starts_with(word))
-                    .map(String::from)
-                    .collect()
+        let finished: Vec<&str> = before[..start].split_whitespace().collect();
+        let pair = |w: &str| Pair { display: w.to_string(), replacement: format!("{w} ") };
+        let words = |list: &[&str]| list.iter().filter(|w| w.starts_with(word)).map(|w| pair(w)).collect::<Vec<_>>();
+        let candidates = match words::next(&finished) {
+            words::Next::Words(list) => words(&list),
+            words::Next::Names(kind, also) => {
+                let mut found: Vec<Pair> = self.names(kind, word).iter().map(|n| pair(n)).collect();
+                found.extend(words(&also));
+                found
             }
-            _ => vec![],
+            words::Next::File => return self.files.complete(line, pos, ctx),
+            words::Next::Nothing => vec![],
         };
         Ok((start, candidates))
     }
@@ -331,7 +336,7 @@ fn host_of(url: &str) -> &str {
 
 /// Runs the shell: one command with `-c`, else interactively.
 pub fn run(options: Options, one_shot: Option<&str>) -> Result<(), String> {
-    let mut client = Client::connect(
+    let client = Client::connect(
         &options.controller,
         &options.user,
         &options.password,
@@ -340,13 +345,20 @@ pub fn run(options: Options, one_shot: Option<&str>) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     if let Some(line) = one_shot {
+        let mut client = client;
         let command = parse(line)?;
+        if matches!(command, Command::UploadImage(_)) {
+            // Ctrl-C stops the upload cleanly (its session is kept for the next run).
+            terminal::catch_ctrl_c();
+        }
         let out = execute(&mut client, &command)?;
         print!("{out}");
         return Ok(());
     }
+    terminal::catch_ctrl_c();
+    let client = Rc::new(RefCell::new(client));
     let mut editor: Editor<ShellHelper, DefaultHistory> = Editor::new().map_err(|e| e.to_string())?;
-    editor.set_helper(Some(ShellHelper));
+    editor.set_helper(Some(ShellHelper { client: client.clone(), files: FilenameCompleter::new() }));
     let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".fulcrum_shell_history"));
     if let Some(h) = &history {
         let _ = editor.load_history(h);
@@ -356,13 +368,18 @@ pub fn run(options: Options, one_shot: Option<&str>) -> Result<(), String> {
         match editor.readline(&prompt) {
             Ok(line) => {
                 let _ = editor.add_history_entry(line.as_str());
+                terminal::clear();
                 match parse(&line) {
                     Ok(Command::Exit) => break,
-                    Ok(command) => match execute(&mut client, &command) {
+                    Ok(command) => match execute(&mut client.borrow_mut(), &command) {
                         Ok(out) => print!("{out}"),
                         Err(e) => println!("{e}"),
                     },
                     Err(e) => println!("{e}"),
+                }
+                // The history survives whatever the next command does.
+                if let Some(h) = &history {
+                    let _ = editor.save_history(h);
                 }
             }
             Err(ReadlineError::Interrupted) => continue,
@@ -388,6 +405,10 @@ mod tests {
             Command::Show { kind: "pool".into(), name: Some("my pool".into()) }
         );
         assert_eq!(parse("").unwrap(), Command::Nothing);
+        assert_eq!(parse("?").unwrap(), Command::Help(None));
+        assert_eq!(parse("help upgrade").unwrap(), Command::Help(Some("upgrade".into())));
+        assert_eq!(parse("upgrade segroup ?").unwrap(), Command::Help(Some("upgrade".into())));
+        assert_eq!(parse("clear").unwrap(), Command::Clear);
         assert_eq!(parse("quit").unwrap(), Command::Exit);
         assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
         assert!(parse("show").is_err());

@@ -2,19 +2,50 @@
 
 use serde_json::Value;
 
-/// Draws rows under a header with `+---+` rules.
+/// Draws rows under a header with `+---+` rules, as wide as the terminal allows.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    render_within(header, rows, crate::terminal::width())
+}
+
+/// Columns narrower than this are not shrunk further (the table then overflows instead).
+const MIN_COLUMN: usize = 8;
+
+/// Draws the table within `width` columns when given: the widest columns give way first and
+/// their cells wrap onto more lines, so nothing is cut off.
+pub fn render_within(header: &[&str], rows: &[Vec<String>], width: Option<usize>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
+    if let Some(limit) = width {
+        // Each column costs its width plus "| " and " "; the last rule "|" one more.
+        let frame = 3 * widths.len() + 1;
+        while widths.iter().sum::<usize>() + frame > limit {
+            let Some(widest) = (0..widths.len()).filter(|&i| widths[i] > MIN_COLUMN).max_by_key(|&i| widths[i]) else {
+                break;
+            };
+            widths[widest] -= 1;
+        }
+    }
     let rule = format!("+{}+\n", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("+"));
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> =
-            cells.iter().zip(&widths).map(|(c, w)| format!(" {c}{} ", " ".repeat(w - c.chars().count()))).collect();
-        format!("|{}|\n", padded.join("|"))
+        let wrapped: Vec<Vec<String>> = cells.iter().zip(&widths).map(|(c, w)| wrap(c, *w)).collect();
+        let height = wrapped.iter().map(Vec::len).max().unwrap_or(1);
+        let mut out = String::new();
+        for i in 0..height {
+            let padded: Vec<String> = wrapped
+                .iter()
+                .zip(&widths)
+                .map(|(lines, w)| {
+                    let part = lines.get(i).map_or("", String::as_str);
+                    format!(" {part}{} ", " ".repeat(w - part.chars().count()))
+                })
+                .collect();
+            out.push_str(&format!("|{}|\n", padded.join("|")));
+        }
+        out
     };
     let mut out = rule.clone();
     out.push_str(&line(header.to_vec()));
@@ -24,6 +55,15 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     out.push_str(&rule);
     out
+}
+
+/// A cell's text in lines of at most `width` characters.
+fn wrap(cell: &str, width: usize) -> Vec<String> {
+    let chars: Vec<char> = cell.chars().collect();
+    if chars.len() <= width {
+        return vec![cell.to_string()];
+    }
+    chars.chunks(width.max(1)).map(|c| c.iter().collect()).collect()
 }
 
 /// A reference is shown by the name after `#` when there is one, as the CLI does.
@@ -94,8 +134,19 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_table_fits_the_width_by_wrapping_its_widest_columns() {
+        let rows = vec![vec!["web".to_string(), "pool-0e5e0cf4-3f0e-4d9e-9a47-2a0b3c9bd1c7".to_string()]];
+        let t = render_within(&["Name", "UUID"], &rows, Some(30));
+        assert!(t.lines().all(|l| l.chars().count() <= 30), "{t}");
+        let joined: String =
+            t.lines().filter(|l| l.starts_with("| ")).skip(1).map(|l| l.split('|').nth(2).unwrap().trim()).collect();
+        assert_eq!(joined, rows[0][1], "nothing is cut off:\n{t}");
+        assert_eq!(render_within(&["Name", "UUID"], &rows, None), render_within(&["Name", "UUID"], &rows, Some(500)));
+    }
+
+    #[test]
     fn lists_and_objects_render_like_the_cli() {
-        let t = render(&["Name", "UUID"], &[vec!["p1".into(), "pool-1".into()]]);
+        let t = render_within(&["Name", "UUID"], &[vec!["p1".into(), "pool-1".into()]], None);
         assert_eq!(
             t,
             "+------+--------+\n| Name | UUID   |\n+------+--------+\n| p1   | pool-1 |\n+------+--------+\n"

@@ -53,8 +53,9 @@ enum Command {
         controller: String,
         #[arg(long, default_value = "admin")]
         user: String,
-        #[arg(long, env = "FULCRUM_PASSWORD")]
-        password: String,
+        /// The password (asked for, without echo, when neither this nor FULCRUM_PASSWORD is set).
+        #[arg(long, env = "FULCRUM_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
         /// Tenant to work in.
         #[arg(long, default_value = "admin")]
         tenant: String,
@@ -183,6 +184,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Shell { controller, user, password, tenant, ca_cert, command } => {
+            let password = match password
+                .map_or_else(|| fulcrum_shell::terminal::read_password(&format!("Password for {user}: ")), Ok)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("fulcrum shell: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let options = fulcrum_shell::Options { controller, user, password, tenant, ca_file: ca_cert };
             match fulcrum_shell::run(options, command.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,

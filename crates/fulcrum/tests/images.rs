@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::packages::{Packages, fulcrum, multipart, sha256_file, upload, upload_bytes};
-use common::{Api, Controller, Launch, PASSWORD, Resp, shell, start, temp_dir, try_start};
+use common::{Api, Controller, Launch, PASSWORD, Resp, shell, shell_command, start, temp_dir, try_start};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -645,4 +645,135 @@ fn the_shell_uploads_with_progress_shows_and_deletes_images() {
     let (deleted, _) = shell(&c, &format!("delete image {name}"));
     assert!(deleted.contains("Deleted"), "{deleted}");
     assert!(images(&c.admin()).is_empty());
+}
+
+/// The offset of the one open upload session on the controller's disk.
+fn session_offset(c: &Controller) -> Option<u64> {
+    let dir = c.data_dir.join("images/sessions");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let path = e.path();
+        let meta: Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+        (path.extension()? == "json").then(|| meta["offset"].as_u64()).flatten()
+    })
+}
+
+fn signal(pid: u32, sig: i32) {
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+#[test]
+fn the_shell_waits_for_a_restarted_controller_and_resumes_from_its_offset() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let package = big_package(&pkgs, "se_patch.pkg", "30.2.7", 48);
+    let c = start(data.path());
+    let addr = c.url.trim_start_matches("http://").to_string();
+    let home = temp_dir();
+    let upload = shell_command(&c, &format!("upload image filename {}", package.display()))
+        .env("HOME", home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Frozen mid-upload, then killed: the chunk in flight gets no answer.
+    wait_for("a chunk acknowledged", || session_offset(&c).filter(|o| *o > 0));
+    signal(c.pid(), libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let c = try_start(Launch { listen: &addr, ..Launch::plain(data.path()) }).expect("restarts on its address");
+    let out = upload.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("retrying"), "{stderr}");
+    assert!(stdout.contains("SYSERR_SUCCESS"), "{stdout}");
+    let image = images(&c.admin()).into_iter().next().unwrap();
+    assert_eq!(image["se_info"]["hash"], sha256_file(&package).as_str());
+
+    // A session whose chunk reached the controller while its answer was lost (here: sent by
+    // hand) is continued from the controller's offset, not refused.
+    let api = c.admin();
+    let second = big_package(&pkgs, "second.pkg", "30.2.8", 20);
+    let bytes = std::fs::read(&second).unwrap();
+    let id = api.post("/api/image-upload", &json!({"size": bytes.len()})).json()["uuid"].as_str().unwrap().to_string();
+    assert_eq!(put_chunk(&api, &id, 0, &bytes[..3 << 20], bytes.len()).status, 200);
+    let modified = std::fs::metadata(&second).unwrap().modified().unwrap();
+    let tracker = json!({"sessions": [{
+        "controller": c.url, "path": second, "size": bytes.len(),
+        "modified_secs": modified.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), "session": id,
+    }]});
+    std::fs::write(home.path().join(".fulcrum_shell_uploads.json"), tracker.to_string()).unwrap();
+    let out = shell_command(&c, &format!("upload image filename {}", second.display()))
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming the upload at 3.0 MiB"), "{stderr}");
+    assert_eq!(images(&api).len(), 2);
+}
+
+#[test]
+fn ctrl_c_stops_an_upload_that_the_same_command_resumes_or_delete_image_abandons() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let package = big_package(&pkgs, "se_patch.pkg", "30.2.7", 40);
+    let c = start(data.path());
+    let api = c.admin();
+    let home = temp_dir();
+    let command = format!("upload image filename {}", package.display());
+    let interrupted = |c: &Controller| {
+        let child = shell_command(c, &command)
+            .env("HOME", home.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("a chunk acknowledged", || session_offset(c).filter(|o| *o > 0));
+        // Ctrl-C while a chunk is in flight (the controller frozen, so it cannot finish first).
+        signal(c.pid(), libc::SIGSTOP);
+        signal(child.id(), libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(300));
+        signal(c.pid(), libc::SIGCONT);
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = interrupted(&c);
+    assert!(said.contains("upload interrupted at") && said.contains("run the same command again"), "{said}");
+    let name = images(&api)[0]["name"].as_str().unwrap().to_string();
+    assert!(said.contains(&format!("delete image {name}")), "{said}");
+    assert_eq!(images(&api)[0]["img_state"]["state"], "IMAGE_FSM_IN_PROGRESS");
+
+    // The same command again continues the same session.
+    let out = shell_command(&c, &command).env("HOME", home.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming the upload at"), "{stderr}");
+    assert_eq!(images(&api)[0]["img_state"]["state"], "IMAGE_FSM_COMPLETED");
+    let (deleted, _) = shell(&c, &format!("delete image {name}"));
+    assert!(deleted.contains("Deleted"), "{deleted}");
+
+    // Interrupted again, then abandoned at once with delete image.
+    let said = interrupted(&c);
+    assert!(said.contains("upload interrupted at"), "{said}");
+    let (deleted, _) = shell(&c, &format!("delete image {name}"));
+    assert!(deleted.contains("Deleted"), "{deleted}");
+    assert!(images(&api).is_empty());
+    assert!(std::fs::read_dir(c.data_dir.join("images/sessions")).unwrap().next().is_none(), "the session is gone");
+}
+
+#[test]
+fn a_conflicting_upload_shows_the_controllers_own_message() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let package = big_package(&pkgs, "se_patch.pkg", "30.2.7", 4);
+    let c = start(data.path());
+    shell(&c, &format!("upload image filename {}", package.display()));
+    let out = shell_command(&c, &format!("upload image filename {}", package.display())).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("Error (409)") && stderr.contains("already exists"), "{stdout}{stderr}");
+    assert!(!stderr.contains("not found"), "{stderr}");
 }

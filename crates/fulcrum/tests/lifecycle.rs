@@ -137,3 +137,31 @@ fn acknowledged_creates_survive_kill_9() {
     assert!(all >= acked.len() && all <= TOTAL, "{all} pools after restart, {} acknowledged", acked.len());
     println!("acknowledged {} of {TOTAL} before kill -9; {all} present after restart", acked.len());
 }
+
+#[test]
+fn logs_written_to_a_file_carry_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    let dir = temp_dir();
+    let log_path = dir.path().join("serve.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("FULCRUM_LOG", "info")
+        .env("FULCRUM_ADMIN_PASSWORD", common::PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let url = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("fulcrum listening on ").map(String::from))
+        .expect("the controller starts");
+    assert_eq!(Api::new(&url).basic("admin", common::PASSWORD).get("/api/pool").status, 200);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("INFO"), "the log has lines: {log}");
+    assert!(!log.contains('\u{1b}'), "no ANSI escapes in a log file: {log:?}");
+}

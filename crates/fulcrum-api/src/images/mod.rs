@@ -251,6 +251,10 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestContext, uuid: &str) -> Result<
             "Cannot delete image '{uuid}': service engine '{se}' is installing it"
         )));
     }
+    let in_progress = app.store.read().get(KIND, &uuid).is_some_and(|i| !record::is_completed(&i.value));
+    if in_progress && session::abort_session_of_image(app, &uuid).await? {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let files = app
         .store
         .write(move |txn| {
@@ -439,22 +443,26 @@ impl Drop for Staged {
             {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove an abandoned upload");
             }
-            if let Some(uuid) = record {
-                let result = app
-                    .store
-                    .write(move |txn| {
-                        if txn.get(KIND, &uuid).is_some_and(|s| !record::is_completed(&s.value)) {
-                            txn.delete(KIND, &uuid);
-                        }
-                        Ok::<_, ApiError>(())
-                    })
-                    .await;
-                if let Err(e) = result {
-                    tracing::warn!(error = %ApiError::from(e), "cannot remove an abandoned upload's record");
-                }
+            if let Some(uuid) = record
+                && let Err(e) = remove_unfinished_record(&app, uuid).await
+            {
+                tracing::warn!(error = %e, "cannot remove an abandoned upload's record");
             }
         });
     }
+}
+
+/// Removes the record of an upload that will not finish (a published image is left alone).
+async fn remove_unfinished_record(app: &App, uuid: String) -> Result<(), ApiError> {
+    app.store
+        .write(move |txn| {
+            if txn.get(KIND, &uuid).is_some_and(|s| !record::is_completed(&s.value)) {
+                txn.delete(KIND, &uuid);
+            }
+            Ok::<_, ApiError>(())
+        })
+        .await?;
+    Ok(())
 }
 
 /// 201 with the image record and its Location.

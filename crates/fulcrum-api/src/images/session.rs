@@ -355,12 +355,31 @@ pub async fn complete_session(
 
 pub async fn abort_session(app: &Arc<App>, ctx: &RequestContext, id: &str) -> Result<Response, ApiError> {
     require_image_write(app, ctx, "An image upload")?;
+    end_session(app, id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Ends a session: its bytes go, and the record that showed it is gone before the answer.
+async fn end_session(app: &Arc<App>, id: &str) -> Result<(), ApiError> {
     let lock = app.images.session_lock(id);
     let _guard = lock.lock().await;
     let meta = app.images.load_session(id)?;
     app.images.remove_session(id);
-    let mut staged = Staged::new(app.clone());
-    staged.record = Some(meta.image_uuid);
-    drop(staged);
-    Ok(StatusCode::NO_CONTENT.into_response())
+    super::remove_unfinished_record(app, meta.image_uuid).await
+}
+
+/// `DELETE /api/image/<uuid>` of an image still IN_PROGRESS through a resumable session (a
+/// client that was interrupted and will not come back): ends that session. False when no
+/// session shows this image (a streamed upload in flight, which ends with its connection).
+pub async fn abort_session_of_image(app: &Arc<App>, image_uuid: &str) -> Result<bool, ApiError> {
+    let Ok(entries) = std::fs::read_dir(app.images.session_dir()) else { return Ok(false) };
+    let owner = entries.flatten().find_map(|entry| {
+        let path = entry.path();
+        let meta: SessionMeta = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+        (path.extension().is_some_and(|x| x == "json") && meta.image_uuid == image_uuid).then_some(meta.id)
+    });
+    match owner {
+        Some(id) => end_session(app, &id).await.map(|()| true),
+        None => Ok(false),
+    }
 }

@@ -22,6 +22,8 @@ pub struct Controller {
     pub data_dir: PathBuf,
     /// Lines printed on stdout before the listening line.
     pub banner: Vec<String>,
+    /// HOME for shells run against this controller (their history and upload sessions).
+    pub shell_home: tempfile::TempDir,
 }
 
 pub struct Launch<'a> {
@@ -70,6 +72,7 @@ pub fn try_start(launch: Launch<'_>) -> Result<Controller, String> {
                         url: url.to_string(),
                         data_dir: launch.data_dir.to_path_buf(),
                         banner,
+                        shell_home: tempfile::Builder::new().prefix("fulcrum-shell-home-").tempdir().unwrap(),
                     });
                 }
                 banner.push(line);
@@ -250,12 +253,17 @@ pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("fulcrum-test-").tempdir().unwrap()
 }
 
+/// `fulcrum shell -c <command>` as admin, with its own HOME.
+pub fn shell_command(c: &Controller, command: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fulcrum"));
+    cmd.args(["shell", "--controller", &c.url, "--user", "admin", "--password", PASSWORD, "-c", command])
+        .env("HOME", c.shell_home.path());
+    cmd
+}
+
 /// Runs one `fulcrum shell -c` command as admin; returns stdout and stderr.
 pub fn shell(c: &Controller, command: &str) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-        .args(["shell", "--controller", &c.url, "--user", "admin", "--password", PASSWORD, "-c", command])
-        .output()
-        .expect("run the shell");
+    let out = shell_command(c, command).output().expect("run the shell");
     let (stdout, stderr) =
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(out.status.success(), "{command}: {stdout}{stderr}");
