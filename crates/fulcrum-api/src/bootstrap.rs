@@ -59,6 +59,9 @@ fn defaults(node_ip: &str) -> Vec<(&'static str, String, Value)> {
         ("networkprofile", String::new(), json!({"name": "System-UDP-Fast-Path"})),
         ("sslprofile", String::new(), json!({"name": "System-Standard"})),
         ("sslprofile", String::new(), json!({"name": "System-Standard-PFS"})),
+        ("sslprofile", String::new(), json!({"name": "System-Standard-Portal", "type": "SSL_PROFILE_TYPE_SYSTEM"})),
+        app_profile("System-DNS", "APPLICATION_PROFILE_TYPE_DNS"),
+        app_profile("System-Syslog", "APPLICATION_PROFILE_TYPE_SYSLOG"),
         ("analyticsprofile", String::new(), json!({"name": "System-Analytics-Profile"})),
         ("systemconfiguration", "default".to_string(), json!({"portal_configuration": {}, "global_tenant_config": {}})),
         ("controllerproperties", String::new(), json!({})),
@@ -74,6 +77,55 @@ fn defaults(node_ip: &str) -> Vec<(&'static str, String, Value)> {
             json!({"name": "cluster-0-1", "nodes": [{"ip": {"addr": node_ip, "type": "V4"}, "name": node_ip}]}),
         ),
     ]
+}
+
+/// The product's default key-and-certificate objects: a root CA and the certificates it
+/// issues, each with its own freshly generated key.
+const DEFAULT_CERTIFICATES: &[(&str, &str)] = &[
+    ("System-Default-Cert", "SSL_CERTIFICATE_TYPE_VIRTUALSERVICE"),
+    ("System-Default-Cert-EC", "SSL_CERTIFICATE_TYPE_VIRTUALSERVICE"),
+    ("System-Default-Portal-Cert", "SSL_CERTIFICATE_TYPE_SYSTEM"),
+    ("System-Default-Portal-Cert-EC256", "SSL_CERTIFICATE_TYPE_SYSTEM"),
+    ("System-Default-Secure-Channel-Cert", "SSL_CERTIFICATE_TYPE_SYSTEM"),
+];
+const ROOT_CA: &str = "System-Default-Root-CA";
+
+/// (body, private key PEM) of each default certificate. Keys are ECDSA P-256: ring, the one
+/// crypto provider, cannot generate RSA keys (the product's System-Default-Cert is RSA 2048).
+fn default_certificates(node_ip: &str) -> Result<Vec<(Value, String)>, rcgen::Error> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let params = |common_name: &str, sans: Vec<String>| -> Result<CertificateParams, rcgen::Error> {
+        let mut p = CertificateParams::new(sans)?;
+        p.distinguished_name.push(DnType::CommonName, common_name);
+        p.distinguished_name.push(DnType::OrganizationName, "Fulcrum");
+        p.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2036, 1, 1);
+        Ok(p)
+    };
+    let body = |name: &str, kind: &str, pem: String, common_name: &str, self_signed: bool| {
+        json!({
+            "name": name, "type": kind, "format": "SSL_PEM", "status": "SSL_CERTIFICATE_FINISHED",
+            "created_by": "system",
+            "certificate": {
+                "certificate": pem, "self_signed": self_signed, "expiry_status": "SSL_CERTIFICATE_GOOD",
+                "subject": {"common_name": common_name, "organization": "Fulcrum"},
+                "issuer": {"common_name": ROOT_CA, "organization": "Fulcrum"},
+            },
+        })
+    };
+    let mut ca_params = params(ROOT_CA, vec![])?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let mut out =
+        vec![(body(ROOT_CA, "SSL_CERTIFICATE_TYPE_CA", ca_cert.pem(), ROOT_CA, true), ca_key.serialize_pem())];
+    let issuer = Issuer::new(ca_params, ca_key);
+    for (name, kind) in DEFAULT_CERTIFICATES {
+        let key = KeyPair::generate()?;
+        let cert = params(name, vec![node_ip.to_string(), "localhost".to_string()])?.signed_by(&key, &issuer)?;
+        out.push((body(name, kind, cert.pem(), name, false), key.serialize_pem()));
+    }
+    Ok(out)
 }
 
 /// Creates the default objects and the admin user unless they exist. Returns the generated
@@ -94,6 +146,8 @@ pub async fn ensure_defaults(store: &Store, data_dir: &Path, node_ip: &str) -> R
             .map_err(|e| ApiError::internal(format!("cannot write {PASSWORD_FILE}: {e}")))?;
     }
     let hash = hash_password(&password);
+    let certificates = default_certificates(node_ip)
+        .map_err(|e| ApiError::internal(format!("cannot make the default certificates: {e}")))?;
     let node_ip = node_ip.to_string();
     store
         .write(move |txn| {
@@ -111,6 +165,15 @@ pub async fn ensure_defaults(store: &Store, data_dir: &Path, node_ip: &str) -> R
                     ADMIN_TENANT,
                     hidden.as_object().cloned().unwrap_or_default(),
                 )?;
+            }
+            let certificate_type = reg.type_def("sslkeyandcertificate").expect("defined");
+            for (body, key) in certificates {
+                let config = normalize(reg, reg.schema_of(certificate_type), &body)?;
+                // The private key is kept but never shown: it lives among the hidden fields.
+                let hidden = json!({"_system_default": true, "_private_key": key});
+                let uuid = format!("sslkeyandcertificate-{}", uuid::Uuid::new_v4());
+                let hidden = hidden.as_object().cloned().unwrap_or_default();
+                store_object(txn, certificate_type, &uuid, config, ADMIN_TENANT, hidden)?;
             }
             let admin = json!({
                 "name": "admin", "username": "admin", "full_name": "System Administrator", "is_superuser": true,

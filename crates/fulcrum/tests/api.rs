@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Api, Controller, start, temp_dir};
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
 fn pool_count(api: &Api) -> u64 {
@@ -551,4 +552,77 @@ fn shell_prints_tables() {
     assert!(!ok && err.contains("not found"), "{err}");
     let (ok, out, _) = run("show systemconfiguration");
     assert!(ok && out.contains("default_license_tier"), "{out}");
+}
+
+#[test]
+fn a_fresh_controller_has_the_products_default_certificates_for_https_virtual_services() {
+    let dir = temp_dir();
+    let c = start(dir.path());
+    let api = c.admin();
+    // The Ansible avi_virtualservice module's documented HTTPS example, as its users send it.
+    let vs = api.post(
+        "/api/virtualservice",
+        &json!({
+            "name": "secure-vs",
+            "services": [{"port": 443, "enable_ssl": true}],
+            "ssl_key_and_certificate_refs": ["/api/sslkeyandcertificate?name=System-Default-Cert"],
+            "ssl_profile_ref": "/api/sslprofile?name=System-Standard",
+            "application_profile_ref": "/api/applicationprofile?name=System-Secure-HTTP",
+        }),
+    );
+    assert_eq!(vs.status, 201, "{}", vs.body);
+    let get = |name: &str| api.object(&format!("/api/sslkeyandcertificate?name={name}"))["results"][0].clone();
+    let root = get("System-Default-Root-CA");
+    assert_eq!(root["type"], "SSL_CERTIFICATE_TYPE_CA");
+    let mut roots = rustls::RootCertStore::empty();
+    let root_pem = root["certificate"]["certificate"].as_str().unwrap();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap()).unwrap();
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let mut certs = std::collections::HashSet::new();
+    for name in [
+        "System-Default-Cert",
+        "System-Default-Cert-EC",
+        "System-Default-Portal-Cert",
+        "System-Default-Portal-Cert-EC256",
+        "System-Default-Secure-Channel-Cert",
+    ] {
+        let object = get(name);
+        assert_eq!(object["name"], name);
+        assert!(object.get("key").is_none() && !object.to_string().contains("PRIVATE KEY"), "keys are never shown");
+        let pem = object["certificate"]["certificate"].as_str().unwrap().to_string();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        // A real certificate, issued by the root CA, for the controller's own names.
+        use rustls::client::danger::ServerCertVerifier;
+        verifier
+            .verify_server_cert(
+                &der,
+                &[],
+                &rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(certs.insert(pem), "each default certificate is its own");
+    }
+    // The other system defaults such clients name.
+    for (kind, name) in [
+        ("sslprofile", "System-Standard-Portal"),
+        ("applicationprofile", "System-DNS"),
+        ("applicationprofile", "System-Syslog"),
+        ("applicationprofile", "System-L4-Application"),
+        ("networkprofile", "System-TCP-Proxy"),
+        ("healthmonitor", "System-HTTP"),
+    ] {
+        assert_eq!(api.object(&format!("/api/{kind}?name={name}"))["count"], 1, "{kind} {name}");
+    }
+    assert_eq!(
+        api.delete(&format!("/api/sslkeyandcertificate/{}", get("System-Default-Cert-EC")["uuid"].as_str().unwrap()))
+            .status,
+        403
+    );
 }
