@@ -127,6 +127,7 @@ enum Route<'a> {
     UploadSession(&'a str),
     UploadSessionComplete(&'a str),
     LicenseUsage,
+    AnalyticsMetrics,
     UpgradeOp(crate::upgrade::Which, bool),
     UpgradeStatusInfo(Option<&'a str>),
     UpgradeStatusSummary,
@@ -160,6 +161,7 @@ impl<'a> Route<'a> {
             ["image-upload", id] => Route::UploadSession(id),
             ["image-upload", id, "complete"] => Route::UploadSessionComplete(id),
             ["licenseusage"] => Route::LicenseUsage,
+            ["analytics", "metrics", "controller"] => Route::AnalyticsMetrics,
             ["upgradestatusinfo"] => Route::UpgradeStatusInfo(None),
             ["upgradestatusinfo", uuid] => Route::UpgradeStatusInfo(Some(uuid)),
             ["upgradestatussummary"] => Route::UpgradeStatusSummary,
@@ -208,6 +210,7 @@ impl<'a> Route<'a> {
             Route::UploadSession(_) => "/api/image-upload/{id}".into(),
             Route::UploadSessionComplete(_) => "/api/image-upload/{id}/complete".into(),
             Route::LicenseUsage => "/api/licenseusage".into(),
+            Route::AnalyticsMetrics => "/api/analytics/metrics/controller".into(),
             Route::UpgradeOp(which, preview) => {
                 format!("/api/{}{}", which.path(), if *preview { "/preview" } else { "" })
             }
@@ -499,6 +502,7 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (Route::Backup(name), Method::GET) => crate::upgrade::backup::download(app, &ctx, name),
         (Route::ConfigExport, Method::GET) => crate::upgrade::backup::export_now(app, &ctx),
         (Route::LicenseUsage, Method::GET) => Ok(crate::engines::license_usage(app)),
+        (Route::AnalyticsMetrics, Method::GET) => crate::analytics::controller_metrics(app, &ctx),
         (Route::Collection(t), Method::POST) if is(t, crate::engines::TOKEN_KIND) => {
             crate::engines::create_token(app, &ctx, &body).await
         }

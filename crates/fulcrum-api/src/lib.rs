@@ -4,6 +4,7 @@
 //! the schema and store crates know nothing of HTTP.
 
 pub mod access;
+pub mod analytics;
 pub mod app;
 pub mod asyncpatch;
 pub mod auth;

@@ -476,3 +476,44 @@ fn five_hundred_simulated_ses_join_one_controller() {
     assert_eq!(up, 500);
     eprintln!("500 simulated SEs joined and up in {joined_in:?}");
 }
+
+#[test]
+fn license_metering_reads_the_metrics_api() {
+    let data = temp_dir();
+    let c = controller(data.path());
+    let api = c.admin();
+    let (_, token) = token(&api, "Default-Group");
+    let work = temp_dir();
+    let _sims = Agent::start(&c, Some(&token), &work.path().join("sim"), "sim", &["--simulate", "3"]);
+    wait_for("3 licensed SEs", Duration::from_secs(30), || {
+        (api.object("/api/licenseusage")["num_licensed_ses"] == 3).then_some(())
+    });
+    let mean = |query: &str| {
+        let r = api.get(&format!("/api/analytics/metrics/controller?{query}&limit=1&step=300"));
+        assert_eq!(r.status, 200, "{query}: {}", r.body);
+        r.json()["results"][0]["series"][0]["header"]["statistics"]["mean"].as_f64().unwrap()
+    };
+    // What license-metering scripts ask, with the values of this fleet: 3 SEs of 1 core.
+    assert_eq!(mean("metric_id=controller_stats.avg_num_service_cores"), 3.0);
+    assert_eq!(mean("metric_id=controller_stats.avg_num_licensed_service_cores"), 20.0);
+    let group =
+        api.object("/api/serviceenginegroup?name=Default-Group")["results"][0]["uuid"].as_str().unwrap().to_string();
+    assert_eq!(mean(&format!("metric_id=segroup_stats.avg_license_usage&obj_id={group}")), 3.0);
+    let other =
+        api.post("/api/serviceenginegroup", &json!({"name": "empty"})).json()["uuid"].as_str().unwrap().to_string();
+    assert_eq!(mean(&format!("metric_id=segroup_stats.avg_license_usage&obj_id={other}")), 0.0);
+    for (query, status, says) in [
+        ("metric_id=controller_stats.nope".to_string(), 400, "unknown metric_id"),
+        ("metric_id=segroup_stats.avg_license_usage".to_string(), 400, "obj_id"),
+        ("metric_id=segroup_stats.avg_num_se&obj_id=serviceenginegroup-nope".to_string(), 404, "no such"),
+        ("limit=1".to_string(), 400, "metric_id is required"),
+    ] {
+        let r = api.get(&format!("/api/analytics/metrics/controller?{query}"));
+        assert_eq!(r.status, status, "{query}: {}", r.body);
+        assert!(r.error().contains(says), "{query}: {}", r.error());
+    }
+    assert_eq!(
+        c.anonymous().get("/api/analytics/metrics/controller?metric_id=controller_stats.avg_num_service_cores").status,
+        401
+    );
+}

@@ -321,6 +321,30 @@ pub fn installing(cat: &Catalogue, image_path: &str) -> Option<String> {
 }
 
 /// `GET /api/licenseusage`.
+/// What the SEs of one group (or all of them) hold now, for license metering.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreUsage {
+    pub licensed_cores: u64,
+    pub consumed_cores: u64,
+    pub num_ses: u64,
+    pub num_ses_up: u64,
+}
+
+/// Core usage of the SEs whose group is `group_uuid` (every SE when None).
+pub fn core_usage(cat: &Catalogue, group_uuid: Option<&str>) -> CoreUsage {
+    let in_group = |se: &Value| group_uuid.is_none_or(|g| uuid_of_ref(se.get("se_group_ref")).as_deref() == Some(g));
+    let ses: Vec<&Arc<Stored>> = cat.iter(SE_KIND).filter(|s| in_group(&s.value)).collect();
+    CoreUsage {
+        licensed_cores: licensed_cores(cat.iter(LICENSE_KIND).map(|l| &l.value)),
+        consumed_cores: ses.iter().filter(|s| holds_license(&s.value)).map(|s| cores_of(&s.value)).sum(),
+        num_ses: ses.len() as u64,
+        num_ses_up: ses
+            .iter()
+            .filter(|s| s.value.pointer("/oper_status/state").and_then(Value::as_str) == Some("OPER_UP"))
+            .count() as u64,
+    }
+}
+
 pub fn license_usage(app: &App) -> Response {
     let cat = app.store.read();
     let total = licensed_cores(cat.iter(LICENSE_KIND).map(|l| &l.value));
