@@ -431,6 +431,16 @@ async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
 
 async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) -> Result<Response, ApiError> {
     let method = parts.method.clone();
+    // Besides the schema's types, only what the endpoint table lists is answered, and only with
+    // the methods it lists: the OpenAPI document is made from the same table.
+    if !matches!(route, Route::Collection(_) | Route::Object(..) | Route::Singleton(_)) {
+        let label = route.label();
+        let endpoint = crate::endpoints::find(&label)
+            .ok_or_else(|| ApiError::not_found(format!("no such API path: {}", parts.uri.path())))?;
+        if !endpoint.methods.iter().any(|m| *m == method.as_str()) {
+            return Err(ApiError::method_not_allowed(method.as_str()));
+        }
+    }
     match (&route, &method) {
         (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app)),
         (Route::InitialData, &Method::GET) => return Ok(system::initial_data(app)),

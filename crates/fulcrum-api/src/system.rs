@@ -74,8 +74,49 @@ pub fn cluster_version(app: &App) -> Response {
     json_response(StatusCode::OK, &version::info(&app.upgrade.slots.running()))
 }
 
+/// The schema's object types, and every other endpoint from the one table the router obeys.
 pub fn openapi() -> Response {
-    json_response(StatusCode::OK, &fulcrum_schema::openapi::document(version::VERSION))
+    json_response(StatusCode::OK, &openapi_document())
+}
+
+pub fn openapi_document() -> Value {
+    let mut doc = fulcrum_schema::openapi::document(version::VERSION);
+    let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let ok = json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}});
+    let paths = doc["paths"].as_object_mut().expect("the document has paths");
+    for endpoint in crate::endpoints::ENDPOINTS {
+        let tag = endpoint.path.trim_start_matches("/api/").split('/').next().unwrap_or_default().to_string();
+        let mut item = serde_json::Map::new();
+        let params: Vec<Value> = endpoint
+            .path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        if !params.is_empty() {
+            item.insert("parameters".into(), Value::Array(params));
+        }
+        for method in endpoint.methods {
+            let mut operation = json!({"tags": [tag], "summary": endpoint.summary,
+                "responses": {"200": ok, "400": error, "401": error, "403": error, "404": error}});
+            if endpoint.public {
+                operation["security"] = json!([]);
+            }
+            item.insert(method.to_ascii_lowercase(), operation);
+        }
+        paths.insert(endpoint.path.to_string(), Value::Object(item));
+    }
+    // Image records describe uploaded packages: made by a multipart upload, never edited.
+    let image = crate::images::KIND;
+    if let Some(item) = paths.get_mut(&format!("/api/{image}/{{uuid}}")).and_then(Value::as_object_mut) {
+        item.remove("put");
+        item.remove("patch");
+    }
+    if let Some(post) = paths.get_mut(&format!("/api/{image}")).and_then(|i| i.get_mut("post")) {
+        post["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}}});
+    }
+    doc
 }
 
 pub async fn metrics(State(_app): State<Arc<App>>) -> Response {

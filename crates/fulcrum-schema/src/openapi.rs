@@ -123,18 +123,6 @@ pub fn document(version: &str) -> Value {
             }),
         );
     }
-    let ok = json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}});
-    paths.insert(
-        "/api/pool-async/status/{patch_id}".into(),
-        json!({"get": {"tags": ["pool-async"], "summary": "Status of an asynchronous PATCH (PATCH /api/pool/{uuid}?async_mode).",
-            "parameters": [{"name": "patch_id", "in": "path", "required": true, "schema": {"type": "string"}}],
-            "responses": {"200": ok, "404": error}}}),
-    );
-    paths.insert(
-        "/api/pool-async/merge".into(),
-        json!({"post": {"tags": ["pool-async"], "summary": "Run an async PATCH merge cycle now (administrators).",
-            "responses": {"200": ok, "403": error}}}),
-    );
     json!({
         "openapi": "3.0.3",
         "info": {"title": "Fulcrum controller API", "version": version},
