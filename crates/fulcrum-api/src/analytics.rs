@@ -15,7 +15,9 @@ use crate::error::ApiError;
 use crate::version::rfc3339;
 
 /// (metric id, what it counts, per SE group, the value from a usage).
-const METRICS: &[(&str, &str, bool, fn(&CoreUsage) -> u64)] = &[
+type Metric = (&'static str, &'static str, bool, fn(&CoreUsage) -> u64);
+
+const METRICS: &[Metric] = &[
     ("controller_stats.avg_num_service_cores", "Service cores consumed by service engines.", false, |u| {
         u.consumed_cores
     }),
