@@ -52,7 +52,7 @@ struct Tracker {
     sessions: Vec<Tracked>,
 }
 
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Tracked {
     controller: String,
     path: PathBuf,
@@ -76,10 +76,14 @@ impl Tracker {
             let _ = std::fs::write(file, serde_json::to_vec_pretty(self).expect("tracker serializes"));
         }
     }
+    /// The session kept for this file, unless the file changed since.
     fn find(&self, key: &Tracked) -> Option<String> {
         self.sessions
             .iter()
-            .find(|t| Tracked { session: String::new(), ..(*t).clone() } == *key)
+            .find(|t| {
+                (&t.controller, &t.path, t.size, t.modified_secs)
+                    == (&key.controller, &key.path, key.size, key.modified_secs)
+            })
             .map(|t| t.session.clone())
     }
     fn set(key: &Tracked, session: Option<&str>) {

@@ -132,7 +132,9 @@ fn the_readme_tour_runs_as_written() {
     for (lang, text) in &blocks {
         match lang.as_str() {
             "sh" if text.contains("-- serve") => {
+                // The blocks before it (keys, trust) have run: let the controller start, and wait for it.
                 serve = Some(text.clone());
+                script.push_str("touch tour/.ready\n");
                 script.push_str("for i in $(seq 100); do [ -f tour/.serving ] && break; sleep 0.1; done\n");
             }
             "sh" => {
@@ -144,10 +146,6 @@ fn the_readme_tour_runs_as_written() {
         }
     }
     let serve = serve.expect("the tour starts the controller");
-    // The first block (keys, trust) must have run before the controller starts: the main
-    // script signals the controller's bash when it reaches the serve block.
-    let first_sh = script.find("for i in $(seq 100)").unwrap();
-    script.insert_str(first_sh, "touch tour/.ready\n");
     let serve_script =
         format!("for i in $(seq 600); do [ -f tour/.ready ] && break; sleep 0.1; done\ntouch tour/.serving\n{serve}\n");
 
