@@ -52,6 +52,7 @@ pub struct App {
     pub engines: crate::engines::Engines,
     pub upgrade: crate::upgrade::Upgrades,
     pub data_dir: std::path::PathBuf,
+    pub request_history: crate::analytics::RequestHistory,
 }
 
 impl App {

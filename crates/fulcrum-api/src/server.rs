@@ -130,6 +130,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         engines: crate::engines::Engines::new(config.engines.clone()),
         upgrade,
         data_dir: config.data_dir.clone(),
+        request_history: Default::default(),
     });
     {
         let cat = app.store.read();
@@ -140,6 +141,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     let merger = tokio::spawn(asyncpatch::run_timer(app.clone()));
     let engine_loop = tokio::spawn(crate::engines::run(app.clone()));
     let upgrader = tokio::spawn(crate::upgrade::run(app.clone()));
+    let sampler = tokio::spawn(crate::analytics::run_sampler(app.clone()));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("fulcrum listening on {scheme}://{local}");
@@ -215,6 +217,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     merger.abort();
     engine_loop.abort();
     upgrader.abort();
+    sampler.abort();
     tracing::info!("shutting down: draining connections");
     tokio::select! {
         () = graceful.shutdown() => {},

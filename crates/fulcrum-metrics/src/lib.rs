@@ -99,6 +99,11 @@ impl Counter {
         self.values.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied().unwrap_or(0)
     }
 
+    /// The sum of the series whose labels `keep` accepts (all requests, the failed ones).
+    pub fn sum_where(&self, keep: impl Fn(&[String]) -> bool) -> u64 {
+        self.values.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|(k, _)| keep(k)).map(|(_, v)| v).sum()
+    }
+
     pub fn render(&self, out: &mut String) {
         let values = self.values.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", self.name, self.help, self.name);
@@ -176,5 +181,8 @@ mod tests {
         c.render(&mut out);
         assert!(out.contains("req_total{route=\"/a\",code=\"200\"} 2"), "{out}");
         assert_eq!(c.get(&["/a", "200"]), 2);
+        c.add(&["/b", "404"], 3);
+        assert_eq!(c.sum_where(|_| true), 5);
+        assert_eq!(c.sum_where(|l| l[1].starts_with('4')), 3);
     }
 }

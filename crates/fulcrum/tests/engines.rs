@@ -502,7 +502,27 @@ fn license_metering_reads_the_metrics_api() {
     let other =
         api.post("/api/serviceenginegroup", &json!({"name": "empty"})).json()["uuid"].as_str().unwrap().to_string();
     assert_eq!(mean(&format!("metric_id=segroup_stats.avg_license_usage&obj_id={other}")), 0.0);
+    // Request rates come from the same counters as /metrics: 40 answered requests, 10 of them 404.
+    let before = api.get("/api/analytics/metrics/controller?metric_id=controller_stats.avg_api_request_rate");
+    assert_eq!(before.status, 200, "{}", before.body);
+    for i in 0..40 {
+        let path = if i % 4 == 0 { "/api/pool/pool-nope" } else { "/api/pool" };
+        api.get(path);
+    }
+    let r = api.get(
+        "/api/analytics/metrics/controller?metric_id=controller_stats.avg_api_request_rate,\
+         controller_stats.avg_api_error_rate&limit=3&step=60",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let series = r.json()["results"][0]["series"].clone();
+    let newest = |s: &Value| s["data"].as_array().unwrap().last().unwrap()["value"].as_f64().unwrap();
+    assert_eq!(series[0]["header"]["units"], "PER_SECOND");
+    let (requests, errors) = (newest(&series[0]), newest(&series[1]));
+    assert!(requests > 0.0 && errors > 0.0 && errors < requests, "{series}");
+    assert!(series[0]["data"].as_array().unwrap().len() <= 3, "{series}");
     for (query, status, says) in [
+        ("metric_id=controller_stats.avg_api_request_rate&step=0".to_string(), 400, "step must be"),
+        ("metric_id=controller_stats.avg_api_request_rate&limit=x".to_string(), 400, "limit must be"),
         ("metric_id=controller_stats.nope".to_string(), 400, "unknown metric_id"),
         ("metric_id=segroup_stats.avg_license_usage".to_string(), 400, "obj_id"),
         ("metric_id=segroup_stats.avg_num_se&obj_id=serviceenginegroup-nope".to_string(), 404, "no such"),
