@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod packages;
+pub mod pty;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
