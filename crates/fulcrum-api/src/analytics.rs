@@ -39,7 +39,8 @@ impl Totals {
         Totals {
             at: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
             requests: HTTP_REQUESTS.sum_where(|_| true),
-            errors: HTTP_REQUESTS.sum_where(|labels| labels.get(1).and_then(|s| s.parse::<u16>().ok()).is_some_and(|s| s >= 400)),
+            errors: HTTP_REQUESTS
+                .sum_where(|labels| labels.get(1).and_then(|s| s.parse::<u16>().ok()).is_some_and(|s| s >= 400)),
         }
     }
 }
@@ -121,12 +122,7 @@ const METRICS: &[Metric] = &[
     ),
     ("controller_stats.avg_num_service_engines", "Service engines.", false, Source::Usage(|u| u.num_ses)),
     ("controller_stats.avg_num_service_engines_up", "Service engines up.", false, Source::Usage(|u| u.num_ses_up)),
-    (
-        "controller_stats.avg_api_request_rate",
-        "API requests answered per second.",
-        false,
-        Source::Rate(|t| t.requests),
-    ),
+    ("controller_stats.avg_api_request_rate", "API requests answered per second.", false, Source::Rate(|t| t.requests)),
     (
         "controller_stats.avg_api_error_rate",
         "API requests answered with a 4xx or 5xx status per second.",

@@ -479,6 +479,23 @@ fn a_composite_whose_patches_share_a_patch_level_is_one_patch_image_with_two_sid
 }
 
 #[test]
+fn separate_patches_of_one_patch_level_are_refused_with_the_way_to_upload_them() {
+    let pkgs = Packages::new();
+    let data = pkgs.data_dir();
+    let c = start(data.path());
+    let api = c.admin();
+    let cp = pkgs.build("cp.pkg", "controller_patch", "30.3.2", "9400", &[]);
+    let sp = pkgs.build("sp.pkg", "se_patch", "30.3.2", "9400", &[]);
+    assert_eq!(upload(&api, &cp).status, 201);
+    let r = upload(&api, &sp);
+    assert_eq!(r.status, 409, "{}", r.body);
+    for says in ["controller patch of this patch level", "bundle"] {
+        assert!(r.error().contains(says), "{}", r.error());
+    }
+    assert_eq!(images(&api).len(), 1, "the refused upload left nothing");
+}
+
+#[test]
 fn images_in_use_cannot_be_deleted() {
     let pkgs = Packages::new();
     let data = pkgs.data_dir();

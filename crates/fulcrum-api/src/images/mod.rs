@@ -367,13 +367,24 @@ impl Staged {
         let mut config = record::image_config(manifest, manifest, None, &path.to_string_lossy(), expected);
         config.extend(record::status_fields(record::IN_PROGRESS, progress, started, None));
         let config = normalized(config)?;
-        let (t, id) = (type_def(), uuid.to_string());
+        let (t, id, kind) = (type_def(), uuid.to_string(), manifest.kind);
         self.app
             .store
             .write(move |txn| {
                 let gone = txn.get(KIND, &id).is_none_or(|s| record::is_completed(&s.value));
                 if gone && if_gone == IfGone::Skip {
                     return Ok(());
+                }
+                let name = config.get("name").and_then(Value::as_str).unwrap_or_default();
+                if let Some(other) = txn.find_by_name(KIND, ADMIN_TENANT, name).filter(|o| o.uuid != id)
+                    && let Some(why) = record::other_side_of_patch(&other.value, kind)
+                {
+                    return Err(ApiError::conflict(format!(
+                        "image '{name}' already exists ({}): it is {why}. A controller patch and an SE patch \
+                         of one patch level are one image: upload them together as a bundle \
+                         (fulcrum pkg build --kind bundle), or delete '{name}' first",
+                        other.uuid
+                    )));
                 }
                 crate::objects::store_object(txn, t, &id, config, ADMIN_TENANT, serde_json::Map::new()).map(drop)
             })

@@ -57,6 +57,17 @@ pub fn part_uuids(value: &Value) -> Vec<String> {
         })
 }
 
+/// When `existing` is the other side of a patch of kind `kind` (a controller patch where an SE
+/// patch comes, or the reverse), what it is, to explain why the two share a name.
+pub fn other_side_of_patch(existing: &Value, kind: PackageKind) -> Option<&'static str> {
+    let existing_kind = existing.pointer("/_package/kind").and_then(Value::as_str)?;
+    match (existing_kind, kind) {
+        ("controller_patch", PackageKind::SePatch) => Some("the controller patch of this patch level"),
+        ("se_patch", PackageKind::ControllerPatch) => Some("the SE patch of this patch level"),
+        _ => None,
+    }
+}
+
 /// Who uses the image of this record, if anyone: matched on version, build and patch.
 pub fn in_use_by(value: &Value, in_use: &[(String, RunningVersion)]) -> Option<String> {
     let package = value.get("_package")?;
