@@ -34,12 +34,54 @@ struct Grant {
     privileges: Vec<(String, Level)>,
 }
 
+/// A user's grants; `role` looks a role up by its reference.
+fn grants_of(user: &Value, role: &dyn Fn(&str) -> Option<Value>) -> Vec<Grant> {
+    let mut grants = Vec::new();
+    for entry in user.get("access").and_then(Value::as_array).into_iter().flatten() {
+        let role = entry.get("role_ref").and_then(Value::as_str).and_then(role);
+        let privileges = role
+            .and_then(|r| r.get("privileges").and_then(Value::as_array).cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| Some((p.get("resource")?.as_str()?.to_string(), Level::parse(p.get("type")?.as_str()?))))
+            .collect();
+        let all = entry.get("all_tenants").and_then(Value::as_bool).unwrap_or(false);
+        let tenant = if all {
+            None
+        } else {
+            entry.get("tenant_ref").and_then(Value::as_str).map(|t| last_segment(t).to_string())
+        };
+        grants.push(Grant { tenant, privileges });
+    }
+    grants
+}
+
+fn is_superuser_of(grants: &[Grant]) -> bool {
+    grants.iter().any(|g| g.tenant.is_none() && g.privileges.iter().any(|(r, l)| r == "*" && *l == Level::Write))
+}
+
+/// Whether one of `users` (their stored bodies) is active and may do everything everywhere:
+/// a write to users or roles that would leave none is refused, so nobody can lock every
+/// administrator out.
+pub fn someone_administers<'a>(
+    users: impl IntoIterator<Item = &'a Value>,
+    role: &dyn Fn(&str) -> Option<Value>,
+) -> bool {
+    users.into_iter().any(|user| {
+        user.get("is_active").and_then(Value::as_bool) != Some(false)
+            && user.get("_password_hash").is_some()
+            && is_superuser_of(&grants_of(user, role))
+    })
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub user_uuid: String,
     pub username: String,
     pub default_tenant: String,
+    /// The session the request came with (none for HTTP Basic).
+    pub session: Option<String>,
     grants: Vec<Grant>,
 }
 
@@ -50,25 +92,7 @@ fn last_segment(reference: &str) -> &str {
 impl Principal {
     pub fn from_user(catalogue: &Catalogue, user: &Stored) -> Principal {
         let v = &user.value;
-        let mut grants = Vec::new();
-        for entry in v.get("access").and_then(Value::as_array).into_iter().flatten() {
-            let role = entry.get("role_ref").and_then(Value::as_str).and_then(|r| catalogue.get_path(r));
-            let privileges = role
-                .and_then(|r| r.value.get("privileges").and_then(Value::as_array).cloned())
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|p| {
-                    Some((p.get("resource")?.as_str()?.to_string(), Level::parse(p.get("type")?.as_str()?)))
-                })
-                .collect();
-            let all = entry.get("all_tenants").and_then(Value::as_bool).unwrap_or(false);
-            let tenant = if all {
-                None
-            } else {
-                entry.get("tenant_ref").and_then(Value::as_str).map(|t| last_segment(t).to_string())
-            };
-            grants.push(Grant { tenant, privileges });
-        }
+        let grants = grants_of(v, &|r| catalogue.get_path(r).map(|role| role.value.clone()));
         let default_tenant = v
             .get("default_tenant_ref")
             .and_then(Value::as_str)
@@ -84,6 +108,7 @@ impl Principal {
                 .unwrap_or_default()
                 .to_string(),
             default_tenant,
+            session: None,
             grants,
         }
     }
@@ -110,9 +135,7 @@ impl Principal {
 
     /// Full access everywhere: shown as `is_superuser`.
     pub fn is_superuser(&self) -> bool {
-        self.grants
-            .iter()
-            .any(|g| g.tenant.is_none() && g.privileges.iter().any(|(r, l)| r == "*" && *l == Level::Write))
+        is_superuser_of(&self.grants)
     }
 
     pub fn tenants<'a>(&self, catalogue: &'a Catalogue) -> Vec<&'a std::sync::Arc<Stored>> {
@@ -145,8 +168,16 @@ pub fn resolve_tenant(
     principal: &Principal,
     headers: &HeaderMap,
 ) -> Result<TenantScope, ApiError> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
-    let tenant = if let Some(name) = header("x-avi-tenant") {
+    // A tenant name may be any UTF-8 (not only the visible ASCII `to_str` accepts); a header
+    // that is not UTF-8 names no tenant and must not fall back to the default one.
+    let header = |name: &str| -> Result<Option<&str>, ApiError> {
+        let Some(value) = headers.get(name) else { return Ok(None) };
+        let text = std::str::from_utf8(value.as_bytes())
+            .map_err(|_| ApiError::bad_request(format!("header {name} is not valid UTF-8")))?
+            .trim();
+        Ok(Some(text).filter(|v| !v.is_empty()))
+    };
+    let tenant = if let Some(name) = header("x-avi-tenant")? {
         if name == "*" {
             return Ok(TenantScope::All);
         }
@@ -154,7 +185,7 @@ pub fn resolve_tenant(
             .find_by_name("tenant", "", name)
             .map(|t| t.uuid.clone())
             .ok_or_else(|| ApiError::forbidden(format!("Tenant '{name}' does not exist!")))?
-    } else if let Some(uuid) = header("x-avi-tenant-uuid") {
+    } else if let Some(uuid) = header("x-avi-tenant-uuid")? {
         catalogue
             .get("tenant", uuid)
             .map(|t| t.uuid.clone())

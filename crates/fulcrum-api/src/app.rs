@@ -26,6 +26,10 @@ use crate::{objects, system, version};
 
 /// Larger bodies are refused with 413 (a pool of 5,000 servers is about 1.5 MB).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// A login is a user name and a password: anything longer is not one.
+pub const MAX_LOGIN_BODY_BYTES: usize = 16 << 10;
+/// What an SE agent sends before it is known (a join, a poll, an event) is small.
+pub const MAX_AGENT_BODY_BYTES: usize = 1 << 20;
 pub const SESSION_COOKIE: &str = "avi-sessionid";
 
 pub static HTTP_REQUESTS: Counter =
@@ -111,7 +115,22 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/logout", post(system::logout))
         .route("/metrics", get(system::metrics))
         .fallback(dispatch)
+        .layer(axum::middleware::map_response_with_state(app.clone(), common_headers))
         .with_state(app)
+}
+
+/// Headers every answer carries, login and metrics included.
+async fn common_headers(State(app): State<Arc<App>>, mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache, must-revalidate"));
+    headers.insert(header::VARY, HeaderValue::from_static("Accept, Cookie"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("SAMEORIGIN"));
+    if app.tls {
+        headers
+            .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
+    }
+    response
 }
 
 /// What an `/api/...` path names.
@@ -284,23 +303,29 @@ pub async fn discard_body(body: &mut Body, limit: usize) {
     }
 }
 
-async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    read_body_within(body, MAX_BODY_BYTES).await
+}
+
+/// Reads a body of at most `limit` bytes into memory; a larger one is refused with 413 (and
+/// read on, without keeping it, up to [`DRAIN_LIMIT_BYTES`], so the client gets the answer).
+pub async fn read_body_within(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let mut buffer = Vec::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
         seen += data.len();
-        if seen <= MAX_BODY_BYTES {
+        if seen <= limit {
             buffer.extend_from_slice(&data);
         } else if seen > DRAIN_LIMIT_BYTES {
             break;
         }
     }
-    if seen > MAX_BODY_BYTES {
+    if seen > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the limit of {MAX_BODY_BYTES} bytes"),
+            format!("request body is larger than the limit of {limit} bytes"),
         ));
     }
     Ok(Bytes::from(buffer))
@@ -332,7 +357,14 @@ pub async fn authenticate(app: &App, parts: &Parts) -> Result<Principal, ApiErro
         .get("user", &session.user_uuid)
         .filter(|u| u.value.get("is_active").and_then(Value::as_bool) != Some(false))
         .ok_or_else(|| ApiError::unauthorized("The session's user no longer exists."))?;
-    Ok(Principal::from_user(&cat, user))
+    let hash = user.value.get("_password_hash").and_then(Value::as_str).unwrap_or_default();
+    // Not removed here: the user's own change rebinds its session just after committing.
+    if crate::auth::credential_stamp(hash) != session.credential {
+        return Err(ApiError::unauthorized("The password changed since this session began; log in again."));
+    }
+    let mut principal = Principal::from_user(&cat, user);
+    principal.session = Some(session_id);
+    Ok(principal)
 }
 
 async fn authenticate_basic(app: &App, parts: &Parts, encoded: &str) -> Result<Principal, ApiError> {
@@ -376,7 +408,12 @@ pub async fn check_password(app: &App, client: &str, username: &str, password: &
             }
             ok
         }
-        None => false,
+        None => {
+            // The same work as a real check, so the answer's timing does not say the name is unknown.
+            let p = password.to_string();
+            let _ = tokio::task::spawn_blocking(move || verify_password(&p, crate::auth::decoy_hash())).await;
+            false
+        }
     };
     if !ok {
         app.throttle.record_failure(client, username, now);
@@ -416,14 +453,6 @@ async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
     if let Ok(v) = HeaderValue::from_str(&shown_version) {
         headers.insert("AVI_API_VERSION", v);
     }
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache, must-revalidate"));
-    headers.insert(header::VARY, HeaderValue::from_static("Accept, Cookie"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("SAMEORIGIN"));
-    if app.tls {
-        headers
-            .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
-    }
     HTTP_REQUESTS.add(&[&label, response.status().as_str()], 1);
     HTTP_SECONDS.observe(&label, started.elapsed().as_secs_f64());
     tracing::debug!(%method, route = %label, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
@@ -447,7 +476,7 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (Route::InitialData, &Method::GET) => return Ok(system::initial_data(app)),
         (Route::SeAgentImage(id), &Method::GET) => return crate::engines::agent::image(app, &parts.headers, id).await,
         (r @ (Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent), &Method::POST) => {
-            let body = read_body(body).await?;
+            let body = read_body_within(body, MAX_AGENT_BODY_BYTES).await?;
             return match r {
                 Route::SeAgentJoin => crate::engines::agent::join(app, &body).await,
                 Route::SeAgentPoll => crate::engines::agent::poll(app, &parts.headers, &body).await,
@@ -462,14 +491,23 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (&route, &method),
         (Route::Collection(t), &Method::POST) if t.path == crate::images::KIND
     ) || matches!((&route, &method), (Route::UploadSession(_), &Method::PUT));
+    // Credentials first: nothing of an unauthenticated body is kept in memory. A refused body
+    // is still read (and dropped, up to the body limit) so the connection stays usable for the
+    // client's next request.
+    let mut body = body;
+    let principal = match authenticate(app, &parts).await {
+        Ok(principal) => principal,
+        Err(e) => {
+            discard_body(&mut body, MAX_BODY_BYTES).await;
+            return Err(e);
+        }
+    };
     let (body, streamed) = if streams_body {
         (Bytes::new(), Some(body))
     } else {
-        // Read the body before anything can refuse the request, so the connection stays usable
-        // for the client's next request.
+        // Read the body before anything else can refuse the request, for the same reason.
         (read_body(body).await?, None)
     };
-    let principal = authenticate(app, &parts).await?;
     let scope = {
         let cat = app.store.read();
         resolve_tenant(&cat, &principal, &parts.headers)?

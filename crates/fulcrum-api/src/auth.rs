@@ -37,7 +37,15 @@ pub fn random_token(len: usize) -> String {
 pub struct Session {
     pub user_uuid: String,
     pub csrf_token: String,
+    /// The digest of the password hash the user had when the session began: a session is valid
+    /// only while it matches, so a new password (set by anyone, anywhere) ends the others.
+    pub credential: [u8; 32],
     last_used: Instant,
+}
+
+/// What a session remembers of a user's password: a digest of its stored hash.
+pub fn credential_stamp(password_hash: &str) -> [u8; 32] {
+    Sha256::digest(password_hash.as_bytes()).into()
 }
 
 /// Logged-in sessions, in memory: a restart logs everybody out and clients log in again (the SDK
@@ -49,10 +57,12 @@ pub struct Sessions {
 
 impl Sessions {
     /// Starts a session; returns (session id, CSRF token).
-    pub fn create(&self, user_uuid: &str, now: Instant) -> (String, String) {
+    pub fn create(&self, user_uuid: &str, password_hash: &str, now: Instant) -> (String, String) {
         let id = random_token(32);
         let csrf_token = random_token(32);
-        let session = Session { user_uuid: user_uuid.into(), csrf_token: csrf_token.clone(), last_used: now };
+        let credential = credential_stamp(password_hash);
+        let session =
+            Session { user_uuid: user_uuid.into(), csrf_token: csrf_token.clone(), credential, last_used: now };
         self.lock().insert(id.clone(), session);
         (id, csrf_token)
     }
@@ -69,6 +79,13 @@ impl Sessions {
         Some(session.clone())
     }
 
+    /// Keeps one session valid across its own user's password change (the others end).
+    pub fn rebind(&self, id: &str, password_hash: &str) {
+        if let Some(session) = self.lock().get_mut(id) {
+            session.credential = credential_stamp(password_hash);
+        }
+    }
+
     pub fn remove(&self, id: &str) {
         self.lock().remove(id);
     }
@@ -83,39 +100,96 @@ impl Sessions {
     }
 }
 
-/// Counts failed logins per (client address, user name) to answer 429 to guessing.
+/// Failed attempts one client address may make, over all user names, within the window (so a
+/// client cannot guess across many names, nor fill the table with them).
+pub const MAX_FAILED_LOGINS_PER_CLIENT: u32 = 30;
+/// The most (client, user) pairs remembered; beyond it the oldest windows are forgotten first.
+pub const THROTTLE_ENTRIES: usize = 20_000;
+
+/// Counts failed logins per (client address, user name) and per client address, to answer 429
+/// to guessing. Keys are SHA-256 digests, so an entry costs the same whatever the name's length,
+/// and the table is bounded by [`THROTTLE_ENTRIES`]; an entry lives one window.
 #[derive(Debug, Default)]
 pub struct Throttle {
-    failures: Mutex<HashMap<(String, String), (u32, Instant)>>,
+    failures: Mutex<HashMap<[u8; 32], (u32, Instant)>>,
+}
+
+fn throttle_key(client: &str, user: Option<&str>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(client.as_bytes());
+    h.update([0]);
+    match user {
+        Some(user) => h.update(user.as_bytes()),
+        // The client's own budget: no user name hashes to this (names are at least one byte
+        // after a marker byte that cannot start a UTF-8 string).
+        None => h.update([0xff]),
+    }
+    h.finalize().into()
 }
 
 impl Throttle {
     pub fn is_blocked(&self, client: &str, user: &str, now: Instant) -> bool {
-        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let failures = self.lock();
         if failures.is_empty() {
             return false;
         }
-        failures.get(&(client.to_string(), user.to_string())).is_some_and(|(count, since)| {
-            *count >= MAX_FAILED_LOGINS && now.saturating_duration_since(*since) < THROTTLE_WINDOW
-        })
+        let over = |key: [u8; 32], limit: u32| {
+            failures.get(&key).is_some_and(|(count, since)| {
+                *count >= limit && now.saturating_duration_since(*since) < THROTTLE_WINDOW
+            })
+        };
+        over(throttle_key(client, Some(user)), MAX_FAILED_LOGINS)
+            || over(throttle_key(client, None), MAX_FAILED_LOGINS_PER_CLIENT)
     }
 
     pub fn record_failure(&self, client: &str, user: &str, now: Instant) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = failures.entry((client.to_string(), user.to_string())).or_insert((0, now));
-        if now.saturating_duration_since(entry.1) >= THROTTLE_WINDOW {
-            *entry = (0, now);
+        let mut failures = self.lock();
+        if failures.len() + 2 > THROTTLE_ENTRIES {
+            failures.retain(|_, (_, since)| now.saturating_duration_since(*since) < THROTTLE_WINDOW);
+            if failures.len() + 2 > THROTTLE_ENTRIES {
+                // Still full of live windows: forget the oldest half.
+                let mut starts: Vec<Instant> = failures.values().map(|(_, since)| *since).collect();
+                starts.sort();
+                let cut = starts[starts.len() / 2];
+                failures.retain(|_, (_, since)| *since > cut);
+            }
         }
-        entry.0 += 1;
+        for key in [throttle_key(client, Some(user)), throttle_key(client, None)] {
+            let entry = failures.entry(key).or_insert((0, now));
+            if now.saturating_duration_since(entry.1) >= THROTTLE_WINDOW {
+                *entry = (0, now);
+            }
+            entry.0 += 1;
+        }
     }
 
     pub fn record_success(&self, client: &str, user: &str) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        // The common case (nobody failing) costs no allocation.
+        let mut failures = self.lock();
+        // The common case (nobody failing) costs no hashing.
         if !failures.is_empty() {
-            failures.remove(&(client.to_string(), user.to_string()));
+            failures.remove(&throttle_key(client, Some(user)));
         }
     }
+
+    /// How many entries the table holds (for tests and /metrics).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (u32, Instant)>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A hash to verify against when the user does not exist, so that a failed login costs the
+/// same argon2 work whether the name exists or not (timing reveals no user names).
+pub fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| hash_password(&random_token(24)))
 }
 
 /// Basic auth sends the password on every request; checking argon2 each time would cost tens of
@@ -185,7 +259,7 @@ mod tests {
     fn sessions_expire_when_idle() {
         let sessions = Sessions::default();
         let t0 = Instant::now();
-        let (id, csrf) = sessions.create("user-1", t0);
+        let (id, csrf) = sessions.create("user-1", "hash", t0);
         let limit = Some(Duration::from_secs(60));
         let s = sessions.touch(&id, limit, t0 + Duration::from_secs(59)).unwrap();
         assert_eq!(s.csrf_token, csrf);
@@ -206,6 +280,38 @@ mod tests {
         assert!(t.is_blocked("1.2.3.4", "admin", t0));
         assert!(!t.is_blocked("5.6.7.8", "admin", t0), "other clients are not blocked");
         assert!(!t.is_blocked("1.2.3.4", "admin", t0 + THROTTLE_WINDOW));
+    }
+
+    #[test]
+    fn throttle_limits_a_client_across_names_and_stays_bounded() {
+        let t = Throttle::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_FAILED_LOGINS_PER_CLIENT {
+            assert!(!t.is_blocked("1.2.3.4", &format!("user{i}"), t0));
+            t.record_failure("1.2.3.4", &format!("user{i}"), t0);
+        }
+        assert!(t.is_blocked("1.2.3.4", "someone-new", t0), "the client's budget is spent");
+        assert!(!t.is_blocked("5.6.7.8", "someone-new", t0));
+        // Many clients and long names: the table never exceeds its bound, and entries cost a
+        // digest, not the name.
+        let long = "x".repeat(1 << 16);
+        for i in 0..(THROTTLE_ENTRIES * 2) {
+            t.record_failure(&format!("10.0.{}.{}", i / 250, i % 250), &long, t0 + Duration::from_millis(i as u64));
+        }
+        assert!(t.len() <= THROTTLE_ENTRIES, "{}", t.len());
+        // The newest failures are the ones kept.
+        let last = THROTTLE_ENTRIES * 2 - 1;
+        let newest = format!("10.0.{}.{}", last / 250, last % 250);
+        for _ in 1..MAX_FAILED_LOGINS {
+            t.record_failure(&newest, &long, t0 + Duration::from_secs(1));
+        }
+        assert!(t.is_blocked(&newest, &long, t0 + Duration::from_secs(1)));
+        // Expired windows are dropped when the table fills.
+        let later = t0 + THROTTLE_WINDOW * 2;
+        for i in 0..THROTTLE_ENTRIES {
+            t.record_failure(&format!("10.1.{}.{}", i / 250, i % 250), "u", later);
+        }
+        assert!(!t.is_blocked(&newest, &long, later));
     }
 
     #[test]

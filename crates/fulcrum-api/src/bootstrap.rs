@@ -196,3 +196,56 @@ pub async fn ensure_defaults(store: &Store, data_dir: &Path, node_ip: &str) -> R
         .await?;
     Ok(generated.then_some(password))
 }
+
+/// Gives `user` (made if missing) the password, an active account and System-Admin in all
+/// tenants, and System-Admin its full privileges: the recovery when every administrator is
+/// locked out. Written directly, past the API's guards, since the API is the way that failed.
+pub async fn restore_administrator(store: &Store, user: &str, password: &str) -> Result<(), ApiError> {
+    if password.chars().count() < 8 {
+        return Err(ApiError::bad_request("the new password must be at least 8 characters"));
+    }
+    let hash = hash_password(password);
+    let user = user.to_string();
+    store
+        .write(move |txn| {
+            let stamp = txn.timestamp_micros().to_string();
+            let role = txn
+                .find_by_name("role", ADMIN_TENANT, "System-Admin")
+                .or_else(|| txn.find_by_name("role", "", "System-Admin"))
+                .ok_or_else(|| ApiError::internal("the store has no System-Admin role"))?;
+            let mut role_value = role.value.clone();
+            role_value["privileges"] = json!([{"resource": "*", "type": "WRITE_ACCESS"}]);
+            role_value["_last_modified"] = json!(stamp);
+            let role_ref = format!("/api/role/{}", role.uuid);
+            txn.put("role", &role.uuid, role_value);
+            let admin_access = json!({"role_ref": role_ref, "all_tenants": true});
+            match txn.find_by_name("user", "", &user) {
+                Some(existing) => {
+                    let mut value = existing.value.clone();
+                    value["_password_hash"] = json!(hash);
+                    value["is_active"] = json!(true);
+                    let mut access = value.get("access").and_then(Value::as_array).cloned().unwrap_or_default();
+                    access.retain(|a| a.get("role_ref") != Some(&json!(role_ref)));
+                    access.push(admin_access);
+                    value["access"] = json!(access);
+                    value["_last_modified"] = json!(stamp);
+                    txn.put("user", &existing.uuid, value);
+                }
+                None => {
+                    let reg = Registry::get();
+                    let t = reg.type_def("user").expect("defined");
+                    let body = json!({
+                        "name": user, "username": user, "is_superuser": true,
+                        "default_tenant_ref": "/api/tenant/admin", "access": [admin_access],
+                    });
+                    let config = normalize(reg, reg.schema_of(t), &body)?;
+                    let hidden = json!({"_password_hash": hash});
+                    let uuid = format!("user-{}", uuid::Uuid::new_v4());
+                    store_object(txn, t, &uuid, config, ADMIN_TENANT, hidden.as_object().cloned().unwrap_or_default())?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(ApiError::from)
+}

@@ -15,7 +15,7 @@ use fulcrum_schema::{
 use fulcrum_store::{Catalogue, Indexer, Meta, Stored, Txn};
 use serde_json::{Map, Value, json};
 
-use crate::access::{ADMIN_TENANT, Level, TenantScope};
+use crate::access::{self, ADMIN_TENANT, Level, TenantScope};
 use crate::app::{App, RequestContext};
 use crate::auth::hash_password;
 use crate::error::ApiError;
@@ -311,7 +311,9 @@ fn resolve_refs(
         .map_err(ApiError::from)
 }
 
-fn check_unique_name(
+/// A name must say something (an empty one cannot be referred to by name) and be unique in its
+/// tenant.
+fn check_name(
     txn: &Txn<'_>,
     type_def: &TypeDef,
     tenant: &str,
@@ -321,6 +323,9 @@ fn check_unique_name(
     let Some(name) = body.get("name").and_then(Value::as_str) else {
         return Ok(());
     };
+    if name.trim().is_empty() {
+        return Err(ApiError::bad_request("field 'name': must not be empty"));
+    }
     match txn.find_by_name(type_def.path, name_scope(type_def, tenant), name) {
         Some(other) if other.uuid != uuid => Err(ApiError::conflict(format!(
             "{} with name '{name}' already exists in this tenant ({})",
@@ -365,7 +370,7 @@ fn prepare_object(
         config.insert("username".into(), name);
     }
     resolve_refs(txn, type_def, &mut config, tenant)?;
-    check_unique_name(txn, type_def, tenant, &config, uuid)?;
+    check_name(txn, type_def, tenant, &config, uuid)?;
     let stamp = txn.timestamp_micros();
     Ok(assemble(type_def, uuid, config, tenant, hidden, stamp))
 }
@@ -380,7 +385,47 @@ pub(crate) fn store_object(
     hidden: Map<String, Value>,
 ) -> Result<Arc<Stored>, ApiError> {
     let value = prepare_object(txn, type_def, uuid, config, tenant, hidden)?;
+    guard_administration(txn, type_def.path, uuid, Some(&value))?;
     Ok(txn.put(type_def.path, uuid, value))
+}
+
+/// Writes to users and roles must not lock administrators out: a write that would leave no
+/// active user with full rights everywhere (as `admin` has through System-Admin) is refused, and
+/// the built-in roles keep their privileges. `changed` is the object's new body (`None`: it is
+/// being deleted); the check runs inside the write, so concurrent writes cannot slip past it.
+fn guard_administration(txn: &Txn<'_>, kind: &str, uuid: &str, changed: Option<&Value>) -> Result<(), ApiError> {
+    if kind != "user" && kind != "role" {
+        return Ok(());
+    }
+    let existing = txn.get(kind, uuid);
+    if kind == "role"
+        && let Some(role) = existing.as_deref().filter(|r| r.value.get("_system_default") == Some(&json!(true)))
+        && changed.map(|c| c.get("privileges")) != Some(role.value.get("privileges"))
+    {
+        return Err(ApiError::conflict(format!(
+            "role '{}' is built in: its privileges cannot be changed and it cannot be deleted; \
+             create a role of your own instead",
+            role.meta.name.as_deref().unwrap_or(uuid)
+        )));
+    }
+    let users = txn.list("user");
+    let role_now = |r: &str| txn.get_path(r).map(|s| s.value.clone());
+    let before = access::someone_administers(users.iter().map(|u| &u.value), &role_now);
+    let after_users = users
+        .iter()
+        .filter(|u| !(kind == "user" && u.uuid == uuid))
+        .map(|u| &u.value)
+        .chain(changed.filter(|_| kind == "user"));
+    let role_after = |r: &str| {
+        if kind == "role" && r.rsplit('/').next() == Some(uuid) { changed.cloned() } else { role_now(r) }
+    };
+    if before && !access::someone_administers(after_users, &role_after) {
+        return Err(ApiError::conflict(
+            "this change would leave no active user with full administrative rights (a role with \
+             WRITE_ACCESS to every resource, in all tenants); keep at least one such user",
+        ));
+    }
+    Ok(())
 }
 
 fn hidden_of(stored: &Stored) -> Map<String, Value> {
@@ -524,6 +569,13 @@ pub async fn replace(
             store_object(txn, type_def, &uuid, config, &tenant, hidden)
         })
         .await?;
+    // A new password ends the user's sessions (they no longer match it), except the one of a
+    // user who set their own.
+    if let Some(session) = ctx.principal.session.as_deref().filter(|_| ctx.principal.user_uuid == stored.uuid)
+        && let Some(hash) = stored.value.get("_password_hash").and_then(Value::as_str)
+    {
+        app.sessions.rebind(session, hash);
+    }
     let cat = app.store.read();
     Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, &stored, true)))
 }
@@ -554,6 +606,7 @@ pub async fn delete(
             if type_def.path == "user" && uuid == own_user {
                 return Err(ApiError::forbidden("a user cannot delete itself"));
             }
+            guard_administration(txn, type_def.path, &uuid, None)?;
             let path = object_path(type_def, &uuid);
             let referrers: Vec<String> = txn
                 .referrers(&path)
@@ -655,7 +708,10 @@ pub async fn patch(
                         }
                         resolve_fields(txn, type_def, object, &touched, &tenant)?;
                         if touched.iter().any(|f| f == "name") {
-                            check_unique_name(txn, type_def, &tenant, object, &uuid)?;
+                            check_name(txn, type_def, &tenant, object, &uuid)?;
+                        }
+                        if matches!(type_def.path, "user" | "role") {
+                            guard_administration(txn, type_def.path, &uuid, Some(&Value::Object(object.clone())))?;
                         }
                         Ok(())
                     });

@@ -68,18 +68,35 @@ fn inherited_listener() -> Option<TcpListener> {
     TcpListener::from_std(std_listener).ok()
 }
 
-/// Runs the controller until `shutdown` completes, then drains open connections.
-pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    check_data_dir(&config)?;
-    let db_path = config.data_dir.join("config.redb");
-    let backend = RedbBackend::open(&db_path).map_err(|e| match e {
+/// The data directory's store; refused while a controller runs on it.
+fn open_store(data_dir: &std::path::Path) -> Result<Store, ServeError> {
+    let backend = RedbBackend::open(&data_dir.join("config.redb")).map_err(|e| match e {
         StoreError::Open(m) if m.contains("already open") || m.contains("lock") => ServeError::DataDir {
-            path: config.data_dir.display().to_string(),
+            path: data_dir.display().to_string(),
             message: "is in use by another fulcrum process".into(),
         },
         other => other.into(),
     })?;
-    let store = Store::open(backend, objects::indexer())?;
+    Ok(Store::open(backend, objects::indexer())?)
+}
+
+/// `fulcrum admin reset-password`: run on the host with the controller stopped, gives `user`
+/// the password and full administrative rights again (the way back in when nobody can log in).
+pub async fn reset_password(data_dir: &std::path::Path, user: &str, password: &str) -> Result<(), ServeError> {
+    if !data_dir.join("config.redb").exists() {
+        return Err(ServeError::DataDir {
+            path: data_dir.display().to_string(),
+            message: "holds no controller store (config.redb)".into(),
+        });
+    }
+    let store = open_store(data_dir)?;
+    bootstrap::restore_administrator(&store, user, password).await.map_err(|e| ServeError::Bootstrap(e.message))
+}
+
+/// Runs the controller until `shutdown` completes, then drains open connections.
+pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    check_data_dir(&config)?;
+    let store = open_store(&config.data_dir)?;
     let node_ip = config.listen.ip().to_string();
     if let Some(password) = bootstrap::ensure_defaults(&store, &config.data_dir, &node_ip)
         .await

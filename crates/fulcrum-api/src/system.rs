@@ -9,7 +9,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fulcrum_schema::{Registry, RenderOptions, refs, render};
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
 use crate::access::Principal;
@@ -187,10 +186,13 @@ fn user_json(app: &App, base: &str, principal: &Principal) -> Value {
 pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let result: Result<Response, ApiError> = async {
-        let body = body.collect().await.map_err(|e| ApiError::bad_request(e.to_string()))?.to_bytes();
+        let body = crate::app::read_body_within(body, crate::app::MAX_LOGIN_BODY_BYTES).await?;
         let (username, password) = login_fields(&parts.headers, &body)?;
         let principal = check_password(&app, &client_ip(&parts), &username, &password).await?;
-        let (session_id, csrf) = app.sessions.create(&principal.user_uuid, Instant::now());
+        let hash = app.store.read().get("user", &principal.user_uuid).and_then(|u| {
+            u.value.get("_password_hash").and_then(Value::as_str).map(String::from)
+        });
+        let (session_id, csrf) = app.sessions.create(&principal.user_uuid, &hash.unwrap_or_default(), Instant::now());
         let base = base_url(&app, &parts.headers);
         let cat = app.store.read();
         let tenants: Vec<Value> = principal
@@ -276,6 +278,7 @@ pub async fn put_user_account(app: &App, ctx: &RequestContext, body: &Bytes) -> 
         }
     };
     let (full_name, email) = (field("full_name"), field("email"));
+    let kept_session = new_hash.clone().zip(ctx.principal.session.clone());
     app.store
         .write(move |txn| {
             let user = txn.get("user", &uuid).ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
@@ -294,6 +297,10 @@ pub async fn put_user_account(app: &App, ctx: &RequestContext, body: &Bytes) -> 
             Ok(())
         })
         .await?;
+    // The new password ends the user's other sessions (they no longer match it); this one goes on.
+    if let Some((hash, session)) = kept_session {
+        app.sessions.rebind(&session, &hash);
+    }
     let mut response = StatusCode::OK.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)

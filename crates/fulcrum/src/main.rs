@@ -96,6 +96,24 @@ enum Command {
     /// Make and check software packages.
     #[command(subcommand)]
     Pkg(pkg::PkgCommand),
+    /// Repair a stopped controller's data directory from its host.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Give a user a new password and full administrative rights again (run with the
+    /// controller stopped; the way back in when no administrator can log in).
+    ResetPassword {
+        #[arg(long, default_value = "./fulcrum-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// The new password (else FULCRUM_ADMIN_PASSWORD; else one is generated and printed).
+        #[arg(long, env = "FULCRUM_ADMIN_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
 }
 
 /// A duration in (possibly fractional) seconds.
@@ -173,6 +191,26 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("fulcrum se-agent: {e}");
                     ExitCode::from(3)
+                }
+            }
+        }
+        Command::Admin(AdminCommand::ResetPassword { data_dir, user, password }) => {
+            let generated = password.is_none();
+            let password = password.unwrap_or_else(|| fulcrum_api::auth::random_token(16));
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(fulcrum_api::server::reset_password(&data_dir, &user, &password)) {
+                Ok(()) => {
+                    if generated {
+                        println!("New password for {user}: {password}");
+                    } else {
+                        println!("Password for {user} set.");
+                    }
+                    println!("{user} has System-Admin in all tenants again; start the controller and log in.");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fulcrum admin reset-password: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }

@@ -270,3 +270,43 @@ pub fn shell(c: &Controller, command: &str) -> (String, String) {
     assert!(out.status.success(), "{command}: {stdout}{stderr}");
     (stdout, stderr)
 }
+
+impl Controller {
+    /// Logs in as the SDK does (form POST /login); a client carrying the session cookie and its
+    /// CSRF token, or the refusal.
+    pub fn login(&self, user: &str, password: &str) -> Result<Api, Resp> {
+        let form = form_urlencoded_pair("username", user) + "&" + &form_urlencoded_pair("password", password);
+        let r = self.anonymous().header("Content-Type", "application/x-www-form-urlencoded").send(
+            "POST",
+            "/login",
+            Some(form.as_bytes()),
+        );
+        if r.status != 200 {
+            return Err(r);
+        }
+        let cookie = |name: &str| {
+            r.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+                .find_map(|(_, c)| c.split(';').next()?.strip_prefix(&format!("{name}=")).map(String::from))
+                .expect("login sets the cookie")
+        };
+        let (session, csrf) = (cookie("avi-sessionid"), cookie("csrftoken"));
+        Ok(self
+            .anonymous()
+            .header("Cookie", &format!("avi-sessionid={session}; csrftoken={csrf}"))
+            .header("X-CSRFToken", &csrf))
+    }
+}
+
+fn form_urlencoded_pair(key: &str, value: &str) -> String {
+    let encode = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    format!("{}={}", encode(key), encode(value))
+}
