@@ -165,3 +165,46 @@ fn logs_written_to_a_file_carry_no_colour_codes() {
     assert!(log.contains("INFO"), "the log has lines: {log}");
     assert!(!log.contains('\u{1b}'), "no ANSI escapes in a log file: {log:?}");
 }
+
+#[test]
+fn kill_9_during_backups_leaves_no_listed_broken_backup() {
+    let dir = temp_dir();
+    let mut c = start(dir.path());
+    let api = c.admin();
+    // About 10 MB of configuration, so a backup takes long enough to be interrupted.
+    for p in 0..8 {
+        let servers: Vec<_> = (0..4000)
+            .map(|i| json!({"ip": {"addr": format!("10.{p}.{}.{}", i / 250, i % 250), "type": "V4"}, "port": 8080}))
+            .collect();
+        assert_eq!(api.post("/api/pool", &json!({"name": format!("big-{p}"), "servers": servers})).status, 201);
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(api.post("/api/configuration/backup", &json!({})).status, 201);
+    let one_backup = started.elapsed();
+    for round in 0..6u32 {
+        let api = c.admin();
+        let backup = std::thread::spawn(move || api.try_post("/api/configuration/backup", &json!({})));
+        // Spread the kills over the time a backup takes.
+        std::thread::sleep(one_backup * round / 5);
+        c.kill9();
+        let _ = backup.join();
+        c = start(dir.path());
+        let api = c.admin();
+        let listed = api.object("/api/configuration/backup");
+        for b in listed["results"].as_array().unwrap() {
+            let name = b["name"].as_str().unwrap();
+            let r = api.get(&format!("/api/configuration/backup/{name}"));
+            assert_eq!(r.status, 200);
+            let whole: serde_json::Value = serde_json::from_str(&r.body)
+                .unwrap_or_else(|e| panic!("round {round}: backup {name} is listed but broken: {e}"));
+            assert_eq!(whole["objects"]["pool"].as_array().unwrap().len(), 8, "round {round}: {name}");
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("backups"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".json"))
+            .collect();
+        assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
+    }
+}

@@ -34,7 +34,11 @@ pub fn export(cat: &Catalogue, version: &str) -> Value {
     json!({"version": version, "created": rfc3339(SystemTime::now()), "objects": objects})
 }
 
-/// Writes a backup file; returns its name.
+/// A backup being written: never listed, removed at start if a crash left it.
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// Writes a backup file whole or not at all: to a temporary name, fsynced, renamed, and the
+/// directory fsynced; a failure (a full disk) leaves nothing behind. Returns its name.
 pub fn write(data_dir: &Path, cat_export: &Value) -> Result<String, String> {
     let dir = dir(data_dir);
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -42,9 +46,34 @@ pub fn write(data_dir: &Path, cat_export: &Value) -> Result<String, String> {
     let [y, mo, d, h, mi, s] = fulcrum_package::civil_utc(now.as_secs() as i64);
     let name = format!("{PREFIX}{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{:06}.json", now.subsec_micros());
     let bytes = serde_json::to_vec(cat_export).map_err(|e| e.to_string())?;
-    crate::bootstrap::write_private(&dir.join(&name), &bytes).map_err(|e| format!("cannot write the backup: {e}"))?;
-    crate::images::sync_dir(&dir).map_err(|e| e.to_string())?;
+    let partial = dir.join(format!("{name}{PARTIAL_SUFFIX}"));
+    let written = crate::bootstrap::write_private(&partial, &bytes)
+        .and_then(|()| fs::rename(&partial, dir.join(&name)))
+        .and_then(|()| crate::images::sync_dir(&dir));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&partial);
+        return Err(format!("cannot write the backup: {e}"));
+    }
     Ok(name)
+}
+
+/// Removes what a backup interrupted by a crash left (called at start).
+pub fn remove_partial(data_dir: &Path) {
+    for entry in fs::read_dir(dir(data_dir)).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(PREFIX) && name.ends_with(PARTIAL_SUFFIX) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => tracing::warn!(%name, "removed a backup a crash left unfinished"),
+                Err(e) => tracing::warn!(%name, error = %e, "cannot remove an unfinished backup"),
+            }
+        }
+    }
+}
+
+/// Whether a backup file holds a whole export (not truncated, not empty, not foreign).
+pub fn is_whole(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(bytes)
+        .is_ok_and(|v| v.get("version").is_some_and(Value::is_string) && v.get("objects").is_some_and(Value::is_object))
 }
 
 /// (name, size, modified) of every backup, newest first.
@@ -64,9 +93,12 @@ pub fn list(data_dir: &Path) -> Vec<(String, u64, SystemTime)> {
     out
 }
 
-/// How old the newest backup is.
+/// How old the newest backup that holds a whole export is (a damaged one does not count).
 pub fn newest_age(data_dir: &Path) -> Option<Duration> {
-    list(data_dir).first().map(|(_, _, t)| t.elapsed().unwrap_or_default())
+    list(data_dir)
+        .into_iter()
+        .find(|(name, _, _)| fs::read(dir(data_dir).join(name)).is_ok_and(|bytes| is_whole(&bytes)))
+        .map(|(_, _, t)| t.elapsed().unwrap_or_default())
 }
 
 fn require_admin(ctx: &RequestContext) -> Result<(), ApiError> {
@@ -121,4 +153,37 @@ pub fn download(app: &App, ctx: &RequestContext, name: &str) -> Result<Response,
 pub fn export_now(app: &App, ctx: &RequestContext) -> Result<Response, ApiError> {
     require_admin(ctx)?;
     Ok(json_response(StatusCode::OK, &export(&app.store.read(), &app.upgrade.slots.running().tag)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_export_counts() {
+        let whole = serde_json::to_vec(&json!({"version": "30.2.1", "created": "x", "objects": {}})).unwrap();
+        assert!(is_whole(&whole));
+        assert!(!is_whole(&whole[..whole.len() - 1]), "truncated");
+        assert!(!is_whole(b""), "empty");
+        assert!(!is_whole(b"{\"objects\": {}}"), "no version");
+    }
+
+    #[test]
+    fn a_damaged_newest_backup_does_not_count_and_partials_are_removed() {
+        let data = tempfile::tempdir().unwrap();
+        assert_eq!(newest_age(data.path()), None);
+        let name = write(data.path(), &json!({"version": "30.2.1", "objects": {}})).unwrap();
+        assert!(newest_age(data.path()).is_some());
+        let backups = dir(data.path());
+        fs::write(backups.join(format!("{PREFIX}99991231-000000-000000.json")), b"{\"version\": \"30.2.1\", \"obj")
+            .unwrap();
+        assert!(newest_age(data.path()).is_some(), "the older whole one counts");
+        fs::remove_file(backups.join(&name)).unwrap();
+        assert_eq!(newest_age(data.path()), None, "only a damaged one is left");
+        let partial = backups.join(format!("{name}{PARTIAL_SUFFIX}"));
+        fs::write(&partial, b"{").unwrap();
+        assert!(list(data.path()).iter().all(|(n, ..)| !n.ends_with(PARTIAL_SUFFIX)), "partials are not listed");
+        remove_partial(data.path());
+        assert!(!partial.exists());
+    }
 }

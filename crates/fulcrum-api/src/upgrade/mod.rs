@@ -46,6 +46,7 @@ pub struct Upgrades {
 
 impl Upgrades {
     pub fn open(data_dir: &std::path::Path, cat: &Catalogue) -> Result<Upgrades, String> {
+        backup::remove_partial(data_dir);
         let upgrades = Upgrades {
             slots: slots::ControllerSlots::open(data_dir)?,
             wake: Notify::new(),
