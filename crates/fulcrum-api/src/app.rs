@@ -313,7 +313,7 @@ pub async fn read_body_within(mut body: Body, limit: usize) -> Result<Bytes, Api
     let mut buffer = Vec::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        let frame = frame.map_err(body_error)?;
         let Ok(data) = frame.into_data() else { continue };
         seen += data.len();
         if seen <= limit {
@@ -329,6 +329,16 @@ pub async fn read_body_within(mut body: Body, limit: usize) -> Result<Bytes, Api
         ));
     }
     Ok(Bytes::from(buffer))
+}
+
+/// A body that could not be read: 408 when it stopped arriving, else 400.
+pub fn body_error(e: axum::Error) -> ApiError {
+    let cause = e.into_inner();
+    if crate::connections::is_body_timeout(&*cause) {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, cause.to_string())
+    } else {
+        ApiError::bad_request(format!("cannot read the request body: {cause}"))
+    }
 }
 
 /// Checks the caller's credentials: HTTP Basic, or a session cookie with its CSRF token on

@@ -10,6 +10,7 @@ pub mod asyncpatch;
 pub mod auth;
 pub mod bootstrap;
 pub mod cluster;
+pub mod connections;
 pub mod endpoints;
 pub mod engines;
 pub mod error;

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::Request;
 use fulcrum_store::{RedbBackend, Store, StoreError};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
+
+use crate::connections::{Activity, Admitted, Connections, Limits, TimedBody, Tracked};
 
 use crate::app::{App, ClientAddr, router};
 use crate::asyncpatch::{self, AsyncPatches};
@@ -26,6 +28,7 @@ pub struct ServeConfig {
     /// Public keys whose package signatures are accepted (with DATA/trusted-keys/*.pub).
     pub trusted_keys: Vec<PathBuf>,
     pub engines: crate::engines::EngineSettings,
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,8 +181,22 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         })
     };
     let routes = router(app.clone());
-    let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
+    let mut limits = config.limits.clone();
+    // Every connection needs a descriptor, as do files and the store: keep a reserve.
+    let open_files = crate::connections::raise_open_files_limit();
+    let fits = (open_files.saturating_sub(256) as usize).max(16);
+    if limits.max_connections > fits {
+        tracing::info!(
+            open_files,
+            max_connections = fits,
+            "fewer connections than asked: the open-files limit is lower"
+        );
+        limits.max_connections = fits;
+    }
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let connections = Arc::new(Connections::default());
+    let (stop_connections, stopping) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -193,38 +210,51 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
             },
             () = &mut shutdown => break,
         };
+        let admitted = match connections.admit(peer.ip(), &limits) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                connections.log_refusal(peer, why);
+                tokio::spawn(crate::connections::refuse(stream, why));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let service = routes.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ClientAddr(peer));
-            req.map(axum::body::Body::new)
-        });
+        let activity = Activity::new();
+        let stream = Tracked::new(stream, activity.clone());
+        let body_timeout = limits.body_timeout;
+        let (started, ended) = (activity.clone(), activity.clone());
+        let service = routes
+            .clone()
+            .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                started.request_started();
+                req.extensions_mut().insert(ClientAddr(peer));
+                req.map(|body| axum::body::Body::new(TimedBody::new(body, body_timeout)))
+            })
+            .map_response(move |response| {
+                ended.request_ended();
+                response
+            });
         let service = hyper_util::service::TowerToHyperService::new(service);
+        let served = Served {
+            builder: builder.clone(),
+            activity,
+            idle_timeout: limits.idle_timeout,
+            stopping: stopping.clone(),
+            peer,
+            _admitted: admitted,
+        };
         match &acceptor {
             None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(served.serve(stream, service));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
+                let handshake_timeout = limits.header_timeout;
                 tokio::spawn(async move {
-                    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            return tracing::debug!(error = %e, %peer, "tls handshake failed");
-                        }
-                        Err(_) => return tracing::debug!(%peer, "tls handshake timed out"),
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => served.serve(tls_stream, service).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "tls handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                     }
                 });
             }
@@ -236,9 +266,64 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     upgrader.abort();
     sampler.abort();
     tracing::info!("shutting down: draining connections");
-    tokio::select! {
-        () = graceful.shutdown() => {},
-        () = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("connections still open after 10 s; closing"),
+    let _ = stop_connections.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while connections.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    if drained.await.is_err() {
+        tracing::warn!(open = connections.open(), "connections still open after 10 s; closing");
     }
     Ok(())
+}
+
+/// One admitted connection: served until the client closes it, it idles past the idle
+/// timeout, or the controller stops (then its request in flight finishes first).
+struct Served {
+    builder: Builder<TokioExecutor>,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    peer: SocketAddr,
+    _admitted: Admitted,
+}
+
+impl Served {
+    async fn serve<S, H>(mut self, stream: S, service: H)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: hyper::service::Service<Request<hyper::body::Incoming>, Response = axum::response::Response>
+            + Clone
+            + Send
+            + 'static,
+        H::Future: Send + 'static,
+        H::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let conn = self.builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        tokio::pin!(conn);
+        let mut check = tokio::time::interval((self.idle_timeout / 4).max(Duration::from_millis(100)));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                outcome = conn.as_mut() => {
+                    if let Err(e) = outcome {
+                        tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = check.tick(), if !closing => {
+                    if self.activity.idle_for() >= self.idle_timeout {
+                        tracing::debug!(peer = %self.peer, "closing an idle connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+                _ = self.stopping.changed(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
 }

@@ -45,6 +45,21 @@ enum Command {
         /// Seconds a newly installed SE slot has to come up healthy before the agent switches back.
         #[arg(long, default_value = "120", value_parser = seconds)]
         se_health_timeout: Duration,
+        /// Seconds a client has to send a request's headers (and, under HTTPS, its handshake).
+        #[arg(long, default_value = "10", value_parser = seconds)]
+        header_timeout: Duration,
+        /// Seconds a connection may sit idle (no request, no traffic) before it is closed.
+        #[arg(long, default_value = "120", value_parser = seconds)]
+        idle_timeout: Duration,
+        /// Seconds a request body may go without a byte arriving (then it must also average 1 KiB/s).
+        #[arg(long, default_value = "30", value_parser = seconds)]
+        body_timeout: Duration,
+        /// Connections served at once; more are answered 503 (lowered to fit the open-files limit).
+        #[arg(long, default_value = "4096")]
+        max_connections: usize,
+        /// Connections one client address may hold at once.
+        #[arg(long, default_value = "1024")]
+        max_connections_per_client: usize,
     },
     /// An interactive shell against a controller, like the controller's own CLI.
     Shell {
@@ -153,6 +168,11 @@ fn main() -> ExitCode {
             se_heartbeat_interval,
             se_down_after,
             se_health_timeout,
+            header_timeout,
+            idle_timeout,
+            body_timeout,
+            max_connections,
+            max_connections_per_client,
         } => {
             init_logs(log_json);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -161,7 +181,14 @@ fn main() -> ExitCode {
                 down_after: se_down_after,
                 health_timeout: se_health_timeout,
             };
-            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http, trusted_keys, engines };
+            let limits = fulcrum_api::connections::Limits {
+                header_timeout,
+                idle_timeout,
+                body_timeout,
+                max_connections,
+                max_connections_per_client,
+            };
+            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http, trusted_keys, engines, limits };
             match runtime.block_on(fulcrum_api::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -207,3 +207,179 @@ fn nobody_can_lock_every_administrator_out_and_the_host_can_let_one_back_in() {
     assert_eq!(back.post("/api/pool", &json!({"name": "after-recovery"})).status, 201);
     assert!(common::Api::new(&c.url).basic("admin", PASSWORD).get("/api/pool").status == 401);
 }
+
+/// A controller with short timeouts and a small per-client bound, for the connection tests.
+fn strict_controller(data: &std::path::Path) -> common::Controller {
+    let args =
+        ["--header-timeout", "1", "--idle-timeout", "2", "--body-timeout", "1", "--max-connections-per-client", "40"];
+    try_start(Launch { args: &args, ..Launch::plain(data) }).unwrap()
+}
+
+fn addr_of(c: &common::Controller) -> std::net::SocketAddr {
+    c.url.trim_start_matches("http://").parse().unwrap()
+}
+
+/// A TCP connection from a chosen loopback address (so tests can be different clients).
+fn connect_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let ip: std::net::Ipv4Addr = source.parse().unwrap();
+    // SAFETY: a fresh socket, bound and connected with valid sockaddr_in values, then owned
+    // by the TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+            sin_zero: [0; 8],
+        };
+        let local = sockaddr(ip, 0);
+        let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, &local as *const _ as *const libc::sockaddr, size), 0, "bind {source}");
+        let std::net::SocketAddr::V4(to) = to else { panic!("IPv4 only") };
+        let remote = sockaddr(*to.ip(), to.port());
+        assert_eq!(libc::connect(fd, &remote as *const _ as *const libc::sockaddr, size), 0, "connect");
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Seconds until the server closes `stream` (reading and dropping whatever it sends).
+fn seconds_until_closed(stream: &mut TcpStream, limit: Duration) -> f64 {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return started.elapsed().as_secs_f64(),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return started.elapsed().as_secs_f64(),
+            Err(e) => panic!("still open after {limit:?}: {e}"),
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn slow_and_idle_clients_are_closed_within_the_timeouts_while_others_are_served() {
+    let data = temp_dir();
+    let c = strict_controller(data.path());
+    let to = addr_of(&c);
+    // Headers a byte at a time: closed by the header timeout (1 s).
+    let mut slow_headers = connect_from("127.0.0.2", to);
+    slow_headers.write_all(b"GET /api/pool HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let dribble = {
+        let mut s = slow_headers.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                if s.write_all(b"X").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let took = seconds_until_closed(&mut slow_headers, Duration::from_secs(8));
+    assert!(took < 4.0, "slow headers kept {took} s");
+    dribble.join().unwrap();
+    // Connected and silent: closed by the header or idle timeout.
+    let mut silent = connect_from("127.0.0.2", to);
+    let took = seconds_until_closed(&mut silent, Duration::from_secs(8));
+    assert!(took < 4.0, "a silent connection kept {took} s");
+    // Idle after a request (keep-alive): closed by the idle timeout (2 s).
+    let mut kept = connect_from("127.0.0.2", to);
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("admin:{PASSWORD}"));
+    kept.write_all(format!("GET /api/pool HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\r\n").as_bytes())
+        .unwrap();
+    let took = seconds_until_closed(&mut kept, Duration::from_secs(8));
+    assert!(took < 5.0, "an idle keep-alive connection kept {took} s");
+    // A body a byte at a time: 408 once it is older than the body timeout and too slow.
+    let mut slow_body = connect_from("127.0.0.2", to);
+    slow_body
+        .write_all(
+            format!(
+                "POST /api/pool HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let dribble = {
+        let mut s = slow_body.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                if s.write_all(b" ").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    slow_body.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = slow_body.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("stopped arriving"), "{answer}");
+    drop(slow_body);
+    dribble.join().unwrap();
+    assert_eq!(c.admin().object("/api/pool")["count"], 0);
+}
+
+#[test]
+fn connections_beyond_the_bound_are_refused_clearly_and_other_clients_still_served() {
+    let data = temp_dir();
+    let c = strict_controller(data.path());
+    let to = addr_of(&c);
+    let hogs: Vec<TcpStream> = (0..40).map(|_| connect_from("127.0.0.3", to)).collect();
+    // Let the controller take them all.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut refused = connect_from("127.0.0.3", to);
+    refused.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = String::new();
+    let _ = refused.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"error\"") && answer.contains("one client"), "{answer}");
+    // Another client is served at once.
+    let started = Instant::now();
+    assert_eq!(c.admin().get("/api/pool").status, 200);
+    let took = started.elapsed();
+    println!("a normal request while one client holds 40 connections: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    drop(hogs);
+}
+
+#[test]
+fn unauthenticated_bodies_are_not_kept_in_memory() {
+    let data = temp_dir();
+    let c = strict_controller(data.path());
+    let to = addr_of(&c);
+    let before = rss_kib(c.pid());
+    let chunk = vec![b' '; 1 << 20];
+    let mut senders: Vec<TcpStream> = Vec::new();
+    for _ in 0..32 {
+        let mut s = connect_from("127.0.0.4", to);
+        s.write_all(
+            b"POST /api/pool HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8388000\r\n\r\n",
+        )
+        .unwrap();
+        for _ in 0..4 {
+            s.write_all(&chunk).unwrap();
+        }
+        senders.push(s);
+    }
+    let grown_mib = rss_kib(c.pid()).saturating_sub(before) / 1024;
+    println!("32 unauthenticated 4 MiB bodies grew the controller by {grown_mib} MiB");
+    assert!(grown_mib < 64, "{grown_mib} MiB kept for unauthenticated bodies");
+    for mut s in senders {
+        let mut answer = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 401") || answer.is_empty(), "{answer}");
+    }
+}
