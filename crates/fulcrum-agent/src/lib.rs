@@ -63,6 +63,8 @@ pub struct Options {
     pub data_dir: PathBuf,
     pub name: Option<String>,
     pub ca_file: Option<PathBuf>,
+    /// Accept any controller certificate (labs only: an impostor could take the join token).
+    pub insecure: bool,
     /// Cores to report (default: the machine's).
     pub cores: Option<u32>,
     /// The version of a fresh SE (the version this binary was built as).
@@ -76,6 +78,9 @@ struct Identity {
     se_uuid: String,
     credential: String,
     trusted_keys: Vec<String>,
+    /// The controller's certificate pin from the join token: later runs verify it too.
+    #[serde(default)]
+    controller_pin: Option<String>,
 }
 
 /// Writes JSON durably: a temporary file, fsync, rename.
@@ -129,6 +134,41 @@ fn memory_mb() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
+/// How the agent trusts the controller: a CA file; else the pin its join token (or, once
+/// joined, its identity) carries; plain HTTP and `--insecure` trust whoever answers. Anything
+/// else is refused before a secret is sent.
+fn trust(options: &Options) -> Result<fulcrum_shell::client::Trust, AgentError> {
+    use fulcrum_shell::client::Trust;
+    if let Some(ca) = &options.ca_file {
+        return Ok(Trust::Ca(ca.clone()));
+    }
+    if options.insecure {
+        tracing::warn!("--insecure: the controller's certificate is not verified");
+        return Ok(Trust::Any);
+    }
+    let from_token = match &options.join_token {
+        Some(token) => {
+            let parsed = fulcrum_se_protocol::JoinToken::parse(token)
+                .ok_or_else(|| AgentError::Setup("the join token is malformed".into()))?;
+            parsed.pin.map(String::from)
+        }
+        None => None,
+    };
+    let joined = read_json::<Identity>(&options.data_dir.join("identity.json"))?.and_then(|i| i.controller_pin);
+    if let Some(pin) = from_token.or(joined) {
+        return Ok(Trust::Pin(pin));
+    }
+    if options.controller.starts_with("http://") {
+        tracing::warn!(controller = %options.controller, "plain HTTP: the controller is not authenticated");
+        return Ok(Trust::Any);
+    }
+    Err(AgentError::Setup(format!(
+        "cannot verify the controller at {}: the join token names no certificate (tokens made by a \
+         controller serving HTTPS do) and no --ca-cert was given; --insecure skips the check (labs only)",
+        options.controller
+    )))
+}
+
 /// What ends one run of an SE.
 enum Exit {
     /// Start again (into the slot that is now active).
@@ -145,8 +185,8 @@ pub struct Se {
 
 impl Se {
     pub fn new(mut options: Options, simulated: bool) -> Result<Se, AgentError> {
-        let tls = fulcrum_shell::client::tls_config(options.ca_file.as_deref())
-            .map_err(|e| AgentError::Setup(e.to_string()))?;
+        let trust = trust(&options)?;
+        let tls = fulcrum_shell::client::tls_config_trusting(&trust).map_err(|e| AgentError::Setup(e.to_string()))?;
         let channel = Channel::new(&options.controller, tls);
         let name = options.name.clone().unwrap_or_else(|| {
             fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "se".into())
@@ -200,12 +240,18 @@ impl Se {
         })?;
         let state = self.load_state()?;
         let facts = self.facts(&state);
-        let answer = self.channel.join(&JoinRequest { token, name: self.name.clone(), facts })?;
+        let parsed = fulcrum_se_protocol::JoinToken::parse(&token)
+            .ok_or_else(|| AgentError::Setup("the join token is malformed".into()))?;
+        let controller_pin = parsed.pin.map(String::from);
+        // Only what the controller checks is sent; the pin was for this side.
+        let request = JoinRequest { token: parsed.credential(), name: self.name.clone(), facts };
+        let answer = self.channel.join(&request)?;
         let identity = Identity {
             controller: self.options.controller.clone(),
             se_uuid: answer.se_uuid,
             credential: answer.credential,
             trusted_keys: answer.trusted_keys,
+            controller_pin,
         };
         write_json(&path, &identity)?;
         tracing::info!(se = %identity.se_uuid, name = %self.name, "joined");

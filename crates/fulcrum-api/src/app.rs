@@ -57,6 +57,8 @@ pub struct App {
     pub upgrade: crate::upgrade::Upgrades,
     pub data_dir: std::path::PathBuf,
     pub request_history: crate::analytics::RequestHistory,
+    /// The pin of the controller's HTTPS certificate (none under plain HTTP), put in join tokens.
+    pub certificate_pin: Option<String>,
 }
 
 impl App {

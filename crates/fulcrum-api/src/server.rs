@@ -130,11 +130,12 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         crate::upgrade::slots::remember_listener(listener.as_raw_fd());
     }
     let local = listener.local_addr().map_err(|e| ServeError::Bind { addr: config.listen, message: e.to_string() })?;
-    let acceptor = if config.plain_http {
-        None
+    let (acceptor, certificate_pin) = if config.plain_http {
+        (None, None)
     } else {
         let names = vec!["localhost".to_string(), local.ip().to_string()];
-        Some(tokio_rustls::TlsAcceptor::from(tls::server_config(&config.data_dir, &names)?))
+        let (tls_config, pin) = tls::server_config(&config.data_dir, &names)?;
+        (Some(tokio_rustls::TlsAcceptor::from(tls_config)), Some(pin))
     };
     let app = Arc::new(App {
         store,
@@ -151,6 +152,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         upgrade,
         data_dir: config.data_dir.clone(),
         request_history: Default::default(),
+        certificate_pin,
     });
     {
         let cat = app.store.read();

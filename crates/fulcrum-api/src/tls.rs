@@ -9,8 +9,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::server::ServeError;
 
-/// Loads `DATA/tls/server.{crt,key}`, creating them first if absent.
-pub fn server_config(data_dir: &Path, names: &[String]) -> Result<Arc<ServerConfig>, ServeError> {
+/// Loads `DATA/tls/server.{crt,key}`, creating them first if absent; with the pin of the
+/// certificate (see `fulcrum_se_protocol::certificate_pin`).
+pub fn server_config(data_dir: &Path, names: &[String]) -> Result<(Arc<ServerConfig>, String), ServeError> {
     let dir = data_dir.join("tls");
     let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
     let tls_err = |what: &str, e: &dyn std::fmt::Display| ServeError::Tls(format!("{what}: {e}"));
@@ -28,6 +29,10 @@ pub fn server_config(data_dir: &Path, names: &[String]) -> Result<Arc<ServerConf
         .map_err(|e| tls_err("cannot read the certificate", &e))?
         .collect::<Result<_, _>>()
         .map_err(|e| tls_err("cannot parse the certificate", &e))?;
+    let pin = certs
+        .first()
+        .map(|c| fulcrum_se_protocol::certificate_pin(c.as_ref()))
+        .ok_or_else(|| ServeError::Tls(format!("{} holds no certificate", cert_path.display())))?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| tls_err("cannot read the key", &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -37,5 +42,5 @@ pub fn server_config(data_dir: &Path, names: &[String]) -> Result<Arc<ServerConf
         .with_single_cert(certs, key)
         .map_err(|e| tls_err("the certificate and key do not match", &e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), pin))
 }

@@ -167,6 +167,43 @@ pub struct Event {
     pub message: String,
 }
 
+/// A join token: `<token uuid>.<secret>[.<pin>]`. The pin, present when the controller
+/// serves HTTPS, is the SHA-256 of its certificate (hex): an agent given only the token can
+/// tell the controller from an impostor before it sends the secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinToken<'a> {
+    pub uuid: &'a str,
+    pub secret: &'a str,
+    pub pin: Option<&'a str>,
+}
+
+impl<'a> JoinToken<'a> {
+    pub fn parse(token: &'a str) -> Option<JoinToken<'a>> {
+        let mut parts = token.trim().split('.');
+        let (uuid, secret) = (parts.next()?, parts.next()?);
+        let pin = parts.next();
+        if uuid.is_empty() || secret.is_empty() || parts.next().is_some() || pin.is_some_and(|p| !is_pin(p)) {
+            return None;
+        }
+        Some(JoinToken { uuid, secret, pin })
+    }
+
+    /// What the controller checks: the token without its pin.
+    pub fn credential(&self) -> String {
+        format!("{}.{}", self.uuid, self.secret)
+    }
+}
+
+/// The pin of a certificate (its DER bytes): SHA-256, lowercase hex.
+pub fn certificate_pin(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn is_pin(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// `30.2.1-9001` or `30.2.1-9001-2p1`: how versions are shown side by side.
 pub fn version_label(version: &str, build: u64, patch_version: Option<&str>) -> String {
     match patch_version {
@@ -178,6 +215,19 @@ pub fn version_label(version: &str, build: u64, patch_version: Option<&str>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn join_tokens_carry_an_optional_pin() {
+        let pin = certificate_pin(b"certificate");
+        let with = format!("sejointoken-1.s3cret.{pin}");
+        let token = JoinToken::parse(&with).unwrap();
+        assert_eq!((token.uuid, token.secret, token.pin), ("sejointoken-1", "s3cret", Some(pin.as_str())));
+        assert_eq!(token.credential(), "sejointoken-1.s3cret");
+        assert_eq!(JoinToken::parse("sejointoken-1.s3cret").unwrap().pin, None);
+        for bad in ["", "only-uuid", "a.", ".b", "a.b.not-a-pin", &format!("a.b.{pin}.extra")] {
+            assert_eq!(JoinToken::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn commands_and_steps_have_stable_wire_forms() {

@@ -59,15 +59,76 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
+/// Accepts exactly the certificate whose pin (SHA-256 of its DER, hex) was given: how an SE
+/// agent recognises its controller from the join token alone.
+#[derive(Debug)]
+struct PinnedCertificate {
+    pin: String,
+    any: AcceptAnyCertificate,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fulcrum_se_protocol::certificate_pin(end_entity.as_ref()) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the server's certificate is not the controller's one named by the join token".into(),
+            ))
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.any.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.any.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.any.supported_verify_schemes()
+    }
+}
+
+/// How a client trusts the controller's certificate.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Verify against the CA certificates of a PEM file.
+    Ca(std::path::PathBuf),
+    /// Accept only the certificate of this pin.
+    Pin(String),
+    /// Accept any certificate (`curl -k`).
+    Any,
+}
+
 /// TLS settings: verify against `ca_file` when given, otherwise accept the controller's
 /// self-signed certificate.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    tls_config_trusting(&ca_file.map_or(Trust::Any, |p| Trust::Ca(p.to_path_buf())))
+}
+
+pub fn tls_config_trusting(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?;
-    let config = match ca_file {
-        Some(path) => {
+    let config = match trust {
+        Trust::Ca(path) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in
                 CertificateDer::pem_file_iter(path).map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?
@@ -78,7 +139,14 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, C
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        None => builder
+        Trust::Pin(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                pin: pin.clone(),
+                any: AcceptAnyCertificate(provider),
+            }))
+            .with_no_client_auth(),
+        Trust::Any => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
             .with_no_client_auth(),

@@ -96,9 +96,13 @@ enum Command {
         /// The SE's name (default: the host name; with --simulate, a prefix).
         #[arg(long)]
         name: Option<String>,
-        /// Verify the controller's certificate against this CA file (default: accept it, like `curl -k`).
+        /// Verify the controller's certificate against this CA file (by default the join token's
+        /// certificate fingerprint is checked).
         #[arg(long)]
         ca_cert: Option<PathBuf>,
+        /// Accept any controller certificate (labs only: an impostor could take the join token).
+        #[arg(long)]
+        insecure: bool,
         /// Cores to report (default: this machine's; 1 per simulated SE).
         #[arg(long)]
         cores: Option<u32>,
@@ -197,7 +201,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::SeAgent { controller, join_token, data_dir, name, ca_cert, cores, simulate, log_json } => {
+        Command::SeAgent { controller, join_token, data_dir, name, ca_cert, insecure, cores, simulate, log_json } => {
             init_logs(log_json);
             let options = fulcrum_agent::Options {
                 controller,
@@ -205,6 +209,7 @@ fn main() -> ExitCode {
                 data_dir,
                 name,
                 ca_file: ca_cert,
+                insecure,
                 cores,
                 base_version: fulcrum_api::version::VERSION.into(),
                 base_build: fulcrum_api::version::BUILD,

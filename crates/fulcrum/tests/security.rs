@@ -383,3 +383,72 @@ fn unauthenticated_bodies_are_not_kept_in_memory() {
         assert!(answer.starts_with("HTTP/1.1 401") || answer.is_empty(), "{answer}");
     }
 }
+
+fn https_controller(data: &std::path::Path) -> common::Controller {
+    try_start(Launch { plain_http: false, ..Launch::plain(data) }).unwrap()
+}
+
+/// Runs `fulcrum se-agent` against `url` until it exits or `limit` passes; (exited, log).
+fn run_agent(url: &str, token: &str, dir: &std::path::Path, extra: &[&str], limit: Duration) -> (bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["se-agent", "--controller", url, "--join-token", token, "--name", "se-t", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .env("FULCRUM_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut exited = false;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !exited {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    (exited, log)
+}
+
+#[test]
+fn an_agent_given_only_the_join_token_trusts_its_controller_and_no_impostor() {
+    let (real_data, impostor_data) = (temp_dir(), temp_dir());
+    let real = https_controller(real_data.path());
+    let impostor = https_controller(impostor_data.path());
+    let (_, token) = common::agents::token(&real.admin(), "Default-Group");
+    assert_eq!(token.split('.').count(), 3, "an HTTPS controller's token names its certificate: {token}");
+    let work = temp_dir();
+
+    // Pointed at the impostor, the agent refuses in the TLS handshake: no secret is sent.
+    let (exited, log) = run_agent(&impostor.url, &token, &work.path().join("fooled"), &[], Duration::from_secs(8));
+    assert!(log.contains("not the controller's one named by the join token"), "exited {exited}: {log}");
+    let metrics = impostor.anonymous().get("/metrics").body;
+    assert!(!metrics.contains("se-agent/join"), "the impostor saw a join: {metrics}");
+    assert!(!work.path().join("fooled/identity.json").exists());
+
+    // Pointed at the real one, it joins and remembers the pin for later runs.
+    let mut agent = common::agents::Agent::start(&real, Some(&token), &work.path().join("se1"), "se1", &[]);
+    common::agents::wait_for("the agent joined", Duration::from_secs(30), || {
+        common::agents::se_by_name(&real.admin(), "se1").map(drop)
+    });
+    let identity = std::fs::read_to_string(work.path().join("se1/identity.json")).unwrap();
+    assert!(identity.contains(token.rsplit('.').next().unwrap()), "{identity}");
+    agent.kill9();
+
+    // A token without the pin, over HTTPS, without --ca-cert: refused unless --insecure.
+    let bare = token.rsplit_once('.').unwrap().0.to_string();
+    let (exited, log) = run_agent(&real.url, &bare, &work.path().join("bare"), &[], Duration::from_secs(8));
+    assert!(exited && log.contains("cannot verify the controller"), "{log}");
+    let (_, log) = run_agent(&real.url, &bare, &work.path().join("lab"), &["--insecure"], Duration::from_secs(4));
+    assert!(log.contains("--insecure"), "{log}");
+    common::agents::wait_for("the insecure agent joined", Duration::from_secs(10), || {
+        work.path().join("lab/identity.json").exists().then_some(())
+    });
+}

@@ -98,7 +98,8 @@ pub async fn join(app: &App, body: &[u8]) -> Result<Response, ApiError> {
         return Err(ApiError::bad_request("name must be 1 to 128 characters without '/'"));
     }
     let invalid = || ApiError::unauthorized("join token not accepted: it is unknown, revoked or mistyped");
-    let (token_uuid, secret) = request.token.trim().split_once('.').ok_or_else(invalid)?;
+    let parsed = fulcrum_se_protocol::JoinToken::parse(&request.token).ok_or_else(invalid)?;
+    let (token_uuid, secret) = (parsed.uuid, parsed.secret);
     let token = app.store.read().get(TOKEN_KIND, token_uuid).cloned().ok_or_else(invalid)?;
     if !secret_matches(secret, token.value.get("_secret_sha256").and_then(Value::as_str)) {
         return Err(invalid());

@@ -387,7 +387,12 @@ pub async fn create_token(app: &App, ctx: &RequestContext, body: &[u8]) -> Resul
     let (parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| ApiError::internal(e.to_string()))?;
     let mut shown: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(e.to_string()))?;
-    shown["token"] = json!(format!("{uuid}.{secret}"));
+    // Under HTTPS the token also names the controller's certificate, so that an agent given
+    // only the token verifies it is talking to this controller before it sends the secret.
+    shown["token"] = match &app.certificate_pin {
+        Some(pin) => json!(format!("{uuid}.{secret}.{pin}")),
+        None => json!(format!("{uuid}.{secret}")),
+    };
     Ok(json_response(parts.status, &shown))
 }
 
