@@ -53,8 +53,11 @@ impl From<SchemaError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         tracing::error!(error = %e, "storage failure");
+        let text = e.to_string();
         let status = if matches!(e, StoreError::Aborted) {
             StatusCode::INTERNAL_SERVER_ERROR
+        } else if text.contains("No space left on device") || text.contains("os error 28") {
+            StatusCode::INSUFFICIENT_STORAGE
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };

@@ -1,6 +1,7 @@
 //! Endpoints that are not plain objects: login/logout, the cluster views, initial-data, the
 //! user's own account, OpenAPI and metrics.
 
+use std::fmt::Write;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,8 +34,20 @@ pub fn cluster_status(app: &App) -> Response {
         StatusCode::OK,
         &json!({
             "cluster_state": {"state": "CLUSTER_UP_NO_HA", "progress": 100, "up_since": version::rfc3339(app.started_at)},
+            "store": store_health(app),
         }),
     )
+}
+
+/// Whether the store commits: a full disk shows here (and in /metrics) until space is back.
+fn store_health(app: &App) -> Value {
+    let health = app.store.health();
+    json!({
+        "healthy": health.is_healthy(),
+        "failing_since": health.failing_since.map(version::rfc3339),
+        "last_error": health.last_error,
+        "failed_commits": health.failed_commits,
+    })
 }
 
 pub fn initial_data(app: &App) -> Response {
@@ -118,8 +131,17 @@ pub fn openapi_document() -> Value {
     doc
 }
 
-pub async fn metrics(State(_app): State<Arc<App>>) -> Response {
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut out = String::new();
+    let health = app.store.health();
+    let _ = writeln!(
+        out,
+        "# HELP fulcrum_store_healthy Whether the last commit to the store succeeded.\n# TYPE fulcrum_store_healthy gauge\n\
+         fulcrum_store_healthy {}\n# HELP fulcrum_store_failed_commits_total Commits that failed (a full disk, an I/O error).\n\
+         # TYPE fulcrum_store_failed_commits_total counter\nfulcrum_store_failed_commits_total {}",
+        u8::from(health.is_healthy()),
+        health.failed_commits
+    );
     HTTP_REQUESTS.render(&mut out);
     HTTP_SECONDS.render(&mut out);
     fulcrum_store::writer::COMMIT_SECONDS.render(&mut out);

@@ -46,20 +46,46 @@ impl EditState {
 
 /// Objects in one redb file. redb is pure Rust, ACID, and by default (`Durability::Immediate`)
 /// fsyncs before `commit` returns, so one transaction is one durable group commit.
+///
+/// After a failed commit (a full disk) redb refuses every later transaction until the database
+/// is closed and opened again; the next commit does that first, so the store recovers by
+/// itself once space is back. What is on disk is then the last successful commit, which is
+/// also what the catalogue and `edit_state` describe.
 pub struct RedbBackend {
-    db: Database,
+    path: std::path::PathBuf,
+    /// `None` while closed for a reopen that has not succeeded yet.
+    db: Option<Database>,
+    needs_reopen: bool,
     edit_state: HashMap<String, EditState>,
 }
 
 impl RedbBackend {
     pub fn open(path: &Path) -> Result<RedbBackend, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(io)?;
-        txn.open_table(OBJECTS).map_err(io)?;
-        txn.open_table(EDITS).map_err(io)?;
-        txn.commit().map_err(io)?;
-        Ok(RedbBackend { db, edit_state: HashMap::new() })
+        let db = open_database(path)?;
+        Ok(RedbBackend { path: path.to_path_buf(), db: Some(db), needs_reopen: false, edit_state: HashMap::new() })
     }
+
+    fn db(&mut self) -> Result<&Database, StoreError> {
+        if self.needs_reopen || self.db.is_none() {
+            // The old handle must be closed before the file can be opened again.
+            self.db = None;
+            let db =
+                open_database(&self.path).map_err(|e| StoreError::Io(format!("reopening after an I/O error: {e}")))?;
+            tracing::info!(path = %self.path.display(), "reopened the store after an I/O error");
+            self.db = Some(db);
+            self.needs_reopen = false;
+        }
+        Ok(self.db.as_ref().expect("opened above"))
+    }
+}
+
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let db = Database::create(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
+    let txn = db.begin_write().map_err(io)?;
+    txn.open_table(OBJECTS).map_err(io)?;
+    txn.open_table(EDITS).map_err(io)?;
+    txn.commit().map_err(io)?;
+    Ok(db)
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -75,7 +101,7 @@ fn remove_edits(table: &mut redb::Table<(&str, u64), &[u8]>, key: &str, upto: u6
 
 impl Backend for RedbBackend {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.db()?.begin_read().map_err(io)?;
         let objects = txn.open_table(OBJECTS).map_err(io)?;
         let mut bodies: HashMap<String, (Value, u64)> = HashMap::new();
         for entry in objects.iter().map_err(io)? {
@@ -111,7 +137,17 @@ impl Backend for RedbBackend {
     }
 
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(io)?;
+        let outcome = self.try_commit(changes);
+        if matches!(outcome, Err(StoreError::Io(_))) {
+            self.needs_reopen = true;
+        }
+        outcome
+    }
+}
+
+impl RedbBackend {
+    fn try_commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        let txn = self.db()?.begin_write().map_err(io)?;
         // Bookkeeping is applied only once the commit succeeded.
         let mut updates: Vec<(String, Option<EditState>)> = Vec::new();
         {
@@ -232,7 +268,7 @@ mod tests {
         drop(b);
         let mut b = RedbBackend::open(&path).unwrap();
         assert_eq!(b.load().unwrap()[0].2["big"].as_str().unwrap().len(), big.len());
-        let txn = b.db.begin_read().unwrap();
+        let txn = b.db().unwrap().begin_read().unwrap();
         assert_eq!(txn.open_table(EDITS).unwrap().iter().unwrap().count(), 0);
     }
 }

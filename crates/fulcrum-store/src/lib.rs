@@ -10,7 +10,7 @@ pub mod writer;
 
 pub use backend::{Backend, MemoryBackend, RedbBackend};
 pub use catalogue::{Catalogue, Change, Indexer, Meta, Stored};
-pub use writer::{Store, Txn, WriteError};
+pub use writer::{Health, Store, Txn, WriteError};
 
 /// Errors of the storage layer.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -301,6 +301,38 @@ impl Txn<'_> {
 pub struct Store {
     catalogue: Arc<RwLock<Catalogue>>,
     jobs: mpsc::Sender<Job>,
+    health: Arc<std::sync::Mutex<Health>>,
+}
+
+/// Whether the last commit succeeded; if not, since when commits fail and why.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Health {
+    pub failing_since: Option<SystemTime>,
+    pub last_error: Option<String>,
+    /// Commits that failed since the store was opened.
+    pub failed_commits: u64,
+}
+
+impl Health {
+    pub fn is_healthy(&self) -> bool {
+        self.failing_since.is_none()
+    }
+
+    fn record(&mut self, outcome: &Result<(), StoreError>) {
+        match outcome {
+            Ok(()) => {
+                if let Some(since) = self.failing_since.take() {
+                    tracing::info!(failing_for = ?since.elapsed().unwrap_or_default(), "the store commits again");
+                }
+                self.last_error = None;
+            }
+            Err(e) => {
+                self.failed_commits += 1;
+                self.failing_since.get_or_insert_with(SystemTime::now);
+                self.last_error = Some(e.to_string());
+            }
+        }
+    }
 }
 
 impl Store {
@@ -318,11 +350,18 @@ impl Store {
         let catalogue = Arc::new(RwLock::new(catalogue));
         let (jobs, queue) = mpsc::channel::<Job>();
         let shared = catalogue.clone();
+        let health = Arc::new(std::sync::Mutex::new(Health::default()));
+        let writer_health = health.clone();
         std::thread::Builder::new()
             .name("fulcrum-writer".into())
-            .spawn(move || run_writer(backend, shared, indexer, queue, clock))
+            .spawn(move || run_writer(backend, shared, indexer, queue, clock, writer_health))
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        Ok(Store { catalogue, jobs })
+        Ok(Store { catalogue, jobs, health })
+    }
+
+    /// Whether commits succeed (for health pages and metrics).
+    pub fn health(&self) -> Health {
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A consistent view of committed state. Do not hold it across an `.await`.
@@ -377,6 +416,7 @@ fn run_writer(
     indexer: Indexer,
     queue: mpsc::Receiver<Job>,
     mut clock: u64,
+    health: Arc<std::sync::Mutex<Health>>,
 ) {
     let reclaim = reclaimer();
     while let Ok(first) = queue.recv() {
@@ -448,6 +488,9 @@ fn run_writer(
             }
             outcome
         };
+        if !matches!(outcome, Err(StoreError::Aborted)) {
+            health.lock().unwrap_or_else(|e| e.into_inner()).record(&outcome);
+        }
         for finish in finishers {
             finish(&outcome);
         }
@@ -489,6 +532,43 @@ mod tests {
         let (a, b) = tokio::join!(create(&store, "p1", "same"), create(&store, "p2", "same"));
         assert!(a.is_ok() != b.is_ok(), "exactly one of two same-named creates wins");
         assert_eq!(store.read().count("pool"), 1);
+    }
+
+    /// Fails its commits while `failing` is set, as a full disk does.
+    struct Flaky {
+        inner: MemoryBackend,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Backend for Flaky {
+        fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
+            self.inner.load()
+        }
+        fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Io("No space left on device (os error 28)".into()));
+            }
+            self.inner.commit(changes)
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn health_shows_failing_commits_until_one_succeeds() {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store =
+            Store::open(Flaky { inner: MemoryBackend::default(), failing: failing.clone() }, indexer()).unwrap();
+        create(&store, "p1", "a").await.unwrap();
+        assert!(store.health().is_healthy());
+        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(create(&store, "p2", "b").await, Err(WriteError::Storage(_))));
+        assert!(store.read().get("pool", "p2").is_none(), "a failed commit is not visible");
+        let health = store.health();
+        assert!(!health.is_healthy() && health.last_error.unwrap().contains("No space"));
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        create(&store, "p2", "b").await.unwrap();
+        let health = store.health();
+        assert!(health.is_healthy());
+        assert_eq!(health.failed_commits, 1);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -208,3 +208,84 @@ fn kill_9_during_backups_leaves_no_listed_broken_backup() {
         assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
     }
 }
+
+/// A small tmpfs for a disk that fills up; `None` when this test cannot mount one (not root).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::Builder::new().prefix("fulcrum-small-disk-").tempdir().ok()?.keep();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_full_disk_is_survived_and_recovered_from_without_a_restart() {
+    let Some(disk) = SmallDisk::mount("24m") else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let data = disk.0.join("data");
+    let c = start(&data);
+    let api = c.admin();
+    let pool = |name: &str| json!({"name": name, "description": "x".repeat(2000)});
+    assert_eq!(api.post("/api/pool", &pool("before")).status, 201);
+    // Fill the disk.
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut refused = 0;
+    for i in 0..50 {
+        let r = api.post("/api/pool", &pool(&format!("while-full-{i}")));
+        if r.status == 201 {
+            continue; // the store had a little room left
+        }
+        assert!(matches!(r.status, 503 | 507), "{}: {}", r.status, r.body);
+        assert!(r.error().contains("not stored"), "{}", r.error());
+        refused += 1;
+        if refused == 3 {
+            break;
+        }
+    }
+    assert_eq!(refused, 3, "the disk never filled");
+    let status = api.object("/api/cluster/status");
+    assert_eq!(status["store"]["healthy"], false, "{status}");
+    assert!(c.anonymous().get("/metrics").body.contains("fulcrum_store_healthy 0"));
+    let before_free = api.object("/api/pool?page_size=200")["count"].as_u64().unwrap();
+    // Space is back: writes succeed again, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let r = api.post("/api/pool", &pool("after"));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(api.object("/api/cluster/status")["store"]["healthy"], true);
+    assert!(c.anonymous().get("/metrics").body.contains("fulcrum_store_healthy 1"));
+    assert_eq!(api.object("/api/pool?page_size=200")["count"].as_u64().unwrap(), before_free + 1);
+    // And everything acknowledged is there after a restart.
+    c.kill9();
+    let c = start(&data);
+    let names: Vec<String> = c.admin().object("/api/pool?page_size=200")["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"before".to_string()) && names.contains(&"after".to_string()), "{names:?}");
+    assert_eq!(names.len() as u64, before_free + 1);
+    drop(c);
+}
