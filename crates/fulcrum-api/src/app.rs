@@ -121,8 +121,19 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Headers every answer carries, login and metrics included.
+/// Headers every answer carries, login and metrics included; an error without a body (a
+/// method a fixed route does not answer) gets the JSON error body every other error has.
 async fn common_headers(State(app): State<Arc<App>>, mut response: Response) -> Response {
+    use http_body::Body as _;
+    let status = response.status();
+    if (status.is_client_error() || status.is_server_error()) && response.body().size_hint().exact() == Some(0) {
+        let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+        let allow = response.headers().get(header::ALLOW).cloned();
+        response = ApiError::new(status, reason).into_response();
+        if let Some(allow) = allow {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
+    }
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache, must-revalidate"));
     headers.insert(header::VARY, HeaderValue::from_static("Accept, Cookie"));
@@ -460,6 +471,12 @@ async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
         (None, _) => ApiError::not_found(format!("no such API path: {path}")).into_response(),
         (Some(route), Ok(_)) => handle(&app, parts, body, route).await.unwrap_or_else(IntoResponse::into_response),
     };
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+        && !response.headers().contains_key(header::ALLOW)
+        && let Some(allow) = system::allowed_methods(&label).and_then(|m| HeaderValue::from_str(&m).ok())
+    {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
     let headers = response.headers_mut();
     let shown_version = version.ok().flatten().unwrap_or_else(|| version::VERSION.to_string());
     if let Ok(v) = HeaderValue::from_str(&shown_version) {

@@ -206,6 +206,112 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
+/// hyper answers requests it cannot parse (431, 414, 400) itself, with an empty body. This
+/// stream gives those answers the JSON error body every other error has: a head of status 400
+/// or more with `content-length: 0` can only be hyper's, since the application fills every
+/// empty error body (see `app::common_headers`).
+pub struct ErrorBodies<S> {
+    inner: S,
+    /// A rewritten answer not yet written to `inner`.
+    pending: Vec<u8>,
+}
+
+impl<S> ErrorBodies<S> {
+    pub fn new(inner: S) -> ErrorBodies<S> {
+        ErrorBodies { inner, pending: Vec::new() }
+    }
+}
+
+/// The head `data` starts with, given a JSON error body, when it is a bodiless error answer.
+pub fn with_error_body(data: &[u8]) -> Option<Vec<u8>> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&data[..end]).ok()?;
+    let status_line = head.lines().next()?;
+    let mut parts = status_line.splitn(3, ' ');
+    let (version, code, reason) = (parts.next()?, parts.next()?, parts.next().unwrap_or(""));
+    let code: u16 = code.parse().ok()?;
+    if version != "HTTP/1.1" || code < 400 || end + 4 != data.len() {
+        return None;
+    }
+    if !head.lines().any(|l| l.eq_ignore_ascii_case("content-length: 0")) {
+        return None;
+    }
+    let error = match code {
+        431 => "the request's headers are too large".to_string(),
+        414 => "the request's URI is too long".to_string(),
+        400 => "the request is not valid HTTP/1.1".to_string(),
+        _ => reason.to_lowercase(),
+    };
+    let body = serde_json::json!({ "error": error }).to_string();
+    let mut out = String::with_capacity(head.len() + body.len() + 64);
+    for line in head.lines() {
+        if line.eq_ignore_ascii_case("content-length: 0") {
+            out.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
+        } else {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    Some(out.into_bytes())
+}
+
+impl<S: AsyncWrite + Unpin> ErrorBodies<S> {
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.pending) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.pending.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ErrorBodies<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ErrorBodies<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.poll_pending(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        if (data.starts_with(b"HTTP/1.1 4") || data.starts_with(b"HTTP/1.1 5"))
+            && let Some(rewritten) = with_error_body(data)
+        {
+            this.pending = rewritten;
+            let _ = this.poll_pending(cx)?;
+            return Poll::Ready(Ok(data.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.poll_pending(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.poll_pending(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
 /// Why a request body stopped: it did not keep arriving.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body stopped arriving (no byte for {0:?}, or slower than {MIN_BODY_RATE} bytes/s)")]
@@ -349,6 +455,22 @@ mod tests {
         sender.send(Bytes::from_static(b"all of it")).await.unwrap();
         drop(sender);
         assert_eq!(&reader.await.unwrap().unwrap()[..], b"all of it");
+    }
+
+    #[test]
+    fn bodiless_error_answers_get_a_json_body() {
+        let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 23:35:02 GMT\r\n\r\n";
+        let out = String::from_utf8(with_error_body(hyper_431).unwrap()).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(json["error"].as_str().unwrap().contains("headers are too large"));
+        // Answers with a body, successes, and a head followed by body bytes are left alone.
+        assert!(with_error_body(b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}").is_none());
+        assert!(with_error_body(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").is_none());
+        assert!(with_error_body(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nmore").is_none());
     }
 
     #[test]

@@ -302,6 +302,7 @@ impl Served {
         H::Future: Send + 'static,
         H::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let stream = crate::connections::ErrorBodies::new(stream);
         let conn = self.builder.serve_connection(TokioIo::new(stream), service).into_owned();
         tokio::pin!(conn);
         let mut check = tokio::time::interval((self.idle_timeout / 4).max(Duration::from_millis(100)));

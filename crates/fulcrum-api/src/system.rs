@@ -88,7 +88,25 @@ pub fn cluster_version(app: &App) -> Response {
 
 /// The schema's object types, and every other endpoint from the one table the router obeys.
 pub fn openapi() -> Response {
-    json_response(StatusCode::OK, &openapi_document())
+    json_response(StatusCode::OK, cached_openapi_document())
+}
+
+/// The document is the same for the life of the process: made once.
+fn cached_openapi_document() -> &'static Value {
+    static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(openapi_document)
+}
+
+/// What `Allow` says for a path template (as routes label themselves): the methods the
+/// OpenAPI document lists for it, which are the methods the router answers.
+pub fn allowed_methods(template: &str) -> Option<String> {
+    let item = cached_openapi_document()["paths"].get(template)?.as_object()?;
+    let methods: Vec<String> = ["get", "post", "put", "patch", "delete"]
+        .iter()
+        .filter(|m| item.contains_key(**m))
+        .map(|m| m.to_ascii_uppercase())
+        .collect();
+    Some(methods.join(", "))
 }
 
 pub fn openapi_document() -> Value {

@@ -452,3 +452,54 @@ fn an_agent_given_only_the_join_token_trusts_its_controller_and_no_impostor() {
         work.path().join("lab/identity.json").exists().then_some(())
     });
 }
+
+/// Sends raw bytes and returns the whole answer.
+fn raw_exchange(c: &common::Controller, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr_of(c)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn errors_from_below_the_application_carry_json_bodies_and_405_says_what_is_allowed() {
+    let data = temp_dir();
+    let c = start(data.path());
+    let big_header =
+        [b"GET /api/pool HTTP/1.1\r\nHost: x\r\nX-Big: ".as_slice(), &vec![b'a'; 500_000], b"\r\n\r\n"].concat();
+    let long_uri = [b"GET /".as_slice(), &vec![b'a'; 70_000], b" HTTP/1.1\r\nHost: x\r\n\r\n"].concat();
+    for (request, status, says) in [
+        (big_header, "431", "headers are too large"),
+        (long_uri, "414", "URI is too long"),
+        (b"GARBAGE\r\n\r\n".to_vec(), "400", "not valid HTTP"),
+    ] {
+        let answer = raw_exchange(&c, &request);
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
+        assert!(answer.contains("content-type: application/json"), "{answer}");
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert!(json["error"].as_str().unwrap().contains(says), "{answer}");
+    }
+    let api = c.admin();
+    let r = api.get("/login");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
+    assert!(!r.error().is_empty());
+    let pool = api.post("/api/pool", &json!({"name": "p"})).json();
+    let r = api.post(&format!("/api/pool/{}", pool["uuid"].as_str().unwrap()), &json!({}));
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("allow"), Some("GET, PUT, PATCH, DELETE"));
+    let r = api.send("DELETE", "/api/cluster/status", None);
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("allow"), Some("GET"));
+    // Under HTTPS, logins too say to keep using HTTPS.
+    let tls_data = temp_dir();
+    let tls = https_controller(tls_data.path());
+    let r =
+        form(&tls.anonymous()).send("POST", "/login", Some(format!("username=admin&password={PASSWORD}").as_bytes()));
+    assert_eq!(r.status, 200);
+    assert!(r.header("strict-transport-security").is_some_and(|v| v.contains("max-age")), "{:?}", r.headers);
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+}
