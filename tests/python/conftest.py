@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -60,6 +61,15 @@ class Controller:
             self.proc.wait(timeout=15)
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+@pytest.fixture
+def plain_controller():
+    """A fresh plain-HTTP controller whose output is drained (fuzzing makes it log a lot)."""
+    c = Controller(plain_http=True)
+    threading.Thread(target=lambda: [None for _ in c.proc.stdout], daemon=True).start()
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,37 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/logout", post(system::logout))
         .route("/metrics", get(system::metrics))
         .fallback(dispatch)
+        .layer(axum::middleware::from_fn(within_request_limits))
         .layer(axum::middleware::map_response_with_state(app.clone(), common_headers))
         .with_state(app)
+}
+
+/// Headers beyond this many bytes in all are refused with 431 (hyper's own, larger buffer
+/// limit is only the last resort).
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+/// URIs beyond this many bytes are refused with 414.
+pub const MAX_URI_BYTES: usize = 16 << 10;
+
+async fn within_request_limits(req: Request, next: axum::middleware::Next) -> Response {
+    let uri = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let headers: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let refusal = if uri > MAX_URI_BYTES {
+        ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            format!("the request's URI is too long ({uri} bytes; the limit is {MAX_URI_BYTES})"),
+        )
+    } else if headers > MAX_HEADER_BYTES {
+        ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request's headers are too large ({headers} bytes; the limit is {MAX_HEADER_BYTES})"),
+        )
+    } else {
+        return next.run(req).await;
+    };
+    // Such a client is not worth keeping a connection for.
+    let mut response = refusal.into_response();
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Headers every answer carries, login and metrics included; an error without a body (a
@@ -412,17 +441,20 @@ async fn authenticate_basic(app: &App, parts: &Parts, encoded: &str) -> Result<P
 /// Verifies a user's password, with throttling; returns the principal.
 pub async fn check_password(app: &App, client: &str, username: &str, password: &str) -> Result<Principal, ApiError> {
     let now = Instant::now();
-    if app.throttle.is_blocked(client, username, now) {
-        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many failed login attempts; try again later."));
-    }
     let found = {
         let cat = app.store.read();
         cat.find_by_name("user", "", username)
             .filter(|u| u.value.get("is_active").and_then(Value::as_bool) != Some(false))
             .and_then(|u| Some((u.uuid.clone(), u.value.get("_password_hash")?.as_str()?.to_string())))
     };
+    // Credentials already verified (HTTP Basic sends them on every request) go through even
+    // while this address is throttled: someone else guessing from it must not lock them out.
+    let known_good = found.as_ref().is_some_and(|(_, hash)| app.basic_cache.is_verified(username, password, hash));
+    if !known_good && app.throttle.is_blocked(client, username, now) {
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many failed login attempts; try again later."));
+    }
     let ok = match &found {
-        Some((_, hash)) if app.basic_cache.is_verified(username, password, hash) => true,
+        _ if known_good => true,
         Some((_, hash)) => {
             let (p, h) = (password.to_string(), hash.clone());
             let ok = tokio::task::spawn_blocking(move || verify_password(&p, &h)).await.unwrap_or(false);

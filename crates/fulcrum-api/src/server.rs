@@ -196,7 +196,11 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         limits.max_connections = fits;
     }
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(4 * crate::app::MAX_HEADER_BYTES);
     let connections = Arc::new(Connections::default());
     let (stop_connections, stopping) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);

@@ -111,7 +111,6 @@ pub fn allowed_methods(template: &str) -> Option<String> {
 
 pub fn openapi_document() -> Value {
     let mut doc = fulcrum_schema::openapi::document(version::VERSION);
-    let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let ok = json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}});
     let paths = doc["paths"].as_object_mut().expect("the document has paths");
     for endpoint in crate::endpoints::ENDPOINTS {
@@ -127,8 +126,14 @@ pub fn openapi_document() -> Value {
             item.insert("parameters".into(), Value::Array(params));
         }
         for method in endpoint.methods {
-            let mut operation = json!({"tags": [tag], "summary": endpoint.summary,
-                "responses": {"200": ok, "400": error, "401": error, "403": error, "404": error}});
+            // Fixed endpoints answer 200, 201 (made something) or 204 (nothing to say).
+            let success = if endpoint.path == "/metrics" {
+                json!({"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})
+            } else {
+                ok.clone()
+            };
+            let responses = fulcrum_schema::openapi::responses(method, json!({"2XX": success}));
+            let mut operation = json!({"tags": [tag], "summary": endpoint.summary, "responses": responses});
             if endpoint.public {
                 operation["security"] = json!([]);
             }

@@ -61,6 +61,35 @@ fn identity_fields(reg: &Registry, schema_name: &str) -> Value {
     s
 }
 
+/// The name of a type's schema as answers show it: the same fields, none required, since
+/// `?fields=` may ask for any of them only.
+fn read_schema_name(schema_name: &str) -> String {
+    format!("{schema_name}Read")
+}
+
+/// The errors an operation may answer, by method: any request may be malformed (400),
+/// unauthenticated (401), forbidden (403), aimed at nothing (404) or with a method the path does
+/// not take (405), too slow (408), too large (413), throttled (429) or meet a store that cannot
+/// commit (503); writes may also conflict (409), fail a precondition (412) or find the disk full
+/// (507).
+pub fn error_responses(method: &str) -> Map<String, Value> {
+    let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let mut codes = vec!["400", "401", "403", "404", "405", "408", "413", "429", "503"];
+    if !method.eq_ignore_ascii_case("get") {
+        codes.extend(["409", "412", "507"]);
+    }
+    codes.into_iter().map(|c| (c.to_string(), error.clone())).collect()
+}
+
+/// `responses` of an operation: its successes and the errors of its method.
+pub fn responses(method: &str, successes: Value) -> Value {
+    let mut out = error_responses(method);
+    if let Value::Object(ok) = successes {
+        out.extend(ok);
+    }
+    Value::Object(out)
+}
+
 /// The whole document.
 pub fn document(version: &str) -> Value {
     let reg = Registry::get();
@@ -69,29 +98,39 @@ pub fn document(version: &str) -> Value {
         schemas.insert(schema.name.into(), object_schema(schema));
     }
     for t in reg.types() {
-        schemas.insert(t.schema.into(), identity_fields(reg, t.schema));
+        let whole = identity_fields(reg, t.schema);
+        let mut read = whole.clone();
+        read.as_object_mut().expect("an object schema").remove("required");
+        schemas.insert(t.schema.into(), whole);
+        schemas.insert(read_schema_name(t.schema), read);
     }
-    let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     schemas.insert("Error".into(), json!({"type": "object", "properties": {"error": {"type": "string"}}}));
     let mut paths = Map::new();
     for t in reg.types() {
         let item_ref = json!({"$ref": format!("#/components/schemas/{}", t.schema)});
-        let one = json!({"description": "OK", "content": {"application/json": {"schema": item_ref}}});
+        let read_ref = json!({"$ref": format!("#/components/schemas/{}", read_schema_name(t.schema))});
+        let one = json!({"description": "OK", "content": {"application/json": {"schema": read_ref}}});
         let body = json!({"required": true, "content": {"application/json": {"schema": item_ref}}});
+        // A pool's PATCH in async mode is accepted for a later merge.
+        let patched = if t.path == "pool" {
+            json!({"200": one, "202": {"description": "Accepted for the next async merge"}})
+        } else {
+            json!({"200": one})
+        };
         if t.singleton {
             paths.insert(
                 format!("/api/{}", t.path),
                 json!({
-                    "get": {"tags": [t.path], "responses": {"200": one, "401": error}},
-                    "put": {"tags": [t.path], "requestBody": body, "responses": {"200": one, "400": error}},
-                    "patch": {"tags": [t.path], "responses": {"200": one, "400": error}},
+                    "get": {"tags": [t.path], "responses": responses("get", json!({"200": one}))},
+                    "put": {"tags": [t.path], "requestBody": body, "responses": responses("put", json!({"200": one}))},
+                    "patch": {"tags": [t.path], "responses": responses("patch", patched)},
                 }),
             );
             continue;
         }
         let list = json!({"description": "OK", "content": {"application/json": {"schema": {
             "type": "object",
-            "properties": {"count": {"type": "integer"}, "next": {"type": "string"}, "results": {"type": "array", "items": item_ref}}
+            "properties": {"count": {"type": "integer"}, "next": {"type": "string"}, "results": {"type": "array", "items": read_ref}}
         }}}});
         let params = json!([
             {"name": "name", "in": "query", "schema": {"type": "string"}},
@@ -104,11 +143,10 @@ pub fn document(version: &str) -> Value {
             {"name": "refers_to", "in": "query", "schema": {"type": "string"}},
             {"name": "referred_by", "in": "query", "schema": {"type": "string"}},
         ]);
-        let mut collection =
-            json!({"get": {"tags": [t.path], "parameters": params, "responses": {"200": list, "401": error}}});
+        let mut collection = json!({"get": {"tags": [t.path], "parameters": params, "responses": responses("get", json!({"200": list}))}});
         if !t.system_created {
             collection["post"] =
-                json!({"tags": [t.path], "requestBody": body, "responses": {"201": one, "400": error, "409": error}});
+                json!({"tags": [t.path], "requestBody": body, "responses": responses("post", json!({"201": one}))});
         }
         paths.insert(format!("/api/{}", t.path), collection);
         let uuid_param = json!([{"name": "uuid", "in": "path", "required": true, "schema": {"type": "string"}}]);
@@ -116,10 +154,10 @@ pub fn document(version: &str) -> Value {
             format!("/api/{}/{{uuid}}", t.path),
             json!({
                 "parameters": uuid_param,
-                "get": {"tags": [t.path], "responses": {"200": one, "404": error}},
-                "put": {"tags": [t.path], "requestBody": body, "responses": {"200": one, "400": error, "412": error}},
-                "patch": {"tags": [t.path], "responses": {"200": one, "400": error}},
-                "delete": {"tags": [t.path], "responses": {"204": {"description": "Deleted"}, "409": error}},
+                "get": {"tags": [t.path], "responses": responses("get", json!({"200": one}))},
+                "put": {"tags": [t.path], "requestBody": body, "responses": responses("put", json!({"200": one}))},
+                "patch": {"tags": [t.path], "responses": responses("patch", patched)},
+                "delete": {"tags": [t.path], "responses": responses("delete", json!({"204": {"description": "Deleted"}}))},
             }),
         );
     }
@@ -148,5 +186,13 @@ mod tests {
         assert!(doc["paths"]["/api/pool/{uuid}"]["delete"].is_object());
         assert!(doc["paths"]["/api/systemconfiguration"]["put"].is_object());
         assert!(doc["paths"]["/api/serviceengine"]["post"].is_null());
+        // Answers may be partial (`?fields=`): their schema requires nothing; requests do.
+        assert!(doc["components"]["schemas"]["PoolRead"]["required"].is_null());
+        assert_eq!(doc["components"]["schemas"]["Pool"]["required"][0], "name");
+        let put = &doc["paths"]["/api/pool/{uuid}"]["put"]["responses"];
+        for code in ["400", "401", "403", "404", "409", "412", "413", "429", "507"] {
+            assert!(put[code].is_object(), "PUT documents {code}");
+        }
+        assert!(doc["paths"]["/api/pool"]["get"]["responses"]["409"].is_null(), "a read does not conflict");
     }
 }

@@ -467,12 +467,16 @@ fn raw_exchange(c: &common::Controller, request: &[u8]) -> String {
 fn errors_from_below_the_application_carry_json_bodies_and_405_says_what_is_allowed() {
     let data = temp_dir();
     let c = start(data.path());
-    let big_header =
-        [b"GET /api/pool HTTP/1.1\r\nHost: x\r\nX-Big: ".as_slice(), &vec![b'a'; 500_000], b"\r\n\r\n"].concat();
-    let long_uri = [b"GET /".as_slice(), &vec![b'a'; 70_000], b" HTTP/1.1\r\nHost: x\r\n\r\n"].concat();
+    let header = |size: usize| {
+        [b"GET /api/pool HTTP/1.1\r\nHost: x\r\nX-Big: ".as_slice(), &vec![b'a'; size], b"\r\n\r\n"].concat()
+    };
+    let uri = |size: usize| [b"GET /".as_slice(), &vec![b'a'; size], b" HTTP/1.1\r\nHost: x\r\n\r\n"].concat();
+    // Past the application's limits, and past hyper's buffer (answered below the application).
     for (request, status, says) in [
-        (big_header, "431", "headers are too large"),
-        (long_uri, "414", "URI is too long"),
+        (header(100_000), "431", "headers are too large"),
+        (header(2_000_000), "431", "headers are too large"),
+        (uri(20_000), "414", "URI is too long"),
+        (uri(100_000), "414", "URI is too long"),
         (b"GARBAGE\r\n\r\n".to_vec(), "400", "not valid HTTP"),
     ] {
         let answer = raw_exchange(&c, &request);
