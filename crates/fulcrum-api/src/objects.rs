@@ -564,6 +564,14 @@ pub async fn replace(
                     config.insert(field.to_string(), v.clone());
                 }
             }
+            // Clients PUT back what they read, which never holds a secret: keep the stored one.
+            for field in reg.schema_of(type_def).write_only_fields() {
+                if !config.contains_key(field)
+                    && let Some(v) = existing.value.get(field)
+                {
+                    config.insert(field.to_string(), v.clone());
+                }
+            }
             let mut hidden = hidden_of(&existing);
             hidden.extend(new_hidden);
             store_object(txn, type_def, &uuid, config, &tenant, hidden)

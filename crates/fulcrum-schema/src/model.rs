@@ -54,12 +54,14 @@ pub struct Field {
     pub required: bool,
     /// Set by the controller only: a PUT keeps the stored value, a PATCH that touches it is refused.
     pub read_only: bool,
+    /// A secret (a private key): stored and used, never shown; a PUT without it keeps it.
+    pub write_only: bool,
     pub description: &'static str,
 }
 
 impl Field {
     pub fn new(name: &'static str, kind: Kind) -> Field {
-        Field { name, kind, default: None, required: false, read_only: false, description: "" }
+        Field { name, kind, default: None, required: false, read_only: false, write_only: false, description: "" }
     }
     pub fn required(mut self) -> Field {
         self.required = true;
@@ -71,6 +73,10 @@ impl Field {
     }
     pub fn read_only(mut self) -> Field {
         self.read_only = true;
+        self
+    }
+    pub fn write_only(mut self) -> Field {
+        self.write_only = true;
         self
     }
     pub fn describe(mut self, text: &'static str) -> Field {
@@ -97,6 +103,10 @@ impl ObjectSchema {
 
     pub fn read_only_fields(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.fields.iter().filter(|f| f.read_only).map(|f| f.name)
+    }
+
+    pub fn write_only_fields(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.fields.iter().filter(|f| f.write_only).map(|f| f.name)
     }
 }
 

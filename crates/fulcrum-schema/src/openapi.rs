@@ -40,6 +40,9 @@ fn object_schema(schema: &ObjectSchema) -> Value {
         if !field.description.is_empty() {
             prop["description"] = json!(field.description);
         }
+        if field.write_only {
+            prop["writeOnly"] = json!(true);
+        }
         if field.required {
             required.push(field.name);
         }

@@ -105,6 +105,9 @@ impl Writer<'_> {
                 continue;
             }
             let field = schema.field(key);
+            if field.is_some_and(|f| f.write_only) {
+                continue;
+            }
             if self.opts.skip_default && field.is_some_and(|f| f.default.as_ref() == Some(value)) {
                 continue;
             }

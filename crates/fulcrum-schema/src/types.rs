@@ -886,8 +886,8 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 )
                 .default("SSL_CERTIFICATE_TYPE_VIRTUALSERVICE"),
                 f("certificate", o("SSLCertificate")),
-                f("key", s()),
-                f("key_passphrase", s()),
+                f("key", s()).write_only().describe("The private key (PEM): stored and used, never shown."),
+                f("key_passphrase", s()).write_only(),
                 f("certificate_base64", b()).default(false),
                 f("key_base64", b()).default(false),
                 f("format", en(&["SSL_PEM", "SSL_PKCS12"])).default("SSL_PEM"),

@@ -507,3 +507,36 @@ fn errors_from_below_the_application_carry_json_bodies_and_405_says_what_is_allo
     assert!(r.header("strict-transport-security").is_some_and(|v| v.contains("max-age")), "{:?}", r.headers);
     assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
 }
+
+#[test]
+fn private_keys_are_stored_but_never_shown() {
+    let data = temp_dir();
+    let c = start(data.path());
+    let api = c.admin();
+    let key =
+        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+    let r = api.post(
+        "/api/sslkeyandcertificate",
+        &json!({"name": "mine", "key": key, "key_passphrase": "pass", "certificate": {"certificate": "PEM"}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(!r.body.contains("PRIVATE KEY") && !r.body.contains("key_passphrase"), "{}", r.body);
+    let path = format!("/api/sslkeyandcertificate/{}", r.json()["uuid"].as_str().unwrap());
+    let shown = api.object(&path);
+    assert!(shown.get("key").is_none(), "{shown}");
+    let listed = api.get("/api/sslkeyandcertificate?name=mine").body;
+    assert!(!listed.contains("PRIVATE KEY"), "{listed}");
+    // A client PUTs back what it read (without the key): the key is kept.
+    let mut body = shown.clone();
+    body["type"] = json!("SSL_CERTIFICATE_TYPE_VIRTUALSERVICE");
+    assert_eq!(api.put(&path, &body).status, 200);
+    let export = api.object("/api/configuration/export");
+    let stored = export["objects"]["sslkeyandcertificate"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "mine")
+        .unwrap()
+        .clone();
+    assert_eq!(stored["key"], key, "the key is still stored");
+}
