@@ -284,6 +284,10 @@ fn slow_and_idle_clients_are_closed_within_the_timeouts_while_others_are_served(
             }
         })
     };
+    // Meanwhile a normal client is answered at once.
+    let started = Instant::now();
+    assert_eq!(c.admin().get("/api/pool").status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     let took = seconds_until_closed(&mut slow_headers, Duration::from_secs(8));
     assert!(took < 4.0, "slow headers kept {took} s");
     dribble.join().unwrap();
