@@ -18,6 +18,10 @@ pub trait Backend: Send + 'static {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError>;
     /// Applies all changes atomically; returns only once they are durable.
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError>;
+    /// The most changes one commit may carry (the writer's batches stay within it).
+    fn max_changes_per_commit(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// `<type>/<uuid>` → JSON body, as of the object's last whole write.

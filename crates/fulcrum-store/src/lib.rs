@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod catalogue;
+pub mod etcd;
 pub mod writer;
 
 pub use backend::{Backend, MemoryBackend, RedbBackend};
@@ -25,4 +26,6 @@ pub enum StoreError {
     Closed,
     #[error("the write failed unexpectedly and was not stored")]
     Aborted,
+    #[error("this controller is not the cluster leader: it commits nothing")]
+    NotLeader,
 }

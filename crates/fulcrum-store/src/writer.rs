@@ -419,20 +419,19 @@ fn run_writer(
     health: Arc<std::sync::Mutex<Health>>,
 ) {
     let reclaim = reclaimer();
+    // A batch takes more writes only while it holds under half what the backend can commit at
+    // once, so that the write taken last still fits.
+    let fill_to = (backend.max_changes_per_commit() / 2).max(1);
     while let Ok(first) = queue.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
         let mut batch = Overlay::default();
-        let mut finishers = Vec::with_capacity(jobs.len());
+        let mut finishers = Vec::new();
         let mut poisoned = false;
         {
             let base = catalogue.read().unwrap_or_else(|e| e.into_inner());
-            for job in jobs {
+            let mut taken = 0usize;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                taken += 1;
                 let mut txn = Txn {
                     base: &base,
                     batch: &mut batch,
@@ -460,6 +459,9 @@ fn run_writer(
                         break;
                     }
                     Err(_) => tracing::error!("a write panicked; it was refused and nothing of it was stored"),
+                }
+                if taken < MAX_BATCH && batch.objects.len() < fill_to {
+                    next = queue.try_recv().ok();
                 }
             }
         }
@@ -607,6 +609,76 @@ mod tests {
             self.0.lock().unwrap().push(changes.to_vec());
             Ok(())
         }
+    }
+
+    /// Commits at most four changes at once, as a backend with a transaction limit does.
+    #[derive(Default, Clone)]
+    struct Small(Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl Backend for Small {
+        fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
+            Ok(vec![])
+        }
+        fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+            if changes.len() > 4 {
+                return Err(StoreError::Io(format!("{} changes in one commit", changes.len())));
+            }
+            self.0.lock().unwrap().push(changes.len());
+            Ok(())
+        }
+        fn max_changes_per_commit(&self) -> usize {
+            4
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn batches_stay_within_what_the_backend_commits_at_once() {
+        let backend = Small::default();
+        let store = Arc::new(Store::open(backend.clone(), indexer()).unwrap());
+        let writes = (0..40).map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |txn| -> Result<(), ()> {
+                        txn.put("pool", &format!("p{i}"), json!({"name": format!("p{i}")}));
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        for outcome in futures_join_all(writes).await {
+            outcome.unwrap();
+        }
+        assert_eq!(store.read().count("pool"), 40);
+        let commits = backend.0.lock().unwrap().clone();
+        assert!(commits.iter().all(|n| *n <= 4), "{commits:?}");
+        assert!(commits.len() < 40, "writes are still grouped: {commits:?}");
+    }
+
+    /// Runs futures concurrently on this task (no futures crate needed).
+    async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+        let handles: Vec<_> = futures.map(|f| Box::pin(f)).collect();
+        let mut out = Vec::new();
+        let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+        let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut all = true;
+            for (slot, result) in pending.iter_mut().zip(results.iter_mut()) {
+                if let Some(f) = slot {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => {
+                            *result = Some(v);
+                            *slot = None;
+                        }
+                        std::task::Poll::Pending => all = false,
+                    }
+                }
+            }
+            if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        })
+        .await;
+        out.extend(results.into_iter().map(|r| r.expect("every future finished")));
+        out
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -1,0 +1,194 @@
+//! The etcd backend against a real etcd (Debian's `etcd-server`, which the test command
+//! installs): what is committed is loaded back, big objects stay within etcd's limits and are
+//! edited in place, and a commit without the leader's key is refused by etcd itself.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use fulcrum_store::etcd::{CHUNK_BYTES, EtcdBackend, Fence, REQUIRED_MAX_TXN_OPS};
+use fulcrum_store::{Indexer, Meta, Store, StoreError, WriteError};
+use serde_json::{Value, json};
+
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A one-member etcd on 127.0.0.1 with the settings Fulcrum needs.
+fn etcd() -> Etcd {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new("etcd")
+        .args(["--name", "e1", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-cluster", &format!("e1=http://127.0.0.1:{peer}")])
+        .args(["--max-txn-ops", &REQUIRED_MAX_TXN_OPS.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed (apt-get install etcd-server; ./scripts/test does it)");
+    let etcd = Etcd { child, url, _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        assert!(Instant::now() < deadline, "etcd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    etcd
+}
+
+fn indexer() -> Indexer {
+    Arc::new(|_kind: &str, v: &Value| Meta {
+        tenant: "t".into(),
+        name: v.get("name").and_then(Value::as_str).map(String::from),
+        refs: vec![],
+    })
+}
+
+/// Takes the election key for this test's "node"; the fence then carries it.
+async fn lead(client: &mut etcd_client::Client, key: &str, node: &str) -> Arc<Fence> {
+    let put = TxnOp::put(key, node, None::<PutOptions>);
+    let txn = Txn::new().when([Compare::create_revision(key, CompareOp::Equal, 0)]).and_then([put]);
+    assert!(client.txn(txn).await.unwrap().succeeded(), "the key was free");
+    let got = client.get(key, None).await.unwrap();
+    let fence = Arc::new(Fence::default());
+    fence.hold(key.as_bytes().to_vec(), got.kvs()[0].create_revision());
+    fence
+}
+
+async fn open(etcd: &Etcd, fence: Arc<Fence>) -> (Store, etcd_client::Client) {
+    let mut attempts = 0;
+    let backend = loop {
+        match EtcdBackend::open(std::slice::from_ref(&etcd.url), "/test/", fence.clone()).await {
+            Ok(b) => break b,
+            Err(e) if attempts < 40 => {
+                attempts += 1;
+                wait_a_little(&e).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let client = backend.client();
+    (Store::open(backend, indexer()).unwrap(), client)
+}
+
+async fn wait_a_little(_e: &StoreError) {
+    tokio::time::sleep(Duration::from_millis(250)).await;
+}
+
+fn servers(n: usize) -> Vec<Value> {
+    (0..n).map(|i| json!({"ip": {"addr": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), "type": "V4"}, "port": 8080, "ratio": 1})).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_committed_loads_back_and_big_objects_are_edited_in_place() {
+    let etcd = etcd();
+    let mut client = etcd_client::Client::connect([etcd.url.clone()], None).await.unwrap();
+    let fence = lead(&mut client, "/test/leader", "n1").await;
+    let (store, client) = open(&etcd, fence.clone()).await;
+    // Small objects, a 5,000-server pool (about 400 KB of JSON: chunked), edits, a delete.
+    store
+        .write(|txn| -> Result<(), ()> {
+            txn.put("pool", "small", json!({"name": "small", "servers": servers(3)}));
+            txn.put("pool", "gone", json!({"name": "gone"}));
+            txn.put("pool", "big", json!({"name": "big", "servers": servers(5000)}));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let values = |prefix: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let r = client.get(prefix, Some(GetOptions::new().with_prefix())).await.unwrap();
+            r.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.value().len())).collect::<Vec<_>>()
+        }
+    };
+    let chunks_before = values("/test/c/").await;
+    assert!(chunks_before.len() >= 2, "the big pool is chunked: {chunks_before:?}");
+    assert!(chunks_before.iter().all(|(_, len)| *len <= CHUNK_BYTES));
+    for i in 0..20 {
+        store
+            .write(move |txn| -> Result<(), ()> {
+                let edit = json!({"op": "replace", "path": "/servers/7/ratio", "value": i + 2});
+                txn.edit_with("pool", "big", |_, value| {
+                    value["servers"][7]["ratio"] = json!(i + 2);
+                    Ok::<_, ()>((Some(vec![edit]), ()))
+                })
+                .unwrap()
+            })
+            .await
+            .unwrap();
+    }
+    store
+        .write(|txn| -> Result<(), ()> {
+            txn.delete("pool", "gone");
+            Ok(())
+        })
+        .await
+        .unwrap();
+    // The edits wrote logs, not the pool.
+    assert_eq!(values("/test/c/").await, chunks_before);
+    let edits = values("/test/e/").await;
+    assert_eq!(edits.len(), 20, "{edits:?}");
+    assert!(edits.iter().all(|(_, len)| *len < 200), "{edits:?}");
+    let expected = store.read().get("pool", "big").unwrap().value.clone();
+    assert_eq!(expected["servers"][7]["ratio"], 21);
+    drop(store);
+
+    // Another process loads exactly what was committed.
+    let (again, _) = open(&etcd, fence).await;
+    let cat = again.read();
+    assert_eq!(cat.get("pool", "big").unwrap().value, expected);
+    assert_eq!(cat.get("pool", "small").unwrap().value["servers"].as_array().unwrap().len(), 3);
+    assert!(cat.get("pool", "gone").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_the_election_key_commits_nothing() {
+    let etcd = etcd();
+    let mut client = etcd_client::Client::connect([etcd.url.clone()], None).await.unwrap();
+    let fence = lead(&mut client, "/test/leader", "n1").await;
+    let (store, _) = open(&etcd, fence.clone()).await;
+    store
+        .write(|txn| -> Result<(), ()> {
+            txn.put("pool", "p1", json!({"name": "p1"}));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    // The key passes to another node (n1's lease ran out, n2 won): n1 still believes it leads.
+    client.delete("/test/leader", None).await.unwrap();
+    let _n2 = lead(&mut client, "/test/leader", "n2").await;
+    assert!(fence.is_held());
+    let refused = store
+        .write(|txn| -> Result<(), ()> {
+            txn.put("pool", "p2", json!({"name": "p2", "servers": servers(5000)}));
+            txn.put("pool", "p3", json!({"name": "p3"}));
+            Ok(())
+        })
+        .await;
+    assert!(matches!(refused, Err(WriteError::Storage(StoreError::NotLeader))), "{refused:?}");
+    assert!(store.read().get("pool", "p3").is_none());
+    let stored = client.get("/test/o/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let keys: Vec<_> = stored.kvs().iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+    assert_eq!(keys, ["/test/o/pool/p1"], "nothing of the refused batch is stored");
+    assert_eq!(client.get("/test/c/", Some(GetOptions::new().with_prefix())).await.unwrap().kvs().len(), 0);
+}
