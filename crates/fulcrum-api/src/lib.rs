@@ -24,4 +24,4 @@ pub mod upgrade;
 pub mod version;
 
 pub use error::ApiError;
-pub use server::{ServeConfig, ServeError, serve};
+pub use server::{ClusterConfig, ServeConfig, ServeError, serve};

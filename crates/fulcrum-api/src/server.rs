@@ -29,6 +29,17 @@ pub struct ServeConfig {
     pub trusted_keys: Vec<PathBuf>,
     pub engines: crate::engines::EngineSettings,
     pub limits: Limits,
+    /// Keep the store in etcd, as one node of a cluster (none: the embedded store).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `serve --etcd URL[,URL...] --node-name NAME --advertise URL --lease-ttl SECONDS`.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub etcd: Vec<String>,
+    pub node_name: String,
+    pub advertise: String,
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +94,35 @@ fn open_store(data_dir: &std::path::Path) -> Result<Store, ServeError> {
     Ok(Store::open(backend, objects::indexer())?)
 }
 
+/// Campaigns for the cluster's leadership, then opens the store from etcd. Until a later
+/// change lets followers serve, a node that does not lead waits here, not listening.
+async fn lead_cluster(config: &ClusterConfig) -> Result<(Store, tokio::task::JoinHandle<()>), ServeError> {
+    use fulcrum_store::election::{Cluster, Leader};
+    let me = Leader { node: config.node_name.clone(), advertise: config.advertise.clone() };
+    let cluster = Cluster::connect(&config.etcd, me, config.lease_ttl).await?;
+    let mut told = None;
+    let lease = cluster
+        .election
+        .win(&mut |leader| {
+            let shown = leader.map(|l| format!("{} at {}", l.node, l.advertise));
+            if told.as_ref() != Some(&shown) {
+                // Tests and operators read this line.
+                println!("fulcrum waiting to lead the cluster (leader: {})", shown.as_deref().unwrap_or("none"));
+                told = Some(shown);
+            }
+        })
+        .await?;
+    let store = Store::open(cluster.backend().await?, objects::indexer())?;
+    let kept = tokio::spawn(async move {
+        let lost = cluster.election.keep(lease).await;
+        // The fence is released: nothing more commits. Exit so a supervisor restarts this node,
+        // which then campaigns again from what is stored.
+        tracing::error!(error = %lost, "lost the cluster leadership; exiting");
+        std::process::exit(3);
+    });
+    Ok((store, kept))
+}
+
 /// `fulcrum admin reset-password`: run on the host with the controller stopped, gives `user`
 /// the password and full administrative rights again (the way back in when nobody can log in).
 pub async fn reset_password(data_dir: &std::path::Path, user: &str, password: &str) -> Result<(), ServeError> {
@@ -99,7 +139,13 @@ pub async fn reset_password(data_dir: &std::path::Path, user: &str, password: &s
 /// Runs the controller until `shutdown` completes, then drains open connections.
 pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     check_data_dir(&config)?;
-    let store = open_store(&config.data_dir)?;
+    let (store, leadership) = match &config.cluster {
+        None => (open_store(&config.data_dir)?, None),
+        Some(cluster) => {
+            let (store, kept) = lead_cluster(cluster).await?;
+            (store, Some(kept))
+        }
+    };
     let node_ip = config.listen.ip().to_string();
     if let Some(password) = bootstrap::ensure_defaults(&store, &config.data_dir, &node_ip)
         .await
@@ -265,6 +311,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
                 });
             }
         }
+    }
+    if let Some(kept) = leadership {
+        kept.abort();
     }
     sweeper.abort();
     merger.abort();

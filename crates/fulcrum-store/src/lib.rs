@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod catalogue;
+pub mod election;
 pub mod etcd;
 pub mod writer;
 

@@ -2,57 +2,21 @@
 //! installs): what is committed is loaded back, big objects stay within etcd's limits and are
 //! edited in place, and a commit without the leader's key is refused by etcd itself.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
-use fulcrum_store::etcd::{CHUNK_BYTES, EtcdBackend, Fence, REQUIRED_MAX_TXN_OPS};
+use fulcrum_store::etcd::{CHUNK_BYTES, EtcdBackend, Fence};
 use fulcrum_store::{Indexer, Meta, Store, StoreError, WriteError};
 use serde_json::{Value, json};
 
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
+#[path = "../../fulcrum/tests/common/etcd.rs"]
+#[allow(dead_code)]
+mod etcd_support;
+use etcd_support::Etcd;
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A one-member etcd on 127.0.0.1 with the settings Fulcrum needs.
 fn etcd() -> Etcd {
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new("etcd")
-        .args(["--name", "e1", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--initial-cluster", &format!("e1=http://127.0.0.1:{peer}")])
-        .args(["--max-txn-ops", &REQUIRED_MAX_TXN_OPS.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd is installed (apt-get install etcd-server; ./scripts/test does it)");
-    let etcd = Etcd { child, url, _dir: dir };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        assert!(Instant::now() < deadline, "etcd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    etcd
+    Etcd::start(1)
 }
 
 fn indexer() -> Indexer {
@@ -77,7 +41,7 @@ async fn lead(client: &mut etcd_client::Client, key: &str, node: &str) -> Arc<Fe
 async fn open(etcd: &Etcd, fence: Arc<Fence>) -> (Store, etcd_client::Client) {
     let mut attempts = 0;
     let backend = loop {
-        match EtcdBackend::open(std::slice::from_ref(&etcd.url), "/test/", fence.clone()).await {
+        match EtcdBackend::open(&etcd.urls, "/test/", fence.clone()).await {
             Ok(b) => break b,
             Err(e) if attempts < 40 => {
                 attempts += 1;
@@ -101,7 +65,7 @@ fn servers(n: usize) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_is_committed_loads_back_and_big_objects_are_edited_in_place() {
     let etcd = etcd();
-    let mut client = etcd_client::Client::connect([etcd.url.clone()], None).await.unwrap();
+    let mut client = etcd_client::Client::connect(etcd.urls.clone(), None).await.unwrap();
     let fence = lead(&mut client, "/test/leader", "n1").await;
     let (store, client) = open(&etcd, fence.clone()).await;
     // Small objects, a 5,000-server pool (about 400 KB of JSON: chunked), edits, a delete.
@@ -164,7 +128,7 @@ async fn what_is_committed_loads_back_and_big_objects_are_edited_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_the_election_key_commits_nothing() {
     let etcd = etcd();
-    let mut client = etcd_client::Client::connect([etcd.url.clone()], None).await.unwrap();
+    let mut client = etcd_client::Client::connect(etcd.urls.clone(), None).await.unwrap();
     let fence = lead(&mut client, "/test/leader", "n1").await;
     let (store, _) = open(&etcd, fence.clone()).await;
     store

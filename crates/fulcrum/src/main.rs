@@ -60,6 +60,19 @@ enum Command {
         /// Connections one client address may hold at once.
         #[arg(long, default_value = "1024")]
         max_connections_per_client: usize,
+        /// Keep the store in this etcd cluster (comma-separated client URLs) instead of the data
+        /// dir, as one controller of a cluster. The etcd members need --max-txn-ops 4096.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// This controller's name in the cluster (default: the host name).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// The URL other nodes and clients reach this controller at (default: from --listen).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Seconds the leader's lease lasts without renewal: how soon a lost leader is replaced.
+        #[arg(long, default_value = "3", value_parser = seconds)]
+        lease_ttl: Duration,
     },
     /// An interactive shell against a controller, like the controller's own CLI.
     Shell {
@@ -177,6 +190,10 @@ fn main() -> ExitCode {
             body_timeout,
             max_connections,
             max_connections_per_client,
+            etcd,
+            node_name,
+            advertise,
+            lease_ttl,
         } => {
             init_logs(log_json);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -192,7 +209,19 @@ fn main() -> ExitCode {
                 max_connections,
                 max_connections_per_client,
             };
-            let config = fulcrum_api::ServeConfig { listen, data_dir, plain_http, trusted_keys, engines, limits };
+            let cluster = (!etcd.is_empty()).then(|| fulcrum_api::ClusterConfig {
+                etcd,
+                node_name: node_name.unwrap_or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .map(|h| h.trim().to_string())
+                        .unwrap_or_else(|_| "fulcrum".into())
+                }),
+                advertise: advertise
+                    .unwrap_or_else(|| format!("{}://{listen}", if plain_http { "http" } else { "https" })),
+                lease_ttl,
+            });
+            let config =
+                fulcrum_api::ServeConfig { listen, data_dir, plain_http, trusted_keys, engines, limits, cluster };
             match runtime.block_on(fulcrum_api::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod etcd;
 pub mod packages;
 pub mod pty;
 
@@ -42,8 +43,17 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// Starts the binary; returns its stderr when it exits before listening.
-pub fn try_start(launch: Launch<'_>) -> Result<Controller, String> {
+/// A controller process that has not said where it listens yet.
+pub struct Starting {
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    data_dir: PathBuf,
+    /// What it printed so far.
+    pub banner: Vec<String>,
+}
+
+/// Starts the binary without waiting for it to listen.
+pub fn spawn(launch: Launch<'_>) -> Starting {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fulcrum"));
     cmd.args(["serve", "--listen", launch.listen, "--data-dir"]).arg(launch.data_dir);
     if launch.plain_http {
@@ -56,37 +66,82 @@ pub fn try_start(launch: Launch<'_>) -> Result<Controller, String> {
     }
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn fulcrum");
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
+    let (tx, lines) = mpsc::channel();
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let mut banner = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => {
-                if let Some(url) = line.strip_prefix("fulcrum listening on ") {
-                    return Ok(Controller {
-                        child,
-                        url: url.to_string(),
-                        data_dir: launch.data_dir.to_path_buf(),
-                        banner,
-                        shell_home: tempfile::Builder::new().prefix("fulcrum-shell-home-").tempdir().unwrap(),
-                    });
+    Starting { child: Some(child), lines, data_dir: launch.data_dir.to_path_buf(), banner: Vec::new() }
+}
+
+impl Starting {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits up to `within` for a line containing `text` (kept in the banner); false if none came.
+    pub fn wait_for_line(&mut self, text: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(text);
+                    self.banner.push(line);
+                    if found {
+                        return true;
+                    }
                 }
-                banner.push(line);
+                Err(_) => return false,
             }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).ok();
-                return Err(err);
+        }
+        false
+    }
+
+    /// Waits up to `within` for the listening line; the controller, or its stderr if it exited.
+    pub fn listening(mut self, within: Duration) -> Result<Controller, String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("fulcrum listening on ") {
+                        return Ok(Controller {
+                            child: self.child.take().expect("running"),
+                            url: url.to_string(),
+                            data_dir: std::mem::take(&mut self.data_dir),
+                            banner: std::mem::take(&mut self.banner),
+                            shell_home: tempfile::Builder::new().prefix("fulcrum-shell-home-").tempdir().unwrap(),
+                        });
+                    }
+                    self.banner.push(line);
+                }
+                Err(_) => {
+                    let mut child = self.child.take().expect("running");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let mut err = String::new();
+                    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+                    return Err(format!("{}\n{err}", self.banner.join("\n")));
+                }
             }
         }
     }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts the binary; returns its stderr when it exits before listening.
+pub fn try_start(launch: Launch<'_>) -> Result<Controller, String> {
+    spawn(launch).listening(Duration::from_secs(30))
 }
 
 pub fn start(data_dir: &Path) -> Controller {

@@ -1,0 +1,72 @@
+//! A real etcd on 127.0.0.1 (Debian's `etcd-server`; `./scripts/test` installs it), one member
+//! or more, with the settings a Fulcrum cluster needs. Shared by the store's tests (included by
+//! path) and the cluster's.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// etcd transactions must allow this many operations (see `fulcrum_store::etcd`).
+const MAX_TXN_OPS: &str = "4096";
+
+pub struct Etcd {
+    members: Vec<Child>,
+    /// The client URLs, one per member.
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            let _ = member.kill();
+            let _ = member.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Etcd {
+    /// Starts `size` members and waits until each takes clients.
+    pub fn start(size: usize) -> Etcd {
+        let dir = tempfile::Builder::new().prefix("fulcrum-etcd-").tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let cluster: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
+        let mut members = Vec::new();
+        let mut urls = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let url = format!("http://127.0.0.1:{client}");
+            let child = Command::new("etcd")
+                .args(["--name", &format!("e{i}"), "--data-dir"])
+                .arg(dir.path().join(format!("e{i}")))
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-cluster", &cluster.join(","), "--initial-cluster-state", "new"])
+                .args(["--max-txn-ops", MAX_TXN_OPS])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd is installed (apt-get install etcd-server; ./scripts/test does it)");
+            members.push(child);
+            urls.push(url);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (client, _) in &ports {
+            while std::net::TcpStream::connect(("127.0.0.1", *client)).is_err() {
+                assert!(Instant::now() < deadline, "etcd did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Etcd { members, urls, _dir: dir }
+    }
+
+    /// `--etcd` for a controller: every member.
+    pub fn endpoints(&self) -> String {
+        self.urls.join(",")
+    }
+}
