@@ -22,6 +22,20 @@ pub trait Backend: Send + 'static {
     fn max_changes_per_commit(&self) -> usize {
         usize::MAX
     }
+    /// For a backend that others write too (etcd, in a cluster): starts feeding every commit,
+    /// this node's and the leader's, into `catalogue` (loaded by `load`). The writer then leaves
+    /// the catalogue to the feed and answers once the feed applied its commit.
+    fn start_feed(
+        &mut self,
+        _catalogue: std::sync::Arc<std::sync::RwLock<crate::Catalogue>>,
+        _indexer: crate::Indexer,
+    ) -> Option<std::sync::Arc<crate::catalogue::Applied>> {
+        None
+    }
+    /// The revision of the last successful commit (for a fed catalogue).
+    fn last_commit_revision(&self) -> i64 {
+        0
+    }
 }
 
 /// `<type>/<uuid>` → JSON body, as of the object's last whole write.

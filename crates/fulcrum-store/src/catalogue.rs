@@ -98,7 +98,7 @@ impl Catalogue {
     }
 
     /// Applies a committed change; returns the object version it replaced or removed.
-    pub(crate) fn apply(&mut self, change: &Change) -> Option<Arc<Stored>> {
+    pub fn apply(&mut self, change: &Change) -> Option<Arc<Stored>> {
         match change {
             Change::Put(stored) | Change::Edit { stored, .. } => {
                 let old = self.remove(&stored.kind, &stored.uuid);
@@ -171,5 +171,50 @@ mod tests {
         c.apply(&Change::Delete { kind: "pool".into(), uuid: "p1".into() });
         assert!(c.get("pool", "p1").is_none() && c.find_by_name("pool", "t", "b").is_none());
         assert_eq!(c.count("pool"), 0);
+    }
+}
+
+/// How far a catalogue fed from the backend (etcd's watch) has got: the revision of the last
+/// commit it applied. The writer waits on it before answering, readers before a consistent read.
+#[derive(Debug, Default)]
+pub struct Applied {
+    revision: std::sync::Mutex<i64>,
+    changed: std::sync::Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl Applied {
+    pub fn current(&self) -> i64 {
+        *self.revision.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn advance(&self, revision: i64) {
+        let mut current = self.revision.lock().unwrap_or_else(|e| e.into_inner());
+        if revision > *current {
+            *current = revision;
+            self.changed.notify_all();
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Blocks (a thread, not a task) until `revision` is applied or `timeout` passes.
+    pub fn wait_blocking(&self, revision: i64, timeout: std::time::Duration) -> bool {
+        let current = self.revision.lock().unwrap_or_else(|e| e.into_inner());
+        let (current, _) =
+            self.changed.wait_timeout_while(current, timeout, |c| *c < revision).unwrap_or_else(|e| e.into_inner());
+        *current >= revision
+    }
+
+    /// Waits until `revision` is applied.
+    pub async fn wait(&self, revision: i64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.current() >= revision {
+                return;
+            }
+            notified.await;
+        }
     }
 }

@@ -17,16 +17,22 @@
 //! Fencing: the commit transaction (and every chunk write) compares the election key's create
 //! revision with the one this node won it at. A deposed, paused or partitioned leader's commit
 //! fails in etcd itself, whatever that node believes.
+//!
+//! Every node's catalogue is fed by a watch of the prefix (the [`Feed`]), the leader's
+//! included: the writer answers once the feed applied its commit, so a node's catalogue holds
+//! only committed state, in etcd's order, whoever committed it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
+};
 use serde_json::Value;
 
 use crate::StoreError;
 use crate::backend::Backend;
-use crate::catalogue::Change;
+use crate::catalogue::{Change, Stored};
 
 /// The largest value written: a chunk of a big body, an inline body, an edit log.
 pub const CHUNK_BYTES: usize = 256 << 10;
@@ -92,8 +98,19 @@ pub struct EtcdBackend {
     runtime: tokio::runtime::Handle,
     prefix: String,
     fence: Arc<Fence>,
-    state: HashMap<String, ObjectState>,
-    loaded: Option<Vec<(String, String, Value)>>,
+    /// Kept by the feed from every commit it sees (this node's and other leaders'), so that a
+    /// node that becomes the leader writes only what changed from its first commit.
+    state: Arc<Mutex<HashMap<String, ObjectState>>>,
+    loaded: Option<Loaded>,
+    last_commit: i64,
+}
+
+/// Everything under the prefix as of one revision.
+struct Loaded {
+    objects: Vec<(String, String, Value)>,
+    revision: i64,
+    /// Chunks no record points at yet: a commit in flight while the load read them.
+    unclaimed_chunks: HashMap<String, Vec<u8>>,
 }
 
 fn etcd_error(e: etcd_client::Error) -> StoreError {
@@ -104,16 +121,21 @@ fn corrupt(key: &str, what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{key}: {what}"))
 }
 
-/// The keys of a prefix, page by page (a page stays far below the client's message limit).
-async fn range(client: &Client, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+/// The keys of a prefix as of `revision` (0: now), page by page (a page stays far below the
+/// client's message limit); with the revision read.
+async fn range(client: &Client, prefix: &str, revision: i64) -> Result<(Vec<KeyValue>, i64), StoreError> {
     const PAGE: i64 = 64;
     let mut kv = client.kv_client().max_decoding_message_size(64 << 20);
     let end = prefix_end(prefix.as_bytes());
     let mut from = prefix.as_bytes().to_vec();
     let mut out = Vec::new();
+    let mut at = revision;
     loop {
-        let options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        let options = GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(at);
         let mut page = kv.get(from.clone(), Some(options)).await.map_err(etcd_error)?;
+        if at == 0 {
+            at = page.header().map_or(0, |h| h.revision());
+        }
         let more = page.more();
         let kvs = page.take_kvs();
         let Some(last) = kvs.last() else { break };
@@ -123,7 +145,7 @@ async fn range(client: &Client, prefix: &str) -> Result<Vec<KeyValue>, StoreErro
             break;
         }
     }
-    Ok(out)
+    Ok((out, at))
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -136,6 +158,49 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+fn chunk_name(object: &str, generation: u64, index: u64) -> String {
+    format!("{object}/{generation:016x}/{index:08x}")
+}
+
+/// An object's body from its record (`J` + JSON, or `C` + a manifest of chunks, which are
+/// taken out of `chunks`), and what the backend remembers of it.
+fn decode_record(
+    prefix: &str,
+    key: &str,
+    object: &str,
+    record: &[u8],
+    chunks: &mut HashMap<String, Vec<u8>>,
+) -> Result<(Value, ObjectState), StoreError> {
+    match record.split_first() {
+        Some((b'J', json)) => {
+            let body = serde_json::from_slice(json).map_err(|e| corrupt(key, e))?;
+            Ok((body, ObjectState { base_bytes: json.len() as u64, ..ObjectState::default() }))
+        }
+        Some((b'C', manifest)) => {
+            let manifest: Value = serde_json::from_slice(manifest).map_err(|e| corrupt(key, e))?;
+            let generation = manifest["generation"].as_u64().ok_or_else(|| corrupt(key, "no generation"))?;
+            let count = manifest["chunks"].as_u64().ok_or_else(|| corrupt(key, "no chunk count"))?;
+            let mut json = Vec::new();
+            for index in 0..count {
+                let chunk_key = format!("{prefix}c/{}", chunk_name(object, generation, index));
+                json.extend(chunks.remove(&chunk_key).ok_or_else(|| corrupt(&chunk_key, "missing chunk"))?);
+            }
+            let body = serde_json::from_slice(&json).map_err(|e| corrupt(key, e))?;
+            let state =
+                ObjectState { base_bytes: json.len() as u64, chunks: Some(generation), ..ObjectState::default() };
+            Ok((body, state))
+        }
+        _ => Err(corrupt(key, "unknown record")),
+    }
+}
+
+/// (object, sequence) of an edit log key.
+fn edit_key(prefix: &str, key: &str) -> Result<(String, u64), StoreError> {
+    let rest = key.strip_prefix(&format!("{prefix}e/")).ok_or_else(|| corrupt(key, "not an edit log"))?;
+    let (object, seq) = rest.rsplit_once('/').ok_or_else(|| corrupt(key, "bad key"))?;
+    Ok((object.to_string(), u64::from_str_radix(seq, 16).map_err(|e| corrupt(key, e))?))
 }
 
 impl EtcdBackend {
@@ -153,10 +218,11 @@ impl EtcdBackend {
             runtime: tokio::runtime::Handle::current(),
             prefix: prefix.to_string(),
             fence,
-            state: HashMap::new(),
+            state: Arc::default(),
             loaded: None,
+            last_commit: 0,
         };
-        backend.loaded = Some(backend.read_all().await?);
+        backend.loaded = Some(read_all(&backend.client, &backend.prefix, &backend.state).await?);
         Ok(backend)
     }
 
@@ -168,71 +234,15 @@ impl EtcdBackend {
         format!("{}{area}/{object}", self.prefix)
     }
 
-    async fn read_all(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
-        let objects_prefix = format!("{}o/", self.prefix);
-        let chunks_prefix = format!("{}c/", self.prefix);
-        let edits_prefix = format!("{}e/", self.prefix);
-        let mut chunks: HashMap<String, Vec<u8>> = HashMap::new();
-        for kv in range(&self.client, &chunks_prefix).await? {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            chunks.insert(key, kv.value().to_vec());
-        }
-        let mut bodies: HashMap<String, Value> = HashMap::new();
-        for kv in range(&self.client, &objects_prefix).await? {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let object = key[objects_prefix.len()..].to_string();
-            let (body, state) = match kv.value().split_first() {
-                Some((b'J', json)) => {
-                    let body = serde_json::from_slice(json).map_err(|e| corrupt(&key, e))?;
-                    (body, ObjectState { base_bytes: json.len() as u64, ..ObjectState::default() })
-                }
-                Some((b'C', manifest)) => {
-                    let manifest: Value = serde_json::from_slice(manifest).map_err(|e| corrupt(&key, e))?;
-                    let generation = manifest["generation"].as_u64().ok_or_else(|| corrupt(&key, "no generation"))?;
-                    let count = manifest["chunks"].as_u64().ok_or_else(|| corrupt(&key, "no chunk count"))?;
-                    let mut json = Vec::new();
-                    for index in 0..count {
-                        let chunk_key = self.key("c", &chunk_name(&object, generation, index));
-                        json.extend(chunks.get(&chunk_key).ok_or_else(|| corrupt(&chunk_key, "missing chunk"))?);
-                    }
-                    let body = serde_json::from_slice(&json).map_err(|e| corrupt(&key, e))?;
-                    let state = ObjectState {
-                        base_bytes: json.len() as u64,
-                        chunks: Some(generation),
-                        ..ObjectState::default()
-                    };
-                    (body, state)
-                }
-                _ => return Err(corrupt(&key, "unknown record")),
-            };
-            bodies.insert(object.clone(), body);
-            self.state.insert(object, state);
-        }
-        for kv in range(&self.client, &edits_prefix).await? {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let (object, seq) = key[edits_prefix.len()..].rsplit_once('/').ok_or_else(|| corrupt(&key, "bad key"))?;
-            let seq = u64::from_str_radix(seq, 16).map_err(|e| corrupt(&key, e))?;
-            let body = bodies.get_mut(object).ok_or_else(|| corrupt(&key, "edit log for a missing object"))?;
-            let ops: Vec<Value> = serde_json::from_slice(kv.value()).map_err(|e| corrupt(&key, e))?;
-            fulcrum_jsonpatch::apply_all(body, &ops).map_err(|e| corrupt(&key, e))?;
-            let state = self.state.entry(object.to_string()).or_default();
-            state.next_seq = seq + 1;
-            state.log_bytes += kv.value().len() as u64;
-        }
-        let mut out = Vec::with_capacity(bodies.len());
-        for (object, body) in bodies {
-            let (kind, uuid) = object.split_once('/').ok_or_else(|| corrupt(&object, "bad key"))?;
-            out.push((kind.to_string(), uuid.to_string(), body));
-        }
-        Ok(out)
-    }
-
-    /// Runs `ops` as one transaction fenced by the leader's key.
-    async fn fenced(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+    /// Runs `ops` as one transaction fenced by the leader's key; its revision.
+    async fn fenced(&self, ops: Vec<TxnOp>) -> Result<i64, StoreError> {
         let compare = self.fence.compare().ok_or(StoreError::NotLeader)?;
         let response =
             self.client.kv_client().txn(Txn::new().when([compare]).and_then(ops)).await.map_err(etcd_error)?;
-        if response.succeeded() { Ok(()) } else { Err(StoreError::NotLeader) }
+        if !response.succeeded() {
+            return Err(StoreError::NotLeader);
+        }
+        Ok(response.header().map_or(0, |h| h.revision()))
     }
 
     async fn commit_async(&mut self, changes: &[Change]) -> Result<(), StoreError> {
@@ -243,38 +253,32 @@ impl EtcdBackend {
             )));
         }
         let mut plan = Plan::default();
+        let known = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for change in changes {
             match change {
                 Change::Edit { stored, edits } => {
                     let object = format!("{}/{}", stored.kind, stored.uuid);
                     let log = serde_json::to_vec(edits).map_err(|e| StoreError::Io(e.to_string()))?;
-                    let state = self.state.get(&object).copied().unwrap_or_default();
+                    let state = known.get(&object).copied().unwrap_or_default();
                     let fits = log.len() <= CHUNK_BYTES && plan.final_bytes + log.len() <= TXN_BUDGET_BYTES;
                     if state.base_bytes > 0 && fits && !state.should_compact(log.len() as u64) {
                         plan.final_bytes += log.len();
                         let key = self.key("e", &format!("{object}/{:016x}", state.next_seq));
-                        plan.ops.push(TxnOp::put(key, log.clone(), None));
-                        let next = ObjectState {
-                            next_seq: state.next_seq + 1,
-                            log_bytes: state.log_bytes + log.len() as u64,
-                            ..state
-                        };
-                        plan.updates.push((object, Some(next)));
+                        plan.ops.push(TxnOp::put(key, log, None));
                         continue;
                     }
-                    self.plan_whole(&mut plan, object, &stored.value, state)?;
+                    self.plan_whole(&mut plan, &object, &stored.value, state)?;
                 }
                 Change::Put(stored) => {
                     let object = format!("{}/{}", stored.kind, stored.uuid);
-                    let state = self.state.get(&object).copied().unwrap_or_default();
-                    self.plan_whole(&mut plan, object, &stored.value, state)?;
+                    let state = known.get(&object).copied().unwrap_or_default();
+                    self.plan_whole(&mut plan, &object, &stored.value, state)?;
                 }
                 Change::Delete { kind, uuid } => {
                     let object = format!("{kind}/{uuid}");
-                    let state = self.state.get(&object).copied().unwrap_or_default();
+                    let state = known.get(&object).copied().unwrap_or_default();
                     plan.ops.push(TxnOp::delete(self.key("o", &object), None));
                     self.plan_removals(&mut plan, &object, state);
-                    plan.updates.push((object, None));
                 }
             }
         }
@@ -283,19 +287,14 @@ impl EtcdBackend {
             let ops = batch.iter().map(|(key, bytes)| TxnOp::put(key.clone(), bytes.clone(), None)).collect();
             self.fenced(ops).await?;
         }
-        self.fenced(plan.ops).await?;
-        for (object, state) in plan.updates {
-            match state {
-                Some(s) => self.state.insert(object, s),
-                None => self.state.remove(&object),
-            };
-        }
+        // What each object now is, the feed records when it applies the commit.
+        self.last_commit = self.fenced(plan.ops).await?;
         Ok(())
     }
 
     /// Writes the whole body: inline when it fits the value and transaction budgets, else in
     /// chunks of a new generation; the old edit logs and chunks go.
-    fn plan_whole(&self, plan: &mut Plan, object: String, value: &Value, state: ObjectState) -> Result<(), StoreError> {
+    fn plan_whole(&self, plan: &mut Plan, object: &str, value: &Value, state: ObjectState) -> Result<(), StoreError> {
         let body = serde_json::to_vec(value).map_err(|e| StoreError::Io(e.to_string()))?;
         let record = if body.len() < CHUNK_BYTES && plan.final_bytes + body.len() <= TXN_BUDGET_BYTES {
             plan.final_bytes += body.len();
@@ -304,26 +303,20 @@ impl EtcdBackend {
             let generation: u64 = rand::random();
             let pieces: Vec<&[u8]> = body.chunks(CHUNK_BYTES).collect();
             for (index, piece) in pieces.iter().enumerate() {
-                plan.chunks.push((self.key("c", &chunk_name(&object, generation, index as u64)), piece.to_vec()));
+                plan.chunks.push((self.key("c", &chunk_name(object, generation, index as u64)), piece.to_vec()));
             }
             let manifest = serde_json::json!({"generation": generation, "chunks": pieces.len(), "bytes": body.len()});
             [b"C".as_slice(), manifest.to_string().as_bytes()].concat()
         };
-        plan.ops.push(TxnOp::put(self.key("o", &object), record.clone(), None));
-        self.plan_removals(plan, &object, state);
-        let chunks = (record[0] == b'C').then(|| {
-            let manifest: Value = serde_json::from_slice(&record[1..]).expect("made above");
-            manifest["generation"].as_u64().expect("made above")
-        });
-        plan.updates
-            .push((object, Some(ObjectState { base_bytes: body.len() as u64, chunks, ..ObjectState::default() })));
+        plan.ops.push(TxnOp::put(self.key("o", object), record, None));
+        self.plan_removals(plan, object, state);
         Ok(())
     }
 
     fn plan_removals(&self, plan: &mut Plan, object: &str, state: ObjectState) {
         if state.next_seq > 0 {
-            plan.ops
-                .push(TxnOp::delete(self.key("e", &format!("{object}/")), Some(DeleteOptions::new().with_prefix())));
+            let logs = self.key("e", &format!("{object}/"));
+            plan.ops.push(TxnOp::delete(logs, Some(DeleteOptions::new().with_prefix())));
         }
         if let Some(generation) = state.chunks {
             let old = self.key("c", &format!("{object}/{generation:016x}/"));
@@ -332,8 +325,44 @@ impl EtcdBackend {
     }
 }
 
-fn chunk_name(object: &str, generation: u64, index: u64) -> String {
-    format!("{object}/{generation:016x}/{index:08x}")
+/// Everything under the prefix, read as of one revision; `state` is rebuilt from it.
+async fn read_all(
+    client: &Client,
+    prefix: &str,
+    state: &Mutex<HashMap<String, ObjectState>>,
+) -> Result<Loaded, StoreError> {
+    let objects_prefix = format!("{prefix}o/");
+    let (records, revision) = range(client, &objects_prefix, 0).await?;
+    let (chunk_kvs, _) = range(client, &format!("{prefix}c/"), revision).await?;
+    let (edit_kvs, _) = range(client, &format!("{prefix}e/"), revision).await?;
+    let mut chunks: HashMap<String, Vec<u8>> =
+        chunk_kvs.into_iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())).collect();
+    let mut bodies: HashMap<String, Value> = HashMap::new();
+    let mut known = HashMap::new();
+    for kv in records {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let object = key[objects_prefix.len()..].to_string();
+        let (body, object_state) = decode_record(prefix, &key, &object, kv.value(), &mut chunks)?;
+        bodies.insert(object.clone(), body);
+        known.insert(object, object_state);
+    }
+    for kv in edit_kvs {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let (object, seq) = edit_key(prefix, &key)?;
+        let body = bodies.get_mut(&object).ok_or_else(|| corrupt(&key, "edit log for a missing object"))?;
+        let ops: Vec<Value> = serde_json::from_slice(kv.value()).map_err(|e| corrupt(&key, e))?;
+        fulcrum_jsonpatch::apply_all(body, &ops).map_err(|e| corrupt(&key, e))?;
+        let s = known.entry(object).or_default();
+        s.next_seq = seq + 1;
+        s.log_bytes += kv.value().len() as u64;
+    }
+    *state.lock().unwrap_or_else(|e| e.into_inner()) = known;
+    let mut objects = Vec::with_capacity(bodies.len());
+    for (object, body) in bodies {
+        let (kind, uuid) = object.split_once('/').ok_or_else(|| corrupt(&object, "bad key"))?;
+        objects.push((kind.to_string(), uuid.to_string(), body));
+    }
+    Ok(Loaded { objects, revision, unclaimed_chunks: chunks })
 }
 
 /// One commit, prepared: chunks to write first, then the fenced transaction.
@@ -342,18 +371,148 @@ struct Plan {
     chunks: Vec<(String, Vec<u8>)>,
     ops: Vec<TxnOp>,
     final_bytes: usize,
-    updates: Vec<(String, Option<ObjectState>)>,
+}
+
+/// Applies every commit under the prefix to the catalogue, in etcd's order, one commit (one
+/// revision) at a time under the catalogue's lock, so a read sees a commit whole or not at all.
+struct Feed {
+    client: Client,
+    prefix: String,
+    catalogue: Arc<std::sync::RwLock<crate::Catalogue>>,
+    indexer: crate::Indexer,
+    state: Arc<Mutex<HashMap<String, ObjectState>>>,
+    applied: Arc<crate::Applied>,
+    /// Chunk values seen but not yet claimed by a record.
+    chunks: HashMap<String, Vec<u8>>,
+}
+
+impl Feed {
+    async fn run(mut self, from: i64) {
+        let mut next = from + 1;
+        loop {
+            match self.watch(next).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "the catalogue feed stopped; resuming"),
+            }
+            next = self.applied.current() + 1;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Watches from `start` until the stream ends; a compacted history is reloaded whole.
+    async fn watch(&mut self, start: i64) -> Result<(), StoreError> {
+        let options = WatchOptions::new().with_prefix().with_start_revision(start);
+        let mut stream =
+            self.client.watch_client().watch(self.prefix.clone(), Some(options)).await.map_err(etcd_error)?;
+        while let Some(response) = stream.message().await.map_err(etcd_error)? {
+            if response.compact_revision() > 0 {
+                tracing::warn!(compacted = response.compact_revision(), "etcd compacted the history; reloading");
+                self.reload().await?;
+                return Ok(());
+            }
+            if response.canceled() {
+                return Err(StoreError::Io(format!("etcd cancelled the watch: {}", response.cancel_reason())));
+            }
+            // Group the events by revision: one revision is one commit.
+            let mut events = response.events().iter().peekable();
+            while let Some(first) = events.next() {
+                let revision = first.kv().map_or(0, |kv| kv.mod_revision());
+                let mut group = vec![first];
+                while let Some(e) = events.peek() {
+                    if e.kv().map_or(0, |kv| kv.mod_revision()) != revision {
+                        break;
+                    }
+                    group.push(events.next().expect("peeked"));
+                }
+                self.apply(&group, revision)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, events: &[&etcd_client::Event], revision: i64) -> Result<(), StoreError> {
+        let objects = format!("{}o/", self.prefix);
+        let chunks = format!("{}c/", self.prefix);
+        let edits = format!("{}e/", self.prefix);
+        let mut changes: Vec<Change> = Vec::new();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cat = self.catalogue.write().unwrap_or_else(|e| e.into_inner());
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let put = event.event_type() == EventType::Put;
+            if key.starts_with(&chunks) {
+                if put {
+                    self.chunks.insert(key, kv.value().to_vec());
+                } else {
+                    self.chunks.remove(&key);
+                }
+            } else if let Some(object) = key.strip_prefix(&objects) {
+                let (kind, uuid) = object.split_once('/').ok_or_else(|| corrupt(&key, "bad key"))?;
+                if put {
+                    let (body, object_state) = decode_record(&self.prefix, &key, object, kv.value(), &mut self.chunks)?;
+                    let meta = (self.indexer)(kind, &body);
+                    let stored = Stored { kind: kind.into(), uuid: uuid.into(), value: body, meta };
+                    changes.push(Change::Put(Arc::new(stored)));
+                    state.insert(object.to_string(), object_state);
+                } else {
+                    changes.push(Change::Delete { kind: kind.into(), uuid: uuid.into() });
+                    state.remove(object);
+                }
+            } else if key.starts_with(&edits) && put {
+                let (object, seq) = edit_key(&self.prefix, &key)?;
+                let (kind, uuid) = object.split_once('/').ok_or_else(|| corrupt(&key, "bad key"))?;
+                // The object as this revision's earlier changes, or the catalogue, left it.
+                let current = changes
+                    .iter()
+                    .rev()
+                    .find_map(|c| match c {
+                        Change::Put(s) if s.kind == kind && s.uuid == uuid => Some(s.value.clone()),
+                        _ => None,
+                    })
+                    .or_else(|| cat.get(kind, uuid).map(|s| s.value.clone()));
+                let mut body = current.ok_or_else(|| corrupt(&key, "edit log for a missing object"))?;
+                let ops: Vec<Value> = serde_json::from_slice(kv.value()).map_err(|e| corrupt(&key, e))?;
+                fulcrum_jsonpatch::apply_all(&mut body, &ops).map_err(|e| corrupt(&key, e))?;
+                let meta = (self.indexer)(kind, &body);
+                changes.push(Change::Put(Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value: body, meta })));
+                let s = state.entry(object).or_default();
+                s.next_seq = seq + 1;
+                s.log_bytes += kv.value().len() as u64;
+            }
+        }
+        for change in &changes {
+            cat.apply(change);
+        }
+        drop(cat);
+        drop(state);
+        self.applied.advance(revision);
+        Ok(())
+    }
+
+    /// After etcd compacted what the watch needed: everything again, as of now.
+    async fn reload(&mut self) -> Result<(), StoreError> {
+        let loaded = read_all(&self.client, &self.prefix, &self.state).await?;
+        let mut fresh = crate::Catalogue::default();
+        for (kind, uuid, value) in loaded.objects {
+            let meta = (self.indexer)(&kind, &value);
+            fresh.apply(&Change::Put(Arc::new(Stored { kind, uuid, value, meta })));
+        }
+        *self.catalogue.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.chunks = loaded.unclaimed_chunks;
+        self.applied.advance(loaded.revision);
+        Ok(())
+    }
 }
 
 impl Backend for EtcdBackend {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
-        match self.loaded.take() {
-            Some(objects) => Ok(objects),
-            None => {
-                let runtime = self.runtime.clone();
-                runtime.block_on(self.read_all())
-            }
+        if self.loaded.is_none() {
+            let runtime = self.runtime.clone();
+            let (client, prefix, state) = (self.client.clone(), self.prefix.clone(), self.state.clone());
+            self.loaded = Some(runtime.block_on(async move { read_all(&client, &prefix, &state).await })?);
         }
+        Ok(std::mem::take(&mut self.loaded.as_mut().expect("loaded above").objects))
     }
 
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
@@ -363,6 +522,31 @@ impl Backend for EtcdBackend {
 
     fn max_changes_per_commit(&self) -> usize {
         MAX_CHANGES_PER_COMMIT
+    }
+
+    fn start_feed(
+        &mut self,
+        catalogue: Arc<std::sync::RwLock<crate::Catalogue>>,
+        indexer: crate::Indexer,
+    ) -> Option<Arc<crate::Applied>> {
+        let loaded = self.loaded.take()?;
+        let applied = Arc::new(crate::Applied::default());
+        applied.advance(loaded.revision);
+        let feed = Feed {
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            catalogue,
+            indexer,
+            state: self.state.clone(),
+            applied: applied.clone(),
+            chunks: loaded.unclaimed_chunks,
+        };
+        self.runtime.spawn(feed.run(loaded.revision));
+        Some(applied)
+    }
+
+    fn last_commit_revision(&self) -> i64 {
+        self.last_commit
     }
 }
 

@@ -11,7 +11,7 @@ pub mod etcd;
 pub mod writer;
 
 pub use backend::{Backend, MemoryBackend, RedbBackend};
-pub use catalogue::{Catalogue, Change, Indexer, Meta, Stored};
+pub use catalogue::{Applied, Catalogue, Change, Indexer, Meta, Stored};
 pub use writer::{Health, Store, Txn, WriteError};
 
 /// Errors of the storage layer.

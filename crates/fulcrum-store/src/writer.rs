@@ -302,6 +302,8 @@ pub struct Store {
     catalogue: Arc<RwLock<Catalogue>>,
     jobs: mpsc::Sender<Job>,
     health: Arc<std::sync::Mutex<Health>>,
+    /// Set when the backend feeds the catalogue (etcd): how far it has got.
+    applied: Option<Arc<crate::catalogue::Applied>>,
 }
 
 /// Whether the last commit succeeded; if not, since when commits fail and why.
@@ -348,15 +350,22 @@ impl Store {
             catalogue.apply(&Change::Put(Arc::new(Stored { kind, uuid, value, meta })));
         }
         let catalogue = Arc::new(RwLock::new(catalogue));
+        let applied = backend.start_feed(catalogue.clone(), indexer.clone());
         let (jobs, queue) = mpsc::channel::<Job>();
         let shared = catalogue.clone();
         let health = Arc::new(std::sync::Mutex::new(Health::default()));
         let writer_health = health.clone();
+        let fed = applied.clone();
         std::thread::Builder::new()
             .name("fulcrum-writer".into())
-            .spawn(move || run_writer(backend, shared, indexer, queue, clock, writer_health))
+            .spawn(move || run_writer(backend, shared, indexer, queue, clock, writer_health, fed))
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        Ok(Store { catalogue, jobs, health })
+        Ok(Store { catalogue, jobs, health, applied })
+    }
+
+    /// For a fed catalogue (etcd): how far it has got, to wait for a revision before a read.
+    pub fn applied(&self) -> Option<&Arc<crate::catalogue::Applied>> {
+        self.applied.as_ref()
     }
 
     /// Whether commits succeed (for health pages and metrics).
@@ -417,6 +426,7 @@ fn run_writer(
     queue: mpsc::Receiver<Job>,
     mut clock: u64,
     health: Arc<std::sync::Mutex<Health>>,
+    fed: Option<Arc<crate::catalogue::Applied>>,
 ) {
     let reclaim = reclaimer();
     // A batch takes more writes only while it holds under half what the backend can commit at
@@ -477,6 +487,16 @@ fn run_writer(
             COMMIT_SECONDS.observe("", started.elapsed().as_secs_f64());
             COMMIT_BATCH_SIZE.observe("", finishers.len() as f64);
             match &outcome {
+                Ok(()) if fed.is_some() => {
+                    // The feed applies the commit (with everyone else's, in order); answering
+                    // after it did keeps "visible once acknowledged", and the next batch's
+                    // checks see this one.
+                    let revision = backend.last_commit_revision();
+                    let feed = fed.as_ref().expect("checked");
+                    if !feed.wait_blocking(revision, std::time::Duration::from_secs(30)) {
+                        tracing::error!(revision, "the catalogue feed has not applied a commit after 30 s");
+                    }
+                }
                 Ok(()) => {
                     let replaced: Vec<Arc<Stored>> = {
                         let mut cat = catalogue.write().unwrap_or_else(|e| e.into_inner());

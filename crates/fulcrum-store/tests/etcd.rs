@@ -156,3 +156,85 @@ async fn a_node_that_lost_the_election_key_commits_nothing() {
     assert_eq!(keys, ["/test/o/pool/p1"], "nothing of the refused batch is stored");
     assert_eq!(client.get("/test/c/", Some(GetOptions::new().with_prefix())).await.unwrap().kvs().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sees_every_commit_through_its_feed_and_carries_on_as_leader() {
+    let etcd = etcd();
+    let mut client = etcd_client::Client::connect(etcd.urls.clone(), None).await.unwrap();
+    let leader_fence = lead(&mut client, "/test/leader", "n1").await;
+    let (leader, _) = open(&etcd, leader_fence.clone()).await;
+    let follower_fence = Arc::new(Fence::default());
+    let (follower, _) = open(&etcd, follower_fence.clone()).await;
+    leader
+        .write(|txn| -> Result<(), ()> {
+            txn.put("pool", "big", json!({"name": "big", "servers": servers(5000)}));
+            txn.put("pool", "small", json!({"name": "small"}));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    for i in 0..5 {
+        leader
+            .write(move |txn| -> Result<(), ()> {
+                let edit = json!({"op": "replace", "path": "/servers/1/ratio", "value": i + 2});
+                txn.edit_with("pool", "big", |_, value| {
+                    value["servers"][1]["ratio"] = json!(i + 2);
+                    Ok::<_, ()>((Some(vec![edit]), ()))
+                })
+                .unwrap()
+            })
+            .await
+            .unwrap();
+    }
+    leader
+        .write(|txn| -> Result<(), ()> {
+            txn.delete("pool", "small");
+            Ok(())
+        })
+        .await
+        .unwrap();
+    // The follower's catalogue reaches the leader's revision and then holds the same objects.
+    let revision = leader.applied().unwrap().current();
+    tokio::time::timeout(Duration::from_secs(10), follower.applied().unwrap().wait(revision)).await.unwrap();
+    let expected = leader.read().get("pool", "big").unwrap().value.clone();
+    assert_eq!(follower.read().get("pool", "big").unwrap().value, expected);
+    assert!(follower.read().get("pool", "small").is_none());
+    // Without the key, the follower's own write is refused by etcd.
+    let refused = follower
+        .write(|txn| -> Result<(), ()> {
+            txn.put("pool", "nope", json!({"name": "nope"}));
+            Ok(())
+        })
+        .await;
+    assert!(matches!(refused, Err(WriteError::Storage(StoreError::NotLeader))), "{refused:?}");
+
+    // The leader goes; the follower takes the key and edits the big pool where the leader
+    // left it (its feed kept the edit log's sequence).
+    leader_fence.release();
+    drop(leader);
+    client.delete("/test/leader", None).await.unwrap();
+    let won = lead(&mut client, "/test/leader", "n2").await;
+    let (key, revision) = {
+        let got = client.get("/test/leader", None).await.unwrap();
+        (got.kvs()[0].key().to_vec(), got.kvs()[0].create_revision())
+    };
+    drop(won);
+    follower_fence.hold(key, revision);
+    follower
+        .write(|txn| -> Result<(), ()> {
+            let edit = json!({"op": "replace", "path": "/servers/2/ratio", "value": 9});
+            txn.edit_with("pool", "big", |_, value| {
+                value["servers"][2]["ratio"] = json!(9);
+                Ok::<_, ()>((Some(vec![edit]), ()))
+            })
+            .unwrap()
+        })
+        .await
+        .unwrap();
+    let mut expected = expected;
+    expected["servers"][2]["ratio"] = json!(9);
+    let (fresh, _) = open(&etcd, Arc::new(Fence::default())).await;
+    assert_eq!(fresh.read().get("pool", "big").unwrap().value, expected);
+    let edits = client.get("/test/e/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(edits.kvs().len(), 6, "five edits of the old leader and one of the new, none overwritten");
+}
