@@ -52,7 +52,8 @@ pub struct App {
     pub listen: SocketAddr,
     pub async_patches: Arc<crate::asyncpatch::AsyncPatches>,
     pub images: crate::images::Images,
-    pub role: crate::cluster::NodeRole,
+    /// Set when this node is one of a cluster on etcd.
+    pub cluster: Option<Arc<crate::cluster::Membership>>,
     pub engines: crate::engines::Engines,
     pub upgrade: crate::upgrade::Upgrades,
     pub data_dir: std::path::PathBuf,
@@ -62,6 +63,11 @@ pub struct App {
 }
 
 impl App {
+    /// Leader, or follower of whom (a single node always leads).
+    pub fn role(&self) -> crate::cluster::NodeRole {
+        self.cluster.as_ref().map_or(crate::cluster::NodeRole::Leader, |m| m.role())
+    }
+
     /// A field of a singleton's stored body (`systemconfiguration`, `/portal_configuration/...`).
     pub fn setting(&self, kind: &str, pointer: &str) -> Option<Value> {
         self.store.read().iter(kind).next().and_then(|s| s.value.pointer(pointer).cloned())
@@ -530,6 +536,52 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
             .ok_or_else(|| ApiError::not_found(format!("no such API path: {}", parts.uri.path())))?;
         if !endpoint.methods.iter().any(|m| *m == method.as_str()) {
             return Err(ApiError::method_not_allowed(method.as_str()));
+        }
+    }
+    if let Some(membership) = &app.cluster {
+        let safe = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+        // Uploads stream to the node that keeps the file: the leader only (refused below).
+        let upload = matches!((&route, &method), (Route::Collection(t), &Method::POST) if t.path == crate::images::KIND)
+            || matches!(route, Route::UploadSessions | Route::UploadSession(_) | Route::UploadSessionComplete(_));
+        if !safe
+            && !route.is_agent()
+            && !upload
+            && matches!(membership.role(), crate::cluster::NodeRole::Follower { .. })
+        {
+            if parts.headers.contains_key(crate::forward::FORWARDED) {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this node is not the leader any more; retry the request",
+                ));
+            }
+            let leader = membership.current_leader().await.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no controller leads the cluster at the moment; retry shortly",
+                )
+            })?;
+            let body = read_body(body).await?;
+            let mut changes = membership.leader_changes();
+            changes.mark_unchanged();
+            let me = membership.me().node;
+            // A leader that stopped answering (paused, partitioned) is replaced by the election:
+            // give up on it then, without committing anything here, so the client retries.
+            return tokio::select! {
+                answer = crate::forward::to_leader(&leader, &me, &parts, body) => answer,
+                _ = changes.changed() => Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the cluster's leader changed while the request was passed on; retry it",
+                )),
+            };
+        }
+        // A read sees every write acknowledged before it arrived, whichever node answered it.
+        // Without a quorum (etcd unreachable) the catalogue is served as it is.
+        if safe
+            && route.needs_auth()
+            && let Some(applied) = app.store.applied()
+            && let Err(e) = membership.cluster.consistent(applied, Duration::from_secs(2)).await
+        {
+            tracing::warn!(error = %e, "serving a read without confirming it is current");
         }
     }
     match (&route, &method) {

@@ -14,6 +14,132 @@ pub enum NodeRole {
     },
 }
 
+/// This node in a cluster on etcd: the store's cluster handle and who leads, as this node last
+/// learned it (from winning, or from the election key while it waits).
+pub struct Membership {
+    pub cluster: fulcrum_store::election::Cluster,
+    /// Who leads as this node last learned it; a change wakes requests it is passing on.
+    known_leader: tokio::sync::watch::Sender<Option<fulcrum_store::election::Leader>>,
+}
+
+impl Membership {
+    pub fn new(cluster: fulcrum_store::election::Cluster) -> Membership {
+        Membership { cluster, known_leader: tokio::sync::watch::Sender::new(None) }
+    }
+
+    pub fn me(&self) -> fulcrum_store::election::Leader {
+        self.cluster.election.me()
+    }
+
+    /// Who leads: as last learned, else as the election key says now.
+    pub async fn current_leader(&self) -> Option<fulcrum_store::election::Leader> {
+        if let Some(known) = self.leader() {
+            return Some(known);
+        }
+        let found = self.cluster.election.leader().await.ok().flatten();
+        if found.is_some() {
+            self.set_leader(found.clone());
+        }
+        found
+    }
+
+    pub fn role(&self) -> NodeRole {
+        if self.cluster.leads() {
+            return NodeRole::Leader;
+        }
+        let leader = self.known_leader.borrow().clone();
+        NodeRole::Follower { leader: leader.map_or_else(|| "(being elected)".to_string(), |l| l.advertise) }
+    }
+
+    pub fn leader(&self) -> Option<fulcrum_store::election::Leader> {
+        self.known_leader.borrow().clone()
+    }
+
+    /// Resolves when the leader this node knows of changes.
+    pub fn leader_changes(&self) -> tokio::sync::watch::Receiver<Option<fulcrum_store::election::Leader>> {
+        self.known_leader.subscribe()
+    }
+
+    fn set_leader(&self, leader: Option<fulcrum_store::election::Leader>) {
+        self.known_leader.send_if_modified(|known| {
+            let changed = *known != leader;
+            *known = leader;
+            changed
+        });
+    }
+}
+
+/// The one home of the work only the leader does: the async PATCH merge timer, the SE loop
+/// (liveness, licenses, placement) and the upgrade executor. Started when this node leads,
+/// each resuming from what is stored; stopped when it no longer does.
+pub struct LeaderServices {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LeaderServices {
+    pub fn start(app: &std::sync::Arc<crate::app::App>) -> LeaderServices {
+        {
+            // What was queued before (by this node or a leader before it) is merged from here.
+            let cat = app.store.read();
+            let requests: Vec<_> = cat.iter(crate::asyncpatch::KIND).cloned().collect();
+            let cycles: Vec<_> = cat.iter(crate::asyncpatch::CYCLE_KIND).cloned().collect();
+            app.async_patches.recover(&requests, &cycles);
+        }
+        let tasks = vec![
+            tokio::spawn(crate::asyncpatch::run_timer(app.clone())),
+            tokio::spawn(crate::engines::run(app.clone())),
+            tokio::spawn(crate::upgrade::run(app.clone())),
+        ];
+        LeaderServices { tasks }
+    }
+
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A cluster node's life: campaign, lead (with the leader services) while the lease holds,
+/// then campaign again. Never returns.
+pub async fn run_leadership(app: std::sync::Arc<crate::app::App>) {
+    let Some(membership) = app.cluster.clone() else { return };
+    loop {
+        let won = membership.cluster.election.win(&mut |leader| membership.set_leader(leader.cloned())).await;
+        let (lease, revision) = match won {
+            Ok(won) => won,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot campaign for the leadership; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Before the first commit: the catalogue holds everything the leaders before committed
+        // (their fences died when this node created the key, so nothing more of theirs lands).
+        if let Some(applied) = app.store.applied()
+            && let Err(e) = membership.cluster.consistent(applied, std::time::Duration::from_secs(30)).await
+        {
+            tracing::error!(error = %e, "cannot catch up with the cluster; leading anyway");
+        }
+        membership.cluster.election.hold(revision);
+        membership.set_leader(Some(membership.me()));
+        tracing::info!(node = %membership.me().node, "leading the cluster");
+        // The first leader of a new store makes its defaults; every leader clears what
+        // interrupted uploads left.
+        if let Err(e) = crate::server::bootstrap_once(&app.store, &app.data_dir, &app.listen.ip().to_string()).await {
+            tracing::error!(error = %e, "cannot make the default objects");
+        }
+        if let Err(e) = app.images.recover(&app.store).await {
+            tracing::warn!(error = %e, "cannot clear interrupted uploads");
+        }
+        let services = LeaderServices::start(&app);
+        let lost = membership.cluster.election.keep(lease).await;
+        services.stop();
+        membership.set_leader(None);
+        tracing::warn!(error = %lost, node = %membership.me().node, "no longer the leader; following");
+    }
+}
+
 /// Refuses the request on a follower, naming the leader so the client knows where to go.
 pub fn require_leader(role: &NodeRole, what: &str) -> Result<(), ApiError> {
     match role {

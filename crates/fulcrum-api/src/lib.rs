@@ -14,6 +14,7 @@ pub mod connections;
 pub mod endpoints;
 pub mod engines;
 pub mod error;
+pub mod forward;
 pub mod images;
 pub mod multipart;
 pub mod objects;

@@ -16,7 +16,7 @@ use tower::ServiceExt;
 use crate::connections::{Activity, Admitted, Connections, Limits, TimedBody, Tracked};
 
 use crate::app::{App, ClientAddr, router};
-use crate::asyncpatch::{self, AsyncPatches};
+use crate::asyncpatch::AsyncPatches;
 use crate::auth::{BasicAuthCache, Sessions, Throttle};
 use crate::{bootstrap, objects, tls};
 
@@ -38,7 +38,8 @@ pub struct ServeConfig {
 pub struct ClusterConfig {
     pub etcd: Vec<String>,
     pub node_name: String,
-    pub advertise: String,
+    /// Where others reach this node (default: the address it listens on).
+    pub advertise: Option<String>,
     pub lease_ttl: Duration,
 }
 
@@ -94,33 +95,29 @@ fn open_store(data_dir: &std::path::Path) -> Result<Store, ServeError> {
     Ok(Store::open(backend, objects::indexer())?)
 }
 
-/// Campaigns for the cluster's leadership, then opens the store from etcd. Until a later
-/// change lets followers serve, a node that does not lead waits here, not listening.
-async fn lead_cluster(config: &ClusterConfig) -> Result<(Store, tokio::task::JoinHandle<()>), ServeError> {
+/// Joins the cluster: the store from etcd (fed by its watch, so this node serves reads at once,
+/// leader or not); the campaign runs beside the server (`cluster::run_leadership`).
+async fn join_cluster(config: &ClusterConfig) -> Result<(Store, crate::cluster::Membership), ServeError> {
     use fulcrum_store::election::{Cluster, Leader};
-    let me = Leader { node: config.node_name.clone(), advertise: config.advertise.clone() };
+    let me = Leader { node: config.node_name.clone(), advertise: String::new(), pin: None };
     let cluster = Cluster::connect(&config.etcd, me, config.lease_ttl).await?;
-    let mut told = None;
-    let lease = cluster
-        .election
-        .win(&mut |leader| {
-            let shown = leader.map(|l| format!("{} at {}", l.node, l.advertise));
-            if told.as_ref() != Some(&shown) {
-                // Tests and operators read this line.
-                println!("fulcrum waiting to lead the cluster (leader: {})", shown.as_deref().unwrap_or("none"));
-                told = Some(shown);
-            }
-        })
-        .await?;
     let store = Store::open(cluster.backend().await?, objects::indexer())?;
-    let kept = tokio::spawn(async move {
-        let lost = cluster.election.keep(lease).await;
-        // The fence is released: nothing more commits. Exit so a supervisor restarts this node,
-        // which then campaigns again from what is stored.
-        tracing::error!(error = %lost, "lost the cluster leadership; exiting");
-        std::process::exit(3);
-    });
-    Ok((store, kept))
+    Ok((store, crate::cluster::Membership::new(cluster)))
+}
+
+/// First start of a store (whoever leads first does it): the default objects and the admin
+/// account, with the generated password printed once.
+pub async fn bootstrap_once(store: &Store, data_dir: &std::path::Path, node_ip: &str) -> Result<(), ServeError> {
+    if let Some(password) =
+        bootstrap::ensure_defaults(store, data_dir, node_ip).await.map_err(|e| ServeError::Bootstrap(e.message))?
+    {
+        println!(
+            "Generated the initial admin password: {password}\n(kept in {}; set {} to choose it)",
+            data_dir.join(bootstrap::PASSWORD_FILE).display(),
+            bootstrap::PASSWORD_ENV
+        );
+    }
+    Ok(())
 }
 
 /// `fulcrum admin reset-password`: run on the host with the controller stopped, gives `user`
@@ -139,27 +136,20 @@ pub async fn reset_password(data_dir: &std::path::Path, user: &str, password: &s
 /// Runs the controller until `shutdown` completes, then drains open connections.
 pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     check_data_dir(&config)?;
-    let (store, leadership) = match &config.cluster {
+    let (store, membership) = match &config.cluster {
         None => (open_store(&config.data_dir)?, None),
         Some(cluster) => {
-            let (store, kept) = lead_cluster(cluster).await?;
-            (store, Some(kept))
+            let (store, membership) = join_cluster(cluster).await?;
+            (store, Some(Arc::new(membership)))
         }
     };
-    let node_ip = config.listen.ip().to_string();
-    if let Some(password) = bootstrap::ensure_defaults(&store, &config.data_dir, &node_ip)
-        .await
-        .map_err(|e| ServeError::Bootstrap(e.message))?
-    {
-        println!(
-            "Generated the initial admin password: {password}\n(kept in {}; set {} to choose it)",
-            config.data_dir.join(bootstrap::PASSWORD_FILE).display(),
-            bootstrap::PASSWORD_ENV
-        );
-    }
     let images = crate::images::Images::open(&config.data_dir, &config.trusted_keys).map_err(ServeError::Images)?;
+    if membership.is_none() {
+        // A single node leads from the start; a cluster's leader does this when it wins.
+        bootstrap_once(&store, &config.data_dir, &config.listen.ip().to_string()).await?;
+        images.recover(&store).await.map_err(ServeError::Images)?;
+    }
     let upgrade = crate::upgrade::Upgrades::open(&config.data_dir, &store.read()).map_err(ServeError::Images)?;
-    images.recover(&store).await.map_err(ServeError::Images)?;
     let listener = match inherited_listener() {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen).await.map_err(|e| ServeError::Bind {
@@ -183,6 +173,11 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         let (tls_config, pin) = tls::server_config(&config.data_dir, &names)?;
         (Some(tokio_rustls::TlsAcceptor::from(tls_config)), Some(pin))
     };
+    if let (Some(membership), Some(cluster)) = (&membership, &config.cluster) {
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let advertise = cluster.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
+        membership.cluster.election.describe_me(advertise, certificate_pin.clone());
+    }
     let app = Arc::new(App {
         store,
         sessions: Sessions::default(),
@@ -193,22 +188,18 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         listen: local,
         async_patches: Arc::new(AsyncPatches::default()),
         images,
-        role: crate::cluster::NodeRole::Leader,
+        cluster: membership,
         engines: crate::engines::Engines::new(config.engines.clone()),
         upgrade,
         data_dir: config.data_dir.clone(),
         request_history: Default::default(),
         certificate_pin,
     });
-    {
-        let cat = app.store.read();
-        let requests: Vec<_> = cat.iter(asyncpatch::KIND).cloned().collect();
-        let cycles: Vec<_> = cat.iter(asyncpatch::CYCLE_KIND).cloned().collect();
-        app.async_patches.recover(&requests, &cycles);
-    }
-    let merger = tokio::spawn(asyncpatch::run_timer(app.clone()));
-    let engine_loop = tokio::spawn(crate::engines::run(app.clone()));
-    let upgrader = tokio::spawn(crate::upgrade::run(app.clone()));
+    // The leader-only work has one home: started now on a single node, on election in a cluster.
+    let leader_work = match app.cluster {
+        None => LeaderWork::Single(crate::cluster::LeaderServices::start(&app)),
+        Some(_) => LeaderWork::Cluster(tokio::spawn(crate::cluster::run_leadership(app.clone()))),
+    };
     let sampler = tokio::spawn(crate::analytics::run_sampler(app.clone()));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to learn the port when listening on port 0.
@@ -312,13 +303,11 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
             }
         }
     }
-    if let Some(kept) = leadership {
-        kept.abort();
+    match leader_work {
+        LeaderWork::Single(services) => services.stop(),
+        LeaderWork::Cluster(campaign) => campaign.abort(),
     }
     sweeper.abort();
-    merger.abort();
-    engine_loop.abort();
-    upgrader.abort();
     sampler.abort();
     tracing::info!("shutting down: draining connections");
     let _ = stop_connections.send(true);
@@ -331,6 +320,11 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         tracing::warn!(open = connections.open(), "connections still open after 10 s; closing");
     }
     Ok(())
+}
+
+enum LeaderWork {
+    Single(crate::cluster::LeaderServices),
+    Cluster(tokio::task::JoinHandle<()>),
 }
 
 /// One admitted connection: served until the client closes it, it idles past the idle

@@ -16,12 +16,14 @@ use crate::etcd::Fence;
 pub struct Leader {
     pub node: String,
     pub advertise: String,
+    /// The pin of the node's HTTPS certificate, so that the others can verify it.
+    pub pin: Option<String>,
 }
 
 pub struct Election {
     client: Client,
     key: String,
-    me: Leader,
+    me: std::sync::Mutex<Leader>,
     ttl: Duration,
     fence: Arc<Fence>,
 }
@@ -32,7 +34,7 @@ fn etcd_error(e: etcd_client::Error) -> StoreError {
 
 impl Election {
     pub fn new(client: Client, key: &str, me: Leader, ttl: Duration, fence: Arc<Fence>) -> Election {
-        Election { client, key: key.to_string(), me, ttl, fence }
+        Election { client, key: key.to_string(), me: std::sync::Mutex::new(me), ttl, fence }
     }
 
     /// The current leader, if any.
@@ -43,9 +45,12 @@ impl Election {
     }
 
     /// Campaigns until this node holds the key; calls `waiting` with the leader while another
-    /// node does. Returns the lease that holds the key, which [`Election::keep`] then renews.
-    pub async fn win(&self, waiting: &mut dyn FnMut(Option<&Leader>)) -> Result<i64, StoreError> {
-        let value = serde_json::json!({"node": self.me.node, "advertise": self.me.advertise}).to_string();
+    /// node does. Returns the lease that holds the key (which [`Election::keep`] then renews)
+    /// and the key's create revision, which [`Election::hold`] turns into the fence once this
+    /// node has caught up with what the leaders before it committed.
+    pub async fn win(&self, waiting: &mut (dyn FnMut(Option<&Leader>) + Send)) -> Result<(i64, i64), StoreError> {
+        let me = self.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let value = serde_json::json!({"node": me.node, "advertise": me.advertise, "pin": me.pin}).to_string();
         let ttl_secs = self.ttl.as_secs().max(1) as i64;
         loop {
             let mut lease = self.client.lease_client();
@@ -60,14 +65,30 @@ impl Election {
                 // create revision.
                 let revision =
                     response.header().map(|h| h.revision()).ok_or_else(|| StoreError::Io("etcd: no header".into()))?;
-                self.fence.hold(self.key.as_bytes().to_vec(), revision);
-                tracing::info!(node = %self.me.node, revision, "won the election");
-                return Ok(grant.id());
+                tracing::info!(node = %me.node, revision, "won the election");
+                return Ok((grant.id(), revision));
             }
             let _ = lease.revoke(grant.id()).await;
             waiting(self.leader().await?.as_ref());
             tokio::time::sleep((self.ttl / 4).max(Duration::from_millis(200))).await;
         }
+    }
+
+    /// Where this node is reached and its certificate's pin, as the election key will say
+    /// (known once the listener is bound and TLS set up).
+    pub fn describe_me(&self, advertise: String, pin: Option<String>) {
+        let mut me = self.me.lock().unwrap_or_else(|e| e.into_inner());
+        me.advertise = advertise;
+        me.pin = pin;
+    }
+
+    pub fn me(&self) -> Leader {
+        self.me.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Lets this node's commits through, as the holder of the key created at `revision`.
+    pub fn hold(&self, revision: i64) {
+        self.fence.hold(self.key.as_bytes().to_vec(), revision);
     }
 
     /// Renews the lease until it cannot: returns when leadership is lost (the fence is then
@@ -115,7 +136,11 @@ impl Election {
 
 fn parse_leader(value: &[u8]) -> Option<Leader> {
     let v: serde_json::Value = serde_json::from_slice(value).ok()?;
-    Some(Leader { node: v["node"].as_str()?.to_string(), advertise: v["advertise"].as_str()?.to_string() })
+    Some(Leader {
+        node: v["node"].as_str()?.to_string(),
+        advertise: v["advertise"].as_str()?.to_string(),
+        pin: v["pin"].as_str().map(String::from),
+    })
 }
 
 /// Where a cluster's controllers keep everything in etcd.
@@ -128,6 +153,7 @@ pub struct Cluster {
     pub election: Election,
     fence: Arc<Fence>,
     endpoints: Vec<String>,
+    barrier: Barrier,
 }
 
 impl Cluster {
@@ -138,12 +164,60 @@ impl Cluster {
             .map_err(|e| StoreError::Open(format!("etcd at {}: {e}", endpoints.join(","))))?;
         let fence = Arc::new(Fence::default());
         let election = Election::new(client.clone(), &format!("{PREFIX}leader"), me, ttl, fence.clone());
-        Ok(Cluster { client, election, fence, endpoints: endpoints.to_vec() })
+        Ok(Cluster { client, election, fence, endpoints: endpoints.to_vec(), barrier: Barrier::default() })
     }
 
-    /// The store's backend, read from etcd now (call it once this node leads).
+    /// The store's backend, read from etcd now.
     pub async fn backend(&self) -> Result<crate::etcd::EtcdBackend, StoreError> {
-        let _ = &self.client;
         crate::etcd::EtcdBackend::open(&self.endpoints, PREFIX, self.fence.clone()).await
+    }
+
+    /// Whether this node holds the leader's fence now.
+    pub fn leads(&self) -> bool {
+        self.fence.is_held()
+    }
+
+    /// Waits until `applied` has reached every commit made before this call: a linearizable
+    /// read then sees all of them. The reads waiting at one moment share one quorum read of the
+    /// revision marker every commit puts (etcd 3.4's progress notifications cannot be relied on,
+    /// and the marker's revision is one the feed always sees).
+    pub async fn consistent(&self, applied: &crate::Applied, within: Duration) -> Result<(), StoreError> {
+        tokio::time::timeout(within, async {
+            let revision = self.barrier.revision(&self.client).await?;
+            applied.wait(revision).await;
+            Ok(())
+        })
+        .await
+        .map_err(|_| StoreError::Io(format!("etcd did not confirm the latest revision within {within:?}")))?
+    }
+}
+
+/// Shares one quorum read among the reads that arrive while none is being made: a read joins
+/// the next read to start, never one that started before it arrived.
+#[derive(Default)]
+struct Barrier {
+    waiting: tokio::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<i64, StoreError>>>>,
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl Barrier {
+    async fn revision(&self, client: &Client) -> Result<i64, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting.lock().await.push(tx);
+        // Whoever takes the read lock reads for everyone queued by then; the others find their
+        // answer waiting when they get it.
+        let _reading = self.reading.lock().await;
+        let queued = std::mem::take(&mut *self.waiting.lock().await);
+        if !queued.is_empty() {
+            let marker = format!("{PREFIX}{}", crate::etcd::REVISION_MARKER);
+            let read = client.kv_client().get(marker, None).await.map_err(etcd_error).map(|r| {
+                // Without any commit yet, the revision read is as good: nothing to wait for.
+                r.kvs().first().map_or_else(|| r.header().map_or(0, |h| h.revision()), |kv| kv.mod_revision())
+            });
+            for waiter in queued {
+                let _ = waiter.send(read.clone());
+            }
+        }
+        rx.await.unwrap_or_else(|_| Err(StoreError::Io("the consistent read was dropped".into())))
     }
 }

@@ -44,6 +44,8 @@ pub const TXN_BUDGET_BYTES: usize = 1 << 20;
 pub const REQUIRED_MAX_TXN_OPS: usize = 4096;
 /// The most changes one commit carries.
 pub const MAX_CHANGES_PER_COMMIT: usize = REQUIRED_MAX_TXN_OPS / 4;
+/// The key every commit puts, under the prefix.
+pub const REVISION_MARKER: &str = "rev";
 /// Edit logs are compacted into a whole write past max(this, 4 × the object), as in redb.
 const COMPACT_MIN_BYTES: u64 = 256 << 10;
 const COMPACT_FACTOR: u64 = 4;
@@ -287,6 +289,9 @@ impl EtcdBackend {
             let ops = batch.iter().map(|(key, bytes)| TxnOp::put(key.clone(), bytes.clone(), None)).collect();
             self.fenced(ops).await?;
         }
+        // The marker every commit touches: its mod revision is the revision of the latest
+        // commit, which a consistent read waits for (see `election::Cluster::consistent`).
+        plan.ops.push(TxnOp::put(format!("{}{REVISION_MARKER}", self.prefix), "", None));
         // What each object now is, the feed records when it applies the commit.
         self.last_commit = self.fenced(plan.ops).await?;
         Ok(())

@@ -216,8 +216,7 @@ fn main() -> ExitCode {
                         .map(|h| h.trim().to_string())
                         .unwrap_or_else(|_| "fulcrum".into())
                 }),
-                advertise: advertise
-                    .unwrap_or_else(|| format!("{}://{listen}", if plain_http { "http" } else { "https" })),
+                advertise,
                 lease_ttl,
             });
             let config =

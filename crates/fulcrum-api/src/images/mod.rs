@@ -215,7 +215,7 @@ fn require_image_write(app: &App, ctx: &RequestContext, what: &str) -> Result<()
             ctx.principal.username
         )));
     }
-    require_leader(&app.role, what)
+    require_leader(&app.role(), what)
 }
 
 /// Versions that are running or kept, each with who runs or keeps it: the controller's

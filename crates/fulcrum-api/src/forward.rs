@@ -1,0 +1,90 @@
+//! A follower passes writes to the leader and hands back its answer: clients may send any
+//! request to any node. The leader's address and certificate pin come from the election key.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Request, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+use crate::error::ApiError;
+use fulcrum_store::election::Leader;
+
+/// Set on a forwarded request: the leader it reaches must not pass it on again.
+pub const FORWARDED: &str = "x-fulcrum-forwarded-by";
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Headers that describe one hop, not the request.
+const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection", "host", "content-length"];
+
+fn unavailable(message: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+}
+
+pub async fn to_leader(leader: &Leader, me: &str, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
+    tokio::time::timeout(TIMEOUT, send(leader, me, parts, body))
+        .await
+        .map_err(|_| unavailable(format!("the leader at {} did not answer within {TIMEOUT:?}", leader.advertise)))?
+}
+
+async fn send(leader: &Leader, me: &str, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
+    let (tls, rest) = match leader.advertise.split_once("://") {
+        Some(("https", rest)) => (true, rest),
+        Some(("http", rest)) => (false, rest),
+        _ => return Err(unavailable(format!("the leader's address '{}' is not a URL", leader.advertise))),
+    };
+    let authority = rest.trim_end_matches('/').to_string();
+    let down = |e: &dyn std::fmt::Display| unavailable(format!("cannot reach the leader at {}: {e}", leader.advertise));
+    let tcp = tokio::net::TcpStream::connect(&authority).await.map_err(|e| down(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let mut request = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(header::HOST, &authority)
+        .header(FORWARDED, me);
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) && name.as_str() != FORWARDED {
+            request = request.header(name, value);
+        }
+    }
+    let request = request.body(Full::new(body)).map_err(|e| down(&e))?;
+    let response = if tls {
+        // Only the certificate the leader published in the election key is accepted.
+        let trust = leader.pin.clone().map_or(fulcrum_tls::Trust::Any, fulcrum_tls::Trust::Pin);
+        let config = fulcrum_tls::tls_config_trusting(&trust).map_err(|e| down(&e))?;
+        let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).to_string();
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| down(&e))?;
+        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| down(&e))?;
+        exchange(TokioIo::new(stream), request).await.map_err(|e| down(&e))?
+    } else {
+        exchange(TokioIo::new(tcp), request).await.map_err(|e| down(&e))?
+    };
+    Ok(response)
+}
+
+async fn exchange<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<Response, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let answer = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let (parts, body) = answer.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = parts.status;
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            response.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    // Which node answered, for operators and tests.
+    response.headers_mut().insert(HeaderName::from_static("x-fulcrum-answered-by"), HeaderValue::from_static("leader"));
+    Ok(response)
+}
