@@ -61,6 +61,12 @@ impl From<StoreError> for ApiError {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
+        if let StoreError::Indeterminate(why) = &e {
+            return ApiError::new(
+                status,
+                format!("the change may or may not have been stored (it is whole or absent; read to see): {why}"),
+            );
+        }
         ApiError::new(status, format!("the change was not stored: {e}"))
     }
 }

@@ -158,7 +158,9 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn connect(endpoints: &[String], me: Leader, ttl: Duration) -> Result<Cluster, StoreError> {
-        let options = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(crate::etcd::OPERATION_TIMEOUT);
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| StoreError::Open(format!("etcd at {}: {e}", endpoints.join(","))))?;

@@ -44,6 +44,8 @@ pub const TXN_BUDGET_BYTES: usize = 1 << 20;
 pub const REQUIRED_MAX_TXN_OPS: usize = 4096;
 /// The most changes one commit carries.
 pub const MAX_CHANGES_PER_COMMIT: usize = REQUIRED_MAX_TXN_OPS / 4;
+/// How long one etcd request may take: without a quorum, a write is refused (503) this soon.
+pub const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// The key every commit puts, under the prefix.
 pub const REVISION_MARKER: &str = "rev";
 /// Edit logs are compacted into a whole write past max(this, 4 × the object), as in redb.
@@ -116,7 +118,13 @@ struct Loaded {
 }
 
 fn etcd_error(e: etcd_client::Error) -> StoreError {
-    StoreError::Io(format!("etcd: {e}"))
+    let text = e.to_string();
+    if text.contains("timed out") || text.contains("Timeout") || text.contains("deadline") {
+        return StoreError::Indeterminate(format!(
+            "etcd did not answer within {OPERATION_TIMEOUT:?} (has it lost its quorum?): {text}"
+        ));
+    }
+    StoreError::Io(format!("etcd: {text}"))
 }
 
 fn corrupt(key: &str, what: impl std::fmt::Display) -> StoreError {
@@ -210,7 +218,7 @@ impl EtcdBackend {
     pub async fn open(endpoints: &[String], prefix: &str, fence: Arc<Fence>) -> Result<EtcdBackend, StoreError> {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(5))
-            .with_timeout(std::time::Duration::from_secs(10))
+            .with_timeout(OPERATION_TIMEOUT)
             .with_keep_alive(std::time::Duration::from_secs(2), std::time::Duration::from_secs(4));
         let client = Client::connect(endpoints, Some(options))
             .await

@@ -29,4 +29,8 @@ pub enum StoreError {
     Aborted,
     #[error("this controller is not the cluster leader: it commits nothing")]
     NotLeader,
+    /// The backend did not answer in time (etcd without a quorum): the commit may or may not
+    /// have happened, and is seen whole or not at all.
+    #[error("{0}")]
+    Indeterminate(String),
 }

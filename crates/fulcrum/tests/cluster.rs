@@ -141,3 +141,35 @@ fn a_paused_leader_commits_nothing_after_its_lease_ran_out() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn without_a_quorum_writes_are_refused_reads_served_and_everything_recovers() {
+    let etcd = Etcd::start(1);
+    let data = temp_dir();
+    let c = node(data.path(), &etcd, "a");
+    let api = c.admin();
+    let (created, _) = create_when_led(&api, &json!({"name": "kept"}), Duration::from_secs(30));
+    let uuid = created["uuid"].as_str().unwrap().to_string();
+
+    etcd.pause();
+    let started = Instant::now();
+    let r = api.try_post("/api/pool", &json!({"name": "while-down"})).expect("an answer");
+    assert_eq!(r.status, 503, "{}", r.body);
+    // Timed out: etcd may still apply the transaction it was sent, so the answer says so.
+    assert!(r.body.contains("may or may not have been stored"), "{}", r.body);
+    assert!(started.elapsed() < Duration::from_secs(6), "refused after {:?}", started.elapsed());
+    let started = Instant::now();
+    let read = api.get(&format!("/api/pool/{uuid}"));
+    assert_eq!(read.status, 200, "reads are served from the catalogue: {}", read.body);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    etcd.resume();
+    let (_, took) = create_when_led(&api, &json!({"name": "after"}), Duration::from_secs(30));
+    println!("writes acknowledged again {took:?} after etcd came back");
+    let names = pool_names(&api);
+    assert!(names.contains(&"kept".to_string()) && names.contains(&"after".to_string()), "{names:?}");
+    if names.contains(&"while-down".to_string()) {
+        // It was committed after all: then whole.
+        assert_eq!(api.object("/api/pool?name=while-down")["count"], 1);
+    }
+}

@@ -65,6 +65,19 @@ impl Etcd {
         Etcd { members, urls, _dir: dir }
     }
 
+    /// Freezes every member (SIGSTOP): to its clients, etcd has lost its quorum.
+    pub fn pause(&self) {
+        for member in &self.members {
+            unsafe { libc::kill(member.id() as i32, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn resume(&self) {
+        for member in &self.members {
+            unsafe { libc::kill(member.id() as i32, libc::SIGCONT) };
+        }
+    }
+
     /// `--etcd` for a controller: every member.
     pub fn endpoints(&self) -> String {
         self.urls.join(",")
