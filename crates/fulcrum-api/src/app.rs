@@ -691,7 +691,7 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (Route::Object(t, _), method @ (Method::PUT | Method::PATCH)) if is_image(t) => {
             Err(crate::images::refuse_edit(method.as_str()))
         }
-        (Route::ClusterRuntime, Method::GET) => Ok(system::cluster_runtime(app)),
+        (Route::ClusterRuntime, Method::GET) => Ok(system::cluster_runtime(app).await),
         (Route::ClusterVersion, Method::GET) => Ok(system::cluster_version(app)),
         (Route::OpenApi, Method::GET) => Ok(system::openapi()),
         (Route::UserAccount, Method::GET) => system::get_user_account(app, &ctx),

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -68,15 +68,72 @@ pub fn initial_data(app: &App) -> Response {
     )
 }
 
-pub fn cluster_runtime(app: &App) -> Response {
+/// The controllers of the cluster as this node sees them, and who leads.
+pub struct ClusterView {
+    pub nodes: Vec<fulcrum_store::election::NodeState>,
+    pub leader: Option<String>,
+    /// This node's name.
+    pub me: String,
+}
+
+/// A single node is its own cluster; a cluster node asks etcd (and, without etcd, knows only
+/// itself).
+pub async fn cluster_view(app: &App) -> ClusterView {
+    let started = app.started_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let Some(membership) = &app.cluster else {
+        let ip = app.listen.ip().to_string();
+        let me = fulcrum_store::election::NodeState {
+            name: ip.clone(),
+            advertise: ip.clone(),
+            up: true,
+            up_since: Some(started),
+        };
+        return ClusterView { nodes: vec![me], leader: Some(ip.clone()), me: ip };
+    };
+    let me = membership.me();
+    let nodes = match membership.cluster.nodes().await {
+        Ok(nodes) if !nodes.is_empty() => nodes,
+        _ => vec![fulcrum_store::election::NodeState {
+            name: me.node.clone(),
+            advertise: me.advertise.clone(),
+            up: true,
+            up_since: Some(started),
+        }],
+    };
+    ClusterView { nodes, leader: membership.current_leader().await.map(|l| l.node), me: me.node }
+}
+
+/// The host of a node's address, as `mgmt_ip` shows it.
+fn host_of(advertise: &str) -> String {
+    let rest = advertise.split_once("://").map_or(advertise, |(_, r)| r);
+    rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']']).to_string()
+}
+
+pub async fn cluster_runtime(app: &App) -> Response {
+    let view = cluster_view(app).await;
+    let up = view.nodes.iter().filter(|n| n.up).count();
+    let state = fulcrum_store::election::cluster_state(view.nodes.len(), up, view.leader.is_some());
+    let since = |secs: Option<u64>| secs.map(|s| version::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s)));
+    let node_states: Vec<Value> = view
+        .nodes
+        .iter()
+        .map(|n| {
+            let leads = view.leader.as_deref() == Some(n.name.as_str());
+            json!({
+                "name": n.name, "mgmt_ip": host_of(&n.advertise),
+                "role": if leads { "CLUSTER_LEADER" } else { "CLUSTER_FOLLOWER" },
+                "state": if n.up { "CLUSTER_ACTIVE" } else { "CLUSTER_INACTIVE" },
+                "up_since": since(n.up_since),
+            })
+        })
+        .collect();
     let ip = app.listen.ip().to_string();
-    let up_since = version::rfc3339(app.started_at);
     json_response(
         StatusCode::OK,
         &json!({
-            "node_info": {"cluster_uuid": cluster_uuid(app), "mgmt_ip": ip, "uuid": format!("node-{ip}"), "version": app.upgrade.slots.running().tag},
-            "cluster_state": {"state": "CLUSTER_UP_NO_HA", "up_since": up_since, "progress": 100},
-            "node_states": [{"name": ip, "mgmt_ip": ip, "role": "CLUSTER_LEADER", "state": "CLUSTER_ACTIVE", "up_since": up_since}],
+            "node_info": {"cluster_uuid": cluster_uuid(app), "mgmt_ip": ip, "uuid": format!("node-{}", view.me), "name": view.me, "version": app.upgrade.slots.running().tag},
+            "cluster_state": {"state": state, "up_since": version::rfc3339(app.started_at), "progress": 100},
+            "node_states": node_states,
             "service_states": [],
         }),
     )

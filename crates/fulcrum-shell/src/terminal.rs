@@ -62,8 +62,8 @@ pub fn read_password(prompt: &str) -> Result<String, String> {
     use std::io::{BufRead, IsTerminal, Write};
     let stdin = std::io::stdin();
     let terminal = stdin.is_terminal();
-    eprint!("{prompt}");
-    let _ = std::io::stderr().flush();
+    // Echo goes off before the prompt shows: a password typed (or pasted) the moment the
+    // prompt appears must not be echoed.
     // SAFETY: termios is plain data; tcgetattr fills it, tcsetattr reads it.
     let saved = terminal.then(|| unsafe {
         let mut t: libc::termios = std::mem::zeroed();
@@ -74,6 +74,8 @@ pub fn read_password(prompt: &str) -> Result<String, String> {
         libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &quiet);
         t
     });
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
     let mut line = String::new();
     let read = stdin.lock().read_line(&mut line);
     if let Some(t) = saved {

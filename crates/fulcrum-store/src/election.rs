@@ -24,7 +24,7 @@ pub struct Election {
     client: Client,
     key: String,
     me: std::sync::Mutex<Leader>,
-    ttl: Duration,
+    pub(crate) ttl: Duration,
     fence: Arc<Fence>,
 }
 
@@ -221,5 +221,121 @@ impl Barrier {
             }
         }
         rx.await.unwrap_or_else(|_| Err(StoreError::Io("the consistent read was dropped".into())))
+    }
+}
+
+/// A controller of the cluster as its registration says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeState {
+    pub name: String,
+    pub advertise: String,
+    /// Whether its liveness key (held by its own lease) is there.
+    pub up: bool,
+    /// Seconds since the epoch at which it last started, when up.
+    pub up_since: Option<u64>,
+}
+
+impl Cluster {
+    /// Registers this node for the cluster views: a permanent member entry, and a liveness
+    /// entry under a lease of its own, renewed until the process ends (so a dead node shows
+    /// down within the lease TTL).
+    pub async fn register(&self, started_unix: u64) -> Result<(), StoreError> {
+        let me = self.election.me();
+        let mut kv = self.client.kv_client();
+        let member = serde_json::json!({"name": me.node, "advertise": me.advertise}).to_string();
+        kv.put(format!("{PREFIX}members/{}", me.node), member, None).await.map_err(etcd_error)?;
+        let client = self.client.clone();
+        let ttl = self.election.ttl;
+        let alive_key = format!("{PREFIX}alive/{}", me.node);
+        let alive = serde_json::json!({"up_since": started_unix}).to_string();
+        tokio::spawn(async move {
+            loop {
+                let held = async {
+                    let mut leases = client.lease_client();
+                    let grant = leases.grant(ttl.as_secs().max(1) as i64, None).await.map_err(etcd_error)?;
+                    let options = PutOptions::new().with_lease(grant.id());
+                    client
+                        .kv_client()
+                        .put(alive_key.clone(), alive.clone(), Some(options))
+                        .await
+                        .map_err(etcd_error)?;
+                    let (mut keeper, mut answers) = leases.keep_alive(grant.id()).await.map_err(etcd_error)?;
+                    loop {
+                        tokio::time::sleep((ttl / 3).max(Duration::from_millis(100))).await;
+                        keeper.keep_alive().await.map_err(etcd_error)?;
+                        match answers.message().await.map_err(etcd_error)? {
+                            Some(answer) if answer.ttl() > 0 => {}
+                            _ => return Err::<(), StoreError>(StoreError::Io("the liveness lease ran out".into())),
+                        }
+                    }
+                };
+                if let Err(e) = held.await {
+                    tracing::debug!(error = %e, "registering again");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Every controller that ever registered, and whether it is up now.
+    pub async fn nodes(&self) -> Result<Vec<NodeState>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let prefixed = |area: &str| (format!("{PREFIX}{area}/"), Some(etcd_client::GetOptions::new().with_prefix()));
+        let (members_key, options) = prefixed("members");
+        let members = kv.get(members_key, options).await.map_err(etcd_error)?;
+        let (alive_key, options) = prefixed("alive");
+        let alive = kv.get(alive_key.clone(), options).await.map_err(etcd_error)?;
+        let up_since = |name: &str| {
+            alive.kvs().iter().find(|kv| kv.key() == format!("{alive_key}{name}").as_bytes()).map(|kv| {
+                serde_json::from_slice::<serde_json::Value>(kv.value())
+                    .ok()
+                    .and_then(|v| v["up_since"].as_u64())
+                    .unwrap_or(0)
+            })
+        };
+        let mut nodes: Vec<NodeState> = members
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<serde_json::Value>(kv.value()).ok())
+            .filter_map(|v| {
+                let name = v["name"].as_str()?.to_string();
+                let since = up_since(&name);
+                Some(NodeState {
+                    advertise: v["advertise"].as_str()?.to_string(),
+                    up: since.is_some(),
+                    up_since: since,
+                    name,
+                })
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
+    }
+}
+
+/// The product's cluster state for `members` controllers of which `up` are up (and whether a
+/// leader is known): a lone node has no HA; all up is HA active; a majority up is compromised.
+pub fn cluster_state(members: usize, up: usize, leader_known: bool) -> &'static str {
+    match (members, up, leader_known) {
+        (_, _, false) | (_, 0, _) => "CLUSTER_UP_HA_NOT_READY",
+        (0 | 1, _, true) => "CLUSTER_UP_NO_HA",
+        (m, u, true) if u == m => "CLUSTER_UP_HA_ACTIVE",
+        (m, u, true) if u * 2 > m => "CLUSTER_UP_HA_COMPROMISED",
+        _ => "CLUSTER_UP_HA_NOT_READY",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_states_follow_the_nodes_up() {
+        assert_eq!(cluster_state(1, 1, true), "CLUSTER_UP_NO_HA");
+        assert_eq!(cluster_state(3, 3, true), "CLUSTER_UP_HA_ACTIVE");
+        assert_eq!(cluster_state(3, 2, true), "CLUSTER_UP_HA_COMPROMISED");
+        assert_eq!(cluster_state(3, 1, true), "CLUSTER_UP_HA_NOT_READY");
+        assert_eq!(cluster_state(3, 3, false), "CLUSTER_UP_HA_NOT_READY");
     }
 }

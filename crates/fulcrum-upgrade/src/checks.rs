@@ -76,6 +76,8 @@ pub struct Facts {
     pub controller_previous: Option<Version>,
     /// Why the controller cluster is not ready, if it is not.
     pub cluster_problem: Option<String>,
+    /// (controllers up, controllers in the cluster).
+    pub cluster_nodes: (usize, usize),
     pub backup_age_secs: Option<u64>,
     /// `enforcing`, `permissive`, or `None` when SELinux is absent.
     pub selinux: Option<String>,
@@ -128,10 +130,9 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
     let ses = || groups(request, facts).flat_map(|g| g.ses.iter().map(move |s| (g, s)));
 
     // 1. Controller cluster readiness.
-    let (level, details) = error_if(
-        facts.cluster_problem.iter().cloned().collect(),
-        "The controller cluster is ready (1 of 1 nodes up, leader known).",
-    );
+    let (up, total) = facts.cluster_nodes;
+    let ready = format!("The controller cluster is ready ({up} of {total} nodes up, leader known).");
+    let (level, details) = error_if(facts.cluster_problem.iter().cloned().collect(), ready);
     out.push(
         "SYSERR_CHECK_CLUSTER_STATE",
         "Check Controller Cluster readiness for upgrade operations.",

@@ -83,6 +83,39 @@ fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() 
     for api in &apis {
         assert_eq!(api.get(&format!("/api/pool/{victim}")).status, 404);
     }
+
+    // Every node tells the same cluster: three up, one leader.
+    for api in &apis {
+        let runtime = api.object("/api/cluster/runtime");
+        assert_eq!(runtime["cluster_state"]["state"], "CLUSTER_UP_HA_ACTIVE", "{runtime}");
+        let states = runtime["node_states"].as_array().unwrap();
+        assert_eq!(states.len(), 3, "{runtime}");
+        assert_eq!(states.iter().filter(|n| n["role"] == "CLUSTER_LEADER").count(), 1, "{runtime}");
+        assert!(states.iter().all(|n| n["state"] == "CLUSTER_ACTIVE" && n["mgmt_ip"] == "127.0.0.1"), "{runtime}");
+    }
+    // A follower dies: the others show it down and the cluster compromised.
+    let mut nodes = nodes;
+    let gone = nodes.remove(followers[0]);
+    let gone_name = ["a", "b", "c"][followers[0]];
+    gone.kill9();
+    let survivor = nodes[0].admin();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let runtime = survivor.object("/api/cluster/runtime");
+        if runtime["cluster_state"]["state"] == "CLUSTER_UP_HA_COMPROMISED" {
+            let down: Vec<&Value> = runtime["node_states"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["state"] == "CLUSTER_INACTIVE")
+                .collect();
+            assert_eq!(down.len(), 1, "{runtime}");
+            assert_eq!(down[0]["name"], gone_name, "{runtime}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead node is still shown up: {runtime}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -177,8 +177,19 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
     let probe = app.store.write(|_| Ok::<_, ApiError>(())).await;
     let (backup_age_secs, selinux, controller_free_disk_bytes, address_dynamic) =
         host.await.unwrap_or((None, None, 0, None));
-    let cluster_problem =
+    let mut cluster_problem =
         probe.err().map(|e| format!("the controller's store does not take writes: {}", ApiError::from(e).message));
+    let view = crate::system::cluster_view(app).await;
+    let up = view.nodes.iter().filter(|n| n.up).count();
+    let cluster_nodes = (up, view.nodes.len());
+    let down: Vec<&str> = view.nodes.iter().filter(|n| !n.up).map(|n| n.name.as_str()).collect();
+    if cluster_problem.is_none() && !down.is_empty() {
+        cluster_problem =
+            Some(format!("controller node(s) {} down ({up} of {} up)", down.join(", "), view.nodes.len()));
+    }
+    if cluster_problem.is_none() && view.leader.is_none() {
+        cluster_problem = Some("no controller leads the cluster".into());
+    }
     let running = app.upgrade.slots.running();
     let previous = app.upgrade.slots.previous();
     let cat = app.store.read();
@@ -248,6 +259,7 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
         controller: running.version(),
         controller_previous: previous.map(|p| p.version()),
         cluster_problem,
+        cluster_nodes,
         backup_age_secs,
         selinux,
         operation_in_progress,

@@ -44,6 +44,7 @@ fn facts() -> Facts {
         controller: Version::new("30.2.1", 9001, None),
         controller_previous: None,
         cluster_problem: None,
+        cluster_nodes: (1, 1),
         backup_age_secs: Some(60),
         selinux: None,
         operation_in_progress: None,
