@@ -206,3 +206,128 @@ fn without_a_quorum_writes_are_refused_reads_served_and_everything_recovers() {
         assert_eq!(api.object("/api/pool?name=while-down")["count"], 1);
     }
 }
+
+#[test]
+fn failover_under_load_loses_nothing_acknowledged() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    const CLIENTS: usize = 32;
+    let etcd = Etcd::start(3);
+    let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
+    let mut nodes: Vec<Option<Controller>> =
+        ["a", "b", "c"].iter().zip(&dirs).map(|(name, dir)| Some(node(dir.path(), &etcd, name))).collect();
+    let urls: Vec<String> = nodes.iter().map(|n| n.as_ref().unwrap().url.clone()).collect();
+    let admin = |i: usize| Api::new(&urls[i]).basic("admin", common::PASSWORD);
+    create_when_led(&admin(0), &json!({"name": "warm-up"}), Duration::from_secs(30));
+    // A few pools every client PATCHes (adding its own servers), and creates of its own.
+    let shared: Vec<String> = (0..4)
+        .map(|i| {
+            admin(0).post("/api/pool", &json!({"name": format!("shared-{i}")})).json()["uuid"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    // What was acknowledged: created pools (name → uuid) and servers added to shared pools.
+    let created = Arc::new(Mutex::new(HashMap::new()));
+    let added = Arc::new(Mutex::new(Vec::new()));
+    // Requests that failed, per node they were sent to (those sent to the killed node fail
+    // for good; the others only while the cluster elects a new leader).
+    let failures: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (stop, next, created, added, failures, shared, urls) = (
+                stop.clone(),
+                next.clone(),
+                created.clone(),
+                added.clone(),
+                failures.clone(),
+                shared.clone(),
+                urls.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let api = Api::new(&urls[i % 3]).basic("admin", common::PASSWORD);
+                    if i % 2 == 0 {
+                        let name = format!("load-{i}");
+                        match api.try_post("/api/pool", &json!({"name": name})) {
+                            Ok(r) if r.status == 201 => {
+                                let v: Value = serde_json::from_str(&r.body).unwrap();
+                                created.lock().unwrap().insert(name, v["uuid"].as_str().unwrap().to_string());
+                            }
+                            _ => {
+                                failures[i % 3].fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                        }
+                    } else {
+                        let pool = &shared[client % shared.len()];
+                        let addr = format!("10.{}.{}.{}", client, (i / 256) % 256, i % 256);
+                        let patch = json!({"add": {"servers": [{"ip": {"addr": addr, "type": "V4"}}]}});
+                        match api.try_send("PATCH", &format!("/api/pool/{pool}"), &patch) {
+                            Ok(r) if r.status == 200 => added.lock().unwrap().push((pool.clone(), addr)),
+                            _ => {
+                                failures[i % 3].fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    // Kill the leader.
+    let leader = (0..3)
+        .find(|i| {
+            admin(*i).object("/api/cluster/runtime")["node_states"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["role"] == "CLUSTER_LEADER" && n["name"] == ["a", "b", "c"][*i])
+        })
+        .expect("a leader");
+    let before = created.lock().unwrap().len() + added.lock().unwrap().len();
+    nodes[leader].take().unwrap().kill9();
+    let killed = Instant::now();
+    let survivor = (leader + 1) % 3;
+    let (_, took) = create_when_led(&admin(survivor), &json!({"name": "after-the-kill"}), Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let (created, added) = (created.lock().unwrap().clone(), added.lock().unwrap().clone());
+    let failed_on_survivors: usize = (0..3).filter(|i| *i != leader).map(|i| failures[i].load(Ordering::SeqCst)).sum();
+    println!(
+        "failover under load: a new leader acknowledged a write {took:?} after the kill; {} writes acknowledged ({before} before the kill); {failed_on_survivors} requests to the surviving nodes failed during the failover",
+        created.len() + added.len(),
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(killed.elapsed() < Duration::from_secs(30));
+    for i in (0..3).filter(|i| *i != leader) {
+        let api = admin(i);
+        for (name, uuid) in &created {
+            let got = api.get(&format!("/api/pool/{uuid}"));
+            assert_eq!(got.status, 200, "node {i}: the acknowledged pool {name} is missing");
+        }
+        for pool in &shared {
+            let servers: Vec<String> = api.object(&format!("/api/pool/{pool}"))["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["ip"]["addr"].as_str().unwrap().to_string())
+                .collect();
+            for (p, addr) in added.iter().filter(|(p, _)| p == pool) {
+                assert!(servers.contains(addr), "node {i}: server {addr} acknowledged in {p} is missing");
+            }
+        }
+        // Nothing half-applied: every stored load pool is whole (a name and a uuid).
+        let listed = api.object("/api/pool?page_size=200&name.contains=load-");
+        assert!(listed["count"].as_u64().unwrap() as usize >= created.len());
+    }
+}
