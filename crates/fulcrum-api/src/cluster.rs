@@ -85,6 +85,7 @@ impl LeaderServices {
             let cycles: Vec<_> = cat.iter(crate::asyncpatch::CYCLE_KIND).cloned().collect();
             app.async_patches.recover(&requests, &cycles);
         }
+        app.engines.begin_watch();
         let tasks = vec![
             tokio::spawn(crate::asyncpatch::run_timer(app.clone())),
             tokio::spawn(crate::engines::run(app.clone())),

@@ -85,7 +85,9 @@ struct Placed {
 
 pub struct Engines {
     pub settings: EngineSettings,
-    started: Instant,
+    /// When this node began to watch over the SEs: its start, or in a cluster the start of its
+    /// leadership. SEs it has not heard from get `down_after` from then.
+    started: Mutex<Instant>,
     live: Mutex<HashMap<String, Live>>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     placed: Mutex<Placed>,
@@ -100,7 +102,7 @@ impl Engines {
     pub fn new(settings: EngineSettings) -> Engines {
         Engines {
             settings,
-            started: Instant::now(),
+            started: Mutex::new(Instant::now()),
             live: Mutex::default(),
             wakers: Mutex::default(),
             placed: Mutex::default(),
@@ -181,10 +183,21 @@ impl Engines {
         out
     }
 
+    fn started(&self) -> Instant {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Restarts the clock SEs are judged by (a node that just became the leader has heard from
+    /// none of them yet), and forgets what a previous term placed.
+    pub fn begin_watch(&self) {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.placement_known.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Whether every SE that may serve has reported since the controller started, or the
     /// time for it to do so has passed.
     fn heard_from_all(&self, candidates: &[placement::Candidate]) -> bool {
-        if self.started.elapsed() > self.settings.down_after {
+        if self.started().elapsed() > self.settings.down_after {
             return true;
         }
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -192,7 +205,8 @@ impl Engines {
     }
 
     fn last_seen(&self, se: &str) -> Instant {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(se).map_or(self.started, |l| l.seen)
+        let started = self.started();
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(se).map_or(started, |l| l.seen)
     }
 }
 
