@@ -80,25 +80,17 @@ pub struct ClusterView {
 /// itself).
 pub async fn cluster_view(app: &App) -> ClusterView {
     let started = app.started_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let only_me = |name: String, advertise: String| {
+        vec![fulcrum_store::election::NodeState { name, advertise, up: true, up_since: Some(started) }]
+    };
     let Some(membership) = &app.cluster else {
         let ip = app.listen.ip().to_string();
-        let me = fulcrum_store::election::NodeState {
-            name: ip.clone(),
-            advertise: ip.clone(),
-            up: true,
-            up_since: Some(started),
-        };
-        return ClusterView { nodes: vec![me], leader: Some(ip.clone()), me: ip };
+        return ClusterView { nodes: only_me(ip.clone(), ip.clone()), leader: Some(ip.clone()), me: ip };
     };
     let me = membership.me();
     let nodes = match membership.cluster.nodes().await {
         Ok(nodes) if !nodes.is_empty() => nodes,
-        _ => vec![fulcrum_store::election::NodeState {
-            name: me.node.clone(),
-            advertise: me.advertise.clone(),
-            up: true,
-            up_since: Some(started),
-        }],
+        _ => only_me(me.node.clone(), me.advertise.clone()),
     };
     ClusterView { nodes, leader: membership.current_leader().await.map(|l| l.node), me: me.node }
 }

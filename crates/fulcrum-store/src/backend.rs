@@ -46,8 +46,14 @@ const EDITS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("edits")
 /// An object whose edit logs outgrow this many bytes, or this many times its own size, is
 /// written whole again (and its logs dropped). So a small change to a big object costs a small
 /// write, and the logs replayed at start stay in proportion to the objects.
-const COMPACT_MIN_BYTES: u64 = 256 << 10;
+pub(crate) const COMPACT_MIN_BYTES: u64 = 256 << 10;
 const COMPACT_FACTOR: u64 = 4;
+
+/// Whether an object whose edit logs hold `log_bytes` (and would grow by `more`) over a whole
+/// write of `base_bytes` should be written whole again: the one compaction rule of every backend.
+pub(crate) fn logs_outgrow(log_bytes: u64, more: u64, base_bytes: u64) -> bool {
+    log_bytes + more > COMPACT_MIN_BYTES.max(COMPACT_FACTOR * base_bytes)
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct EditState {
@@ -58,7 +64,7 @@ struct EditState {
 
 impl EditState {
     fn should_compact(&self, more: u64) -> bool {
-        self.log_bytes + more > COMPACT_MIN_BYTES.max(COMPACT_FACTOR * self.base_bytes)
+        logs_outgrow(self.log_bytes, more, self.base_bytes)
     }
 }
 

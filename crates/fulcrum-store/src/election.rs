@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 
 use crate::StoreError;
-use crate::etcd::Fence;
+use crate::etcd::{Fence, etcd_error};
 
 /// Who leads, as the election key says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +26,6 @@ pub struct Election {
     me: std::sync::Mutex<Leader>,
     pub(crate) ttl: Duration,
     fence: Arc<Fence>,
-}
-
-fn etcd_error(e: etcd_client::Error) -> StoreError {
-    StoreError::Io(format!("etcd: {e}"))
 }
 
 impl Election {

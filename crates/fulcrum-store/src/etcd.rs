@@ -48,9 +48,6 @@ pub const MAX_CHANGES_PER_COMMIT: usize = REQUIRED_MAX_TXN_OPS / 4;
 pub const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// The key every commit puts, under the prefix.
 pub const REVISION_MARKER: &str = "rev";
-/// Edit logs are compacted into a whole write past max(this, 4 × the object), as in redb.
-const COMPACT_MIN_BYTES: u64 = 256 << 10;
-const COMPACT_FACTOR: u64 = 4;
 
 /// The proof of leadership every commit carries: the election key and the create revision this
 /// node won it at. Empty while this node is not the leader.
@@ -93,7 +90,8 @@ struct ObjectState {
 
 impl ObjectState {
     fn should_compact(&self, more: u64) -> bool {
-        self.log_bytes + more > COMPACT_MIN_BYTES.max(COMPACT_FACTOR * self.base_bytes)
+        // The same rule as redb's.
+        crate::backend::logs_outgrow(self.log_bytes, more, self.base_bytes)
     }
 }
 
@@ -117,7 +115,8 @@ struct Loaded {
     unclaimed_chunks: HashMap<String, Vec<u8>>,
 }
 
-fn etcd_error(e: etcd_client::Error) -> StoreError {
+/// The one mapping of etcd's errors: a timeout is indeterminate (the request may still land).
+pub(crate) fn etcd_error(e: etcd_client::Error) -> StoreError {
     let text = e.to_string();
     if text.contains("timed out") || text.contains("Timeout") || text.contains("deadline") {
         return StoreError::Indeterminate(format!(
@@ -578,7 +577,7 @@ mod tests {
     fn compaction_follows_the_object_size() {
         let small = ObjectState { base_bytes: 100, log_bytes: 0, ..ObjectState::default() };
         assert!(!small.should_compact(1000));
-        assert!(small.should_compact(COMPACT_MIN_BYTES + 1));
+        assert!(small.should_compact(crate::backend::COMPACT_MIN_BYTES + 1));
         let big = ObjectState { base_bytes: 1 << 20, log_bytes: 3 << 20, ..ObjectState::default() };
         assert!(!big.should_compact(1000));
         assert!(big.should_compact(2 << 20));

@@ -58,6 +58,20 @@ async fn wait_a_little(_e: &StoreError) {
     tokio::time::sleep(Duration::from_millis(250)).await;
 }
 
+/// Edits the big pool in place, as a PATCH does: one server's ratio, with its edit log.
+async fn set_ratio(store: &Store, server: usize, ratio: i64) -> Result<(), WriteError<()>> {
+    store
+        .write(move |txn| {
+            let edit = json!({"op": "replace", "path": format!("/servers/{server}/ratio"), "value": ratio});
+            txn.edit_with("pool", "big", |_, value| {
+                value["servers"][server]["ratio"] = json!(ratio);
+                Ok::<_, ()>((Some(vec![edit]), ()))
+            })
+            .unwrap()
+        })
+        .await
+}
+
 fn servers(n: usize) -> Vec<Value> {
     (0..n).map(|i| json!({"ip": {"addr": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), "type": "V4"}, "port": 8080, "ratio": 1})).collect()
 }
@@ -89,17 +103,7 @@ async fn what_is_committed_loads_back_and_big_objects_are_edited_in_place() {
     assert!(chunks_before.len() >= 2, "the big pool is chunked: {chunks_before:?}");
     assert!(chunks_before.iter().all(|(_, len)| *len <= CHUNK_BYTES));
     for i in 0..20 {
-        store
-            .write(move |txn| -> Result<(), ()> {
-                let edit = json!({"op": "replace", "path": "/servers/7/ratio", "value": i + 2});
-                txn.edit_with("pool", "big", |_, value| {
-                    value["servers"][7]["ratio"] = json!(i + 2);
-                    Ok::<_, ()>((Some(vec![edit]), ()))
-                })
-                .unwrap()
-            })
-            .await
-            .unwrap();
+        set_ratio(&store, 7, i + 2).await.unwrap();
     }
     store
         .write(|txn| -> Result<(), ()> {
@@ -174,17 +178,7 @@ async fn a_follower_sees_every_commit_through_its_feed_and_carries_on_as_leader(
         .await
         .unwrap();
     for i in 0..5 {
-        leader
-            .write(move |txn| -> Result<(), ()> {
-                let edit = json!({"op": "replace", "path": "/servers/1/ratio", "value": i + 2});
-                txn.edit_with("pool", "big", |_, value| {
-                    value["servers"][1]["ratio"] = json!(i + 2);
-                    Ok::<_, ()>((Some(vec![edit]), ()))
-                })
-                .unwrap()
-            })
-            .await
-            .unwrap();
+        set_ratio(&leader, 1, i + 2).await.unwrap();
     }
     leader
         .write(|txn| -> Result<(), ()> {
@@ -220,17 +214,7 @@ async fn a_follower_sees_every_commit_through_its_feed_and_carries_on_as_leader(
     };
     drop(won);
     follower_fence.hold(key, revision);
-    follower
-        .write(|txn| -> Result<(), ()> {
-            let edit = json!({"op": "replace", "path": "/servers/2/ratio", "value": 9});
-            txn.edit_with("pool", "big", |_, value| {
-                value["servers"][2]["ratio"] = json!(9);
-                Ok::<_, ()>((Some(vec![edit]), ()))
-            })
-            .unwrap()
-        })
-        .await
-        .unwrap();
+    set_ratio(&follower, 2, 9).await.unwrap();
     let mut expected = expected;
     expected["servers"][2]["ratio"] = json!(9);
     let (fresh, _) = open(&etcd, Arc::new(Fence::default())).await;
