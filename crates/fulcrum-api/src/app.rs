@@ -73,7 +73,7 @@ impl App {
         self.store.read().iter(kind).next().and_then(|s| s.value.pointer(pointer).cloned())
     }
 
-    fn idle_timeout(&self) -> Option<Duration> {
+    pub fn idle_timeout(&self) -> Option<Duration> {
         let minutes = self.setting("controllerproperties", "/api_idle_timeout").and_then(|v| v.as_u64()).unwrap_or(15);
         (minutes > 0).then(|| Duration::from_secs(minutes * 60))
     }
@@ -121,6 +121,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/login", post(system::login))
         .route("/logout", post(system::logout))
+        .route(crate::sessions::INTERNAL_PATH, post(crate::sessions::internal))
         .route("/metrics", get(system::metrics))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(within_request_limits))
@@ -324,6 +325,11 @@ fn api_version(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// The client's address and port, as passed on to the leader.
+pub fn client_addr(parts: &Parts) -> String {
+    parts.extensions.get::<ClientAddr>().map_or_else(|| "unknown".into(), |c| c.0.to_string())
+}
+
 pub fn client_ip(parts: &Parts) -> String {
     parts.extensions.get::<ClientAddr>().map_or_else(|| "unknown".into(), |c| c.0.ip().to_string())
 }
@@ -391,7 +397,7 @@ pub fn body_error(e: axum::Error) -> ApiError {
 
 /// Checks the caller's credentials: HTTP Basic, or a session cookie with its CSRF token on
 /// unsafe methods.
-pub async fn authenticate(app: &App, parts: &Parts) -> Result<Principal, ApiError> {
+pub async fn authenticate(app: &Arc<App>, parts: &Parts) -> Result<Principal, ApiError> {
     let headers = &parts.headers;
     if let Some(basic) =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Basic "))
@@ -402,9 +408,7 @@ pub async fn authenticate(app: &App, parts: &Parts) -> Result<Principal, ApiErro
     let session_id = cookie(cookies(), SESSION_COOKIE)
         .or_else(|| cookie(cookies(), "sessionid"))
         .ok_or_else(|| ApiError::unauthorized("Authentication credentials were not provided."))?;
-    let session = app
-        .sessions
-        .touch(&session_id, app.idle_timeout(), Instant::now())
+    let session = crate::sessions::check(app, &session_id, app.idle_timeout())
         .ok_or_else(|| ApiError::unauthorized("Session expired or invalid; log in again."))?;
     let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     if !safe && headers.get("x-csrftoken").and_then(|v| v.to_str().ok()) != Some(session.csrf_token.as_str()) {
@@ -417,7 +421,7 @@ pub async fn authenticate(app: &App, parts: &Parts) -> Result<Principal, ApiErro
         .ok_or_else(|| ApiError::unauthorized("The session's user no longer exists."))?;
     let hash = user.value.get("_password_hash").and_then(Value::as_str).unwrap_or_default();
     // Not removed here: the user's own change rebinds its session just after committing.
-    if crate::auth::credential_stamp(hash) != session.credential {
+    if !session.matches_password(hash) {
         return Err(ApiError::unauthorized("The password changed since this session began; log in again."));
     }
     let mut principal = Principal::from_user(&cat, user);
@@ -539,6 +543,17 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         }
     }
     if let Some(membership) = &app.cluster {
+        // Passed on by a follower: the client is who the follower says it is.
+        if parts.headers.contains_key(crate::forward::FORWARDED)
+            && crate::cluster::from_peer(app, &parts.headers)
+            && let Some(client) = parts
+                .headers
+                .get(crate::cluster::CLIENT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<SocketAddr>().ok())
+        {
+            parts.extensions.insert(ClientAddr(client));
+        }
         let safe = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
         // Uploads stream to the node that keeps the file: the leader only (refused below).
         let upload = matches!((&route, &method), (Route::Collection(t), &Method::POST) if t.path == crate::images::KIND)
@@ -554,20 +569,15 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
                     "this node is not the leader any more; retry the request",
                 ));
             }
-            let leader = membership.current_leader().await.ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no controller leads the cluster at the moment; retry shortly",
-                )
-            })?;
+            let leader = crate::cluster::leader_or_unavailable(membership).await?;
             let body = read_body(body).await?;
             let mut changes = membership.leader_changes();
             changes.mark_unchanged();
-            let me = membership.me().node;
+            let hop = crate::cluster::Hop::new(app, membership, client_addr(&parts));
             // A leader that stopped answering (paused, partitioned) is replaced by the election:
             // give up on it then, without committing anything here, so the client retries.
             return tokio::select! {
-                answer = crate::forward::to_leader(&leader, &me, &parts, body) => answer,
+                answer = crate::forward::to_leader(&leader, &hop, &parts, body) => answer,
                 _ = changes.changed() => Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the cluster's leader changed while the request was passed on; retry it",

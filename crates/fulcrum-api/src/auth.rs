@@ -33,70 +33,141 @@ pub fn random_token(len: usize) -> String {
     rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
 
-#[derive(Debug, Clone)]
-pub struct Session {
+/// The kind sessions are stored as: a session begun on one node is valid on every node and
+/// survives a restart or a change of leader.
+pub const SESSION_KIND: &str = "session";
+
+/// A session as stored. It is keyed by a digest of its id ([`session_key`]), so the store (and
+/// its backups) never holds an id a client could present.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
     pub user_uuid: String,
     pub csrf_token: String,
-    /// The digest of the password hash the user had when the session began: a session is valid
-    /// only while it matches, so a new password (set by anyone, anywhere) ends the others.
-    pub credential: [u8; 32],
-    last_used: Instant,
+    /// The hex digest of the password hash the user had when the session began: a session is
+    /// valid only while it matches, so a new password (set by anyone, anywhere) ends the others.
+    pub credential: String,
+    /// When some node last recorded a use (Unix milliseconds); between records each node keeps
+    /// its own clock ([`Sessions`]).
+    pub touched_ms: u64,
+}
+
+impl SessionRecord {
+    /// A new session of the user: (session id, record).
+    pub fn begin(user_uuid: &str, password_hash: &str, now_ms: u64) -> (String, SessionRecord) {
+        let record = SessionRecord {
+            user_uuid: user_uuid.into(),
+            csrf_token: random_token(32),
+            credential: credential_stamp(password_hash),
+            touched_ms: now_ms,
+        };
+        (random_token(32), record)
+    }
+
+    pub fn from_value(value: &serde_json::Value) -> Option<SessionRecord> {
+        serde_json::from_value(value.clone()).ok()
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    pub fn matches_password(&self, password_hash: &str) -> bool {
+        self.credential == credential_stamp(password_hash)
+    }
+}
+
+/// Where a session id is stored: its SHA-256, in hex.
+pub fn session_key(id: &str) -> String {
+    hex(&Sha256::digest(id.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a session remembers of a user's password: a digest of its stored hash.
-pub fn credential_stamp(password_hash: &str) -> [u8; 32] {
-    Sha256::digest(password_hash.as_bytes()).into()
+pub fn credential_stamp(password_hash: &str) -> String {
+    hex(&Sha256::digest(password_hash.as_bytes()))
 }
 
-/// Logged-in sessions, in memory: a restart logs everybody out and clients log in again (the SDK
-/// does so on the 401 it then gets).
+/// Milliseconds since the Unix epoch: session clocks are compared across nodes.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The most a stored use may lag the real one: a session used only on one node is recorded
+/// this often, so the others (and the leader's sweep) do not take it for idle.
+pub fn refresh_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).min(Duration::from_secs(60))
+}
+
+/// How a use of a stored session goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionUse {
+    /// Idle past the timeout: the session is over.
+    Idle,
+    /// Valid; `record` says the stored use is old enough to be brought up to date.
+    Live { record: bool },
+}
+
+/// Each node's own clock of when its sessions were last used, between the coarse uses in the
+/// store: a use costs no write, and a session is recorded at most once per refresh interval.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    sessions: Mutex<HashMap<String, Session>>,
+    /// session key -> (last use here in Unix ms, a record of it is under way)
+    uses: Mutex<HashMap<String, (u64, bool)>>,
 }
 
 impl Sessions {
-    /// Starts a session; returns (session id, CSRF token).
-    pub fn create(&self, user_uuid: &str, password_hash: &str, now: Instant) -> (String, String) {
-        let id = random_token(32);
-        let csrf_token = random_token(32);
-        let credential = credential_stamp(password_hash);
-        let session =
-            Session { user_uuid: user_uuid.into(), csrf_token: csrf_token.clone(), credential, last_used: now };
-        self.lock().insert(id.clone(), session);
-        (id, csrf_token)
-    }
-
-    /// The live session with this id, its idle clock restarted; an idle one is ended.
-    pub fn touch(&self, id: &str, idle_timeout: Option<Duration>, now: Instant) -> Option<Session> {
-        let mut sessions = self.lock();
-        let session = sessions.get_mut(id)?;
-        if idle_timeout.is_some_and(|limit| now.saturating_duration_since(session.last_used) > limit) {
-            sessions.remove(id);
-            return None;
+    /// A use of the stored session `key` at `now_ms`.
+    pub fn use_session(
+        &self,
+        key: &str,
+        stored: &SessionRecord,
+        idle_timeout: Option<Duration>,
+        now_ms: u64,
+    ) -> SessionUse {
+        let mut uses = self.lock();
+        let (last_here, recording) = uses.get(key).copied().unwrap_or((0, false));
+        let last = last_here.max(stored.touched_ms);
+        let Some(limit) = idle_timeout else {
+            uses.insert(key.to_string(), (now_ms, recording));
+            return SessionUse::Live { record: false };
+        };
+        if now_ms.saturating_sub(last) > limit.as_millis() as u64 {
+            uses.remove(key);
+            return SessionUse::Idle;
         }
-        session.last_used = now;
-        Some(session.clone())
+        let stale = now_ms.saturating_sub(stored.touched_ms) >= refresh_interval(limit).as_millis() as u64;
+        let record = stale && !recording;
+        uses.insert(key.to_string(), (now_ms, recording || record));
+        SessionUse::Live { record }
     }
 
-    /// Keeps one session valid across its own user's password change (the others end).
-    pub fn rebind(&self, id: &str, password_hash: &str) {
-        if let Some(session) = self.lock().get_mut(id) {
-            session.credential = credential_stamp(password_hash);
+    /// The record of a use finished (or failed: the next use tries again).
+    pub fn recorded(&self, key: &str) {
+        if let Some(entry) = self.lock().get_mut(key) {
+            entry.1 = false;
         }
     }
 
-    pub fn remove(&self, id: &str) {
-        self.lock().remove(id);
+    /// When this node last saw the session used, if it did.
+    pub fn last_use(&self, key: &str) -> Option<u64> {
+        self.lock().get(key).map(|(at, _)| *at)
     }
 
-    /// Drops idle sessions (called periodically so memory does not grow with abandoned ones).
-    pub fn sweep(&self, idle_timeout: Duration, now: Instant) {
-        self.lock().retain(|_, s| now.saturating_duration_since(s.last_used) <= idle_timeout);
+    pub fn forget(&self, key: &str) {
+        self.lock().remove(key);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    /// Forgets uses older than the idle timeout (so memory does not grow with abandoned ones).
+    pub fn sweep(&self, idle_timeout: Duration, now_ms: u64) {
+        let limit = idle_timeout.as_millis() as u64;
+        self.lock().retain(|_, (at, _)| now_ms.saturating_sub(*at) <= limit);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, bool)>> {
+        self.uses.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -256,17 +327,40 @@ mod tests {
     }
 
     #[test]
-    fn sessions_expire_when_idle() {
-        let sessions = Sessions::default();
-        let t0 = Instant::now();
-        let (id, csrf) = sessions.create("user-1", "hash", t0);
+    fn sessions_expire_when_idle_on_every_node() {
         let limit = Some(Duration::from_secs(60));
-        let s = sessions.touch(&id, limit, t0 + Duration::from_secs(59)).unwrap();
-        assert_eq!(s.csrf_token, csrf);
-        // Touching restarted the idle clock.
-        assert!(sessions.touch(&id, limit, t0 + Duration::from_secs(118)).is_some());
-        assert!(sessions.touch(&id, limit, t0 + Duration::from_secs(200)).is_none());
-        assert!(sessions.touch(&id, None, t0).is_none(), "an expired session is gone");
+        let (id, record) = SessionRecord::begin("user-1", "hash", 1_000_000);
+        let key = session_key(&id);
+        assert_ne!(key, id, "the store holds a digest, not the id");
+        assert!(record.matches_password("hash") && !record.matches_password("other"));
+        let here = Sessions::default();
+        // Used here within the timeout: live, and recorded once it is a refresh interval old.
+        assert_eq!(here.use_session(&key, &record, limit, 1_000_000 + 10_000), SessionUse::Live { record: false });
+        assert_eq!(here.use_session(&key, &record, limit, 1_000_000 + 15_000), SessionUse::Live { record: true });
+        assert_eq!(
+            here.use_session(&key, &record, limit, 1_000_000 + 16_000),
+            SessionUse::Live { record: false },
+            "one record at a time"
+        );
+        here.recorded(&key);
+        // This node's own uses keep it alive past the stored stamp.
+        assert_eq!(here.use_session(&key, &record, limit, 1_000_000 + 70_000), SessionUse::Live { record: true });
+        // Another node that never saw it used judges by the stored stamp alone.
+        let elsewhere = Sessions::default();
+        assert_eq!(elsewhere.use_session(&key, &record, limit, 1_000_000 + 70_000), SessionUse::Idle);
+        let recorded = SessionRecord { touched_ms: 1_000_000 + 70_000, ..record.clone() };
+        assert!(matches!(elsewhere.use_session(&key, &recorded, limit, 1_000_000 + 100_000), SessionUse::Live { .. }));
+        assert_eq!(here.use_session(&key, &record, limit, 1_000_000 + 200_000), SessionUse::Idle);
+        assert_eq!(here.last_use(&key), None, "an idle session is forgotten");
+        assert_eq!(Sessions::default().use_session(&key, &record, None, u64::MAX), SessionUse::Live { record: false });
+    }
+
+    #[test]
+    fn session_records_round_trip() {
+        let (_, record) = SessionRecord::begin("u", "h", 5);
+        assert_eq!(SessionRecord::from_value(&record.to_value()), Some(record));
+        assert_eq!(refresh_interval(Duration::from_secs(15 * 60)), Duration::from_secs(60));
+        assert_eq!(refresh_interval(Duration::from_secs(60)), Duration::from_secs(15));
     }
 
     #[test]

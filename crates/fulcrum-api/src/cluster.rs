@@ -70,7 +70,7 @@ impl Membership {
 }
 
 /// The one home of the work only the leader does: the async PATCH merge timer, the SE loop
-/// (liveness, licenses, placement) and the upgrade executor. Started when this node leads,
+/// (liveness, licenses, placement), the upgrade executor and the sweep of stored sessions. Started when this node leads,
 /// each resuming from what is stored; stopped when it no longer does.
 pub struct LeaderServices {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -90,6 +90,7 @@ impl LeaderServices {
             tokio::spawn(crate::asyncpatch::run_timer(app.clone())),
             tokio::spawn(crate::engines::run(app.clone())),
             tokio::spawn(crate::upgrade::run(app.clone())),
+            tokio::spawn(crate::sessions::run_sweeper(app.clone())),
         ];
         LeaderServices { tasks }
     }
@@ -130,6 +131,9 @@ pub async fn run_leadership(app: std::sync::Arc<crate::app::App>) {
         if let Err(e) = crate::server::bootstrap_once(&app.store, &app.data_dir, &app.listen.ip().to_string()).await {
             tracing::error!(error = %e, "cannot make the default objects");
         }
+        if let Err(e) = ensure_secret(&app.store).await {
+            tracing::error!(error = %e, "cannot make the secret controllers pass requests on with");
+        }
         if let Err(e) = app.images.recover(&app.store).await {
             tracing::warn!(error = %e, "cannot clear interrupted uploads");
         }
@@ -139,6 +143,69 @@ pub async fn run_leadership(app: std::sync::Arc<crate::app::App>) {
         membership.set_leader(None);
         tracing::warn!(error = %lost, node = %membership.me().node, "no longer the leader; following");
     }
+}
+
+/// The kind holding the secret controllers show each other when one passes a request on (only
+/// nodes that read the store know it): the leader then trusts what the follower says of the
+/// client, such as its address, and accepts the follower's internal calls.
+const SECRET_KIND: &str = "clustersecret";
+const SECRET_UUID: &str = "forwarding";
+pub const SECRET_HEADER: &str = "x-fulcrum-cluster-secret";
+/// The client's address, as the follower that passed the request on saw it.
+pub const CLIENT_HEADER: &str = "x-fulcrum-client";
+
+pub fn secret(app: &crate::app::App) -> Option<String> {
+    let cat = app.store.read();
+    cat.get(SECRET_KIND, SECRET_UUID)?.value.get("secret")?.as_str().map(String::from)
+}
+
+/// Whether the request was passed on by another controller of this cluster.
+pub fn from_peer(app: &crate::app::App, headers: &axum::http::HeaderMap) -> bool {
+    use sha2::{Digest, Sha256};
+    let (Some(shown), Some(known)) = (headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok()), secret(app)) else {
+        return false;
+    };
+    // Digests compared, so the time taken does not say how much of the secret was right.
+    Sha256::digest(shown.as_bytes()) == Sha256::digest(known.as_bytes())
+}
+
+/// Made once by the first leader; every later leader finds it.
+pub async fn ensure_secret(store: &fulcrum_store::Store) -> Result<(), ApiError> {
+    if store.read().get(SECRET_KIND, SECRET_UUID).is_some() {
+        return Ok(());
+    }
+    let secret = crate::auth::random_token(40);
+    store
+        .write(move |txn| {
+            if txn.get(SECRET_KIND, SECRET_UUID).is_none() {
+                txn.put(SECRET_KIND, SECRET_UUID, serde_json::json!({ "secret": secret }));
+            }
+            Ok::<_, ApiError>(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// What a follower tells the leader about a request it passes on.
+pub struct Hop {
+    /// This node's name.
+    pub me: String,
+    /// The client's address.
+    pub client: String,
+    pub secret: Option<String>,
+}
+
+impl Hop {
+    pub fn new(app: &crate::app::App, membership: &Membership, client: String) -> Hop {
+        Hop { me: membership.me().node, client, secret: secret(app) }
+    }
+}
+
+/// The leader to pass a request on to, or a 503 saying there is none just now.
+pub async fn leader_or_unavailable(membership: &Membership) -> Result<fulcrum_store::election::Leader, ApiError> {
+    membership.current_leader().await.ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no controller leads the cluster at the moment; retry shortly")
+    })
 }
 
 /// Refuses the request on a follower, naming the leader so the client knows where to go.

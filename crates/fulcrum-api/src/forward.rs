@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
+use crate::cluster::{CLIENT_HEADER, Hop, SECRET_HEADER};
 use crate::error::ApiError;
 use fulcrum_store::election::Leader;
 
@@ -25,13 +26,13 @@ fn unavailable(message: String) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
 }
 
-pub async fn to_leader(leader: &Leader, me: &str, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
-    tokio::time::timeout(TIMEOUT, send(leader, me, parts, body))
+pub async fn to_leader(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
+    tokio::time::timeout(TIMEOUT, send(leader, hop, parts, body))
         .await
         .map_err(|_| unavailable(format!("the leader at {} did not answer within {TIMEOUT:?}", leader.advertise)))?
 }
 
-async fn send(leader: &Leader, me: &str, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
+async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
     let (tls, rest) = match leader.advertise.split_once("://") {
         Some(("https", rest)) => (true, rest),
         Some(("http", rest)) => (false, rest),
@@ -45,9 +46,14 @@ async fn send(leader: &Leader, me: &str, parts: &Parts, body: Bytes) -> Result<R
         .method(parts.method.clone())
         .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(header::HOST, &authority)
-        .header(FORWARDED, me);
+        .header(FORWARDED, &hop.me)
+        .header(CLIENT_HEADER, &hop.client);
+    if let Some(secret) = &hop.secret {
+        request = request.header(SECRET_HEADER, secret);
+    }
     for (name, value) in &parts.headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) && name.as_str() != FORWARDED {
+        let ours = [FORWARDED, CLIENT_HEADER, SECRET_HEADER].contains(&name.as_str());
+        if !HOP_BY_HOP.contains(&name.as_str()) && !ours {
             request = request.header(name, value);
         }
     }
@@ -64,6 +70,24 @@ async fn send(leader: &Leader, me: &str, parts: &Parts, body: Bytes) -> Result<R
         exchange(TokioIo::new(tcp), request).await.map_err(|e| down(&e))?
     };
     Ok(response)
+}
+
+/// A request of this node's own to the leader (not a client's), such as recording sessions.
+pub async fn call_leader(
+    leader: &Leader,
+    hop: &Hop,
+    method: axum::http::Method,
+    path: &str,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (parts, ()) = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(())
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .into_parts();
+    to_leader(leader, hop, &parts, body).await
 }
 
 async fn exchange<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<Response, String>

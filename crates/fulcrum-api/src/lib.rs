@@ -19,6 +19,7 @@ pub mod images;
 pub mod multipart;
 pub mod objects;
 pub mod server;
+pub mod sessions;
 pub mod system;
 pub mod tls;
 pub mod upgrade;

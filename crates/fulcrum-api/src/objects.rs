@@ -545,6 +545,7 @@ pub async fn replace(
     let new_hidden = hidden_fields(type_def, &input, false)?;
     let expected = last_modified(&input);
     let uuid = uuid.to_string();
+    let own_session = ctx.principal.session.clone().filter(|_| ctx.principal.user_uuid == uuid);
     let stored = app
         .store
         .write(move |txn| {
@@ -574,16 +575,17 @@ pub async fn replace(
             }
             let mut hidden = hidden_of(&existing);
             hidden.extend(new_hidden);
-            store_object(txn, type_def, &uuid, config, &tenant, hidden)
+            let stored = store_object(txn, type_def, &uuid, config, &tenant, hidden)?;
+            // A new password ends the user's sessions (they no longer match it), except the
+            // one of a user who set their own.
+            if let Some(session) = own_session.as_deref()
+                && let Some(hash) = stored.value.get("_password_hash").and_then(Value::as_str)
+            {
+                crate::sessions::rebind_in(txn, session, hash);
+            }
+            Ok(stored)
         })
         .await?;
-    // A new password ends the user's sessions (they no longer match it), except the one of a
-    // user who set their own.
-    if let Some(session) = ctx.principal.session.as_deref().filter(|_| ctx.principal.user_uuid == stored.uuid)
-        && let Some(hash) = stored.value.get("_password_hash").and_then(Value::as_str)
-    {
-        app.sessions.rebind(session, hash);
-    }
     let cat = app.store.read();
     Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, &stored, true)))
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::Request;
 use fulcrum_store::{RedbBackend, Store, StoreError};
@@ -215,10 +215,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
-                let minutes =
-                    app.setting("controllerproperties", "/api_idle_timeout").and_then(|v| v.as_u64()).unwrap_or(15);
-                if minutes > 0 {
-                    app.sessions.sweep(Duration::from_secs(minutes * 60), Instant::now());
+                if let Some(limit) = app.idle_timeout() {
+                    app.sessions.sweep(limit, crate::auth::now_ms());
                 }
             }
         })

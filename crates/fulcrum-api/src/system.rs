@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -286,7 +286,9 @@ pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
         let hash = app.store.read().get("user", &principal.user_uuid).and_then(|u| {
             u.value.get("_password_hash").and_then(Value::as_str).map(String::from)
         });
-        let (session_id, csrf) = app.sessions.create(&principal.user_uuid, &hash.unwrap_or_default(), Instant::now());
+        let (session_id, session) =
+            crate::sessions::begin(&app, &principal.user_uuid, &hash.unwrap_or_default()).await?;
+        let csrf = session.csrf_token;
         let base = base_url(&app, &parts.headers);
         let cat = app.store.read();
         let tenants: Vec<Value> = principal
@@ -328,8 +330,10 @@ pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
 pub async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let cookies = || headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok());
     for name in [SESSION_COOKIE, "sessionid"] {
-        if let Some(id) = crate::auth::cookie(cookies(), name) {
-            app.sessions.remove(&id);
+        if let Some(id) = crate::auth::cookie(cookies(), name)
+            && let Err(e) = crate::sessions::end(&app, &id).await
+        {
+            return e.into_response();
         }
     }
     crate::app::empty_ok()
@@ -388,13 +392,14 @@ pub async fn put_user_account(app: &App, ctx: &RequestContext, body: &Bytes) -> 
             }
             value["_last_modified"] = json!(txn.timestamp_micros().to_string());
             txn.put("user", &uuid, value);
+            // The new password ends the user's other sessions (they no longer match it); this
+            // one goes on.
+            if let Some((hash, session)) = kept_session {
+                crate::sessions::rebind_in(txn, &session, &hash);
+            }
             Ok(())
         })
         .await?;
-    // The new password ends the user's other sessions (they no longer match it); this one goes on.
-    if let Some((hash, session)) = kept_session {
-        app.sessions.rebind(&session, &hash);
-    }
     let mut response = StatusCode::OK.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)

@@ -118,6 +118,60 @@ fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() 
     }
 }
 
+/// Which of the nodes leads, as the cluster runtime says.
+fn leader_index(apis: &[Api], names: &[&str]) -> usize {
+    let runtime = apis[0].object("/api/cluster/runtime");
+    let leader = runtime["node_states"].as_array().unwrap().iter().find(|n| n["role"] == "CLUSTER_LEADER").cloned();
+    let name = leader.and_then(|n| n["name"].as_str().map(String::from)).expect("a leader");
+    names.iter().position(|n| *n == name).unwrap()
+}
+
+#[test]
+fn a_session_begun_on_a_follower_works_on_every_node_and_survives_the_leaders_death() {
+    let etcd = Etcd::start(1);
+    let names = ["a", "b", "c"];
+    let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
+    let mut nodes: Vec<Option<Controller>> =
+        names.iter().zip(&dirs).map(|(name, dir)| Some(node(dir.path(), &etcd, name))).collect();
+    let urls: Vec<String> = nodes.iter().map(|n| n.as_ref().unwrap().url.clone()).collect();
+    let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
+    create_when_led(&apis[0], &json!({"name": "first"}), Duration::from_secs(30));
+    let leader = leader_index(&apis, &names);
+    let follower = (leader + 1) % 3;
+    let session = nodes[follower].as_ref().unwrap().login("admin", common::PASSWORD).expect("login on a follower");
+    // Read and written with through every node, at once.
+    for (i, url) in urls.iter().enumerate() {
+        let here = session.at(url);
+        assert_eq!(here.get("/api/pool?name=first").status, 200, "node {i}");
+        let r = here.post("/api/pool", &json!({"name": format!("by-session-{i}")}));
+        assert_eq!(r.status, 201, "node {i}: {}", r.body);
+    }
+    // The leader dies; the session goes on through both survivors and the new leader.
+    nodes[leader].take().unwrap().kill9();
+    let survivor = &apis[follower];
+    create_when_led(survivor, &json!({"name": "after"}), Duration::from_secs(15));
+    for i in (0..3).filter(|i| *i != leader) {
+        let here = session.at(&urls[i]);
+        assert_eq!(here.get("/api/pool?name=after").status, 200, "node {i}");
+        let r = here.post("/api/pool", &json!({"name": format!("after-{i}")}));
+        assert_eq!(r.status, 201, "node {i} after the failover: {}", r.body);
+    }
+    // Logged out on one node, it is over on every node.
+    let other = (0..3).find(|i| *i != leader && *i != follower).unwrap();
+    let r = session.at(&urls[other]).send("POST", "/logout", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    for i in (0..3).filter(|i| *i != leader) {
+        assert_eq!(session.at(&urls[i]).get("/api/pool").status, 401, "node {i} after the logout");
+    }
+    // Nobody without the cluster's secret may store sessions on the leader.
+    let changes = json!({"begin": [["k", {"user_uuid": "x", "csrf_token": "t", "credential": "c", "touched_ms": 1}]]});
+    for i in (0..3).filter(|i| *i != leader) {
+        let stranger = Api::new(&urls[i]).header("x-fulcrum-cluster-secret", "guess");
+        let r = stranger.send("POST", "/cluster-internal/sessions", Some(changes.to_string().as_bytes()));
+        assert_eq!(r.status, 404, "{}", r.body);
+    }
+}
+
 #[test]
 fn another_node_takes_over_from_a_killed_leader_with_everything_acknowledged() {
     let etcd = Etcd::start(1);

@@ -168,6 +168,17 @@ fn a_new_password_ends_the_users_other_sessions() {
     assert_eq!(here.get("/api/pool").status, 200);
     assert_eq!(elsewhere.get("/api/pool").status, 401);
     assert!(c.login("ops", "Own-pass-56").is_ok());
+    // Sessions are stored: a restart (even kill -9) ends none, and revives none that ended.
+    let url = c.url.clone();
+    c.kill9();
+    let c = start(data.path());
+    let (here, elsewhere) = (here.at(&c.url), elsewhere.at(&c.url));
+    assert_ne!(url, c.url, "a new port, so the old connection is not reused");
+    assert_eq!(here.get("/api/pool").status, 200, "the session outlived the restart");
+    assert_eq!(here.post("/api/pool", &json!({"name": "denied"})).status, 403, "read-only, as before");
+    assert_eq!(elsewhere.get("/api/pool").status, 401);
+    assert_eq!(here.send("POST", "/logout", None).status, 200);
+    assert_eq!(here.get("/api/pool").status, 401);
 }
 
 #[test]

@@ -234,6 +234,11 @@ impl Api {
         self
     }
 
+    /// The same client (credentials, session) speaking to another controller.
+    pub fn at(&self, base: &str) -> Api {
+        Api { agent: self.agent.clone(), base: base.to_string(), headers: self.headers.clone() }
+    }
+
     pub fn tenant(self, name: &str) -> Api {
         self.header("X-Avi-Tenant", name)
     }
