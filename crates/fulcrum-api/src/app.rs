@@ -595,7 +595,7 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         }
     }
     match (&route, &method) {
-        (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app)),
+        (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app).await),
         (Route::InitialData, &Method::GET) => return Ok(system::initial_data(app)),
         (Route::SeAgentImage(id), &Method::GET) => return crate::engines::agent::image(app, &parts.headers, id).await,
         (r @ (Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent), &Method::POST) => {

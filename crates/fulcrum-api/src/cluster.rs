@@ -70,7 +70,8 @@ impl Membership {
 }
 
 /// The one home of the work only the leader does: the async PATCH merge timer, the SE loop
-/// (liveness, licenses, placement), the upgrade executor and the sweep of stored sessions. Started when this node leads,
+/// (liveness, licenses, placement), the upgrade executor, the sweep of stored sessions and the
+/// cluster object's node list. Started when this node leads,
 /// each resuming from what is stored; stopped when it no longer does.
 pub struct LeaderServices {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -91,6 +92,7 @@ impl LeaderServices {
             tokio::spawn(crate::engines::run(app.clone())),
             tokio::spawn(crate::upgrade::run(app.clone())),
             tokio::spawn(crate::sessions::run_sweeper(app.clone())),
+            tokio::spawn(crate::system::run_cluster_object(app.clone())),
         ];
         LeaderServices { tasks }
     }

@@ -384,9 +384,29 @@ pub(crate) fn store_object(
     tenant: &str,
     hidden: Map<String, Value>,
 ) -> Result<Arc<Stored>, ApiError> {
+    let mut config = config;
+    keep_membership(txn, type_def.path, uuid, &mut config)?;
     let value = prepare_object(txn, type_def, uuid, config, tenant, hidden)?;
     guard_administration(txn, type_def.path, uuid, Some(&value))?;
     Ok(txn.put(type_def.path, uuid, value))
+}
+
+const MEMBERSHIP_FIXED: &str = "field 'nodes': the cluster's nodes are the controllers that joined it \
+     (fulcrum serve --etcd ... --node-name ...), and cannot be edited";
+
+/// The cluster object's `nodes` are the controllers that joined: a PUT without them keeps them,
+/// one that changes them is refused (the leader keeps them up to date itself).
+fn keep_membership(txn: &Txn<'_>, kind: &str, uuid: &str, config: &mut Map<String, Value>) -> Result<(), ApiError> {
+    let Some(existing) = txn.get(kind, uuid).filter(|_| kind == "cluster") else { return Ok(()) };
+    let Some(nodes) = existing.value.get("nodes") else { return Ok(()) };
+    match config.get("nodes") {
+        None => {
+            config.insert("nodes".into(), nodes.clone());
+            Ok(())
+        }
+        Some(given) if given == nodes => Ok(()),
+        Some(_) => Err(ApiError::bad_request(MEMBERSHIP_FIXED)),
+    }
 }
 
 /// Writes to users and roles must not lock administrators out: a write that would leave no
@@ -722,6 +742,9 @@ pub async fn patch(
                         }
                         if matches!(type_def.path, "user" | "role") {
                             guard_administration(txn, type_def.path, &uuid, Some(&Value::Object(object.clone())))?;
+                        }
+                        if type_def.path == "cluster" && touched.iter().any(|f| f == "nodes") {
+                            return Err(ApiError::bad_request(MEMBERSHIP_FIXED));
                         }
                         Ok(())
                     });

@@ -29,11 +29,12 @@ fn cluster_uuid(app: &App) -> String {
     app.store.read().iter("cluster").next().map(|c| c.uuid.clone()).unwrap_or_default()
 }
 
-pub fn cluster_status(app: &App) -> Response {
+pub async fn cluster_status(app: &App) -> Response {
+    let view = cluster_view(app).await;
     json_response(
         StatusCode::OK,
         &json!({
-            "cluster_state": {"state": "CLUSTER_UP_NO_HA", "progress": 100, "up_since": version::rfc3339(app.started_at)},
+            "cluster_state": {"state": view.state(), "progress": 100, "up_since": version::rfc3339(app.started_at)},
             "store": store_health(app),
         }),
     )
@@ -76,6 +77,14 @@ pub struct ClusterView {
     pub me: String,
 }
 
+impl ClusterView {
+    /// The product's cluster state (`CLUSTER_UP_HA_ACTIVE`, …).
+    pub fn state(&self) -> &'static str {
+        let up = self.nodes.iter().filter(|n| n.up).count();
+        fulcrum_store::election::cluster_state(self.nodes.len(), up, self.leader.is_some())
+    }
+}
+
 /// A single node is its own cluster; a cluster node asks etcd (and, without etcd, knows only
 /// itself).
 pub async fn cluster_view(app: &App) -> ClusterView {
@@ -95,6 +104,53 @@ pub async fn cluster_view(app: &App) -> ClusterView {
     ClusterView { nodes, leader: membership.current_leader().await.map(|l| l.node), me: me.node }
 }
 
+/// What the stored `cluster` object's `nodes` should say: every controller that ever joined.
+pub fn member_nodes(nodes: &[fulcrum_store::election::NodeState]) -> Value {
+    let mut listed: Vec<Value> = nodes
+        .iter()
+        .map(|n| {
+            let ip = host_of(&n.advertise);
+            let family = if ip.contains(':') { "V6" } else { "V4" };
+            json!({"name": n.name, "ip": {"addr": ip, "type": family}})
+        })
+        .collect();
+    listed.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Value::Array(listed)
+}
+
+/// Leader-only: keeps `/api/cluster`'s `nodes` equal to the controllers that joined the etcd
+/// cluster (membership is made by `serve --etcd`, not by editing the object).
+pub async fn run_cluster_object(app: std::sync::Arc<App>) {
+    let Some(membership) = app.cluster.clone() else { return };
+    loop {
+        if let Ok(nodes) = membership.cluster.nodes().await
+            && !nodes.is_empty()
+        {
+            let wanted = member_nodes(&nodes);
+            let stored = app.store.read().iter("cluster").next().cloned();
+            if let Some(stored) = stored.filter(|s| s.value.get("nodes") != Some(&wanted)) {
+                let uuid = stored.uuid.clone();
+                let result = app
+                    .store
+                    .write(move |txn| {
+                        if let Some(current) = txn.get("cluster", &uuid) {
+                            let mut value = current.value.clone();
+                            value["nodes"] = wanted;
+                            value["_last_modified"] = json!(txn.timestamp_micros().to_string());
+                            txn.put("cluster", &uuid, value);
+                        }
+                        Ok::<_, ApiError>(())
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::warn!(error = %ApiError::from(e), "cannot list the cluster's nodes in /api/cluster");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
 /// The host of a node's address, as `mgmt_ip` shows it.
 fn host_of(advertise: &str) -> String {
     let rest = advertise.split_once("://").map_or(advertise, |(_, r)| r);
@@ -103,8 +159,7 @@ fn host_of(advertise: &str) -> String {
 
 pub async fn cluster_runtime(app: &App) -> Response {
     let view = cluster_view(app).await;
-    let up = view.nodes.iter().filter(|n| n.up).count();
-    let state = fulcrum_store::election::cluster_state(view.nodes.len(), up, view.leader.is_some());
+    let state = view.state();
     let since = |secs: Option<u64>| secs.map(|s| version::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s)));
     let node_states: Vec<Value> = view
         .nodes

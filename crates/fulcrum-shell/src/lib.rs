@@ -58,6 +58,8 @@ pub enum Command {
     },
     /// `help`, `?`, `help <command>`, `<command> ?`
     Help(Option<String>),
+    /// The cluster's state and its nodes, from `/api/cluster/runtime`.
+    ShowCluster,
     Clear,
     Exit,
     Nothing,
@@ -77,6 +79,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         ["show", "upgrade", "status"] => Ok(Command::UpgradeStatus { detail: false }),
         ["show", "upgrade", "status", "detail"] => Ok(Command::UpgradeStatus { detail: true }),
         ["show", "upgrade", ..] => Err("usage: show upgrade status [detail]".into()),
+        ["show", "cluster"] => Ok(Command::ShowCluster),
         [verb @ ("upgrade" | "patch" | "rollback" | "rollbackpatch" | "resume"), rest @ ..] => {
             let mut all = vec![*verb];
             all.extend_from_slice(rest);
@@ -111,6 +114,13 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
         Command::Help(topic) => words::help(topic.as_deref()),
         Command::Upgrade(op) => upgrade::execute(client, op),
         Command::UpgradeStatus { detail } => upgrade::status(client, *detail),
+        Command::ShowCluster => {
+            let reply = client.get("cluster/runtime").map_err(|e| e.to_string())?;
+            if reply.status != 200 {
+                return Err(error_text(&reply));
+            }
+            Ok(cluster_table(&reply.body))
+        }
         Command::AsyncStatus(id) => {
             let reply = client.get(&format!("pool-async/status/{id}")).map_err(|e| e.to_string())?;
             if reply.status == 200 { Ok(table::object(&reply.body)) } else { Err(error_text(&reply)) }
@@ -165,6 +175,27 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
             }
         }
     }
+}
+
+/// `show cluster`: the cluster's state, then a row per controller.
+fn cluster_table(runtime: &Value) -> String {
+    let state = runtime.pointer("/cluster_state/state").and_then(Value::as_str).unwrap_or("unknown");
+    let rows: Vec<Vec<String>> = runtime["node_states"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .map(|n| {
+                    let role = text(n, "role").trim_start_matches("CLUSTER_").to_lowercase();
+                    let up = text(n, "state").trim_start_matches("CLUSTER_").to_lowercase();
+                    vec![text(n, "name"), role, up, text(n, "mgmt_ip"), text(n, "up_since")]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = format!("Cluster state: {state}\n");
+    out.push_str(&table::render(&["Name", "Role", "State", "Mgmt IP", "Up Since"], &rows));
+    out
 }
 
 /// What `show <type>` prints for a type: most show name and uuid; images their status; SEs
@@ -412,6 +443,13 @@ mod tests {
         assert_eq!(parse("quit").unwrap(), Command::Exit);
         assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
         assert!(parse("show").is_err());
+        assert_eq!(parse("show cluster"), Ok(Command::ShowCluster));
+        let runtime = serde_json::json!({"cluster_state": {"state": "CLUSTER_UP_HA_ACTIVE"}, "node_states": [
+            {"name": "a", "role": "CLUSTER_LEADER", "state": "CLUSTER_ACTIVE", "mgmt_ip": "127.0.0.1", "up_since": "t"},
+            {"name": "b", "role": "CLUSTER_FOLLOWER", "state": "CLUSTER_INACTIVE", "mgmt_ip": "127.0.0.2"}]});
+        let shown = cluster_table(&runtime);
+        assert!(shown.starts_with("Cluster state: CLUSTER_UP_HA_ACTIVE\n"), "{shown}");
+        assert!(shown.contains("leader") && shown.contains("follower") && shown.contains("inactive"), "{shown}");
         assert_eq!(parse("show pool-async status 0042").unwrap(), Command::AsyncStatus("0042".into()));
         assert_eq!(
             parse("upload image filename /tmp/controller.pkg").unwrap(),

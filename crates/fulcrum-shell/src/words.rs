@@ -25,7 +25,8 @@ pub const VERBS: &[Verb] = &[
         usage: &[
             "show <type>                          list objects of a type (show pool, show virtualservice, ...)",
             "show <type> <name>                   one object, field by field",
-            "show systemconfiguration | controllerproperties | cluster",
+            "show systemconfiguration | controllerproperties",
+            "show cluster                         the cluster's state; each controller's role and state",
             "show serviceengine                   SEs with group, version, states, last heartbeat",
             "show serviceenginegroup <name>       a group, then its SEs",
             "show pool-async status <patch_id>    the status of an asynchronous PATCH",

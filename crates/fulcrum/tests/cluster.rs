@@ -12,9 +12,15 @@ use serde_json::{Value, json};
 
 /// A controller of the cluster on `etcd` (lease TTL 2 s).
 fn node(data: &std::path::Path, etcd: &Etcd, name: &str) -> Controller {
+    node_at(data, etcd, name, "127.0.0.1")
+}
+
+/// A controller with an address of its own, as each node of a real cluster has.
+fn node_at(data: &std::path::Path, etcd: &Etcd, name: &str, ip: &str) -> Controller {
     let endpoints = etcd.endpoints();
     let args = ["--etcd", endpoints.as_str(), "--node-name", name, "--lease-ttl", "2"];
-    spawn(Launch { args: &args, ..Launch::plain(data) }).listening(Duration::from_secs(30)).unwrap()
+    let listen = format!("{ip}:0");
+    spawn(Launch { args: &args, listen: &listen, ..Launch::plain(data) }).listening(Duration::from_secs(30)).unwrap()
 }
 
 /// Retries a create until some leader acknowledges it (an election, or the first bootstrap,
@@ -46,8 +52,12 @@ fn pool_names(api: &Api) -> Vec<String> {
 fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() {
     let etcd = Etcd::start(3);
     let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
-    let nodes: Vec<Controller> =
-        ["a", "b", "c"].iter().zip(&dirs).map(|(name, dir)| node(dir.path(), &etcd, name)).collect();
+    let nodes: Vec<Controller> = ["a", "b", "c"]
+        .iter()
+        .zip(&dirs)
+        .enumerate()
+        .map(|(i, (name, dir))| node_at(dir.path(), &etcd, name, &format!("127.0.0.{}", i + 1)))
+        .collect();
     let apis: Vec<Api> = nodes.iter().map(Controller::admin).collect();
     create_when_led(&apis[0], &json!({"name": "first"}), Duration::from_secs(30));
     // Writes through each node, each read at once through the next one.
@@ -76,7 +86,7 @@ fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() 
     let follower = &apis[followers[0]];
     let r = common::packages::upload_bytes(follower, b"not even a package");
     assert_eq!(r.status, 421, "{}", r.body);
-    assert!(r.error().contains("leader, at http://127.0.0.1:"), "{}", r.error());
+    assert!(r.error().contains("leader, at http://127.0.0."), "{}", r.error());
     // A delete through a follower is gone everywhere.
     let victim = apis[0].object("/api/pool?name=p7")["results"][0]["uuid"].as_str().unwrap().to_string();
     assert_eq!(follower.delete(&format!("/api/pool/{victim}")).status, 204);
@@ -91,8 +101,42 @@ fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() 
         let states = runtime["node_states"].as_array().unwrap();
         assert_eq!(states.len(), 3, "{runtime}");
         assert_eq!(states.iter().filter(|n| n["role"] == "CLUSTER_LEADER").count(), 1, "{runtime}");
-        assert!(states.iter().all(|n| n["state"] == "CLUSTER_ACTIVE" && n["mgmt_ip"] == "127.0.0.1"), "{runtime}");
+        assert!(states.iter().all(|n| n["state"] == "CLUSTER_ACTIVE"), "{runtime}");
+        let ips: Vec<&str> = states.iter().map(|n| n["mgmt_ip"].as_str().unwrap()).collect();
+        assert_eq!(ips, ["127.0.0.1", "127.0.0.2", "127.0.0.3"], "{runtime}");
     }
+    // The cluster object lists the three controllers (the leader keeps it so), on every node,
+    // and its nodes are not edited by hand.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cluster = loop {
+        let cluster = apis[2].object("/api/cluster");
+        if cluster["nodes"].as_array().map(Vec::len) == Some(3) {
+            break cluster;
+        }
+        assert!(Instant::now() < deadline, "the cluster object does not list three nodes: {cluster}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let listed: Vec<&str> = cluster["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["a", "b", "c"], "{cluster}");
+    assert_eq!(cluster["nodes"][1]["ip"]["addr"], "127.0.0.2", "{cluster}");
+    let mut edited = cluster.clone();
+    edited["nodes"].as_array_mut().unwrap().pop();
+    let r = apis[1].put("/api/cluster", &edited);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().contains("joined"), "{}", r.error());
+    let mut renamed = cluster.clone();
+    renamed["name"] = json!("prod-cluster");
+    assert_eq!(apis[1].put("/api/cluster", &renamed).status, 200);
+    for api in &apis {
+        assert_eq!(api.object("/api/cluster")["name"], "prod-cluster");
+        let status = Api::new(&api.base).get("/api/cluster/status");
+        assert_eq!(status.json()["cluster_state"]["state"], "CLUSTER_UP_HA_ACTIVE", "{}", status.body);
+    }
+    let (shown, _) = common::shell(&nodes[followers[0]], "show cluster");
+    assert!(shown.contains("CLUSTER_UP_HA_ACTIVE"), "{shown}");
+    assert!(["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().all(|ip| shown.contains(ip)), "{shown}");
+    assert_eq!(shown.matches("leader").count(), 1, "{shown}");
+
     // A follower dies: the others show it down and the cluster compromised.
     let mut nodes = nodes;
     let gone = nodes.remove(followers[0]);
