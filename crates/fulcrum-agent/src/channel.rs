@@ -3,11 +3,13 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fulcrum_se_protocol::{
-    BEARER, EVENT_PATH, Event, IMAGE_PATH, JOIN_PATH, JoinRequest, JoinResponse, POLL_PATH, PollRequest, PollResponse,
+    BEARER, ControllerAddress, EVENT_PATH, Event, IMAGE_PATH, JOIN_PATH, JoinRequest, JoinResponse, POLL_PATH,
+    PollRequest, PollResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -17,20 +19,107 @@ use crate::AgentError;
 /// How long a request may take beyond what the controller holds it for.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The controllers the agent may talk to, the one that answered last first: any node of a
+/// cluster answers (a follower passes the request on), so a dead or electing node is skipped.
 pub struct Channel {
+    endpoints: Mutex<Vec<Endpoint>>,
+    /// The index of the endpoint that answered last.
+    current: AtomicUsize,
+    /// The trust the agent was configured with (CA, token pin, or any).
+    configured: Arc<rustls::ClientConfig>,
+    /// Whether a learned pin may replace the configured trust of an address: yes, unless the
+    /// operator gave a CA (a CA is the stronger statement).
+    learned_pins_win: bool,
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    url: String,
     agent: ureq::Agent,
-    base_url: String,
+}
+
+fn agent_trusting(tls: Arc<rustls::ClientConfig>) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .tls_config(tls)
+        .timeout_connect(Duration::from_secs(5))
+        .timeout_read(Duration::from_secs(60))
+        .timeout_write(Duration::from_secs(30))
+        .build()
+}
+
+fn normal_url(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_string()
+}
+
+/// Whether another controller may answer what this one could not.
+fn try_another(error: &AgentError) -> bool {
+    matches!(error, AgentError::Unreachable(_) | AgentError::Controller(421 | 502 | 503 | 504, _))
 }
 
 impl Channel {
-    pub fn new(base_url: &str, tls: Arc<rustls::ClientConfig>) -> Channel {
-        let agent = ureq::AgentBuilder::new()
-            .tls_config(tls)
-            .timeout_connect(Duration::from_secs(5))
-            .timeout_read(Duration::from_secs(60))
-            .timeout_write(Duration::from_secs(30))
-            .build();
-        Channel { agent, base_url: base_url.trim_end_matches('/').to_string() }
+    pub fn new(urls: &[String], tls: Arc<rustls::ClientConfig>, learned_pins_win: bool) -> Channel {
+        let endpoints =
+            urls.iter().map(|u| Endpoint { url: normal_url(u), agent: agent_trusting(tls.clone()) }).collect();
+        Channel { endpoints: Mutex::new(endpoints), current: AtomicUsize::new(0), configured: tls, learned_pins_win }
+    }
+
+    /// Takes in the controllers the cluster told of: new addresses are added, each trusted by
+    /// its own pin when it has one.
+    pub fn learn(&self, controllers: &[ControllerAddress]) {
+        let mut endpoints = self.lock();
+        for controller in controllers {
+            let url = normal_url(&controller.url);
+            let pinned = controller.pin.as_ref().and_then(|pin| {
+                let trust = fulcrum_shell::client::Trust::Pins(vec![pin.clone()]);
+                fulcrum_shell::client::tls_config_trusting(&trust).ok()
+            });
+            match endpoints.iter_mut().find(|e| e.url == url) {
+                Some(known) => {
+                    if let Some(tls) = pinned.filter(|_| self.learned_pins_win) {
+                        known.agent = agent_trusting(tls);
+                    }
+                }
+                None => {
+                    let tls = pinned.unwrap_or_else(|| self.configured.clone());
+                    endpoints.push(Endpoint { url, agent: agent_trusting(tls) });
+                }
+            }
+        }
+    }
+
+    /// The addresses known, the one in use first.
+    pub fn urls(&self) -> Vec<String> {
+        let endpoints = self.lock();
+        let start = self.current.load(Ordering::Relaxed);
+        (0..endpoints.len()).map(|i| endpoints[(start + i) % endpoints.len()].url.clone()).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Endpoint>> {
+        self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `call` against the controller that answered last, then each other one in turn
+    /// while they cannot answer; the last error when none could.
+    fn attempt<R>(&self, mut call: impl FnMut(&Endpoint) -> Result<R, AgentError>) -> Result<R, AgentError> {
+        let endpoints = self.lock().clone();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = AgentError::Unreachable("no controller address".into());
+        for i in 0..endpoints.len() {
+            let index = (start + i) % endpoints.len();
+            match call(&endpoints[index]) {
+                Err(e) if try_another(&e) => {
+                    if endpoints.len() > 1 {
+                        tracing::debug!(controller = %endpoints[index].url, error = %e, "trying another controller");
+                    }
+                    last = e;
+                }
+                answer => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return answer;
+                }
+            }
+        }
+        Err(last)
     }
 
     fn post<T: Serialize, R: DeserializeOwned>(
@@ -40,12 +129,22 @@ impl Channel {
         body: &T,
         timeout: Duration,
     ) -> Result<R, AgentError> {
-        let mut request = self.agent.post(&format!("{}{path}", self.base_url)).timeout(timeout);
+        let body = serde_json::to_value(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        self.attempt(|endpoint| Self::post_to(endpoint, path, credential, &body, timeout))
+    }
+
+    fn post_to<R: DeserializeOwned>(
+        endpoint: &Endpoint,
+        path: &str,
+        credential: Option<&str>,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<R, AgentError> {
+        let mut request = endpoint.agent.post(&format!("{}{path}", endpoint.url)).timeout(timeout);
         if let Some(c) = credential {
             request = request.set("Authorization", &format!("{BEARER}{c}"));
         }
-        let body = serde_json::to_value(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
-        match request.send_json(body) {
+        match request.send_json(body.clone()) {
             Ok(response) => response.into_json().map_err(|e| AgentError::Protocol(format!("{path}: {e}"))),
             Err(ureq::Error::Status(status, response)) => {
                 let text = response.into_string().unwrap_or_default();
@@ -98,7 +197,7 @@ impl Channel {
                 continue;
             }
             attempts += 1;
-            match self.fetch_from(credential, image_uuid, have, part, progress) {
+            match self.attempt(|endpoint| Self::fetch_from(endpoint, credential, image_uuid, have, part, progress)) {
                 Ok(()) => attempts = 0,
                 Err(e @ (AgentError::Refused(_) | AgentError::Controller(..))) => return Err(e),
                 Err(e) if attempts >= 5 => return Err(e),
@@ -111,15 +210,15 @@ impl Channel {
     }
 
     fn fetch_from(
-        &self,
+        endpoint: &Endpoint,
         credential: &str,
         image_uuid: &str,
         from: u64,
         part: &Path,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), AgentError> {
-        let url = format!("{}{IMAGE_PATH}/{image_uuid}", self.base_url);
-        let response = match self
+        let url = format!("{}{IMAGE_PATH}/{image_uuid}", endpoint.url);
+        let response = match endpoint
             .agent
             .get(&url)
             .set("Authorization", &format!("{BEARER}{credential}"))

@@ -58,6 +58,7 @@ pub enum AgentError {
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The controller's address, or several (`URL,URL,...`): the nodes of a cluster.
     pub controller: String,
     pub join_token: Option<String>,
     pub data_dir: PathBuf,
@@ -72,15 +73,25 @@ pub struct Options {
     pub base_build: u64,
 }
 
+impl Options {
+    /// The controller addresses given.
+    pub fn controllers(&self) -> Vec<String> {
+        self.controller.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Identity {
     controller: String,
     se_uuid: String,
     credential: String,
     trusted_keys: Vec<String>,
-    /// The controller's certificate pin from the join token: later runs verify it too.
+    /// The controllers' certificate pins from the join token: later runs verify them too.
     #[serde(default)]
-    controller_pin: Option<String>,
+    controller_pins: Vec<String>,
+    /// Every controller of the cluster, as the controllers last told.
+    #[serde(default)]
+    controllers: Vec<fulcrum_se_protocol::ControllerAddress>,
 }
 
 /// Writes JSON durably: a temporary file, fsync, rename.
@@ -150,15 +161,16 @@ fn trust(options: &Options) -> Result<fulcrum_shell::client::Trust, AgentError> 
         Some(token) => {
             let parsed = fulcrum_se_protocol::JoinToken::parse(token)
                 .ok_or_else(|| AgentError::Setup("the join token is malformed".into()))?;
-            parsed.pin.map(String::from)
+            parsed.pins.iter().map(|p| p.to_string()).collect()
         }
-        None => None,
+        None => Vec::new(),
     };
-    let joined = read_json::<Identity>(&options.data_dir.join("identity.json"))?.and_then(|i| i.controller_pin);
-    if let Some(pin) = from_token.or(joined) {
-        return Ok(Trust::Pin(pin));
+    let joined = read_json::<Identity>(&options.data_dir.join("identity.json"))?.map(|i| i.controller_pins);
+    let pins = if from_token.is_empty() { joined.unwrap_or_default() } else { from_token };
+    if !pins.is_empty() {
+        return Ok(Trust::Pins(pins));
     }
-    if options.controller.starts_with("http://") {
+    if options.controllers().iter().all(|c| c.starts_with("http://")) {
         tracing::warn!(controller = %options.controller, "plain HTTP: the controller is not authenticated");
         return Ok(Trust::Any);
     }
@@ -187,7 +199,11 @@ impl Se {
     pub fn new(mut options: Options, simulated: bool) -> Result<Se, AgentError> {
         let trust = trust(&options)?;
         let tls = fulcrum_shell::client::tls_config_trusting(&trust).map_err(|e| AgentError::Setup(e.to_string()))?;
-        let channel = Channel::new(&options.controller, tls);
+        let urls = options.controllers();
+        if urls.is_empty() {
+            return Err(AgentError::Setup("no controller address given (--controller URL[,URL...])".into()));
+        }
+        let channel = Channel::new(&urls, tls, options.ca_file.is_none());
         let name = options.name.clone().unwrap_or_else(|| {
             fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "se".into())
         });
@@ -242,7 +258,7 @@ impl Se {
         let facts = self.facts(&state);
         let parsed = fulcrum_se_protocol::JoinToken::parse(&token)
             .ok_or_else(|| AgentError::Setup("the join token is malformed".into()))?;
-        let controller_pin = parsed.pin.map(String::from);
+        let controller_pins = parsed.pins.iter().map(|p| p.to_string()).collect();
         // Only what the controller checks is sent; the pin was for this side.
         let request = JoinRequest { token: parsed.credential(), name: self.name.clone(), facts };
         let answer = self.channel.join(&request)?;
@@ -251,7 +267,8 @@ impl Se {
             se_uuid: answer.se_uuid,
             credential: answer.credential,
             trusted_keys: answer.trusted_keys,
-            controller_pin,
+            controller_pins,
+            controllers: answer.controllers,
         };
         write_json(&path, &identity)?;
         tracing::info!(se = %identity.se_uuid, name = %self.name, "joined");
@@ -313,7 +330,8 @@ impl Se {
 
     /// One run, from start to a restart (or an error that ends the agent).
     fn run_once(&self) -> Result<Exit, AgentError> {
-        let identity = self.identity()?;
+        let mut identity = self.identity()?;
+        self.channel.learn(&identity.controllers);
         let keys = TrustedKeys::new(
             identity
                 .trusted_keys
@@ -360,6 +378,13 @@ impl Se {
             };
             backoff = Duration::from_millis(200);
             interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
+            if !answer.controllers.is_empty() && answer.controllers != identity.controllers {
+                // Kept, so that a restart while the first controller is down still finds one.
+                self.channel.learn(&answer.controllers);
+                identity.controllers = answer.controllers.clone();
+                write_json(&self.dir().join("identity.json"), &identity)?;
+                tracing::info!(se = %self.name, controllers = ?self.channel.urls(), "controllers of the cluster");
+            }
             if let Some(trial) = state.trial.clone() {
                 // Reaching the controller is half of being healthy; the slot's check is the rest.
                 let active = slot_dir(self.dir(), &state.active);

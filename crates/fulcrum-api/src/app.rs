@@ -558,11 +558,8 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         // Uploads stream to the node that keeps the file: the leader only (refused below).
         let upload = matches!((&route, &method), (Route::Collection(t), &Method::POST) if t.path == crate::images::KIND)
             || matches!(route, Route::UploadSessions | Route::UploadSession(_) | Route::UploadSessionComplete(_));
-        if !safe
-            && !route.is_agent()
-            && !upload
-            && matches!(membership.role(), crate::cluster::NodeRole::Follower { .. })
-        {
+        // Agents' heartbeats and reports are passed on too: an agent may talk to any node.
+        if !safe && !upload && matches!(membership.role(), crate::cluster::NodeRole::Follower { .. }) {
             if parts.headers.contains_key(crate::forward::FORWARDED) {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -597,7 +594,11 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
     match (&route, &method) {
         (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app).await),
         (Route::InitialData, &Method::GET) => return Ok(system::initial_data(app)),
-        (Route::SeAgentImage(id), &Method::GET) => return crate::engines::agent::image(app, &parts.headers, id).await,
+        (Route::SeAgentImage(id), &Method::GET) => {
+            // Package bytes are on the leader's disk; an agent tries its other controllers.
+            crate::cluster::require_leader(&app.role(), "An image download")?;
+            return crate::engines::agent::image(app, &parts.headers, id).await;
+        }
         (r @ (Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent), &Method::POST) => {
             let body = read_body_within(body, MAX_AGENT_BODY_BYTES).await?;
             return match r {

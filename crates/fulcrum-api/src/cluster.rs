@@ -20,11 +20,17 @@ pub struct Membership {
     pub cluster: fulcrum_store::election::Cluster,
     /// Who leads as this node last learned it; a change wakes requests it is passing on.
     known_leader: tokio::sync::watch::Sender<Option<fulcrum_store::election::Leader>>,
+    /// The controllers as last read from etcd (told to agents with every heartbeat).
+    known_nodes: std::sync::RwLock<Vec<fulcrum_store::election::NodeState>>,
 }
 
 impl Membership {
     pub fn new(cluster: fulcrum_store::election::Cluster) -> Membership {
-        Membership { cluster, known_leader: tokio::sync::watch::Sender::new(None) }
+        Membership {
+            cluster,
+            known_leader: tokio::sync::watch::Sender::new(None),
+            known_nodes: std::sync::RwLock::default(),
+        }
     }
 
     pub fn me(&self) -> fulcrum_store::election::Leader {
@@ -41,6 +47,22 @@ impl Membership {
             self.set_leader(found.clone());
         }
         found
+    }
+
+    /// Every controller that joined, read from etcd now (and remembered for [`Self::controllers`]).
+    pub async fn nodes(&self) -> Result<Vec<fulcrum_store::election::NodeState>, fulcrum_store::StoreError> {
+        let nodes = self.cluster.nodes().await?;
+        *self.known_nodes.write().unwrap_or_else(|e| e.into_inner()) = nodes.clone();
+        Ok(nodes)
+    }
+
+    /// The controllers an agent may talk to, as last read.
+    pub fn controllers(&self) -> Vec<fulcrum_se_protocol::ControllerAddress> {
+        let nodes = self.known_nodes.read().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .iter()
+            .map(|n| fulcrum_se_protocol::ControllerAddress { url: n.advertise.clone(), pin: n.pin.clone() })
+            .collect()
     }
 
     pub fn role(&self) -> NodeRole {

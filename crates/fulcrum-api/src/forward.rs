@@ -60,7 +60,7 @@ async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<
     let request = request.body(Full::new(body)).map_err(|e| down(&e))?;
     let response = if tls {
         // Only the certificate the leader published in the election key is accepted.
-        let trust = leader.pin.clone().map_or(fulcrum_tls::Trust::Any, fulcrum_tls::Trust::Pin);
+        let trust = leader.pin.clone().map_or(fulcrum_tls::Trust::Any, |pin| fulcrum_tls::Trust::Pins(vec![pin]));
         let config = fulcrum_tls::tls_config_trusting(&trust).map_err(|e| down(&e))?;
         let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).to_string();
         let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| down(&e))?;

@@ -90,14 +90,14 @@ impl ClusterView {
 pub async fn cluster_view(app: &App) -> ClusterView {
     let started = app.started_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     let only_me = |name: String, advertise: String| {
-        vec![fulcrum_store::election::NodeState { name, advertise, up: true, up_since: Some(started) }]
+        vec![fulcrum_store::election::NodeState { name, advertise, pin: None, up: true, up_since: Some(started) }]
     };
     let Some(membership) = &app.cluster else {
         let ip = app.listen.ip().to_string();
         return ClusterView { nodes: only_me(ip.clone(), ip.clone()), leader: Some(ip.clone()), me: ip };
     };
     let me = membership.me();
-    let nodes = match membership.cluster.nodes().await {
+    let nodes = match membership.nodes().await {
         Ok(nodes) if !nodes.is_empty() => nodes,
         _ => only_me(me.node.clone(), me.advertise.clone()),
     };
@@ -123,7 +123,7 @@ pub fn member_nodes(nodes: &[fulcrum_store::election::NodeState]) -> Value {
 pub async fn run_cluster_object(app: std::sync::Arc<App>) {
     let Some(membership) = app.cluster.clone() else { return };
     loop {
-        if let Ok(nodes) = membership.cluster.nodes().await
+        if let Ok(nodes) = membership.nodes().await
             && !nodes.is_empty()
         {
             let wanted = member_nodes(&nodes);

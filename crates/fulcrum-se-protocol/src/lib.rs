@@ -53,6 +53,20 @@ pub struct JoinResponse {
     /// The package signing keys the controller trusts (`ed25519 <hex>` lines); the agent pins
     /// them at join and verifies every image against them.
     pub trusted_keys: Vec<String>,
+    /// Every controller of the cluster (empty from a single controller).
+    #[serde(default)]
+    pub controllers: Vec<ControllerAddress>,
+}
+
+/// A controller an agent may talk to: any of them answers (followers pass the agent's
+/// requests on to the leader), so an agent rides through a change of leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerAddress {
+    pub url: String,
+    /// The pin of its HTTPS certificate (none under plain HTTP). Learned over a channel the
+    /// agent already trusts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +87,9 @@ pub struct PollResponse {
     pub command: Option<Command>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// Every controller of the cluster, as in [`JoinResponse::controllers`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<ControllerAddress>,
 }
 
 /// The virtual services an SE is to serve.
@@ -167,25 +184,27 @@ pub struct Event {
     pub message: String,
 }
 
-/// A join token: `<token uuid>.<secret>[.<pin>]`. The pin, present when the controller
-/// serves HTTPS, is the SHA-256 of its certificate (hex): an agent given only the token can
-/// tell the controller from an impostor before it sends the secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A join token: `<token uuid>.<secret>[.<pin>...]`. The pins, present when the controllers
+/// serve HTTPS, are the SHA-256 of their certificates (hex), one per node of the cluster: an
+/// agent given only the token can tell the controllers from an impostor before it sends the
+/// secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinToken<'a> {
     pub uuid: &'a str,
     pub secret: &'a str,
-    pub pin: Option<&'a str>,
+    /// The pins of the controllers' certificates (one per node of a cluster), if any.
+    pub pins: Vec<&'a str>,
 }
 
 impl<'a> JoinToken<'a> {
     pub fn parse(token: &'a str) -> Option<JoinToken<'a>> {
         let mut parts = token.trim().split('.');
         let (uuid, secret) = (parts.next()?, parts.next()?);
-        let pin = parts.next();
-        if uuid.is_empty() || secret.is_empty() || parts.next().is_some() || pin.is_some_and(|p| !is_pin(p)) {
+        let pins: Vec<&str> = parts.collect();
+        if uuid.is_empty() || secret.is_empty() || !pins.iter().all(|p| is_pin(p)) {
             return None;
         }
-        Some(JoinToken { uuid, secret, pin })
+        Some(JoinToken { uuid, secret, pins })
     }
 
     /// What the controller checks: the token without its pin.
@@ -217,13 +236,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn join_tokens_carry_an_optional_pin() {
-        let pin = certificate_pin(b"certificate");
+    fn join_tokens_carry_optional_pins() {
+        let (pin, other) = (certificate_pin(b"certificate"), certificate_pin(b"another"));
         let with = format!("sejointoken-1.s3cret.{pin}");
         let token = JoinToken::parse(&with).unwrap();
-        assert_eq!((token.uuid, token.secret, token.pin), ("sejointoken-1", "s3cret", Some(pin.as_str())));
+        assert_eq!((token.uuid, token.secret, token.pins.clone()), ("sejointoken-1", "s3cret", vec![pin.as_str()]));
         assert_eq!(token.credential(), "sejointoken-1.s3cret");
-        assert_eq!(JoinToken::parse("sejointoken-1.s3cret").unwrap().pin, None);
+        assert!(JoinToken::parse("sejointoken-1.s3cret").unwrap().pins.is_empty());
+        let cluster = format!("t.s.{pin}.{other}");
+        assert_eq!(JoinToken::parse(&cluster).unwrap().pins, [pin.as_str(), other.as_str()]);
         for bad in ["", "only-uuid", "a.", ".b", "a.b.not-a-pin", &format!("a.b.{pin}.extra")] {
             assert_eq!(JoinToken::parse(bad), None, "{bad}");
         }

@@ -225,6 +225,8 @@ impl Barrier {
 pub struct NodeState {
     pub name: String,
     pub advertise: String,
+    /// The pin of its HTTPS certificate (none under plain HTTP).
+    pub pin: Option<String>,
     /// Whether its liveness key (held by its own lease) is there.
     pub up: bool,
     /// Seconds since the epoch at which it last started, when up.
@@ -238,7 +240,7 @@ impl Cluster {
     pub async fn register(&self, started_unix: u64) -> Result<(), StoreError> {
         let me = self.election.me();
         let mut kv = self.client.kv_client();
-        let member = serde_json::json!({"name": me.node, "advertise": me.advertise}).to_string();
+        let member = serde_json::json!({"name": me.node, "advertise": me.advertise, "pin": me.pin}).to_string();
         kv.put(format!("{PREFIX}members/{}", me.node), member, None).await.map_err(etcd_error)?;
         let client = self.client.clone();
         let ttl = self.election.ttl;
@@ -299,6 +301,7 @@ impl Cluster {
                 let since = up_since(&name);
                 Some(NodeState {
                     advertise: v["advertise"].as_str()?.to_string(),
+                    pin: v["pin"].as_str().map(String::from),
                     up: since.is_some(),
                     up_since: since,
                     name,

@@ -47,11 +47,11 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
-/// Accepts exactly the certificate whose pin (SHA-256 of its DER, hex) was given: how an SE
-/// agent recognises its controller from the join token alone.
+/// Accepts exactly the certificates whose pins (SHA-256 of the DER, hex) were given: how an SE
+/// agent recognises its controllers from the join token alone.
 #[derive(Debug)]
 struct PinnedCertificate {
-    pin: String,
+    pins: Vec<String>,
     any: AcceptAnyCertificate,
 }
 
@@ -64,7 +64,7 @@ impl ServerCertVerifier for PinnedCertificate {
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if fulcrum_se_protocol::certificate_pin(end_entity.as_ref()) == self.pin {
+        if self.pins.contains(&fulcrum_se_protocol::certificate_pin(end_entity.as_ref())) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(
@@ -98,8 +98,8 @@ impl ServerCertVerifier for PinnedCertificate {
 pub enum Trust {
     /// Verify against the CA certificates of a PEM file.
     Ca(std::path::PathBuf),
-    /// Accept only the certificate of this pin.
-    Pin(String),
+    /// Accept only the certificates of these pins (one per controller of a cluster).
+    Pins(Vec<String>),
     /// Accept any certificate (`curl -k`).
     Any,
 }
@@ -123,10 +123,10 @@ pub fn tls_config_trusting(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, S
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        Trust::Pin(pin) => builder
+        Trust::Pins(pins) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
-                pin: pin.clone(),
+                pins: pins.clone(),
                 any: AcceptAnyCertificate(provider),
             }))
             .with_no_client_auth(),

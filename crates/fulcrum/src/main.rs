@@ -97,7 +97,7 @@ enum Command {
     },
     /// Run a service engine agent: join a controller, heartbeat, serve, install images.
     SeAgent {
-        /// The controller's URL.
+        /// The controller's URL, or every node of a cluster (`URL,URL,...`); more are learned at join.
         #[arg(long)]
         controller: String,
         /// A join token of the SE group to join (needed the first time only).

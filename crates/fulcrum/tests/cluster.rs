@@ -217,6 +217,85 @@ fn a_session_begun_on_a_follower_works_on_every_node_and_survives_the_leaders_de
 }
 
 #[test]
+fn service_engines_ride_through_a_change_of_leader_without_being_marked_down() {
+    use common::agents::{Agent, se_by_name, state, token, wait_for};
+    let etcd = Etcd::start(1);
+    let names = ["a", "b", "c"];
+    let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
+    let endpoints = etcd.endpoints();
+    // HTTPS, so that agents must know each node's certificate; SEs are down after 6 s silent.
+    let mut nodes: Vec<Option<Controller>> = names
+        .iter()
+        .zip(&dirs)
+        .enumerate()
+        .map(|(i, (name, dir))| {
+            let args = [
+                "--etcd",
+                endpoints.as_str(),
+                "--node-name",
+                name,
+                "--lease-ttl",
+                "2",
+                "--se-heartbeat-interval",
+                "0.5",
+                "--se-down-after",
+                "6",
+            ];
+            let listen = format!("127.0.0.{}:0", i + 1);
+            let launch = Launch { args: &args, listen: &listen, plain_http: false, ..Launch::plain(dir.path()) };
+            Some(spawn(launch).listening(Duration::from_secs(30)).unwrap())
+        })
+        .collect();
+    let urls: Vec<String> = nodes.iter().map(|n| n.as_ref().unwrap().url.clone()).collect();
+    let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
+    create_when_led(&apis[0], &json!({"name": "first"}), Duration::from_secs(30));
+    wait_for("three nodes in /api/cluster", Duration::from_secs(15), || {
+        (apis[0].object("/api/cluster")["nodes"].as_array().map(Vec::len) == Some(3)).then_some(())
+    });
+    let leader = leader_index(&apis, &names);
+    let survivor = &apis[(leader + 1) % 3];
+    // The token names every node's certificate.
+    let (_, join) = token(survivor, "Default-Group");
+    assert_eq!(join.split('.').count(), 5, "uuid, secret and three pins: {join}");
+    // se1 is told of the leader only and learns the others; se2 is told of all three.
+    let se_dir = temp_dir();
+    let mut se1 = Agent::start_at(&urls[leader], Some(&join), None, &se_dir.path().join("se1"), "se1", &[]);
+    let mut se2 = Agent::start_at(&urls.join(","), Some(&join), None, &se_dir.path().join("se2"), "se2", &[]);
+    for name in ["se1", "se2"] {
+        wait_for(&format!("{name} up"), Duration::from_secs(30), || {
+            se_by_name(survivor, name).filter(|se| state(se) == "OPER_UP")
+        });
+    }
+    wait_for("se1 to learn the three controllers", Duration::from_secs(10), || {
+        let identity = std::fs::read_to_string(se_dir.path().join("se1/identity.json")).ok()?;
+        let identity: Value = serde_json::from_str(&identity).ok()?;
+        (identity["controllers"].as_array()?.len() == 3).then_some(())
+    });
+    // The leader dies: both SEs reach the next one and are never shown down.
+    nodes[leader].take().unwrap().kill9();
+    let killed = Instant::now();
+    create_when_led(survivor, &json!({"name": "after"}), Duration::from_secs(15));
+    let last_heartbeat =
+        |name: &str| se_by_name(survivor, name).and_then(|se| se["last_heartbeat"].as_str().map(String::from));
+    let before: Vec<Option<String>> = ["se1", "se2"].iter().map(|n| last_heartbeat(n)).collect();
+    while killed.elapsed() < Duration::from_secs(12) {
+        for name in ["se1", "se2"] {
+            let se = se_by_name(survivor, name).expect("the SE is still known");
+            assert_eq!(state(&se), "OPER_UP", "{name} at {:?} after the kill: {se}", killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for (name, before) in ["se1", "se2"].iter().zip(before) {
+        let now = last_heartbeat(name);
+        assert!(now > before, "{name}'s heartbeats reach the new leader: {before:?} then {now:?}");
+    }
+    se1.kill9();
+    se2.kill9();
+    // Agents that were cut short (no heartbeat) are marked down by the new leader as usual.
+    wait_for("se1 down", Duration::from_secs(15), || se_by_name(survivor, "se1").filter(|se| state(se) == "OPER_DOWN"));
+}
+
+#[test]
 fn another_node_takes_over_from_a_killed_leader_with_everything_acknowledged() {
     let etcd = Etcd::start(1);
     let (data_a, data_b) = (temp_dir(), temp_dir());

@@ -157,8 +157,14 @@ pub async fn join(app: &App, body: &[u8]) -> Result<Response, ApiError> {
         se_group_uuid: super::uuid_of_ref(Some(&group_ref)).unwrap_or_default(),
         heartbeat_interval_ms: app.engines.settings.heartbeat_interval.as_millis() as u64,
         trusted_keys: app.images.trusted().keys().iter().map(|k| k.to_text("trusted by the controller")).collect(),
+        controllers: controllers(app),
     };
     Ok(json_response(StatusCode::CREATED, &serde_json::to_value(answer).unwrap_or_default()))
+}
+
+/// Every controller of the cluster, for agents to fall back on (none for a single node).
+fn controllers(app: &App) -> Vec<fulcrum_se_protocol::ControllerAddress> {
+    app.cluster.as_ref().map(|m| m.controllers()).unwrap_or_default()
 }
 
 /// What the SE should be told now, if anything.
@@ -167,6 +173,7 @@ fn pending(app: &App, se_uuid: &str, request: &PollRequest) -> Result<Option<Pol
     let se = cat.get(SE_KIND, se_uuid).ok_or_else(cut_off)?;
     let mut answer = PollResponse {
         heartbeat_interval_ms: app.engines.settings.heartbeat_interval.as_millis() as u64,
+        controllers: controllers(app),
         ..PollResponse::default()
     };
     if install_step(&se.value) == Some("PENDING") {
@@ -249,6 +256,7 @@ pub async fn poll(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Respons
         if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
             let answer = PollResponse {
                 heartbeat_interval_ms: app.engines.settings.heartbeat_interval.as_millis() as u64,
+                controllers: controllers(app),
                 ..PollResponse::default()
             };
             return Ok(json_response(StatusCode::OK, &serde_json::to_value(answer).unwrap_or_default()));

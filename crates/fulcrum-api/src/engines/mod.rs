@@ -401,12 +401,22 @@ pub async fn create_token(app: &App, ctx: &RequestContext, body: &[u8]) -> Resul
     let (parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| ApiError::internal(e.to_string()))?;
     let mut shown: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(e.to_string()))?;
-    // Under HTTPS the token also names the controller's certificate, so that an agent given
-    // only the token verifies it is talking to this controller before it sends the secret.
-    shown["token"] = match &app.certificate_pin {
-        Some(pin) => json!(format!("{uuid}.{secret}.{pin}")),
-        None => json!(format!("{uuid}.{secret}")),
-    };
+    // Under HTTPS the token also names the controllers' certificates (this one's, and every
+    // other node's), so that an agent given only the token verifies it is talking to one of
+    // them before it sends the secret.
+    let mut token = format!("{uuid}.{secret}");
+    let others = app.cluster.as_ref().map(|m| m.controllers()).unwrap_or_default();
+    let mut pins: Vec<String> = app.certificate_pin.iter().cloned().collect();
+    for pin in others.into_iter().filter_map(|c| c.pin) {
+        if !pins.contains(&pin) {
+            pins.push(pin);
+        }
+    }
+    for pin in &pins {
+        token.push('.');
+        token.push_str(pin);
+    }
+    shown["token"] = json!(token);
     Ok(json_response(parts.status, &shown))
 }
 

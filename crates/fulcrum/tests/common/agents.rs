@@ -31,6 +31,18 @@ impl Agent {
         name: &str,
         extra: &[&str],
     ) -> Agent {
+        Agent::start_at(&c.url, token, cwd, dir, name, extra)
+    }
+
+    /// Starts an agent given `controllers` (one URL, or several separated by commas).
+    pub fn start_at(
+        controllers: &str,
+        token: Option<&str>,
+        cwd: Option<&Path>,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Agent {
         let absolute = cwd.map_or_else(|| dir.to_path_buf(), |cwd| cwd.join(dir));
         fs::create_dir_all(&absolute).unwrap();
         let log = absolute.with_extension("log");
@@ -38,7 +50,7 @@ impl Agent {
         if let Some(cwd) = cwd {
             cmd.current_dir(cwd);
         }
-        cmd.args(["se-agent", "--controller", &c.url, "--name", name, "--data-dir"]).arg(dir).args(extra);
+        cmd.args(["se-agent", "--controller", controllers, "--name", name, "--data-dir"]).arg(dir).args(extra);
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }
