@@ -155,7 +155,7 @@ def test_context_sharing_and_cluster_endpoints(controller):
     assert shared.get("pool").status_code == 200
     runtime = api.get("/cluster/runtime").json()  # the SDK's own tests send /api//cluster/runtime
     assert runtime["node_info"]["cluster_uuid"].startswith("cluster-")
-    assert runtime["node_states"][0]["role"] == "CLUSTER_LEADER"
+    assert [n["role"] for n in runtime["node_states"]].count("CLUSTER_LEADER") == 1
     assert api.get("/cluster/version").json()["Version"] == "30.2.1"
     assert api.get("/systemconfiguration").json()["default_license_tier"] in ("ENTERPRISE", "ENTERPRISE_WITH_CLOUD_SERVICES")
 
@@ -238,11 +238,21 @@ def build_package(controller, kind, version, patch=None):
     return out, tag, digest
 
 
+def upload_session(controller):
+    """Where images are uploaded: the leader (on a follower the SDK gets a 421 naming it)."""
+    return ApiSession(controller.upload_url, "admin", PASSWORD, api_version="30.2.1")
+
+
 def test_image_upload_query_and_delete_through_the_sdk(controller):
     api = session(controller)
     path, tag, digest = build_package(controller, "se_patch", "30.2.6", "2p1")
+    if controller.follower:
+        with open(path, "rb") as f:
+            refused = api.post("image", files={"file": ("se_patch.pkg", f, "application/octet-stream")})
+        assert refused.status_code == 421, refused.text
+        assert controller.upload_url in refused.text, refused.text
     with open(path, "rb") as f:
-        resp = api.post("image", files={"file": ("se_patch.pkg", f, "application/octet-stream")})
+        resp = upload_session(controller).post("image", files={"file": ("se_patch.pkg", f, "application/octet-stream")})
     assert resp.status_code == 201, resp.text
     image = api.get_object_by_name("image", tag)
     assert image["type"] == "IMAGE_TYPE_PATCH"
@@ -253,10 +263,11 @@ def test_image_upload_query_and_delete_through_the_sdk(controller):
     patches = [i for i in api.get_objects_iter("image") if i["type"] == "IMAGE_TYPE_PATCH" and "30.2.6" in i["name"]]
     assert [i["uuid"] for i in patches] == [image["uuid"]]
     # The same tag again is a conflict; a corrupt file is refused.
+    uploads = upload_session(controller)
     with open(path, "rb") as f:
-        again = api.post("image", files={"file": ("se_patch.pkg", f, "application/octet-stream")})
+        again = uploads.post("image", files={"file": ("se_patch.pkg", f, "application/octet-stream")})
     assert again.status_code == 409, again.text
-    bad = api.post("image", files={"file": ("junk.pkg", b"not a package" * 100, "application/octet-stream")})
+    bad = uploads.post("image", files={"file": ("junk.pkg", b"not a package" * 100, "application/octet-stream")})
     assert bad.status_code == 400, bad.text
     assert "not a Fulcrum package" in bad.text, bad.text  # the SDK's json() raises on errors
     assert api.delete_by_name("image", tag).status_code == 204
@@ -310,7 +321,8 @@ def test_upgrade_preview_and_status_through_the_sdk(controller):
     api = session(controller)
     path, tag, _ = build_package(controller, "controller", "30.2.7")
     with open(path, "rb") as f:
-        assert api.post("image", files={"file": ("controller.pkg", f, "application/octet-stream")}).status_code == 201
+        uploaded = upload_session(controller).post("image", files={"file": ("controller.pkg", f, "application/octet-stream")})
+    assert uploaded.status_code == 201, uploaded.text
     preview = api.post("upgrade/preview", data={"image_ref": "/api/image?name=" + tag, "system": True})
     assert preview.status_code == 200, preview.text
     body = preview.json()

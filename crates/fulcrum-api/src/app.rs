@@ -558,8 +558,12 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         // Uploads stream to the node that keeps the file: the leader only (refused below).
         let upload = matches!((&route, &method), (Route::Collection(t), &Method::POST) if t.path == crate::images::KIND)
             || matches!(route, Route::UploadSessions | Route::UploadSession(_) | Route::UploadSessionComplete(_));
-        // Agents' heartbeats and reports are passed on too: an agent may talk to any node.
-        if !safe && !upload && matches!(membership.role(), crate::cluster::NodeRole::Follower { .. }) {
+        // Agents' heartbeats and reports are passed on too: an agent may talk to any node. So
+        // are reads of what only the leader knows: where virtual services run (its placement
+        // and what the SEs report to it are in its memory).
+        let leader_knows = matches!(&route, Route::ObjectAction(t, _, "runtime") if t.path == "virtualservice");
+        if (!safe || leader_knows) && !upload && matches!(membership.role(), crate::cluster::NodeRole::Follower { .. })
+        {
             if parts.headers.contains_key(crate::forward::FORWARDED) {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
