@@ -100,9 +100,14 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl AsyncPatches {
-    /// Rebuilds the state from stored requests and cycle outcomes (after a restart).
+    /// Rebuilds the state from stored requests and cycle outcomes (after a restart, and each
+    /// time this node becomes the leader: what it remembers from an earlier leadership may have
+    /// been merged since by another leader, and must not be merged again).
     pub fn recover(&self, requests: &[Arc<Stored>], cycles: &[Arc<Stored>]) {
+        locked(&self.in_progress).clear();
         let mut done = locked(&self.done);
+        done.clear();
+        locked(&self.pending).clear();
         for cycle in cycles {
             let outcome = Arc::new(CycleOutcome::from_record(cycle));
             for id in &outcome.patch_ids {
@@ -217,7 +222,13 @@ pub fn status(app: &App, ctx: &RequestContext, patch_id: &str) -> Result<Respons
     }
     let v = &record.value;
     let mut body = json!({"patch_id": patch_id, "uuid": v["pool_uuid"], "created": v["created"]});
-    let outcome = locked(&app.async_patches.done).get(patch_id).cloned();
+    // The leader's merger knows every outcome; another node finds it among the stored cycles.
+    let outcome = locked(&app.async_patches.done).get(patch_id).cloned().or_else(|| {
+        cat.iter(CYCLE_KIND)
+            .map(|c| CycleOutcome::from_record(c))
+            .find(|outcome| outcome.patch_ids.iter().any(|id| id == patch_id))
+            .map(Arc::new)
+    });
     match outcome {
         Some(outcome) => {
             body["finished"] = json!(version::rfc3339(UNIX_EPOCH + Duration::from_micros(outcome.finished)));
@@ -453,5 +464,33 @@ pub async fn run_timer(app: Arc<App>) {
                 tracing::error!(error = %e, "async PATCH merge failed; it will be retried");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(kind: &str, uuid: &str, value: Value) -> Arc<Stored> {
+        let meta = fulcrum_store::Meta { tenant: String::new(), name: None, refs: vec![] };
+        Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value, meta })
+    }
+
+    #[test]
+    fn a_new_leadership_forgets_what_another_leader_merged_since() {
+        let state = AsyncPatches::default();
+        let requests = [stored(KIND, "p1", json!({"version": null})), stored(KIND, "p2", json!({"version": null}))];
+        // Leading once: both queued.
+        state.recover(&requests, &[]);
+        assert_eq!(locked(&state.pending).len(), 2);
+        // Another leader merged p1 meanwhile; leading again, only p2 is left to merge.
+        let cycle = stored(CYCLE_KIND, "c1", json!({"patch_ids": ["p1"], "finished": 5, "failed": {}}));
+        state.recover(&requests, &[cycle]);
+        assert_eq!(locked(&state.pending).iter().cloned().collect::<Vec<_>>(), ["p2"]);
+        assert!(locked(&state.done).contains_key("p1"));
+        // And what it once knew as done but has since expired is forgotten.
+        state.recover(&requests[1..], &[]);
+        assert!(locked(&state.done).is_empty());
+        assert_eq!(locked(&state.pending).len(), 1);
     }
 }

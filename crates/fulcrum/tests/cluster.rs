@@ -296,6 +296,74 @@ fn service_engines_ride_through_a_change_of_leader_without_being_marked_down() {
 }
 
 #[test]
+fn async_patches_acknowledged_before_the_leader_dies_are_merged_once_by_the_next() {
+    let etcd = Etcd::start(1);
+    let names = ["a", "b", "c"];
+    let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
+    let mut nodes: Vec<Option<Controller>> = names
+        .iter()
+        .zip(&dirs)
+        .enumerate()
+        .map(|(i, (name, dir))| Some(node_at(dir.path(), &etcd, name, &format!("127.0.0.{}", i + 1))))
+        .collect();
+    let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
+    let (pool, _) = create_when_led(&apis[0], &json!({"name": "async-pool"}), Duration::from_secs(30));
+    let pool = pool["uuid"].as_str().unwrap().to_string();
+    let r = apis[1].send(
+        "PATCH",
+        "/api/controllerproperties",
+        Some(json!({"replace": {"async_patch_merge_period": 120}}).to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Queued through every node: each server added, and every other one deleted again later,
+    // so a request merged twice (an add replayed after its delete) would show.
+    let server = |i: usize| json!({"ip": {"addr": format!("10.9.0.{i}"), "type": "V4"}});
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let via = &apis[i % 3];
+        let mut queue = |body: Value| {
+            let r = via.send("PATCH", &format!("/api/pool/{pool}?async_mode"), Some(body.to_string().as_bytes()));
+            assert_eq!(r.status, 202, "{}", r.body);
+            ids.push(r.json()["patch_id"].as_str().unwrap().to_string());
+        };
+        queue(json!({"add": {"servers": [server(i)]}}));
+        if i % 2 == 0 {
+            queue(json!({"delete": {"servers": [server(i)]}}));
+        }
+    }
+    let leader = leader_index(&apis, &names);
+    let survivor = &apis[(leader + 1) % 3];
+    for id in &ids {
+        let status = survivor.object(&format!("/api/pool-async/status/{id}"));
+        assert_eq!(status["status"], "QUEUED", "{status}");
+    }
+    nodes[leader].take().unwrap().kill9();
+    create_when_led(survivor, &json!({"name": "after"}), Duration::from_secs(15));
+    // The next leader merges what was queued (the tests drive its merge clock), once.
+    let r = survivor.post("/api/pool-async/merge", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["succeeded"], ids.len(), "{}", r.body);
+    let again = survivor.post("/api/pool-async/merge", &json!({}));
+    assert_eq!(again.json()["succeeded"], 0, "nothing is merged twice: {}", again.body);
+    for i in (0..3).filter(|i| *i != leader) {
+        let pool = apis[i].object(&format!("/api/pool/{pool}"));
+        let mut addrs: Vec<String> =
+            pool["servers"].as_array().unwrap().iter().map(|s| s["ip"]["addr"].as_str().unwrap().to_string()).collect();
+        addrs.sort();
+        let mut odd: Vec<String> = (0..30).filter(|i| i % 2 == 1).map(|i| format!("10.9.0.{i}")).collect();
+        odd.sort();
+        assert_eq!(addrs, odd, "node {i}");
+        for id in &ids {
+            assert_eq!(
+                apis[i].object(&format!("/api/pool-async/status/{id}"))["status"],
+                "SUCCESS",
+                "{id} on node {i}"
+            );
+        }
+    }
+}
+
+#[test]
 fn another_node_takes_over_from_a_killed_leader_with_everything_acknowledged() {
     let etcd = Etcd::start(1);
     let (data_a, data_b) = (temp_dir(), temp_dir());
