@@ -559,11 +559,18 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         let upload = matches!((&route, &method), (Route::Collection(t), &Method::POST) if t.path == crate::images::KIND)
             || matches!(route, Route::UploadSessions | Route::UploadSession(_) | Route::UploadSessionComplete(_));
         // Agents' heartbeats and reports are passed on too: an agent may talk to any node. So
-        // are reads of what only the leader knows: where virtual services run (its placement
-        // and what the SEs report to it are in its memory).
-        let leader_knows = matches!(&route, Route::ObjectAction(t, _, "runtime") if t.path == "virtualservice");
-        if (!safe || leader_knows) && !upload && matches!(membership.role(), crate::cluster::NodeRole::Follower { .. })
-        {
+        // are reads of what only the leader knows: SEs' last heartbeats and where virtual
+        // services run (its placement and what the SEs report to it are in its memory). With
+        // no leader those reads are answered here, from the catalogue alone.
+        let leader_knows = safe
+            && match &route {
+                Route::ObjectAction(t, _, "runtime") => t.path == "virtualservice",
+                Route::Collection(t) | Route::Object(t, _) => t.path == crate::engines::SE_KIND,
+                _ => false,
+            };
+        let follower = matches!(membership.role(), crate::cluster::NodeRole::Follower { .. });
+        let pass_on = !safe || (leader_knows && membership.leader().is_some());
+        if pass_on && !upload && follower {
             if parts.headers.contains_key(crate::forward::FORWARDED) {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

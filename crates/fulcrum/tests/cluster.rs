@@ -364,6 +364,90 @@ fn async_patches_acknowledged_before_the_leader_dies_are_merged_once_by_the_next
 }
 
 #[test]
+fn an_se_group_operation_under_way_when_the_leader_dies_is_finished_by_the_next() {
+    use common::agents::{Agent, se_by_name, state, token, wait_for};
+    use common::upgrades::{node as status_of, post, settled};
+    let pkgs = common::packages::Packages::new();
+    let etcd = Etcd::start(1);
+    let names = ["a", "b", "c"];
+    let dirs: Vec<_> = (0..3).map(|_| pkgs.data_dir()).collect();
+    let endpoints = etcd.endpoints();
+    let mut nodes: Vec<Option<Controller>> = names
+        .iter()
+        .zip(&dirs)
+        .enumerate()
+        .map(|(i, (name, dir))| {
+            let args = [
+                "--etcd",
+                endpoints.as_str(),
+                "--node-name",
+                name,
+                "--lease-ttl",
+                "2",
+                "--se-heartbeat-interval",
+                "0.3",
+                "--se-down-after",
+                "4",
+                "--se-health-timeout",
+                "20",
+            ];
+            let listen = format!("127.0.0.{}:0", i + 1);
+            Some(
+                spawn(Launch { args: &args, listen: &listen, ..Launch::plain(dir.path()) })
+                    .listening(Duration::from_secs(30))
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let urls: Vec<String> = nodes.iter().map(|n| n.as_ref().unwrap().url.clone()).collect();
+    let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
+    create_when_led(&apis[0], &json!({"name": "first"}), Duration::from_secs(30));
+    let leader = leader_index(&apis, &names);
+    let (lead, survivor) = (&apis[leader], &apis[(leader + 1) % 3]);
+    let (_, join) = token(lead, "Default-Group");
+    let work = temp_dir();
+    let _ses =
+        Agent::start_at(&urls.join(","), Some(&join), None, &work.path().join("sim"), "sim", &["--simulate", "6"]);
+    let ses: Vec<String> = (1..=6).map(|i| format!("sim-{i:04}")).collect();
+    for se in &ses {
+        wait_for("SEs up", Duration::from_secs(30), || se_by_name(survivor, se).filter(|s| state(s) == "OPER_UP"));
+    }
+    // Patched on the leader (it holds the package), through a follower's API.
+    let image = common::packages::upload(lead, &pkgs.build("sp.pkg", "se_patch", "30.2.1", "9001", &[])).json();
+    let group = ["/api/serviceenginegroup?name=Default-Group"];
+    let (status, started) = post(
+        survivor,
+        "/api/patch",
+        json!({"se_patch_ref": image["uuid"], "se_group_refs": group, "skip_warnings": true}),
+    );
+    assert_eq!(status, 200, "{started}");
+    settled(survivor);
+    let patched =
+        |api: &Api| ses.iter().filter(|se| se_by_name(api, se).unwrap().get("patch_version").is_some()).count();
+    assert_eq!(patched(survivor), 6);
+    // Its rollback, one SE at a time: the leader dies half-way.
+    let (status, started) =
+        post(survivor, "/api/rollbackpatch", json!({"se_group_refs": group, "skip_warnings": true}));
+    assert_eq!(status, 200, "{started}");
+    wait_for("the rollback under way", Duration::from_secs(30), || {
+        let left = patched(survivor);
+        (left > 0 && left < 6).then_some(())
+    });
+    let left_at_kill = patched(survivor);
+    nodes[leader].take().unwrap().kill9();
+    assert!(left_at_kill > 0, "the rollback was still running when its leader died");
+    // The next leader takes the stored operation up and finishes it.
+    create_when_led(survivor, &json!({"name": "after"}), Duration::from_secs(15));
+    let after = settled(survivor);
+    let group = after.iter().find(|n| n["name"] == "Default-Group").unwrap();
+    assert_eq!(group["state"]["state"], "UPGRADE_FSM_COMPLETED", "{group}");
+    assert_eq!(patched(survivor), 0, "every SE rolled back");
+    let history: Vec<&str> = group["history"].as_array().unwrap().iter().map(|h| h["ops"].as_str().unwrap()).collect();
+    assert_eq!(history.first(), Some(&"ROLLBACKPATCH"), "{history:?}");
+    assert_eq!(status_of(survivor, "Default-Group")["state"]["state"], "UPGRADE_FSM_COMPLETED");
+}
+
+#[test]
 fn another_node_takes_over_from_a_killed_leader_with_everything_acknowledged() {
     let etcd = Etcd::start(1);
     let (data_a, data_b) = (temp_dir(), temp_dir());

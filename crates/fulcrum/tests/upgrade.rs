@@ -4,10 +4,11 @@
 mod common;
 
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::agents::{Agent, se_by_name, state, token, wait_for};
 use common::packages::{Packages, upload};
+use common::upgrades::{get, node, post, settled, versions};
 use common::{Api, Controller, Launch, shell, temp_dir, try_start};
 use serde_json::{Value, json};
 
@@ -56,68 +57,6 @@ fn free_listen() -> String {
 }
 
 /// GET that waits out the moment the controller restarts itself.
-fn get(api: &Api, path: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match api.try_send("GET", path, &Value::Null) {
-            Ok(r) if r.status == 200 => return r.json(),
-            Ok(r) => panic!("GET {path}: {} {}", r.status, r.body),
-            Err(e) => {
-                assert!(Instant::now() < deadline, "GET {path}: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-}
-
-fn post(api: &Api, path: &str, body: Value) -> (u16, Value) {
-    let r = api.try_send("POST", path, &body).unwrap_or_else(|e| panic!("POST {path}: {e}"));
-    (r.status, r.json())
-}
-
-fn nodes(api: &Api) -> Vec<Value> {
-    get(api, "/api/upgradestatusinfo")["results"].as_array().unwrap().clone()
-}
-
-fn node(api: &Api, name: &str) -> Value {
-    nodes(api).into_iter().find(|n| n["name"] == name).unwrap_or_else(|| panic!("no status for {name}"))
-}
-
-/// Waits until no node is in progress or waiting, and the fleet is back in service (after a
-/// controller restart every SE reports again and every virtual service is served); returns the
-/// nodes.
-fn settled(api: &Api) -> Vec<Value> {
-    let all = wait_for("the operation to settle", Duration::from_secs(120), || {
-        let all = nodes(api);
-        let busy = all
-            .iter()
-            .any(|n| matches!(n["state"]["state"].as_str(), Some("UPGRADE_FSM_IN_PROGRESS" | "UPGRADE_FSM_WAITING")));
-        (!busy).then_some(all)
-    });
-    wait_for("the fleet back in service", Duration::from_secs(30), || {
-        let ses = get(api, "/api/serviceengine?page_size=200");
-        let heard = ses["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s.get("last_heartbeat").is_some() && state(s) == "OPER_UP");
-        let vss = get(api, "/api/virtualservice?page_size=200");
-        let served = vss["results"].as_array().unwrap().iter().all(|v| {
-            get(api, &format!("/api/virtualservice/{}/runtime", v["uuid"].as_str().unwrap()))["oper_status"]["state"]
-                == "OPER_UP"
-        });
-        (heard && served).then_some(())
-    });
-    all
-}
-
-fn versions(api: &Api, names: &[&str]) -> Vec<String> {
-    names
-        .iter()
-        .map(|n| se_by_name(api, n).map(|s| format!("{}-{}", s["version"].as_str().unwrap(), s["build"])).unwrap())
-        .collect()
-}
-
 fn failing(body: &Value) -> Vec<String> {
     body["checks"].as_array().unwrap().iter().map(|c| c["check_code"].as_str().unwrap().to_string()).collect()
 }

@@ -6,6 +6,7 @@ pub mod agents;
 pub mod etcd;
 pub mod packages;
 pub mod pty;
+pub mod upgrades;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
