@@ -660,3 +660,229 @@ fn failover_under_load_loses_nothing_acknowledged() {
         assert!(listed["count"].as_u64().unwrap() as usize >= created.len());
     }
 }
+
+mod history {
+    //! The linearizability test: concurrent PATCHes and GETs of the same pools through all
+    //! three nodes, recorded, across a leader's kill -9 and a paused leader, then checked.
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::common::linearizability::{Bits, Elements, Operation, Register, RegisterOp, Set, SetOp, check};
+    use super::common::{Api, Controller};
+    use super::{Etcd, create_when_led, leader_index, node_at, temp_dir};
+    use serde_json::{Value, json};
+
+    fn at(ms: u64, base: Instant) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    fn op<O>(op: O, base: Instant, called: u64, returned: Option<u64>) -> Operation<O> {
+        Operation { op, called: at(called, base), returned: returned.map(|r| at(r, base)) }
+    }
+
+    #[test]
+    fn the_checker_accepts_linearizable_histories_and_finds_violations() {
+        let t = Instant::now();
+        let w = |v: &str| RegisterOp::Write(v.into());
+        let r = |v: Option<&str>| RegisterOp::Read(v.map(String::from));
+        // Overlapping write and read: either order is fine.
+        let good = [op(w("1"), t, 0, Some(10)), op(r(Some("1")), t, 5, Some(15)), op(r(None), t, 1, Some(4))];
+        assert_eq!(check(&Register, &good, 10_000), Ok(true));
+        // A read that began after a write was acknowledged must see it (a stale read).
+        let stale = [op(w("1"), t, 0, Some(10)), op(w("2"), t, 11, Some(20)), op(r(Some("1")), t, 21, Some(30))];
+        assert_eq!(check(&Register, &stale, 10_000), Ok(false));
+        // A write of unknown outcome may show up late, or never.
+        let late = [op(w("1"), t, 0, None), op(r(None), t, 50, Some(60)), op(r(Some("1")), t, 70, Some(80))];
+        assert_eq!(check(&Register, &late, 10_000), Ok(true));
+        let flip = [op(w("1"), t, 0, None), op(r(Some("1")), t, 50, Some(60)), op(r(None), t, 70, Some(80))];
+        assert_eq!(check(&Register, &flip, 10_000), Ok(false), "once seen, it cannot vanish");
+        // Many writes of unknown outcome that nobody saw cost the search nothing.
+        let mut many: Vec<_> = (0..60).map(|i| op(w(&format!("lost-{i}")), t, i, None)).collect();
+        many.extend((0..60).map(|i| op(r(None), t, 100 + 2 * i, Some(101 + 2 * i))));
+        assert_eq!(check(&Register, &many, 100_000), Ok(true));
+        // Sets: a removal acknowledged before a read began is not seen by it.
+        let set = |items: &[usize]| SetOp::Read(Bits::of(items.iter().copied()));
+        let ok = [
+            op(SetOp::Add(1), t, 0, Some(5)),
+            op(SetOp::Add(70), t, 1, Some(8)),
+            op(set(&[1]), t, 6, Some(7)),
+            op(set(&[1, 70]), t, 9, Some(10)),
+        ];
+        assert_eq!(check(&Set, &ok, 10_000), Ok(true));
+        let lost =
+            [op(SetOp::Add(1), t, 0, Some(5)), op(SetOp::Remove(1), t, 6, Some(8)), op(set(&[1]), t, 9, Some(10))];
+        assert_eq!(check(&Set, &lost, 10_000), Ok(false));
+        let gone =
+            [op(SetOp::Add(70), t, 0, Some(5)), op(SetOp::Remove(70), t, 6, Some(8)), op(set(&[]), t, 9, Some(10))];
+        assert_eq!(check(&Set, &gone, 10_000), Ok(true), "an emptied set equals the empty set");
+    }
+
+    /// What the clients did and saw.
+    #[derive(Default)]
+    struct Recorded {
+        elements: Elements,
+        servers: Vec<(usize, Operation<SetOp>)>,
+        description: Vec<(usize, Operation<RegisterOp>)>,
+    }
+
+    /// When the answer to a write says whether it happened.
+    fn returned(outcome: &Result<super::common::Resp, String>) -> Option<Option<Instant>> {
+        match outcome {
+            Ok(r) if r.status == 200 => Some(Some(Instant::now())),
+            // Refused by the leader (or before any leader saw it): it did not happen.
+            Ok(r) if (400..500).contains(&r.status) => None,
+            Err(e) if e.contains("Connection refused") => None,
+            // A timeout, or a 503 while passed on: it may have happened.
+            _ => Some(None),
+        }
+    }
+
+    fn client(id: usize, apis: Vec<Api>, pools: Vec<String>, until: Instant, record: Arc<Mutex<Recorded>>) {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (id as u64 + 1);
+        let mut random = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut mine: Vec<Vec<String>> = vec![Vec::new(); pools.len()];
+        let mut count = 0;
+        while Instant::now() < until && count < 200 {
+            count += 1;
+            let p = random(pools.len() as u64) as usize;
+            let path = format!("/api/pool/{}", pools[p]);
+            let api = &apis[(id + count) % apis.len()];
+            let called = Instant::now();
+            let choice = random(10);
+            let patch = |body: Value| api.try_send("PATCH", &path, &body);
+            match choice {
+                0..=2 => {
+                    let addr = format!("10.{}.{}.{}", id + 1, count / 200, count % 200);
+                    let outcome = patch(json!({"add": {"servers": [{"ip": {"addr": addr, "type": "V4"}}]}}));
+                    if let Some(returned) = returned(&outcome) {
+                        if returned.is_some() {
+                            mine[p].push(addr.clone());
+                        }
+                        let mut record = record.lock().unwrap();
+                        let o = Operation { op: SetOp::Add(record.elements.id(&addr)), called, returned };
+                        record.servers.push((p, o));
+                    }
+                }
+                3 | 4 if !mine[p].is_empty() => {
+                    let pick = random(mine[p].len() as u64) as usize;
+                    let addr = mine[p].remove(pick);
+                    let outcome = patch(json!({"delete": {"servers": [{"ip": {"addr": addr, "type": "V4"}}]}}));
+                    if let Some(returned) = returned(&outcome) {
+                        let mut record = record.lock().unwrap();
+                        let o = Operation { op: SetOp::Remove(record.elements.id(&addr)), called, returned };
+                        record.servers.push((p, o));
+                    }
+                }
+                5 | 6 => {
+                    let value = format!("c{id}-{count}");
+                    let outcome = patch(json!({"replace": {"description": value}}));
+                    if let Some(returned) = returned(&outcome) {
+                        let o = Operation { op: RegisterOp::Write(value), called, returned };
+                        record.lock().unwrap().description.push((p, o));
+                    }
+                }
+                _ => {
+                    if let Ok(r) = api.try_send("GET", &path, &Value::Null)
+                        && r.status == 200
+                    {
+                        let returned = Some(Instant::now());
+                        let pool = r.json();
+                        let description = pool["description"].as_str().map(String::from);
+                        let mut record = record.lock().unwrap();
+                        let addrs = pool["servers"].as_array().into_iter().flatten();
+                        let servers = record.elements.set(addrs.map(|s| s["ip"]["addr"].as_str().unwrap()));
+                        record.servers.push((p, Operation { op: SetOp::Read(servers), called, returned }));
+                        record.description.push((p, Operation { op: RegisterOp::Read(description), called, returned }));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(60));
+        }
+    }
+
+    #[test]
+    fn concurrent_patches_and_reads_through_every_node_are_linearizable_across_a_kill_and_a_pause() {
+        let etcd = Etcd::start(3);
+        let names = ["a", "b", "c"];
+        let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
+        let mut nodes: Vec<Option<Controller>> = names
+            .iter()
+            .zip(&dirs)
+            .enumerate()
+            .map(|(i, (name, dir))| Some(node_at(dir.path(), &etcd, name, &format!("127.0.0.{}", i + 1))))
+            .collect();
+        let apis: Vec<Api> =
+            nodes.iter().map(|n| n.as_ref().unwrap().admin().timeout(Duration::from_secs(4))).collect();
+        create_when_led(&apis[0], &json!({"name": "warm-up"}), Duration::from_secs(30));
+        let pools: Vec<String> = (0..2)
+            .map(|i| {
+                let r = apis[i].post("/api/pool", &json!({"name": format!("history-{i}")}));
+                assert_eq!(r.status, 201, "{}", r.body);
+                r.json()["uuid"].as_str().unwrap().to_string()
+            })
+            .collect();
+        let record = Arc::new(Mutex::new(Recorded::default()));
+        let started = Instant::now();
+        let until = started + Duration::from_secs(22);
+        let clients: Vec<_> = (0..6)
+            .map(|id| {
+                let (apis, pools, record) = (apis.clone(), pools.clone(), record.clone());
+                std::thread::spawn(move || client(id, apis, pools, until, record))
+            })
+            .collect();
+        // At 4 s the leader dies; once another leads, it is paused past its lease, then resumed.
+        std::thread::sleep(Duration::from_secs(4));
+        let first = leader_index(&apis, &names);
+        nodes[first].take().unwrap().kill9();
+        let survivor = &apis[(first + 1) % 3];
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let second = loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let runtime = survivor.try_send("GET", "/api/cluster/runtime", &Value::Null);
+            let leader = runtime.ok().filter(|r| r.status == 200).and_then(|r| {
+                let states = r.json()["node_states"].as_array().cloned().unwrap_or_default();
+                let name =
+                    states.iter().find(|n| n["role"] == "CLUSTER_LEADER" && n["state"] == "CLUSTER_ACTIVE")?["name"]
+                        .as_str()?
+                        .to_string();
+                names.iter().position(|n| *n == name).filter(|i| *i != first)
+            });
+            if let Some(leader) = leader {
+                break leader;
+            }
+            assert!(Instant::now() < deadline, "no new leader");
+        };
+        std::thread::sleep(Duration::from_secs(2));
+        let paused = nodes[second].as_ref().unwrap().pid() as i32;
+        unsafe { libc::kill(paused, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_secs(5));
+        unsafe { libc::kill(paused, libc::SIGCONT) };
+        for c in clients {
+            c.join().unwrap();
+        }
+        let record = Arc::try_unwrap(record).ok().unwrap().into_inner().unwrap();
+        for p in 0..pools.len() {
+            let servers: Vec<_> = record.servers.iter().filter(|(q, _)| *q == p).map(|(_, o)| o.clone()).collect();
+            let description: Vec<_> =
+                record.description.iter().filter(|(q, _)| *q == p).map(|(_, o)| o.clone()).collect();
+            let unknown = servers.iter().filter(|o| o.returned.is_none()).count()
+                + description.iter().filter(|o| o.returned.is_none()).count();
+            println!(
+                "pool {p}: {} set operations, {} register operations, {unknown} of unknown outcome",
+                servers.len(),
+                description.len()
+            );
+            assert!(servers.len() > 100 && description.len() > 50, "a history worth checking");
+            let checking = Instant::now();
+            assert_eq!(check(&Set, &servers, 5_000_000), Ok(true), "pool {p}'s servers");
+            assert_eq!(check(&Register, &description, 5_000_000), Ok(true), "pool {p}'s description");
+            println!("pool {p}: linearizable (checked in {:?})", checking.elapsed());
+        }
+        println!("history of {:?}, checked", started.elapsed());
+    }
+}

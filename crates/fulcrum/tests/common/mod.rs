@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod etcd;
+pub mod linearizability;
 pub mod packages;
 pub mod pty;
 pub mod upgrades;
@@ -232,6 +233,15 @@ impl Api {
 
     pub fn header(mut self, name: &str, value: &str) -> Api {
         self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// The same client, giving up on an answer after `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Api {
+        self.agent = ureq::AgentBuilder::new()
+            .tls_config(fulcrum_shell::client::tls_config(None).unwrap())
+            .timeout(timeout)
+            .build();
         self
     }
 
