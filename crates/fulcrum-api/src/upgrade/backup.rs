@@ -17,6 +17,9 @@ use crate::error::ApiError;
 use crate::version::rfc3339;
 
 const PREFIX: &str = "config-";
+/// The backups' index in the store: every node lists every backup, and the backup check sees
+/// the ones a former leader took. The files stay on the disk of the node that wrote them.
+pub const INDEX_KIND: &str = "configbackup";
 
 fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("backups")
@@ -109,30 +112,79 @@ fn require_admin(ctx: &RequestContext) -> Result<(), ApiError> {
     }
 }
 
+/// This controller's name in the index: its cluster node name, or its address alone.
+fn node_name(app: &App) -> String {
+    app.cluster.as_ref().map_or_else(|| app.listen.ip().to_string(), |m| m.me().node)
+}
+
+/// How old the newest backup is, on this node's disk or in the index (taken on any node).
+pub fn newest_age_anywhere(app: &App, on_disk: Option<Duration>) -> Option<Duration> {
+    let now = SystemTime::now();
+    let indexed = app
+        .store
+        .read()
+        .iter(INDEX_KIND)
+        .filter_map(|r| r.value.get("created_unix").and_then(Value::as_u64))
+        .map(|secs| now.duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)).unwrap_or_default())
+        .min();
+    match (on_disk, indexed) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// `POST /api/configuration/backup`.
 pub async fn create(app: &App, ctx: &RequestContext) -> Result<Response, ApiError> {
     require_admin(ctx)?;
     let exported = export(&app.store.read(), &app.upgrade.slots.running().tag);
     let data_dir = app.data_dir.clone();
-    let name = tokio::task::spawn_blocking(move || write(&data_dir, &exported))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(ApiError::internal)?;
+    let (name, size) = tokio::task::spawn_blocking(move || {
+        let name = write(&data_dir, &exported)?;
+        let size = fs::metadata(dir(&data_dir).join(&name)).map_or(0, |m| m.len());
+        Ok::<_, String>((name, size))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::internal)?;
+    let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let record = json!({"name": name, "node": node_name(app), "size": size, "created_unix": created});
+    let uuid = name.clone();
+    app.store
+        .write(move |txn| {
+            txn.put(INDEX_KIND, &uuid, record);
+            Ok::<_, ApiError>(())
+        })
+        .await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({"name": name, "url": format!("{}/api/configuration/backup/{name}", ctx.base_url)}),
     ))
 }
 
-/// `GET /api/configuration/backup`.
+/// `GET /api/configuration/backup`: every backup of the cluster (from the index), and any
+/// file of this node's the index lacks (taken before an upgrade); newest first.
 pub fn index(app: &App, ctx: &RequestContext) -> Result<Response, ApiError> {
     require_admin(ctx)?;
-    let results: Vec<Value> = list(&app.data_dir)
-        .into_iter()
-        .map(|(name, size, modified)| {
-            json!({"name": name, "size": size, "created": rfc3339(modified), "url": format!("{}/api/configuration/backup/{name}", ctx.base_url)})
+    let url = |name: &str| format!("{}/api/configuration/backup/{name}", ctx.base_url);
+    let mut results: Vec<Value> = app
+        .store
+        .read()
+        .iter(INDEX_KIND)
+        .map(|r| {
+            let v = &r.value;
+            let created = v["created_unix"].as_u64().unwrap_or(0);
+            json!({"name": v["name"], "size": v["size"], "node": v["node"],
+                   "created": rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(created)), "url": url(&r.uuid)})
         })
         .collect();
+    let me = node_name(app);
+    for (name, size, modified) in list(&app.data_dir) {
+        if !results.iter().any(|r| r["name"] == name.as_str()) {
+            results
+                .push(json!({"name": name, "size": size, "node": me, "created": rfc3339(modified), "url": url(&name)}));
+        }
+    }
+    results.sort_by(|a, b| b["name"].as_str().cmp(&a["name"].as_str()));
     Ok(json_response(StatusCode::OK, &json!({"count": results.len(), "results": results})))
 }
 
@@ -142,8 +194,16 @@ pub fn download(app: &App, ctx: &RequestContext, name: &str) -> Result<Response,
     if !name.starts_with(PREFIX) || name.contains('/') || name.contains("..") {
         return Err(ApiError::not_found(format!("no backup '{name}'")));
     }
-    let bytes =
-        fs::read(dir(&app.data_dir).join(name)).map_err(|_| ApiError::not_found(format!("no backup '{name}'")))?;
+    let bytes = fs::read(dir(&app.data_dir).join(name)).map_err(|_| {
+        // Taken on another node: its file is there.
+        let elsewhere = app.store.read().get(INDEX_KIND, name).and_then(|r| r.value["node"].as_str().map(String::from));
+        match elsewhere {
+            Some(node) => ApiError::not_found(format!(
+                "backup '{name}' is kept on controller node '{node}'; download it from that node"
+            )),
+            None => ApiError::not_found(format!("no backup '{name}'")),
+        }
+    })?;
     let mut response = (StatusCode::OK, bytes).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)

@@ -175,8 +175,11 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
         )
     });
     let probe = app.store.write(|_| Ok::<_, ApiError>(())).await;
-    let (backup_age_secs, selinux, controller_free_disk_bytes, address_dynamic) =
+    let (backup_on_disk, selinux, controller_free_disk_bytes, address_dynamic) =
         host.await.unwrap_or((None, None, 0, None));
+    // A backup any node took counts (a former leader's included).
+    let backup_age_secs =
+        backup::newest_age_anywhere(app, backup_on_disk.map(std::time::Duration::from_secs)).map(|d| d.as_secs());
     let mut cluster_problem =
         probe.err().map(|e| format!("the controller's store does not take writes: {}", ApiError::from(e).message));
     let view = crate::system::cluster_view(app).await;
