@@ -4,6 +4,7 @@
 //! Run with `bench/run` (builds release binaries, installs etcd-server when missing).
 
 mod asyncpatch;
+mod cluster;
 mod heartbeat;
 mod patch;
 mod upgrade;
@@ -44,6 +45,32 @@ enum Which {
     Heartbeat(HeartbeatArgs),
     /// Upgrade orchestration: preview time and the overhead of a system upgrade of many SEs (issue 7).
     Upgrade(UpgradeArgs),
+    /// The controller cluster on etcd: creates, PATCH/s, and failover under load (issue 15).
+    Cluster(ClusterArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct ClusterArgs {
+    /// The controllers' `--lease-ttl` (seconds; the same default as `serve`).
+    #[arg(long, default_value_t = 2)]
+    lease_ttl: u64,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Creates with one client.
+    #[arg(long, default_value_t = 500)]
+    serial_creates: usize,
+    /// Creates with many clients.
+    #[arg(long, default_value_t = 5000)]
+    concurrent_creates: usize,
+    /// PATCHes per pool size.
+    #[arg(long, default_value_t = 4000)]
+    patches: usize,
+    /// Seconds the etcd peer may take per pool size and client count.
+    #[arg(long, default_value_t = 30)]
+    etcd_seconds: u64,
+    /// Leader kills.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -163,6 +190,13 @@ fn start_fulcrum_with(binary: &Path, key: Option<&Path>, args: &[&str]) -> Proce
         command.arg("--trusted-key").arg(key);
     }
     command.args(args);
+    let (child, url) = spawn_listening(&mut command);
+    Process { child, url, _dir: dir }
+}
+
+/// Starts `fulcrum serve` (as `command` says) and waits for the line saying where it listens;
+/// its output is drained from then on.
+pub(crate) fn spawn_listening(command: &mut Command) -> (Child, String) {
     let mut child = command
         .env("FULCRUM_ADMIN_PASSWORD", PASSWORD)
         .env("FULCRUM_LOG", "warn")
@@ -177,7 +211,7 @@ fn start_fulcrum_with(binary: &Path, key: Option<&Path>, args: &[&str]) -> Proce
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
-    Process { child, url, _dir: dir }
+    (child, url)
 }
 
 fn free_port() -> u16 {
@@ -307,6 +341,7 @@ fn main() {
         Some(Which::Upload(args)) => upload::run_upload(&cli.common, &args),
         Some(Which::Heartbeat(args)) => heartbeat::run(&cli.common, &args),
         Some(Which::Upgrade(args)) => upgrade::run(&cli.common, &args),
+        Some(Which::Cluster(args)) => cluster::run(&cli.common, &args),
         None => {
             config(&cli.common, &defaults::<ConfigArgs>());
             patch::run(&cli.common, &defaults::<PatchArgs>());
@@ -314,6 +349,7 @@ fn main() {
             upload::run_upload(&cli.common, &defaults::<UploadArgs>());
             heartbeat::run(&cli.common, &defaults::<HeartbeatArgs>());
             upgrade::run(&cli.common, &defaults::<UpgradeArgs>());
+            cluster::run(&cli.common, &defaults::<ClusterArgs>());
         }
     }
 }

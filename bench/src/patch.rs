@@ -26,7 +26,7 @@ fn write_bytes(pid: u32) -> u64 {
 
 /// Each client alternates adding its own server and deleting it again, so the pool stays at its
 /// size give or take one server per client. Returns (operations done, seconds).
-fn run_clients(
+pub(crate) fn run_clients(
     clients: usize,
     total: usize,
     max: Duration,
@@ -55,18 +55,18 @@ fn run_clients(
     (done.load(Ordering::Relaxed), started.elapsed().as_secs_f64())
 }
 
-fn own_server(client: usize) -> Value {
+pub(crate) fn own_server(client: usize) -> Value {
     json!({"ip": {"addr": format!("10.250.{client}.1"), "type": "V4"}})
 }
 
-fn seed_servers(count: usize) -> Vec<Value> {
+pub(crate) fn seed_servers(count: usize) -> Vec<Value> {
     (0..count)
         .map(|i| json!({"ip": {"addr": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), "type": "V4"}}))
         .collect()
 }
 
-struct Measured {
-    rate: f64,
+pub(crate) struct Measured {
+    pub(crate) rate: f64,
     bytes_per_op: f64,
 }
 
@@ -94,7 +94,7 @@ fn fulcrum_case(common: &Common, args: &PatchArgs, size: usize) -> Measured {
     Measured { rate: done as f64 / secs, bytes_per_op: written as f64 / done as f64 }
 }
 
-fn etcd_case(args: &PatchArgs, size: usize, stored_pool: &Value) -> (Measured, usize) {
+pub(crate) fn etcd_case(args: &PatchArgs, size: usize, stored_pool: &Value) -> (Measured, usize) {
     let etcd = start_etcd();
     let key = b64(format!("/registry/pools/pool-{size}").as_bytes());
     let mut pool = stored_pool.clone();
