@@ -44,6 +44,8 @@ pub struct ClientAddr(pub SocketAddr);
 /// State shared by all requests.
 pub struct App {
     pub store: Store,
+    /// Renderings shared by the answers of one commit (see `objects::SharedRenders`).
+    pub renders: crate::objects::SharedRenders,
     pub sessions: Sessions,
     pub throttle: Throttle,
     pub basic_cache: BasicAuthCache,
@@ -577,20 +579,9 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
                     "this node is not the leader any more; retry the request",
                 ));
             }
-            let leader = crate::cluster::leader_or_unavailable(membership).await?;
             let body = read_body(body).await?;
-            let mut changes = membership.leader_changes();
-            changes.mark_unchanged();
             let hop = crate::cluster::Hop::new(app, membership, client_addr(&parts));
-            // A leader that stopped answering (paused, partitioned) is replaced by the election:
-            // give up on it then, without committing anything here, so the client retries.
-            return tokio::select! {
-                answer = crate::forward::to_leader(&leader, &hop, &parts, body) => answer,
-                _ = changes.changed() => Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the cluster's leader changed while the request was passed on; retry it",
-                )),
-            };
+            return crate::cluster::pass_on(membership, &hop, &parts, body).await;
         }
         // A read sees every write acknowledged before it arrived, whichever node answered it.
         // Without a quorum (etcd unreachable) the catalogue is served as it is.

@@ -225,11 +225,57 @@ impl Hop {
     }
 }
 
+/// Passes a request on to the leader and returns its answer. While no leader is known, or
+/// the one known cannot be reached (it died, and its lease has not run out yet), the request
+/// waits for the next leader, for at most twice the lease's time to live: an election then
+/// costs the client time, not an error. A request that may have reached a leader is never
+/// sent twice: if that leader is replaced before it answers (paused, partitioned), the client
+/// gets a 503 and decides.
+pub async fn pass_on(
+    membership: &Membership,
+    hop: &Hop,
+    parts: &axum::http::request::Parts,
+    body: bytes::Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    let patience = membership.cluster.election.ttl() * 2 + std::time::Duration::from_secs(1);
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut changes = membership.leader_changes();
+    loop {
+        changes.mark_unchanged();
+        let Some(leader) = membership.current_leader().await else {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Err(leader_or_unavailable(membership).await.err().unwrap_or_else(no_leader));
+            }
+            continue;
+        };
+        // Finding the leader may itself have recorded it: only a change from now counts.
+        changes.mark_unchanged();
+        let answer = tokio::select! {
+            answer = crate::forward::to_leader(&leader, hop, parts, body.clone()) => answer,
+            _ = changes.changed() => return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the cluster's leader changed while the request was passed on; retry it",
+            )),
+        };
+        match answer {
+            Err(crate::forward::Undelivered::NotSent(e)) => {
+                // Nothing was sent: wait for the election to name another leader, then send it there.
+                if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                    return Err(e);
+                }
+            }
+            answer => return answer.map_err(ApiError::from),
+        }
+    }
+}
+
+fn no_leader() -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no controller leads the cluster at the moment; retry shortly")
+}
+
 /// The leader to pass a request on to, or a 503 saying there is none just now.
 pub async fn leader_or_unavailable(membership: &Membership) -> Result<fulcrum_store::election::Leader, ApiError> {
-    membership.current_leader().await.ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no controller leads the cluster at the moment; retry shortly")
-    })
+    membership.current_leader().await.ok_or_else(no_leader)
 }
 
 /// Refuses the request on a follower, naming the leader so the client knows where to go.

@@ -26,28 +26,61 @@ fn unavailable(message: String) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
 }
 
-pub async fn to_leader(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
-    tokio::time::timeout(TIMEOUT, send(leader, hop, parts, body))
-        .await
-        .map_err(|_| unavailable(format!("the leader at {} did not answer within {TIMEOUT:?}", leader.advertise)))?
+/// Why a request did not get the leader's answer.
+#[derive(Debug)]
+pub enum Undelivered {
+    /// Nothing reached the leader (no connection, no TLS session): the request may be sent
+    /// again, to this leader or the next.
+    NotSent(ApiError),
+    /// It may have reached the leader, and may have been committed.
+    Unknown(ApiError),
 }
 
-async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, ApiError> {
+impl From<Undelivered> for ApiError {
+    fn from(e: Undelivered) -> ApiError {
+        match e {
+            Undelivered::NotSent(e) | Undelivered::Unknown(e) => e,
+        }
+    }
+}
+
+pub async fn to_leader(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, Undelivered> {
+    tokio::time::timeout(TIMEOUT, send(leader, hop, parts, body)).await.map_err(|_| {
+        Undelivered::Unknown(unavailable(format!(
+            "the leader at {} did not answer within {TIMEOUT:?}",
+            leader.advertise
+        )))
+    })?
+}
+
+async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, Undelivered> {
     let (tls, rest) = match leader.advertise.split_once("://") {
         Some(("https", rest)) => (true, rest),
         Some(("http", rest)) => (false, rest),
-        _ => return Err(unavailable(format!("the leader's address '{}' is not a URL", leader.advertise))),
+        _ => {
+            let message = format!("the leader's address '{}' is not a URL", leader.advertise);
+            return Err(Undelivered::NotSent(unavailable(message)));
+        }
     };
     let authority = rest.trim_end_matches('/').to_string();
     let down = |e: &dyn std::fmt::Display| unavailable(format!("cannot reach the leader at {}: {e}", leader.advertise));
-    let tcp = tokio::net::TcpStream::connect(&authority).await.map_err(|e| down(&e))?;
+    let not_sent = |e: &dyn std::fmt::Display| Undelivered::NotSent(down(e));
+    let unknown = |e: &dyn std::fmt::Display| Undelivered::Unknown(down(e));
+    let tcp = tokio::net::TcpStream::connect(&authority).await.map_err(|e| not_sent(&e))?;
     let _ = tcp.set_nodelay(true);
-    let mut request = Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(header::HOST, &authority)
-        .header(FORWARDED, &hop.me)
-        .header(CLIENT_HEADER, &hop.client);
+    let mut request =
+        Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+            // The client's Host: the answer's URLs name the node the client talks to.
+            .header(
+                header::HOST,
+                parts.headers.get(header::HOST).cloned().unwrap_or_else(|| {
+                    HeaderValue::from_str(&authority).unwrap_or(HeaderValue::from_static("localhost"))
+                }),
+            )
+            .header(FORWARDED, &hop.me)
+            .header(CLIENT_HEADER, &hop.client);
     if let Some(secret) = &hop.secret {
         request = request.header(SECRET_HEADER, secret);
     }
@@ -57,17 +90,17 @@ async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<
             request = request.header(name, value);
         }
     }
-    let request = request.body(Full::new(body)).map_err(|e| down(&e))?;
+    let request = request.body(Full::new(body)).map_err(|e| not_sent(&e))?;
     let response = if tls {
         // Only the certificate the leader published in the election key is accepted.
         let trust = leader.pin.clone().map_or(fulcrum_tls::Trust::Any, |pin| fulcrum_tls::Trust::Pins(vec![pin]));
-        let config = fulcrum_tls::tls_config_trusting(&trust).map_err(|e| down(&e))?;
+        let config = fulcrum_tls::tls_config_trusting(&trust).map_err(|e| not_sent(&e))?;
         let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).to_string();
-        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| down(&e))?;
-        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| down(&e))?;
-        exchange(TokioIo::new(stream), request).await.map_err(|e| down(&e))?
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| not_sent(&e))?;
+        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| not_sent(&e))?;
+        exchange(TokioIo::new(stream), request).await.map_err(|e| unknown(&e))?
     } else {
-        exchange(TokioIo::new(tcp), request).await.map_err(|e| down(&e))?
+        exchange(TokioIo::new(tcp), request).await.map_err(|e| unknown(&e))?
     };
     Ok(response)
 }
@@ -87,7 +120,7 @@ pub async fn call_leader(
         .body(())
         .map_err(|e| ApiError::internal(e.to_string()))?
         .into_parts();
-    to_leader(leader, hop, &parts, body).await
+    Ok(to_leader(leader, hop, &parts, body).await?)
 }
 
 async fn exchange<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<Response, String>

@@ -129,7 +129,92 @@ fn render_one(
     render_json(Registry::get(), type_def, map, &opts, &|r| cat.get_path(r).and_then(|s| s.meta.name.clone()))
 }
 
-fn bytes_response(status: StatusCode, body: Vec<u8>) -> Response {
+/// What a request's view of an object depends on besides the object: the same key, the same
+/// bytes.
+fn view_key(ctx: &RequestContext, include_name: bool) -> String {
+    let opts = view(ctx, None, include_name);
+    format!("{}|{}|{}|{:?}", opts.base_url, opts.include_name, opts.skip_default, view_fields(ctx))
+}
+
+pub static SHARED_RENDERS: fulcrum_metrics::Counter = fulcrum_metrics::Counter::new(
+    "fulcrum_shared_renders_total",
+    "Answers of object writes by whether their rendering was made for them or shared with others of the same commit.",
+    &["outcome"],
+);
+
+/// Renderings shared by answers that show the same version of an object the same way: every
+/// PATCH of one group commit answers the same committed object, so a big pool is rendered once
+/// per commit, not once per PATCH. Keyed by the catalogue's generation (any change, a rename
+/// of a referenced object included, moves it), so a shared rendering is never stale.
+#[derive(Debug, Default)]
+pub struct SharedRenders {
+    /// The latest renderings, at most [`SHARED_RENDERINGS`]: the answers of one commit arrive
+    /// together, in a few views (one per node a client asked through), while the next commit's
+    /// may already be arriving.
+    entries: std::sync::Mutex<Vec<SharedRender>>,
+}
+
+const SHARED_RENDERINGS: usize = 16;
+
+#[derive(Debug)]
+struct SharedRender {
+    generation: u64,
+    /// Held weakly: the allocation (so its address) stays while the entry lives, the object's
+    /// memory does not.
+    object: std::sync::Weak<Stored>,
+    view: String,
+    bytes: Arc<std::sync::OnceLock<bytes::Bytes>>,
+}
+
+impl SharedRenders {
+    /// The rendering of `stored` as of `generation` seen through `view`: made by the first
+    /// caller (the others wait for it), then shared.
+    fn render(
+        &self,
+        generation: u64,
+        stored: &Arc<Stored>,
+        view: String,
+        render: impl FnOnce() -> Vec<u8>,
+    ) -> bytes::Bytes {
+        let cell = {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let found = entries.iter().find(|e| {
+                e.generation == generation && std::ptr::eq(e.object.as_ptr(), Arc::as_ptr(stored)) && e.view == view
+            });
+            match found {
+                Some(e) => e.bytes.clone(),
+                None => {
+                    if entries.len() >= SHARED_RENDERINGS
+                        && let Some(oldest) =
+                            entries.iter().enumerate().min_by_key(|(_, e)| e.generation).map(|(i, _)| i)
+                    {
+                        entries.swap_remove(oldest);
+                    }
+                    let cell = Arc::new(std::sync::OnceLock::new());
+                    entries.push(SharedRender {
+                        generation,
+                        object: Arc::downgrade(stored),
+                        view,
+                        bytes: cell.clone(),
+                    });
+                    cell
+                }
+            }
+        };
+        let mut made = false;
+        let bytes = cell
+            .get_or_init(|| {
+                made = true;
+                bytes::Bytes::from(render())
+            })
+            .clone();
+        SHARED_RENDERS.add(&[if made { "made" } else { "shared" }], 1);
+        bytes
+    }
+}
+
+fn bytes_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
+    let body: axum::body::Body = body.into();
     let mut response = (status, body).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
@@ -719,24 +804,38 @@ pub async fn patch(
             let tenant = existing.meta.tenant.clone();
             drop(existing);
             let new_stamp = txn.timestamp_micros();
-            txn.edit_with(type_def.path, &uuid, |txn, value| {
+            txn.edit_with_scratch(type_def.path, &uuid, |txn, value, scratch| {
                 let object = value.as_object_mut().ok_or_else(|| ApiError::internal("stored object is not a map"))?;
                 let original = cfg!(debug_assertions).then(|| object.clone());
                 let schema = Registry::get().schema_of(type_def);
-                let done = fulcrum_patch::apply_in_place(schema, object, &patch, &mut |kind, r| {
-                    resolve_ref(txn, &tenant, kind, r)
-                })
+                // The list indexes the batch's earlier PATCHes of this object kept (a refused
+                // PATCH loses them, with the batch's scratch).
+                if !scratch.as_ref().is_some_and(|s| s.is::<fulcrum_patch::ListIndexes>()) {
+                    *scratch = Some(Box::new(fulcrum_patch::ListIndexes::default()));
+                }
+                let indexes = scratch
+                    .as_mut()
+                    .and_then(|s| s.downcast_mut::<fulcrum_patch::ListIndexes>())
+                    .expect("put there above");
+                let done = fulcrum_patch::apply_in_place_indexed(
+                    schema,
+                    object,
+                    &patch,
+                    &mut |kind, r| resolve_ref(txn, &tenant, kind, r),
+                    indexes,
+                )
                 .map_err(patch_error)?;
                 // The object was valid before: checking what the patch touched keeps it valid.
-                let checked =
-                    fulcrum_patch::validate(schema, object, &done.touched).map_err(patch_error).and_then(|()| {
+                let checked = fulcrum_patch::validate_indexed(schema, object, &done.touched, indexes)
+                    .map_err(patch_error)
+                    .and_then(|()| {
                         let touched = fulcrum_patch::touched_fields(&done.touched);
                         if let Some(field) = touched.iter().find(|f| schema.field(f).is_some_and(|d| d.read_only)) {
                             return Err(ApiError::bad_request(format!(
                                 "field '{field}' is set by the controller and cannot be changed"
                             )));
                         }
-                        resolve_fields(txn, type_def, object, &touched, &tenant)?;
+                        resolve_touched(txn, type_def, object, &done.touched, &tenant)?;
                         if touched.iter().any(|f| f == "name") {
                             check_name(txn, type_def, &tenant, object, &uuid)?;
                         }
@@ -770,7 +869,8 @@ pub async fn patch(
                         "incremental validation agrees with whole"
                     );
                 }
-                Ok((Some(edits), ()))
+                let same_meta = index_entry_unchanged(schema, object, &done);
+                Ok((Some(edits), (), same_meta))
             })
             .unwrap_or_else(|| Err(not_found(type_def, &uuid)))
         })
@@ -779,7 +879,89 @@ pub async fn patch(
     // were committed with it).
     let cat = app.store.read();
     let stored = cat.get(type_def.path, &target).ok_or_else(|| not_found(type_def, &target))?;
-    Ok(bytes_response(StatusCode::OK, render_one(ctx, &cat, type_def, stored, true)))
+    let body = app
+        .renders
+        .render(cat.generation(), stored, view_key(ctx, true), || render_one(ctx, &cat, type_def, stored, true));
+    Ok(bytes_response(StatusCode::OK, body))
+}
+
+/// Whether a PATCH left the object's index entry (name, tenant, references) as it was: it only
+/// added, updated or removed list entries that hold no reference, before or after. Then the
+/// store need not walk the whole object to index it again. Checked on the touched entries
+/// alone; anything else (a field rewritten, removals mixed with additions, whose recorded
+/// positions may have moved) says no.
+fn index_entry_unchanged(
+    schema: &fulcrum_schema::ObjectSchema,
+    object: &Map<String, Value>,
+    done: &fulcrum_patch::InPlace,
+) -> bool {
+    use fulcrum_patch::{Touch, Undo};
+    let reg = Registry::get();
+    let no_refs = |field: &str, entry: &Value| {
+        let mut holder = Map::new();
+        holder.insert(field.to_string(), Value::Array(vec![entry.clone()]));
+        let mut found = false;
+        for_each_ref(reg, schema, &holder, &mut |_, _| found = true);
+        !found
+    };
+    let removes = done.touched.iter().any(|t| matches!(t, Touch::Remove(..)));
+    let adds = done.touched.iter().any(|t| matches!(t, Touch::Append(..) | Touch::Entry(..)));
+    if removes && adds {
+        return false;
+    }
+    let touched_ok = done.touched.iter().all(|t| match t {
+        Touch::Field(_) => false,
+        Touch::Append(f, i) | Touch::Entry(f, i) => {
+            object.get(f).and_then(|l| l.get(*i)).is_some_and(|e| no_refs(f, e))
+        }
+        Touch::Remove(..) => true,
+    });
+    touched_ok
+        && done.undo.iter().all(|u| match u {
+            Undo::Insert(f, _, before) | Undo::Entry(f, _, before) => no_refs(f, before),
+            Undo::Field(..) | Undo::RemoveAt(..) => false,
+            Undo::Pop(_) => true,
+        })
+}
+
+/// Resolves the references of what a PATCH touched: whole fields, or only the list entries it
+/// added or updated (the rest of the list was resolved already).
+fn resolve_touched(
+    txn: &Txn<'_>,
+    type_def: &TypeDef,
+    object: &mut Map<String, Value>,
+    touched: &[fulcrum_patch::Touch],
+    tenant: &str,
+) -> Result<(), ApiError> {
+    use fulcrum_patch::Touch;
+    for field in fulcrum_patch::touched_fields(touched) {
+        let whole = touched.iter().any(|t| matches!(t, Touch::Field(f) | Touch::Remove(f, _) if *f == field));
+        if whole || !object.get(&field).is_some_and(Value::is_array) {
+            resolve_fields(txn, type_def, object, std::slice::from_ref(&field), tenant)?;
+            continue;
+        }
+        let mut entries: Vec<usize> = touched
+            .iter()
+            .filter_map(|t| match t {
+                Touch::Append(f, i) | Touch::Entry(f, i) if *f == field => Some(*i),
+                _ => None,
+            })
+            .collect();
+        entries.sort_unstable();
+        entries.dedup();
+        for i in entries {
+            let Some(slot) = object.get_mut(&field).and_then(|l| l.get_mut(i)) else { continue };
+            let mut part = Map::new();
+            part.insert(field.clone(), Value::Array(vec![std::mem::take(slot)]));
+            let outcome = resolve_refs(txn, type_def, &mut part, tenant);
+            let entry = part.remove(&field).and_then(|l| l.as_array().and_then(|a| a.first().cloned()));
+            if let Some(slot) = object.get_mut(&field).and_then(|l| l.get_mut(i)) {
+                *slot = entry.unwrap_or_default();
+            }
+            outcome?;
+        }
+    }
+    Ok(())
 }
 
 /// Resolves the references of some top-level fields in place (the others are resolved already).
@@ -806,5 +988,43 @@ fn patch_error(e: fulcrum_patch::PatchError) -> ApiError {
     match e {
         fulcrum_patch::PatchError::Invalid(m) => ApiError::bad_request(m),
         fulcrum_patch::PatchError::TestFailed(m) => ApiError::conflict(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(value: Value) -> Arc<Stored> {
+        let meta = fulcrum_store::Meta { tenant: String::new(), name: None, refs: vec![] };
+        Arc::new(Stored { kind: "pool".into(), uuid: "p".into(), value, meta })
+    }
+
+    #[test]
+    fn a_rendering_is_shared_only_by_the_same_version_generation_and_view() {
+        let renders = SharedRenders::default();
+        let calls = std::cell::Cell::new(0);
+        let render = |text: &str| {
+            calls.set(calls.get() + 1);
+            text.as_bytes().to_vec()
+        };
+        let v1 = stored(json!({"n": 1}));
+        assert_eq!(renders.render(7, &v1, "view".into(), || render("one")), "one");
+        assert_eq!(renders.render(7, &v1, "view".into(), || render("again")), "one", "shared within a generation");
+        assert_eq!(calls.get(), 1);
+        assert_eq!(renders.render(7, &v1, "other view".into(), || render("two")), "two");
+        assert_eq!(renders.render(8, &v1, "other view".into(), || render("three")), "three", "a new generation");
+        // Another version of the object, even at a recycled address, is never served the old bytes.
+        let v2 = stored(json!({"n": 2}));
+        assert_eq!(renders.render(8, &v2, "other view".into(), || render("four")), "four");
+        assert_eq!(calls.get(), 4);
+        assert_eq!(renders.entries.lock().unwrap().len(), 4);
+        // At most so many are kept, the oldest generations going first.
+        for g in 100..(100 + SHARED_RENDERINGS as u64) {
+            renders.render(g, &v2, "v".into(), || render("x"));
+        }
+        let kept: Vec<u64> = renders.entries.lock().unwrap().iter().map(|e| e.generation).collect();
+        assert_eq!(kept.len(), SHARED_RENDERINGS);
+        assert!(kept.iter().all(|g| *g >= 100), "{kept:?}");
     }
 }

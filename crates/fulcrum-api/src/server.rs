@@ -184,6 +184,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     }
     let app = Arc::new(App {
         store,
+        renders: Default::default(),
         sessions: Sessions::default(),
         throttle: Throttle::default(),
         basic_cache: BasicAuthCache::default(),

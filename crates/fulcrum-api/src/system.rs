@@ -273,6 +273,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     HTTP_SECONDS.render(&mut out);
     fulcrum_store::writer::COMMIT_SECONDS.render(&mut out);
     fulcrum_store::writer::COMMIT_BATCH_SIZE.render(&mut out);
+    crate::objects::SHARED_RENDERS.render(&mut out);
     crate::asyncpatch::QUEUE_DEPTH.render(&mut out);
     crate::asyncpatch::MERGE_SECONDS.render(&mut out);
     crate::asyncpatch::MERGED_PER_CYCLE.render(&mut out);

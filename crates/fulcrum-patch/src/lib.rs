@@ -119,6 +119,42 @@ impl InPlace {
     }
 }
 
+/// Key → position of the entries of an object's keyed top-level lists. Kept with the object
+/// from one PATCH to the next (the writer keeps it for a group commit), it makes matching an
+/// entry, and checking that an added one is unique, cost O(1) instead of a scan of the list.
+/// It describes the object it was built for and the patches applied since; after a rollback
+/// (or any change made without it) it must be dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListIndexes {
+    lists: HashMap<String, HashMap<String, usize>>,
+    /// Fields of the object the indexed keys fall back on (a pool's `default_server_port`).
+    parents: Vec<&'static str>,
+}
+
+impl ListIndexes {
+    /// Where the entry with this key is in list `field`, if the index covers that list.
+    pub fn position(&self, field: &str, key: &str) -> Option<Option<usize>> {
+        self.lists.get(field).map(|index| index.get(key).copied())
+    }
+
+    /// The lists it covers.
+    pub fn lists(&self) -> impl Iterator<Item = &str> {
+        self.lists.keys().map(String::as_str)
+    }
+
+    /// The index of a list built from scratch; `None` when two entries share a key (an index
+    /// could not tell them apart: the list is then scanned).
+    fn build(items: &[Value], key_of: &dyn Fn(&Value) -> String) -> Option<HashMap<String, usize>> {
+        let mut index = HashMap::with_capacity(items.len());
+        for (i, entry) in items.iter().enumerate() {
+            if index.insert(key_of(entry), i).is_some() {
+                return None;
+            }
+        }
+        Some(index)
+    }
+}
+
 /// Takes back a patch applied in place, restoring the object exactly.
 pub fn rollback(object: &mut Map<String, Value>, undo: Vec<Undo>) {
     for step in undo.into_iter().rev() {
@@ -269,6 +305,7 @@ struct Engine<'a, 'r> {
     resolve: Resolver<'r>,
     touched: &'a mut Vec<Touch>,
     undo: &'a mut Vec<Undo>,
+    indexes: &'a mut ListIndexes,
 }
 
 fn join(parent: &str, name: &str) -> String {
@@ -296,8 +333,21 @@ pub fn apply_in_place(
     patch: &Patch,
     resolve: Resolver<'_>,
 ) -> Result<InPlace, PatchError> {
+    apply_in_place_indexed(schema, object, patch, resolve, &mut ListIndexes::default())
+}
+
+/// [`apply_in_place`] with the object's list indexes (built as needed, kept up to date). On
+/// error the object is restored and `indexes` emptied.
+pub fn apply_in_place_indexed(
+    schema: &ObjectSchema,
+    object: &mut Map<String, Value>,
+    patch: &Patch,
+    resolve: Resolver<'_>,
+    indexes: &mut ListIndexes,
+) -> Result<InPlace, PatchError> {
     let mut done = InPlace::default();
-    let mut engine = Engine { reg: Registry::get(), resolve, touched: &mut done.touched, undo: &mut done.undo };
+    let mut engine =
+        Engine { reg: Registry::get(), resolve, touched: &mut done.touched, undo: &mut done.undo, indexes };
     let result = match patch {
         Patch::Classic { op, fields } => engine.classic(schema, object, *op, fields, "", None),
         Patch::Json(ops) => ops.iter().enumerate().try_for_each(|(i, op)| {
@@ -311,6 +361,7 @@ pub fn apply_in_place(
         Ok(()) => Ok(done),
         Err(e) => {
             rollback(object, done.undo);
+            indexes.lists.clear();
             Err(e)
         }
     }
@@ -326,10 +377,19 @@ impl Engine<'_, '_> {
     }
 
     fn touch(&mut self, top: Option<&str>, name: &str, touch: impl FnOnce(String) -> Touch) {
-        match top {
-            Some(top) => self.touched.push(Touch::Field(top.to_string())),
-            None => self.touched.push(touch(name.to_string())),
+        let touch = match top {
+            Some(top) => Touch::Field(top.to_string()),
+            None => touch(name.to_string()),
+        };
+        // A field rewritten as a whole may be an indexed list, or a parent value keys fall back
+        // on (a pool's default_server_port): those indexes no longer hold.
+        if let Touch::Field(field) = &touch {
+            if self.indexes.parents.contains(&field.as_str()) {
+                self.indexes.lists.clear();
+            }
+            self.indexes.lists.remove(field);
         }
+        self.touched.push(touch);
     }
 
     /// A value checked against its kind, with its references resolved.
@@ -482,6 +542,19 @@ impl Engine<'_, '_> {
             object.insert(name.to_string(), Value::Array(vec![]));
         }
         let record = top.is_none();
+        // A top-level list is matched through the object's kept index; a nested one through an
+        // index of this request (for many entries) or a scan.
+        if record && !self.indexes.lists.contains_key(name) {
+            let items_now = object.get(name).and_then(Value::as_array).expect("made a list above");
+            if let Some(index) = ListIndexes::build(items_now, &key_of) {
+                self.indexes.lists.insert(name.to_string(), index);
+                for (_, parent) in spec.key_defaults {
+                    if !self.indexes.parents.contains(parent) {
+                        self.indexes.parents.push(parent);
+                    }
+                }
+            }
+        }
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut indexed = false;
         for (i, raw) in items.iter().enumerate() {
@@ -502,8 +575,11 @@ impl Engine<'_, '_> {
                 }
             };
             let items_now = object.get_mut(name).and_then(Value::as_array_mut).expect("made a list above");
-            let key = if items.len() > SCAN_LIMIT { key_of(&entry) } else { String::new() };
-            let found = if items.len() > SCAN_LIMIT {
+            let kept = if record { self.indexes.lists.get_mut(name) } else { None };
+            let key = if kept.is_some() || items.len() > SCAN_LIMIT { key_of(&entry) } else { String::new() };
+            let found = if let Some(kept) = &kept {
+                kept.get(&key).copied()
+            } else if items.len() > SCAN_LIMIT {
                 if !indexed {
                     index = items_now.iter().enumerate().map(|(i, e)| (key_of(e), i)).collect();
                     indexed = true;
@@ -529,7 +605,14 @@ impl Engine<'_, '_> {
                         self.undo.push(Undo::Pop(name.to_string()));
                     }
                     let pos = items_now.len() - 1;
-                    index.insert(key, pos);
+                    match kept {
+                        Some(kept) => {
+                            kept.insert(key, pos);
+                        }
+                        None => {
+                            index.insert(key, pos);
+                        }
+                    }
                     self.touch(top, name, |n| Touch::Append(n, pos));
                 }
                 (Op::Delete, Some(pos)) => {
@@ -537,7 +620,14 @@ impl Engine<'_, '_> {
                     if record {
                         self.undo.push(Undo::Insert(name.to_string(), pos, removed));
                     }
-                    indexed = false;
+                    match kept {
+                        // The entries after it moved up by one.
+                        Some(kept) => {
+                            kept.remove(&key);
+                            kept.values_mut().filter(|p| **p > pos).for_each(|p| *p -= 1);
+                        }
+                        None => indexed = false,
+                    }
                     self.touch(top, name, |n| Touch::Remove(n, pos));
                 }
                 // Deleting an entry that is not there changes nothing.
@@ -615,6 +705,8 @@ impl Engine<'_, '_> {
         op: &JsonOp,
         rest: &[String],
     ) -> Result<(), PatchError> {
+        // Entries added, moved or removed by position: the list's index is rebuilt when next needed.
+        self.indexes.lists.remove(name);
         let fallbacks = key_fallbacks(spec, schema, object);
         if !object.get(name).is_some_and(Value::is_array) {
             self.save_field(None, object, name);
@@ -714,6 +806,18 @@ pub fn touched_fields(touched: &[Touch]) -> Vec<String> {
 /// maximum and unique keys), then the schema's object hook runs. The cost follows the size of
 /// the change, not of the object, except for the O(n) list rules.
 pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched: &[Touch]) -> Result<(), PatchError> {
+    validate_indexed(schema, object, touched, &ListIndexes::default())
+}
+
+/// [`validate`] with the object's list indexes as [`apply_in_place_indexed`] left them: an
+/// added entry is then checked unique, and a hook that only fills in list entries run, in
+/// O(1) per touched entry.
+pub fn validate_indexed(
+    schema: &ObjectSchema,
+    object: &mut Map<String, Value>,
+    touched: &[Touch],
+    indexes: &ListIndexes,
+) -> Result<(), PatchError> {
     let reg = Registry::get();
     for name in touched_fields(touched) {
         let field = schema.field(&name).ok_or_else(|| invalid(format!("field '{name}': unknown field")))?;
@@ -754,7 +858,27 @@ pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched:
         }
     }
     if let Some(hook) = schema.hook {
-        hook(object).map_err(invalid)?;
+        // Only entries of the hook's list were added or updated (none removed, so the indices
+        // recorded still name them): fill in those, not the whole list. Entries only removed:
+        // the others were filled in before.
+        let only = |list: &str, removed: bool| {
+            touched.iter().all(|t| match t {
+                Touch::Append(f, _) | Touch::Entry(f, _) => !removed && f == list,
+                Touch::Remove(f, _) => removed && f == list,
+                Touch::Field(_) => false,
+            })
+        };
+        match schema.entry_hook {
+            Some(entry_hook) if only(entry_hook.list, true) => {}
+            Some(entry_hook) if only(entry_hook.list, false) => {
+                for t in touched {
+                    if let Touch::Append(_, i) | Touch::Entry(_, i) = t {
+                        (entry_hook.fill)(object, *i);
+                    }
+                }
+            }
+            _ => hook(object).map_err(invalid)?,
+        }
     }
     for name in touched_fields(touched) {
         let (Some(field), Some(Value::Array(items))) = (schema.field(&name), object.get(&name)) else { continue };
@@ -764,12 +888,19 @@ pub fn validate(schema: &ObjectSchema, object: &mut Map<String, Value>, touched:
             check_unique_keys(spec, items, object, &name)?;
             continue;
         }
-        // Only the touched entries can have brought a duplicate.
+        // Only the touched entries can have brought a duplicate. An entry the index holds at
+        // its own position has a key no other entry has.
         let fallbacks = key_fallbacks(spec, schema, object);
+        let unique_by_index = |i: usize, entry: &Value| {
+            let key =
+                entry_key_with(&spec.key, entry, &|p| key_part(entry, p, &fallbacks).cloned()).unwrap_or_default();
+            indexes.position(&name, &key) == Some(Some(i))
+        };
         for t in touched {
             if let Touch::Append(f, i) | Touch::Entry(f, i) = t
                 && *f == name
                 && let Some(entry) = items.get(*i)
+                && !unique_by_index(*i, entry)
                 && let Some(j) =
                     items.iter().enumerate().position(|(j, e)| j != *i && same_key(spec, e, entry, &fallbacks))
             {

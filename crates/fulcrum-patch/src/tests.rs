@@ -426,3 +426,105 @@ proptest! {
         }
     }
 }
+
+/// One step of a random PATCH sequence on a pool.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Classic add or delete of servers (host, optional port).
+    Servers(bool, Vec<(u8, Option<u16>)>),
+    /// A new default_server_port (keys of servers without a port fall back on it).
+    DefaultPort(u16),
+    /// A json_patch removal by position, or an append.
+    JsonRemove(usize),
+    JsonAppend(u8),
+    /// A scalar that has nothing to do with the list.
+    Description(u8),
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    let server = (0u8..12, proptest::option::of(prop_oneof![Just(80u16), Just(8080u16)]));
+    prop_oneof![
+        4 => (any::<bool>(), proptest::collection::vec(server, 1..4)).prop_map(|(add, s)| Step::Servers(add, s)),
+        1 => prop_oneof![Just(80u16), Just(8080u16)].prop_map(Step::DefaultPort),
+        1 => (0usize..8).prop_map(Step::JsonRemove),
+        1 => (0u8..12).prop_map(Step::JsonAppend),
+        1 => any::<u8>().prop_map(Step::Description),
+    ]
+}
+
+fn step_body(step: &Step) -> (Value, bool) {
+    let server = |h: u8, port: Option<u16>| {
+        let mut s = json!({"ip": {"addr": format!("10.1.0.{h}"), "type": "V4"}});
+        if let Some(p) = port {
+            s["port"] = json!(p);
+        }
+        s
+    };
+    match step {
+        Step::Servers(add, servers) => {
+            let list: Vec<Value> = servers.iter().map(|(h, p)| server(*h, *p)).collect();
+            (json!({if *add { "add" } else { "delete" }: {"servers": list}}), false)
+        }
+        Step::DefaultPort(p) => (json!({"replace": {"default_server_port": p}}), false),
+        Step::JsonRemove(i) => (json!([{"op": "remove", "path": format!("/servers/{i}")}]), true),
+        Step::JsonAppend(h) => (json!([{"op": "add", "path": "/servers/-", "value": server(*h, Some(80))}]), true),
+        Step::Description(d) => (json!({"replace": {"description": format!("d{d}")}}), false),
+    }
+}
+
+/// A PATCH as the controller applies it (in place, validated, rolled back when refused), with
+/// or without kept indexes.
+fn apply_step(
+    object: &mut Map<String, Value>,
+    step: &Step,
+    indexes: Option<&mut ListIndexes>,
+) -> Result<(), PatchError> {
+    let schema = reg().schema("Pool");
+    let (body, json_patch) = step_body(step);
+    let p = parse(&body, json_patch)?;
+    let mut fresh = ListIndexes::default();
+    let indexes = indexes.unwrap_or(&mut fresh);
+    let done = apply_in_place_indexed(schema, object, &p, &mut resolver(), indexes)?;
+    if let Err(e) = validate_indexed(schema, object, &done.touched, indexes) {
+        rollback(object, done.undo);
+        *indexes = ListIndexes::default();
+        return Err(e);
+    }
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn kept_list_indexes_agree_with_a_scan_after_any_sequence_of_patches(
+        seed in proptest::collection::btree_set(0u8..12, 0..6),
+        steps in proptest::collection::vec(step_strategy(), 1..40),
+    ) {
+        let servers: Vec<(String, u16)> = seed.iter().map(|h| (format!("10.1.0.{h}"), 80)).collect();
+        let start = pool(&servers.iter().map(|(a, p)| (a.as_str(), *p)).collect::<Vec<_>>());
+        let (mut indexed, mut scanned) = (start.clone(), start);
+        let mut indexes = ListIndexes::default();
+        for step in &steps {
+            let a = apply_step(&mut indexed, step, Some(&mut indexes));
+            let b = apply_step(&mut scanned, step, None);
+            prop_assert_eq!(&a, &b, "{:?}", step);
+            prop_assert_eq!(&indexed, &scanned, "{:?}", step);
+            // What the index holds is what a scan finds: every entry at its position.
+            let schema = reg().schema("Pool");
+            let Some(fulcrum_schema::Field { kind: Kind::List(spec), .. }) = schema.field("servers") else { unreachable!() };
+            let fallbacks = key_fallbacks(spec, schema, &indexed);
+            let items = indexed["servers"].as_array().cloned().unwrap_or_default();
+            if indexes.lists().any(|l| l == "servers") {
+                for (i, entry) in items.iter().enumerate() {
+                    let key = entry_key_with(&spec.key, entry, &|p| key_part(entry, p, &fallbacks).cloned()).unwrap();
+                    prop_assert_eq!(indexes.position("servers", &key), Some(Some(i)), "{:?}", step);
+                }
+                let fresh = ListIndexes::build(&items, &|e| {
+                    entry_key_with(&spec.key, e, &|p| key_part(e, p, &fallbacks).cloned()).unwrap()
+                });
+                prop_assert_eq!(fresh.as_ref(), indexes.lists.get("servers"), "{:?}", step);
+            }
+            // And the object stays valid as a whole.
+            prop_assert!(normalize(reg(), schema, &Value::Object(indexed.clone())).is_ok());
+        }
+    }
+}

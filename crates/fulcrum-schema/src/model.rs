@@ -89,11 +89,22 @@ impl Field {
 /// pool's `default_server_port`). Runs after the fields are checked and defaulted.
 pub type Hook = fn(&mut Map<String, Value>) -> Result<(), String>;
 
+/// The part of a [`Hook`] that concerns one entry of one list (the hook is this, for every
+/// entry): a PATCH that only touched some entries runs it on those alone.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryHook {
+    pub list: &'static str,
+    /// Fills in entry `index` of the list, from the object's other fields.
+    pub fill: fn(&mut Map<String, Value>, usize),
+}
+
 #[derive(Debug, Clone)]
 pub struct ObjectSchema {
     pub name: &'static str,
     pub fields: Vec<Field>,
     pub hook: Option<Hook>,
+    /// Set when `hook` only fills in entries of one list.
+    pub entry_hook: Option<EntryHook>,
 }
 
 impl ObjectSchema {

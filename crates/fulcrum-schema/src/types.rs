@@ -103,7 +103,7 @@ const U16: (i64, i64) = (1, 65535);
 const U32_MAX: i64 = u32::MAX as i64;
 
 fn schema(name: &'static str, fields: Vec<Field>) -> ObjectSchema {
-    ObjectSchema { name, fields, hook: None }
+    ObjectSchema { name, fields, hook: None, entry_hook: None }
 }
 
 fn api_type(path: &'static str, schema: &'static str, scope: Scope) -> TypeDef {
@@ -135,19 +135,26 @@ fn check_ip_addr(obj: &mut Map<String, Value>) -> Result<(), String> {
 /// A server without a port takes the pool's `default_server_port`; its hostname defaults to
 /// its address, as the controller stores it.
 fn fill_pool_servers(pool: &mut Map<String, Value>) -> Result<(), String> {
-    let default_port = pool.get("default_server_port").cloned().unwrap_or(json!(80));
-    if let Some(Value::Array(servers)) = pool.get_mut("servers") {
-        for server in servers.iter_mut().filter_map(Value::as_object_mut) {
-            if !server.contains_key("port") {
-                server.insert("port".into(), default_port.clone());
-            }
-            if !server.contains_key("hostname") {
-                let addr = server.get("ip").and_then(|ip| ip.get("addr")).cloned().unwrap_or(Value::Null);
-                server.insert("hostname".into(), addr);
-            }
-        }
+    let count = pool.get("servers").and_then(Value::as_array).map_or(0, Vec::len);
+    for index in 0..count {
+        fill_pool_server(pool, index);
     }
     Ok(())
+}
+
+/// A server's port defaults to the pool's `default_server_port`, its hostname to its address.
+fn fill_pool_server(pool: &mut Map<String, Value>, index: usize) {
+    let default_port = pool.get("default_server_port").cloned().unwrap_or(json!(80));
+    let Some(server) = pool.get_mut("servers").and_then(|s| s.get_mut(index)).and_then(Value::as_object_mut) else {
+        return;
+    };
+    if !server.contains_key("port") {
+        server.insert("port".into(), default_port);
+    }
+    if !server.contains_key("hostname") {
+        let addr = server.get("ip").and_then(|ip| ip.get("addr")).cloned().unwrap_or(Value::Null);
+        server.insert("hostname".into(), addr);
+    }
 }
 
 fn check_merge_period(props: &mut Map<String, Value>) -> Result<(), String> {
@@ -253,12 +260,14 @@ fn sub_schemas() -> Vec<ObjectSchema> {
             name: "IpAddr",
             fields: vec![f("addr", s()).required(), f("type", en(&["V4", "DNS", "V6"])).required()],
             hook: Some(check_ip_addr),
+            entry_hook: None,
         },
         schema("IpAddrPrefix", vec![f("ip_addr", o("IpAddr")).required(), f("mask", int(0, 128)).required()]),
         ObjectSchema {
             name: "IpAddrRange",
             fields: vec![f("begin", o("IpAddr")).required(), f("end", o("IpAddr")).required()],
             hook: Some(check_range),
+            entry_hook: None,
         },
         schema(
             "IpAddrPort",
@@ -678,6 +687,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("created_by", s()),
             ]),
             hook: Some(fill_pool_servers),
+            entry_hook: Some(crate::model::EntryHook { list: "servers", fill: fill_pool_server }),
         },
         schema(
             "VsVip",
@@ -742,6 +752,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("tcp_monitor", o("HealthMonitorTcp")),
             ]),
             hook: Some(fill_health_monitor),
+            entry_hook: None,
         },
         schema(
             "ServiceEngineGroup",
@@ -1012,6 +1023,7 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("system_report_limit", int(5, 100)).default(10),
             ],
             hook: Some(check_merge_period),
+            entry_hook: None,
         },
         schema(
             "Cluster",

@@ -64,9 +64,16 @@ pub struct Catalogue {
     tables: HashMap<String, Table>,
     /// target path → paths of the objects that refer to it.
     referrers: HashMap<String, BTreeSet<String>>,
+    /// How many changes were applied: what was rendered from one generation holds until the next.
+    generation: u64,
 }
 
 impl Catalogue {
+    /// Changes so far; any change (of any object, a rename of a referenced one included) moves it.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn get(&self, kind: &str, uuid: &str) -> Option<&Arc<Stored>> {
         self.tables.get(kind)?.objects.get(uuid)
     }
@@ -99,6 +106,7 @@ impl Catalogue {
 
     /// Applies a committed change; returns the object version it replaced or removed.
     pub fn apply(&mut self, change: &Change) -> Option<Arc<Stored>> {
+        self.generation += 1;
         match change {
             Change::Put(stored) | Change::Edit { stored, .. } => {
                 let old = self.remove(&stored.kind, &stored.uuid);
@@ -115,6 +123,33 @@ impl Catalogue {
             }
             Change::Delete { kind, uuid } => self.remove(kind, uuid),
         }
+    }
+
+    /// Edits a committed object where it lies, when no reader holds it (a reader holds a clone
+    /// of its `Arc` while it uses it, and can never see it change): `None` when it is shared or
+    /// absent, and the caller copies it instead. Re-indexes it if its index entry changed.
+    pub fn edit_unshared<E>(
+        &mut self,
+        kind: &str,
+        uuid: &str,
+        indexer: &Indexer,
+        edit: impl FnOnce(&mut Value) -> Result<(), E>,
+    ) -> Option<Result<(), E>> {
+        let stored = Arc::get_mut(self.tables.get_mut(kind)?.objects.get_mut(uuid)?)?;
+        self.generation += 1;
+        if let Err(e) = edit(&mut stored.value) {
+            return Some(Err(e));
+        }
+        let meta = indexer(kind, &stored.value);
+        if meta != stored.meta {
+            // Taken out under its old entry, put back under the new one.
+            let mut arc = self.remove(kind, uuid).expect("found above");
+            if let Some(stored) = Arc::get_mut(&mut arc) {
+                stored.meta = meta;
+            }
+            self.apply(&Change::Put(arc));
+        }
+        Some(Ok(()))
     }
 
     fn remove(&mut self, kind: &str, uuid: &str) -> Option<Arc<Stored>> {
@@ -154,6 +189,41 @@ mod tests {
                 refs: refs.iter().map(|r| r.to_string()).collect(),
             },
         }))
+    }
+
+    #[test]
+    fn an_object_nobody_holds_is_edited_in_place_and_reindexed() {
+        let indexer: Indexer = Arc::new(|_, v: &Value| Meta {
+            tenant: "t".into(),
+            name: v.get("name").and_then(Value::as_str).map(String::from),
+            refs: vec![],
+        });
+        let mut c = Catalogue::default();
+        let body = serde_json::json!({"name": "a", "n": 1});
+        let meta = indexer("pool", &body);
+        c.apply(&Change::Put(Arc::new(Stored { kind: "pool".into(), uuid: "p1".into(), value: body, meta })));
+        let before = c.generation();
+        // A reader holds it: nothing is edited under it.
+        let held = c.get("pool", "p1").cloned().unwrap();
+        let bump = |v: &mut Value| -> Result<(), ()> {
+            v["n"] = 2.into();
+            Ok(())
+        };
+        assert!(c.edit_unshared("pool", "p1", &indexer, bump).is_none());
+        assert_eq!(held.value["n"], 1);
+        drop(held);
+        // Nobody does: edited where it lies, and found under its new name.
+        let edit = |v: &mut Value| -> Result<(), ()> {
+            v["n"] = 3.into();
+            v["name"] = "b".into();
+            Ok(())
+        };
+        assert_eq!(c.edit_unshared("pool", "p1", &indexer, edit), Some(Ok(())));
+        assert!(c.generation() > before, "a change moves the generation");
+        assert_eq!(c.get("pool", "p1").unwrap().value["n"], 3);
+        assert!(c.find_by_name("pool", "t", "a").is_none());
+        assert_eq!(c.find_by_name("pool", "t", "b").unwrap().uuid, "p1");
+        assert!(c.edit_unshared("pool", "nope", &indexer, |_| Ok::<_, ()>(())).is_none());
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub struct Election {
 }
 
 impl Election {
+    /// The lease's time to live: how long a dead leader is taken for alive at most.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub fn new(client: Client, key: &str, me: Leader, ttl: Duration, fence: Arc<Fence>) -> Election {
         Election { client, key: key.to_string(), me: std::sync::Mutex::new(me), ttl, fence }
     }

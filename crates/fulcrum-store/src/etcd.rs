@@ -218,7 +218,9 @@ impl EtcdBackend {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(5))
             .with_timeout(OPERATION_TIMEOUT)
-            .with_keep_alive(std::time::Duration::from_secs(2), std::time::Duration::from_secs(4));
+            // etcd answers pings more frequent than every 5 s (its --grpc-keepalive-min-time)
+            // with GOAWAY, which would break the catalogue's watch every few seconds.
+            .with_keep_alive(std::time::Duration::from_secs(6), std::time::Duration::from_secs(4));
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| StoreError::Open(format!("etcd at {}: {e}", endpoints.join(","))))?;
@@ -387,6 +389,14 @@ struct Plan {
 
 /// Applies every commit under the prefix to the catalogue, in etcd's order, one commit (one
 /// revision) at a time under the catalogue's lock, so a read sees a commit whole or not at all.
+/// What one revision does to one object, as the catalogue feed applies it.
+enum Action {
+    Put(Value),
+    Delete,
+    /// Edit logs, in order.
+    Edit(Vec<Value>),
+}
+
 struct Feed {
     client: Client,
     prefix: String,
@@ -396,6 +406,7 @@ struct Feed {
     applied: Arc<crate::Applied>,
     /// Chunk values seen but not yet claimed by a record.
     chunks: HashMap<String, Vec<u8>>,
+    reclaim: std::sync::mpsc::Sender<Vec<Arc<Stored>>>,
 }
 
 impl Feed {
@@ -436,7 +447,13 @@ impl Feed {
                     }
                     group.push(events.next().expect("peeked"));
                 }
-                self.apply(&group, revision)?;
+                if let Err(e) = self.apply(&group, revision) {
+                    // An edit that did not apply may have left its object half-changed (edits
+                    // are applied in place): everything is read again.
+                    tracing::error!(error = %e, revision, "cannot apply a commit to the catalogue; reloading");
+                    self.reload().await?;
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -446,9 +463,11 @@ impl Feed {
         let objects = format!("{}o/", self.prefix);
         let chunks = format!("{}c/", self.prefix);
         let edits = format!("{}e/", self.prefix);
-        let mut changes: Vec<Change> = Vec::new();
+        // What this revision does to each object, decoded before the catalogue is locked; the
+        // edit logs of one object in a row (a group commit of PATCHes) are joined, so they are
+        // applied together.
+        let mut actions: Vec<(String, Action)> = Vec::new();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cat = self.catalogue.write().unwrap_or_else(|e| e.into_inner());
         for event in events {
             let Some(kv) = event.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -460,44 +479,66 @@ impl Feed {
                     self.chunks.remove(&key);
                 }
             } else if let Some(object) = key.strip_prefix(&objects) {
-                let (kind, uuid) = object.split_once('/').ok_or_else(|| corrupt(&key, "bad key"))?;
-                if put {
+                object.split_once('/').ok_or_else(|| corrupt(&key, "bad key"))?;
+                let action = if put {
                     let (body, object_state) = decode_record(&self.prefix, &key, object, kv.value(), &mut self.chunks)?;
-                    let meta = (self.indexer)(kind, &body);
-                    let stored = Stored { kind: kind.into(), uuid: uuid.into(), value: body, meta };
-                    changes.push(Change::Put(Arc::new(stored)));
                     state.insert(object.to_string(), object_state);
+                    Action::Put(body)
                 } else {
-                    changes.push(Change::Delete { kind: kind.into(), uuid: uuid.into() });
                     state.remove(object);
-                }
+                    Action::Delete
+                };
+                actions.push((object.to_string(), action));
             } else if key.starts_with(&edits) && put {
                 let (object, seq) = edit_key(&self.prefix, &key)?;
-                let (kind, uuid) = object.split_once('/').ok_or_else(|| corrupt(&key, "bad key"))?;
-                // The object as this revision's earlier changes, or the catalogue, left it.
-                let current = changes
-                    .iter()
-                    .rev()
-                    .find_map(|c| match c {
-                        Change::Put(s) if s.kind == kind && s.uuid == uuid => Some(s.value.clone()),
-                        _ => None,
-                    })
-                    .or_else(|| cat.get(kind, uuid).map(|s| s.value.clone()));
-                let mut body = current.ok_or_else(|| corrupt(&key, "edit log for a missing object"))?;
+                object.split_once('/').ok_or_else(|| corrupt(&key, "bad key"))?;
                 let ops: Vec<Value> = serde_json::from_slice(kv.value()).map_err(|e| corrupt(&key, e))?;
-                fulcrum_jsonpatch::apply_all(&mut body, &ops).map_err(|e| corrupt(&key, e))?;
-                let meta = (self.indexer)(kind, &body);
-                changes.push(Change::Put(Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value: body, meta })));
-                let s = state.entry(object).or_default();
+                let s = state.entry(object.clone()).or_default();
                 s.next_seq = seq + 1;
                 s.log_bytes += kv.value().len() as u64;
+                match actions.last_mut() {
+                    Some((last, Action::Edit(earlier))) if *last == object => earlier.extend(ops),
+                    _ => actions.push((object, Action::Edit(ops))),
+                }
             }
         }
-        for change in &changes {
-            cat.apply(change);
+        drop(state);
+        // An object nobody reads at this moment is edited where it lies: a small change to a
+        // big object costs the change (and indexing it), not a copy. Old versions are freed off
+        // the feed's path.
+        let mut replaced: Vec<Arc<Stored>> = Vec::new();
+        let mut cat = self.catalogue.write().unwrap_or_else(|e| e.into_inner());
+        for (object, action) in actions {
+            let (kind, uuid) = object.split_once('/').unwrap_or_default();
+            let change = match action {
+                Action::Put(body) => {
+                    let meta = (self.indexer)(kind, &body);
+                    Change::Put(Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value: body, meta }))
+                }
+                Action::Delete => Change::Delete { kind: kind.into(), uuid: uuid.into() },
+                Action::Edit(ops) => {
+                    let key = format!("{edits}{object}");
+                    let edit =
+                        |body: &mut Value| fulcrum_jsonpatch::apply_all(body, &ops).map_err(|e| corrupt(&key, e));
+                    match cat.edit_unshared(kind, uuid, &self.indexer, edit) {
+                        Some(outcome) => {
+                            outcome?;
+                            continue;
+                        }
+                        None => {
+                            let current = cat.get(kind, uuid).map(|s| s.value.clone());
+                            let mut body = current.ok_or_else(|| corrupt(&key, "edit log for a missing object"))?;
+                            edit(&mut body)?;
+                            let meta = (self.indexer)(kind, &body);
+                            Change::Put(Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value: body, meta }))
+                        }
+                    }
+                }
+            };
+            replaced.extend(cat.apply(&change));
         }
         drop(cat);
-        drop(state);
+        let _ = self.reclaim.send(replaced);
         self.applied.advance(revision);
         Ok(())
     }
@@ -552,6 +593,7 @@ impl Backend for EtcdBackend {
             state: self.state.clone(),
             applied: applied.clone(),
             chunks: loaded.unclaimed_chunks,
+            reclaim: crate::writer::reclaimer(),
         };
         self.runtime.spawn(feed.run(loaded.revision));
         Some(applied)

@@ -12,7 +12,7 @@ pub mod writer;
 
 pub use backend::{Backend, MemoryBackend, RedbBackend};
 pub use catalogue::{Applied, Catalogue, Change, Indexer, Meta, Stored};
-pub use writer::{Health, Store, Txn, WriteError};
+pub use writer::{Health, Scratch, Store, Txn, WriteError};
 
 /// Errors of the storage layer.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -40,17 +40,26 @@ pub enum WriteError<E> {
 type Finisher = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&mut Txn<'_>) -> (bool, Finisher) + Send>;
 
+/// What the caller keeps next to an object it edits in place, for the length of a batch (the
+/// API keeps the indexes of a pool's server list there), opaque to the store. It describes the
+/// object as the edits that kept it left it; anything else that writes the object drops it.
+pub type Scratch = Option<Box<dyn std::any::Any + Send>>;
+
 /// An object's pending state in an overlay.
-#[derive(Clone)]
 struct Pending {
     /// `None`: deleted.
     stored: Option<Arc<Stored>>,
     /// The edit log from the committed object to `stored`, while the change is only edits;
     /// `None` once anything wrote the object whole (or deleted it).
     edits: Option<Vec<Value>>,
+    scratch: Scratch,
 }
 
 impl Pending {
+    fn new(stored: Option<Arc<Stored>>, edits: Option<Vec<Value>>) -> Pending {
+        Pending { stored, edits, scratch: None }
+    }
+
     /// `later` happened after `self`.
     fn then(&mut self, later: Pending) {
         self.edits = match (self.edits.take(), later.edits) {
@@ -61,6 +70,7 @@ impl Pending {
             _ => None,
         };
         self.stored = later.stored;
+        self.scratch = later.scratch;
     }
 
     fn into_change(self, kind: String, uuid: String) -> Change {
@@ -216,32 +226,49 @@ impl Txn<'_> {
         uuid: &str,
         f: impl FnOnce(&Txn<'_>, &mut Value) -> Result<(Option<Vec<Value>>, T), E>,
     ) -> Option<Result<T, E>> {
+        self.edit_with_scratch(kind, uuid, |txn, value, _| f(txn, value).map(|(edits, t)| (edits, t, false)))
+    }
+
+    /// [`Txn::edit_with`], with the [`Scratch`] the batch's earlier edits of the object kept
+    /// (empty for its first edit in the batch). A refused edit loses it. `f` also says whether
+    /// the edit left the object's index entry ([`Meta`]: name, tenant, references) as it was,
+    /// so that a small edit of a big object does not walk all of it to index it again.
+    pub fn edit_with_scratch<T, E>(
+        &mut self,
+        kind: &str,
+        uuid: &str,
+        f: impl FnOnce(&Txn<'_>, &mut Value, &mut Scratch) -> Result<(Option<Vec<Value>>, T, bool), E>,
+    ) -> Option<Result<T, E>> {
         let key = (kind.to_string(), uuid.to_string());
         let unwrap = |arc: Arc<Stored>| match Arc::try_unwrap(arc) {
             Ok(stored) => (stored.value, stored.meta),
             Err(shared) => (shared.value.clone(), shared.meta.clone()),
         };
-        let (mut value, old_meta, origin) = if let Some(pending) = self.current.objects.remove(&key) {
-            let Some(stored) = pending.stored else {
+        let (mut value, old_meta, origin, mut scratch) = if let Some(mut pending) = self.current.objects.remove(&key) {
+            let Some(stored) = pending.stored.take() else {
                 self.current.objects.insert(key, pending);
                 return None;
             };
             let (value, meta) = unwrap(stored);
-            (value, meta, Origin::Current(pending.edits))
+            (value, meta, Origin::Current(pending.edits), pending.scratch)
         } else if let Some(pending) = self.batch.objects.get_mut(&key) {
             let stored = pending.stored.take()?;
             self.borrowed_from_batch = true;
             let (value, meta) = unwrap(stored);
-            (value, meta, Origin::Batch)
+            (value, meta, Origin::Batch, pending.scratch.take())
         } else {
             let stored = self.base.get(kind, uuid)?;
-            (stored.value.clone(), stored.meta.clone(), Origin::Base)
+            (stored.value.clone(), stored.meta.clone(), Origin::Base, None)
         };
-        let outcome = f(self, &mut value);
+        let outcome = f(self, &mut value, &mut scratch);
         let rebuild = |value: Value, meta: Meta| Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value, meta });
         match outcome {
-            Ok((edits, result)) => {
-                let meta = (self.indexer)(kind, &value);
+            Ok((edits, result, same_meta)) => {
+                let meta = if same_meta { old_meta } else { (self.indexer)(kind, &value) };
+                debug_assert!(
+                    !same_meta || meta == (self.indexer)(kind, &value),
+                    "an edit said it left {kind} {uuid}'s index entry as it was, and did not"
+                );
                 if let Some(name) = &meta.name {
                     self.current.names.insert((kind.into(), meta.tenant.clone(), name.clone()), uuid.into());
                 }
@@ -253,14 +280,14 @@ impl Txn<'_> {
                     (Origin::Current(_), _) | (_, None) => None,
                     (Origin::Batch | Origin::Base, Some(edits)) => Some(edits),
                 };
-                self.current.objects.insert(key, Pending { stored: Some(rebuild(value, meta)), edits });
+                self.current.objects.insert(key, Pending { stored: Some(rebuild(value, meta)), edits, scratch });
                 Some(Ok(result))
             }
             Err(e) => {
                 // `f` restored the body, so the old index entry still describes it.
                 match origin {
                     Origin::Current(edits) => {
-                        self.current.objects.insert(key, Pending { stored: Some(rebuild(value, old_meta)), edits });
+                        self.current.objects.insert(key, Pending::new(Some(rebuild(value, old_meta)), edits));
                     }
                     Origin::Batch => {
                         if let Some(pending) = self.batch.objects.get_mut(&key) {
@@ -280,12 +307,12 @@ impl Txn<'_> {
         if let Some(name) = &stored.meta.name {
             self.current.names.insert((kind.into(), stored.meta.tenant.clone(), name.clone()), uuid.into());
         }
-        self.current.record(kind, uuid, Pending { stored: Some(stored.clone()), edits });
+        self.current.record(kind, uuid, Pending::new(Some(stored.clone()), edits));
         stored
     }
 
     pub fn delete(&mut self, kind: &str, uuid: &str) {
-        self.current.record(kind, uuid, Pending { stored: None, edits: None });
+        self.current.record(kind, uuid, Pending::new(None, None));
     }
 
     /// Microseconds since the epoch, strictly increasing across writes: the `_last_modified`
@@ -409,7 +436,7 @@ impl Store {
 }
 
 /// Frees what the writer hands it.
-fn reclaimer() -> mpsc::Sender<Vec<Arc<Stored>>> {
+pub(crate) fn reclaimer() -> mpsc::Sender<Vec<Arc<Stored>>> {
     let (tx, rx) = mpsc::channel::<Vec<Arc<Stored>>>();
     let spawned =
         std::thread::Builder::new().name("fulcrum-reclaim".into()).spawn(move || rx.into_iter().for_each(drop));
@@ -496,6 +523,15 @@ fn run_writer(
                     if !feed.wait_blocking(revision, std::time::Duration::from_secs(30)) {
                         tracing::error!(revision, "the catalogue feed has not applied a commit after 30 s");
                     }
+                    // The feed made its own copies: this batch's are freed off the writer's path.
+                    let written = changes
+                        .iter()
+                        .filter_map(|c| match c {
+                            Change::Put(stored) | Change::Edit { stored, .. } => Some(stored.clone()),
+                            Change::Delete { .. } => None,
+                        })
+                        .collect();
+                    let _ = reclaim.send(written);
                 }
                 Ok(()) => {
                     let replaced: Vec<Arc<Stored>> = {

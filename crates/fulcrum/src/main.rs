@@ -71,7 +71,7 @@ enum Command {
         #[arg(long)]
         advertise: Option<String>,
         /// Seconds the leader's lease lasts without renewal: how soon a lost leader is replaced.
-        #[arg(long, default_value = "3", value_parser = seconds)]
+        #[arg(long, default_value = "2", value_parser = seconds)]
         lease_ttl: Duration,
     },
     /// An interactive shell against a controller, like the controller's own CLI.

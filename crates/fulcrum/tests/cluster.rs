@@ -69,6 +69,8 @@ fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() 
         if r.header("x-fulcrum-answered-by") == Some("leader") && !followers.contains(&(i % 3)) {
             followers.push(i % 3);
         }
+        let url = r.json()["url"].as_str().unwrap().to_string();
+        assert!(url.starts_with(&write.base), "the answer names the node asked, {}: {url}", write.base);
         let uuid = r.json()["uuid"].as_str().unwrap().to_string();
         let got = read.get(&format!("/api/pool/{uuid}"));
         assert_eq!(got.status, 200, "a write through node {} read through node {}: {}", i % 3, (i + 1) % 3, got.body);
@@ -461,8 +463,22 @@ fn another_node_takes_over_from_a_killed_leader_with_everything_acknowledged() {
         assert_eq!(r.status, 201, "{}", r.body);
         acknowledged.push(r.json()["uuid"].as_str().unwrap().to_string());
     }
+    // A backup asked of the follower is taken by the leader; every node lists it, with where
+    // its file is.
+    let r = b.admin().post("/api/configuration/backup", &json!({}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let name = r.json()["name"].as_str().unwrap().to_string();
+    let listed = b.admin().object("/api/configuration/backup");
+    let entry = listed["results"].as_array().unwrap().iter().find(|e| e["name"] == name.as_str()).cloned();
+    assert_eq!(entry.as_ref().map(|e| e["node"].clone()), Some(json!("a")), "{listed}");
+    let r = b.admin().get(&format!("/api/configuration/backup/{name}"));
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.error().contains("node 'a'"), "{}", r.error());
+    assert_eq!(a.admin().get(&format!("/api/configuration/backup/{name}")).status, 200);
     a.kill9();
     let (_, took) = create_when_led(&b.admin(), &json!({"name": "after"}), Duration::from_secs(15));
+    let listed = b.admin().object("/api/configuration/backup");
+    assert!(listed["results"].as_array().unwrap().iter().any(|e| e["name"] == name.as_str()), "{listed}");
     println!("failover: a write was acknowledged {took:?} after the leader's kill -9 (lease TTL 2 s)");
     assert!(took < Duration::from_secs(5), "{took:?}");
     let api = b.admin();
