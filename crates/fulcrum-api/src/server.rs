@@ -178,7 +178,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         let advertise = cluster.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
         membership.cluster.election.describe_me(advertise, certificate_pin.clone());
         let started = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        if let Err(e) = membership.cluster.register(started).await {
+        let host = serde_json::json!({"systemd": crate::upgrade::facts::local_systemd(&membership.me().node)});
+        if let Err(e) = membership.cluster.register(started, host).await {
             tracing::warn!(error = %e, "cannot register this node in the cluster views yet");
         }
     }

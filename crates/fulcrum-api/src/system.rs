@@ -90,7 +90,14 @@ impl ClusterView {
 pub async fn cluster_view(app: &App) -> ClusterView {
     let started = app.started_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     let only_me = |name: String, advertise: String| {
-        vec![fulcrum_store::election::NodeState { name, advertise, pin: None, up: true, up_since: Some(started) }]
+        vec![fulcrum_store::election::NodeState {
+            name,
+            advertise,
+            pin: None,
+            host: Value::Null,
+            up: true,
+            up_since: Some(started),
+        }]
     };
     let Some(membership) = &app.cluster else {
         let ip = app.listen.ip().to_string();

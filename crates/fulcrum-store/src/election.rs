@@ -232,6 +232,8 @@ pub struct NodeState {
     pub advertise: String,
     /// The pin of its HTTPS certificate (none under plain HTTP).
     pub pin: Option<String>,
+    /// What it said of its host when it registered (its systemd settings, for the prechecks).
+    pub host: serde_json::Value,
     /// Whether its liveness key (held by its own lease) is there.
     pub up: bool,
     /// Seconds since the epoch at which it last started, when up.
@@ -242,10 +244,11 @@ impl Cluster {
     /// Registers this node for the cluster views: a permanent member entry, and a liveness
     /// entry under a lease of its own, renewed until the process ends (so a dead node shows
     /// down within the lease TTL).
-    pub async fn register(&self, started_unix: u64) -> Result<(), StoreError> {
+    pub async fn register(&self, started_unix: u64, host: serde_json::Value) -> Result<(), StoreError> {
         let me = self.election.me();
         let mut kv = self.client.kv_client();
-        let member = serde_json::json!({"name": me.node, "advertise": me.advertise, "pin": me.pin}).to_string();
+        let member =
+            serde_json::json!({"name": me.node, "advertise": me.advertise, "pin": me.pin, "host": host}).to_string();
         kv.put(format!("{PREFIX}members/{}", me.node), member, None).await.map_err(etcd_error)?;
         let client = self.client.clone();
         let ttl = self.election.ttl;
@@ -307,6 +310,7 @@ impl Cluster {
                 Some(NodeState {
                     advertise: v["advertise"].as_str()?.to_string(),
                     pin: v["pin"].as_str().map(String::from),
+                    host: v["host"].clone(),
                     up: since.is_some(),
                     up_since: since,
                     name,

@@ -97,6 +97,108 @@ pub struct Facts {
     pub controller_address: String,
     /// Whether that address was assigned by DHCP (`None`: unknown).
     pub address_dynamic: Option<bool>,
+    /// What each controller node's systemd says of service start timeouts.
+    pub systemd: Vec<NodeSystemd>,
+}
+
+/// A controller node's systemd manager configuration, as it read it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct NodeSystemd {
+    pub node: String,
+    /// The file read (`/etc/systemd/system.conf`, or `FULCRUM_SYSTEMD_CONF`).
+    pub file: String,
+    /// `DefaultTimeoutStartSec` in seconds; `None` when unset (or the file is absent).
+    pub default_timeout_start_secs: Option<u64>,
+}
+
+/// What the seed asks of systemd before an upgrade from 18.x or older to 21.1 or newer.
+pub const SYSTEMD_START_TIMEOUT_SECS: u64 = 120;
+
+/// `DefaultTimeoutStartSec` of a systemd `system.conf`, in seconds (`infinity` as `u64::MAX`):
+/// the last assignment in its `[Manager]` section wins; `None` when it is unset or commented
+/// out. Values are systemd time spans: `90`, `90s`, `2min`, `1min 30s`, `1h`, `500ms`.
+pub fn default_timeout_start_secs(conf: &str) -> Option<u64> {
+    let mut in_manager = false;
+    let mut found = None;
+    for line in conf.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_manager = line == "[Manager]";
+            continue;
+        }
+        if !in_manager || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some((key, value)) = line.split_once('=')
+            && key.trim() == "DefaultTimeoutStartSec"
+        {
+            found = time_span_secs(value.trim());
+        }
+    }
+    found
+}
+
+/// A systemd time span in whole seconds (rounded down).
+fn time_span_secs(span: &str) -> Option<u64> {
+    if span == "infinity" {
+        return Some(u64::MAX);
+    }
+    if let Ok(secs) = span.parse::<u64>() {
+        return Some(secs);
+    }
+    let mut total_ms: u64 = 0;
+    let mut rest = span;
+    while !rest.trim_start().is_empty() {
+        rest = rest.trim_start();
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let number: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c.is_whitespace()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let ms = match unit {
+            "ms" | "msec" => 1,
+            "" | "s" | "sec" | "second" | "seconds" => 1_000,
+            "m" | "min" | "minute" | "minutes" => 60_000,
+            "h" | "hr" | "hour" | "hours" => 3_600_000,
+            "d" | "day" | "days" => 86_400_000,
+            _ => return None,
+        };
+        total_ms = total_ms.checked_add(number.checked_mul(ms)?)?;
+    }
+    Some(total_ms / 1000)
+}
+
+/// (major, minor) of a version such as `18.2.3` or `30.2.1`.
+fn major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next().unwrap_or("0").parse().ok()?))
+}
+
+/// The seed's systemd note: from 18.x or older to 21.1 or newer, every node needs systemd to
+/// wait at least 120 s for a service to start. The nodes that do not, with why.
+pub fn systemd_problems(from: &Version, to: Option<&Version>, nodes: &[NodeSystemd]) -> Vec<String> {
+    let crosses = matches!(
+        (major_minor(&from.version), to.and_then(|t| major_minor(&t.version))),
+        (Some((from_major, _)), Some(target)) if from_major <= 18 && target >= (21, 1)
+    );
+    if !crosses {
+        return vec![];
+    }
+    nodes
+        .iter()
+        .filter(|n| n.default_timeout_start_secs.is_none_or(|s| s < SYSTEMD_START_TIMEOUT_SECS))
+        .map(|n| {
+            let now = n.default_timeout_start_secs.map_or_else(|| "unset (systemd's default is 90 s)".to_string(), |s| format!("{s} s"));
+            format!(
+                "Controller node '{}': DefaultTimeoutStartSec in {} is {now}; an upgrade from {} to {} needs at least {SYSTEMD_START_TIMEOUT_SECS} s. Set DefaultTimeoutStartSec={SYSTEMD_START_TIMEOUT_SECS}s under [Manager] there and run 'systemctl daemon-reexec'.",
+                n.node,
+                n.file,
+                from.version,
+                to.map(|t| t.version.as_str()).unwrap_or_default()
+            )
+        })
+        .collect()
 }
 
 /// A backup older than this is no backup for an upgrade.
@@ -336,9 +438,15 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
         details,
     );
 
-    // 17. The system configuration.
-    let (level, details) =
-        error_if(facts.config_problems.clone(), "The configuration validates under the new version.");
+    // 17. The system configuration: the objects under the new version's schema (an error),
+    // and each node's systemd start timeout when the upgrade crosses 18.x → 21.1 (a warning).
+    let target = request.controller_image.as_ref().map(|i| &i.target);
+    let systemd = if request.controller { systemd_problems(&facts.controller, target, &facts.systemd) } else { vec![] };
+    let (level, details) = match (facts.config_problems.is_empty(), systemd.is_empty()) {
+        (false, _) => (Level::Error, facts.config_problems.iter().chain(&systemd).cloned().collect()),
+        (true, false) => (Level::Warning, systemd),
+        (true, true) => (Level::Success, vec!["The configuration validates under the new version.".to_string()]),
+    };
     out.push("SYSERR_CONFIGURATION_CHECK", "Checks the system configuration.", level, details);
 
     // 18. Open alerts.

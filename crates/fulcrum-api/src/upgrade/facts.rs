@@ -162,6 +162,20 @@ fn open_alerts(app: &App, cat: &Catalogue) -> Vec<String> {
 }
 
 /// Measures everything the checks judge.
+/// Where this node's systemd manager configuration is read from (tests name their own file).
+const SYSTEMD_CONF_ENV: &str = "FULCRUM_SYSTEMD_CONF";
+
+/// This node's systemd start timeout, read now (absent file: unset).
+pub fn local_systemd(node: &str) -> fulcrum_upgrade::checks::NodeSystemd {
+    let file = std::env::var(SYSTEMD_CONF_ENV).unwrap_or_else(|_| "/etc/systemd/system.conf".into());
+    let conf = std::fs::read_to_string(&file).unwrap_or_default();
+    fulcrum_upgrade::checks::NodeSystemd {
+        node: node.into(),
+        default_timeout_start_secs: fulcrum_upgrade::checks::default_timeout_start_secs(&conf),
+        file,
+    }
+}
+
 pub async fn gather(app: &App, request: &Request) -> Facts {
     // The host's facts (files, `ip`, statvfs) are measured on a blocking thread while the store
     // proves it takes a durable write (the controller cluster is ready when it does).
@@ -183,6 +197,16 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
     let mut cluster_problem =
         probe.err().map(|e| format!("the controller's store does not take writes: {}", ApiError::from(e).message));
     let view = crate::system::cluster_view(app).await;
+    // This node's systemd as it is now; the others' as they registered it.
+    let systemd = view
+        .nodes
+        .iter()
+        .map(|n| match n.host.get("systemd") {
+            _ if n.name == view.me => local_systemd(&n.name),
+            Some(s) => serde_json::from_value(s.clone()).unwrap_or_else(|_| local_systemd(&n.name)),
+            None => fulcrum_upgrade::checks::NodeSystemd { node: n.name.clone(), ..Default::default() },
+        })
+        .collect();
     let up = view.nodes.iter().filter(|n| n.up).count();
     let cluster_nodes = (up, view.nodes.len());
     let down: Vec<&str> = view.nodes.iter().filter(|n| !n.up).map(|n| n.name.as_str()).collect();
@@ -287,6 +311,7 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
             .then(|| std::env::var("FULCRUM_DOCKER_VERSION").unwrap_or_default()),
         controller_address: app.listen.ip().to_string(),
         address_dynamic,
+        systemd,
     }
 }
 

@@ -5,7 +5,7 @@
 
 pub mod backup;
 mod executor;
-mod facts;
+pub(crate) mod facts;
 pub mod slots;
 mod status;
 

@@ -58,6 +58,7 @@ fn facts() -> Facts {
         controller_docker_version: None,
         controller_address: "127.0.0.1".into(),
         address_dynamic: Some(false),
+        systemd: vec![],
     }
 }
 
@@ -221,4 +222,55 @@ fn docker_version_must_be_known_and_new_enough() {
     assert!(details.contains("does not run in Docker"), "{details}");
     // A plain controller image does not ask about Docker at all.
     assert_eq!(docker(Some(""), &image("30.2.2", 9100, "controller")).0, Level::Success);
+}
+
+#[test]
+fn systemd_start_timeouts_are_read_as_systemd_reads_them() {
+    use super::default_timeout_start_secs as read;
+    assert_eq!(read("[Manager]\nDefaultTimeoutStartSec=90s\n"), Some(90));
+    assert_eq!(read("[Manager]\n#DefaultTimeoutStartSec=90s\n"), None, "commented out: unset");
+    assert_eq!(read("DefaultTimeoutStartSec=300\n[Manager]\n"), None, "outside [Manager]");
+    assert_eq!(read("[Manager]\nDefaultTimeoutStartSec = 2min\n"), Some(120));
+    assert_eq!(
+        read("[Manager]\nDefaultTimeoutStartSec=1min 30s\nDefaultTimeoutStartSec=150\n"),
+        Some(150),
+        "the last one wins"
+    );
+    assert_eq!(read("[Manager]\nDefaultTimeoutStartSec=infinity\n"), Some(u64::MAX));
+    assert_eq!(read("[Manager]\nDefaultTimeoutStartSec=1h\n[Journal]\nDefaultTimeoutStartSec=5\n"), Some(3600));
+    assert_eq!(read("[Manager]\nDefaultTimeoutStartSec=soon\n"), None);
+    assert_eq!(read(""), None);
+}
+
+#[test]
+fn the_systemd_note_warns_on_each_node_short_of_120_s_only_from_18_to_21_1_or_newer() {
+    use super::{NodeSystemd, systemd_problems};
+    let node = |name: &str, secs: Option<u64>| NodeSystemd {
+        node: name.into(),
+        file: "/etc/systemd/system.conf".into(),
+        default_timeout_start_secs: secs,
+    };
+    let nodes = [node("a", Some(90)), node("b", None), node("c", Some(120))];
+    let (v18, v21_1, v22_1, v21_0) = (
+        Version::new("18.2.3", 9000, None),
+        Version::new("21.1.1", 9000, None),
+        Version::new("22.1.3", 9000, None),
+        Version::new("21.0.9", 9000, None),
+    );
+    let warned = systemd_problems(&v18, Some(&v22_1), &nodes);
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(warned[0].contains("'a'") && warned[0].contains("90 s") && warned[0].contains("/etc/systemd/system.conf"));
+    assert!(warned[1].contains("'b'") && warned[1].contains("unset"));
+    assert_eq!(systemd_problems(&v18, Some(&v21_1), &nodes).len(), 2, "21.1 itself needs it");
+    assert!(systemd_problems(&v21_1, Some(&v22_1), &nodes).is_empty(), "21.1 -> 22.1 does not");
+    assert!(systemd_problems(&v18, Some(&v21_0), &nodes).is_empty(), "nor 18 -> 21.0");
+    assert!(systemd_problems(&v18, None, &nodes).is_empty(), "nor an SE-only operation");
+    // Through the check: a warning under "Checks the system configuration".
+    let mut f = facts();
+    f.controller = v18.clone();
+    f.systemd = nodes.to_vec();
+    let r = system_upgrade(image("22.1.3", 9000, "controller"));
+    let check = run(&r, &f).into_iter().find(|c| c.check_code == "SYSERR_CONFIGURATION_CHECK").unwrap();
+    assert_eq!(check.state, Level::Warning, "{check:?}");
+    assert_eq!(check.details.len(), 2);
 }
