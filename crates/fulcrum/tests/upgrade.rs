@@ -446,3 +446,63 @@ fn an_se_that_never_comes_back_fails_after_the_timeout_and_the_group_rolls_back(
     assert_eq!(group["seg_status"]["se_upgrade_completed"], json!([survivor]), "rolled back, counted as done");
     assert_eq!(versions(&api, &[survivor]), ["30.2.1-9001"], "the upgraded SE was rolled back");
 }
+
+/// A controller whose active slot runs `version`, as if installed from an image of it (the
+/// slot record is what the controller reports and the checks read).
+fn data_dir_running(pkgs: &Packages, version: &str) -> tempfile::TempDir {
+    let data = pkgs.data_dir();
+    fs::create_dir_all(data.path().join("controller/slots/a")).unwrap();
+    let tag = format!("{version}-9000-20200101.000000");
+    let state = json!({"active": "a", "slots": {"a": {"version": version, "build": 9000, "tag": tag}}});
+    fs::write(data.path().join("controller/state.json"), state.to_string()).unwrap();
+    data
+}
+
+fn configuration_check(api: &Api, image: &Value) -> Value {
+    let (status, preview) = post(api, "/api/upgrade/preview", json!({"image_ref": image["uuid"], "system": true}));
+    assert_eq!(status, 200, "{preview}");
+    preview["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check_code"] == "SYSERR_CONFIGURATION_CHECK")
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn the_systemd_note_warns_from_18_to_22_1_naming_node_and_file_and_not_from_21_1() {
+    let pkgs = Packages::new();
+    for (running, warns) in [("18.2.3", true), ("21.1.1", false)] {
+        let data = data_dir_running(&pkgs, running);
+        let conf = data.path().join("system.conf");
+        fs::write(&conf, "[Manager]\nDefaultTimeoutStartSec=90s\n").unwrap();
+        let conf_path = conf.to_str().unwrap().to_string();
+        let env = [("FULCRUM_SYSTEMD_CONF", conf_path.as_str())];
+        let c = try_start(Launch { env: &env, ..Launch::plain(data.path()) }).expect("starts");
+        let api = c.admin();
+        assert_eq!(get(&api, "/api/cluster/version")["Version"], running);
+        let image = upload(
+            &api,
+            &pkgs.build(
+                &format!("to-22-from-{running}.pkg"),
+                "controller",
+                "22.1.3",
+                "9300",
+                &["--min-version", "18.1.1"],
+            ),
+        )
+        .json();
+        let check = configuration_check(&api, &image);
+        if !warns {
+            assert_eq!(check["state"], "UPGRADE_PRE_CHECK_SUCCESS", "{check}");
+            continue;
+        }
+        assert_eq!(check["state"], "UPGRADE_PRE_CHECK_WARNING", "{check}");
+        let detail = check["details"][0].as_str().unwrap();
+        assert!(detail.contains("'127.0.0.1'") && detail.contains(&conf_path) && detail.contains("90 s"), "{detail}");
+        // Raised as the document says: read again at the next preview, no restart.
+        fs::write(&conf, "[Manager]\nDefaultTimeoutStartSec=120s\n").unwrap();
+        assert_eq!(configuration_check(&api, &image)["state"], "UPGRADE_PRE_CHECK_SUCCESS");
+    }
+}

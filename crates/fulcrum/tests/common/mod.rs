@@ -37,11 +37,13 @@ pub struct Launch<'a> {
     pub listen: &'a str,
     /// More `fulcrum serve` arguments.
     pub args: &'a [&'a str],
+    /// More environment variables.
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl<'a> Launch<'a> {
     pub fn plain(data_dir: &'a Path) -> Launch<'a> {
-        Launch { data_dir, plain_http: true, password: Some(PASSWORD), listen: "127.0.0.1:0", args: &[] }
+        Launch { data_dir, plain_http: true, password: Some(PASSWORD), listen: "127.0.0.1:0", args: &[], env: &[] }
     }
 }
 
@@ -62,7 +64,7 @@ pub fn spawn(launch: Launch<'_>) -> Starting {
         cmd.arg("--plain-http");
     }
     cmd.args(launch.args);
-    cmd.env("FULCRUM_LOG", "warn").env_remove("FULCRUM_ADMIN_PASSWORD");
+    cmd.env("FULCRUM_LOG", "warn").env_remove("FULCRUM_ADMIN_PASSWORD").envs(launch.env.iter().copied());
     if let Some(p) = launch.password {
         cmd.env("FULCRUM_ADMIN_PASSWORD", p);
     }

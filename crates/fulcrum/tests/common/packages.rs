@@ -66,7 +66,10 @@ impl Packages {
         let controller = self.path("controller");
         let se = self.path("se");
         let mut args = vec!["pkg", "build", "--kind", kind, "--version", version, "--build", build];
-        args.extend(["--date", "20261122.101500", "--min-version", "30.1.1", "-o", out.to_str().unwrap()]);
+        args.extend(["--date", "20261122.101500", "-o", out.to_str().unwrap()]);
+        if !extra.contains(&"--min-version") {
+            args.extend(["--min-version", "30.1.1"]);
+        }
         let key = self.key();
         args.extend(["--key", key.as_str()]);
         match kind {
