@@ -33,6 +33,9 @@ pub struct ServeConfig {
     pub cluster: Option<ClusterConfig>,
 }
 
+/// How often a cluster node publishes its free disk and systemd settings.
+const HOST_FACTS_EVERY: Duration = Duration::from_secs(15);
+
 /// `serve --etcd URL[,URL...] --node-name NAME --advertise URL --lease-ttl SECONDS`.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -178,10 +181,21 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         let advertise = cluster.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
         membership.cluster.election.describe_me(advertise, certificate_pin.clone());
         let started = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let host = serde_json::json!({"systemd": crate::upgrade::facts::local_systemd(&membership.me().node)});
+        let host = crate::upgrade::facts::host_facts(&membership.me().node, &config.data_dir);
         if let Err(e) = membership.cluster.register(started, host).await {
             tracing::warn!(error = %e, "cannot register this node in the cluster views yet");
         }
+        // What the node says of its host is kept current for the leader's prechecks.
+        let (membership, data_dir) = (membership.clone(), config.data_dir.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HOST_FACTS_EVERY).await;
+                let host = crate::upgrade::facts::host_facts(&membership.me().node, &data_dir);
+                if let Err(e) = membership.cluster.publish_host(host).await {
+                    tracing::debug!(error = %e, "cannot publish this node's host facts; trying again later");
+                }
+            }
+        });
     }
     let app = Arc::new(App {
         store,

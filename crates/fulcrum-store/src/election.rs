@@ -246,10 +246,7 @@ impl Cluster {
     /// down within the lease TTL).
     pub async fn register(&self, started_unix: u64, host: serde_json::Value) -> Result<(), StoreError> {
         let me = self.election.me();
-        let mut kv = self.client.kv_client();
-        let member =
-            serde_json::json!({"name": me.node, "advertise": me.advertise, "pin": me.pin, "host": host}).to_string();
-        kv.put(format!("{PREFIX}members/{}", me.node), member, None).await.map_err(etcd_error)?;
+        self.publish_host(host).await?;
         let client = self.client.clone();
         let ttl = self.election.ttl;
         let alive_key = format!("{PREFIX}alive/{}", me.node);
@@ -281,6 +278,17 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
+        Ok(())
+    }
+
+    /// Writes this node's permanent member entry again, with what it says of its host now (its
+    /// free disk, its systemd settings), for the prechecks the leader runs.
+    pub async fn publish_host(&self, host: serde_json::Value) -> Result<(), StoreError> {
+        let me = self.election.me();
+        let member =
+            serde_json::json!({"name": me.node, "advertise": me.advertise, "pin": me.pin, "host": host}).to_string();
+        let mut kv = self.client.kv_client();
+        kv.put(format!("{PREFIX}members/{}", me.node), member, None).await.map_err(etcd_error)?;
         Ok(())
     }
 

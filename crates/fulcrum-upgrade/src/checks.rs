@@ -99,6 +99,8 @@ pub struct Facts {
     pub address_dynamic: Option<bool>,
     /// What each controller node's systemd says of service start timeouts.
     pub systemd: Vec<NodeSystemd>,
+    /// (node, free bytes) of the cluster's other controller nodes, as each last reported.
+    pub other_nodes_free_disk: Vec<(String, u64)>,
 }
 
 /// A controller node's systemd manager configuration, as it read it.
@@ -336,6 +338,10 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
         (Some(i), true) => i.controller_free_disk_bytes + i.size,
         _ => 0,
     };
+    // Every node installs the image into its own slot: each needs the room.
+    let others_short = facts.other_nodes_free_disk.iter().filter(|(_, free)| *free < ctl_need).map(|(node, free)| {
+        format!("Controller node '{node}' has {free} bytes free (as it last reported), the image needs {ctl_need}.")
+    });
     let (level, details) = error_if(
         (facts.controller_free_disk_bytes < ctl_need)
             .then(|| {
@@ -345,8 +351,13 @@ pub fn run(request: &Request, facts: &Facts) -> Vec<CheckResult> {
                 )
             })
             .into_iter()
+            .chain(others_short)
             .collect(),
-        format!("The controller has {} bytes free (needs {ctl_need}).", facts.controller_free_disk_bytes),
+        format!(
+            "The controller has {} bytes free (needs {ctl_need}){}.",
+            facts.controller_free_disk_bytes,
+            if facts.other_nodes_free_disk.is_empty() { "" } else { ", and so has every other node" }
+        ),
     );
     out.push(
         "SYSERR_CHECK_CLUSTER_DISK_SPACE",

@@ -414,6 +414,17 @@ fn an_se_group_operation_under_way_when_the_leader_dies_is_finished_by_the_next(
     for se in &ses {
         wait_for("SEs up", Duration::from_secs(30), || se_by_name(survivor, se).filter(|s| state(s) == "OPER_UP"));
     }
+    // The disk check of a controller upgrade looks at every node (each publishes its free space).
+    let controller_image =
+        common::packages::upload(lead, &pkgs.build("c.pkg", "controller", "30.2.2", "9100", &[])).json();
+    let (status, preview) =
+        post(survivor, "/api/upgrade/preview", json!({"image_ref": controller_image["uuid"], "system": true}));
+    assert_eq!(status, 200, "{preview}");
+    let disk =
+        preview["checks"].as_array().unwrap().iter().find(|c| c["check_code"] == "SYSERR_CHECK_CLUSTER_DISK_SPACE");
+    let disk = disk.cloned().unwrap();
+    assert_eq!(disk["state"], "UPGRADE_PRE_CHECK_SUCCESS", "{disk}");
+    assert!(disk["details"][0].as_str().unwrap().contains("every other node"), "{disk}");
     // Patched on the leader (it holds the package), through a follower's API.
     let image = common::packages::upload(lead, &pkgs.build("sp.pkg", "se_patch", "30.2.1", "9001", &[])).json();
     let group = ["/api/serviceenginegroup?name=Default-Group"];

@@ -176,6 +176,14 @@ pub fn local_systemd(node: &str) -> fulcrum_upgrade::checks::NodeSystemd {
     }
 }
 
+/// What a cluster node publishes of its host for the leader's prechecks.
+pub fn host_facts(node: &str, data_dir: &std::path::Path) -> Value {
+    serde_json::json!({
+        "systemd": local_systemd(node),
+        "free_disk_bytes": crate::images::available_bytes(data_dir).unwrap_or(0),
+    })
+}
+
 pub async fn gather(app: &App, request: &Request) -> Facts {
     // The host's facts (files, `ip`, statvfs) are measured on a blocking thread while the store
     // proves it takes a durable write (the controller cluster is ready when it does).
@@ -206,6 +214,13 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
             Some(s) => serde_json::from_value(s.clone()).unwrap_or_else(|_| local_systemd(&n.name)),
             None => fulcrum_upgrade::checks::NodeSystemd { node: n.name.clone(), ..Default::default() },
         })
+        .collect();
+    let other_nodes_free_disk = view
+        .nodes
+        .iter()
+        .filter(|n| n.name != view.me)
+        // A node that never reported is for the readiness check (it is down, or just starting).
+        .filter_map(|n| Some((n.name.clone(), n.host.get("free_disk_bytes").and_then(Value::as_u64)?)))
         .collect();
     let up = view.nodes.iter().filter(|n| n.up).count();
     let cluster_nodes = (up, view.nodes.len());
@@ -312,6 +327,7 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
         controller_address: app.listen.ip().to_string(),
         address_dynamic,
         systemd,
+        other_nodes_free_disk,
     }
 }
 

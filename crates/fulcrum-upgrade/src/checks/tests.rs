@@ -59,6 +59,7 @@ fn facts() -> Facts {
         controller_address: "127.0.0.1".into(),
         address_dynamic: Some(false),
         systemd: vec![],
+        other_nodes_free_disk: vec![],
     }
 }
 
@@ -273,4 +274,19 @@ fn the_systemd_note_warns_on_each_node_short_of_120_s_only_from_18_to_21_1_or_ne
     let check = run(&r, &f).into_iter().find(|c| c.check_code == "SYSERR_CONFIGURATION_CHECK").unwrap();
     assert_eq!(check.state, Level::Warning, "{check:?}");
     assert_eq!(check.details.len(), 2);
+}
+
+#[test]
+fn every_controller_node_needs_room_for_the_image() {
+    let mut f = facts();
+    let r = system_upgrade(image("30.2.2", 9100, "controller"));
+    f.other_nodes_free_disk = vec![("b".into(), 1 << 30), ("c".into(), 10)];
+    let check = run(&r, &f).into_iter().find(|c| c.check_code == "SYSERR_CHECK_CLUSTER_DISK_SPACE").unwrap();
+    assert_eq!(check.state, Level::Error, "{check:?}");
+    assert_eq!(check.details.len(), 1);
+    assert!(check.details[0].contains("'c' has 10 bytes free"), "{:?}", check.details);
+    f.other_nodes_free_disk[1].1 = 1 << 30;
+    let check = run(&r, &f).into_iter().find(|c| c.check_code == "SYSERR_CHECK_CLUSTER_DISK_SPACE").unwrap();
+    assert_eq!(check.state, Level::Success);
+    assert!(check.details[0].contains("every other node"), "{:?}", check.details);
 }
