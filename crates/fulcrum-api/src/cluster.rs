@@ -244,7 +244,7 @@ pub async fn pass_on(
         changes.mark_unchanged();
         let Some(leader) = membership.current_leader().await else {
             if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                return Err(leader_or_unavailable(membership).await.err().unwrap_or_else(no_leader));
+                return Err(no_leader());
             }
             continue;
         };
@@ -273,9 +273,22 @@ fn no_leader() -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no controller leads the cluster at the moment; retry shortly")
 }
 
-/// The leader to pass a request on to, or a 503 saying there is none just now.
-pub async fn leader_or_unavailable(membership: &Membership) -> Result<fulcrum_store::election::Leader, ApiError> {
-    membership.current_leader().await.ok_or_else(no_leader)
+/// A request of this node's own (not a client's) to the leader, such as recording sessions,
+/// passed on as a client's would be.
+pub async fn call_leader(
+    membership: &Membership,
+    hop: &Hop,
+    path: &str,
+    body: bytes::Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    let (parts, ()) = axum::http::Request::builder()
+        .method(axum::http::Method::POST)
+        .uri(path)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(())
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .into_parts();
+    pass_on(membership, hop, &parts, body).await
 }
 
 /// Refuses the request on a follower, naming the leader so the client knows where to go.

@@ -105,24 +105,6 @@ async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<
     Ok(response)
 }
 
-/// A request of this node's own to the leader (not a client's), such as recording sessions.
-pub async fn call_leader(
-    leader: &Leader,
-    hop: &Hop,
-    method: axum::http::Method,
-    path: &str,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let (parts, ()) = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(())
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .into_parts();
-    Ok(to_leader(leader, hop, &parts, body).await?)
-}
-
 async fn exchange<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<Response, String>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -58,10 +58,9 @@ async fn commit(app: &App, changes: SessionChanges) -> Result<(), ApiError> {
         (NodeRole::Follower { .. }, Some(membership)) => membership,
         _ => return commit_here(app, changes).await,
     };
-    let leader = crate::cluster::leader_or_unavailable(membership).await?;
     let hop = crate::cluster::Hop::new(app, membership, "internal".into());
     let body = serde_json::to_vec(&changes).map_err(|e| ApiError::internal(e.to_string()))?;
-    let answer = crate::forward::call_leader(&leader, &hop, Method::POST, INTERNAL_PATH, body.into()).await?;
+    let answer = crate::cluster::call_leader(membership, &hop, INTERNAL_PATH, body.into()).await?;
     if answer.status().is_success() {
         return Ok(());
     }

@@ -17,10 +17,32 @@ fn node(data: &std::path::Path, etcd: &Etcd, name: &str) -> Controller {
 
 /// A controller with an address of its own, as each node of a real cluster has.
 fn node_at(data: &std::path::Path, etcd: &Etcd, name: &str, ip: &str) -> Controller {
+    node_with(data, etcd, name, ip, &[], false)
+}
+
+/// `node_at` with more `serve` arguments, and HTTPS when `https`.
+fn node_with(data: &std::path::Path, etcd: &Etcd, name: &str, ip: &str, extra: &[&str], https: bool) -> Controller {
     let endpoints = etcd.endpoints();
-    let args = ["--etcd", endpoints.as_str(), "--node-name", name, "--lease-ttl", "2"];
+    let mut args = vec!["--etcd", endpoints.as_str(), "--node-name", name, "--lease-ttl", "2"];
+    args.extend_from_slice(extra);
     let listen = format!("{ip}:0");
-    spawn(Launch { args: &args, listen: &listen, ..Launch::plain(data) }).listening(Duration::from_secs(30)).unwrap()
+    let launch = Launch { args: &args, listen: &listen, plain_http: !https, ..Launch::plain(data) };
+    spawn(launch).listening(Duration::from_secs(30)).unwrap()
+}
+
+/// Controllers a, b and c at 127.0.0.1, .2 and .3, one per data dir (kept as options, so a
+/// test can take one out to kill it).
+fn three_nodes(etcd: &Etcd, dirs: &[&std::path::Path], extra: &[&str], https: bool) -> Vec<Option<Controller>> {
+    ["a", "b", "c"]
+        .iter()
+        .zip(dirs)
+        .enumerate()
+        .map(|(i, (name, dir))| Some(node_with(dir, etcd, name, &format!("127.0.0.{}", i + 1), extra, https)))
+        .collect()
+}
+
+fn paths(dirs: &[tempfile::TempDir]) -> Vec<&std::path::Path> {
+    dirs.iter().map(tempfile::TempDir::path).collect()
 }
 
 /// Retries a create until some leader acknowledges it (an election, or the first bootstrap,
@@ -52,12 +74,7 @@ fn pool_names(api: &Api) -> Vec<String> {
 fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() {
     let etcd = Etcd::start(3);
     let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
-    let nodes: Vec<Controller> = ["a", "b", "c"]
-        .iter()
-        .zip(&dirs)
-        .enumerate()
-        .map(|(i, (name, dir))| node_at(dir.path(), &etcd, name, &format!("127.0.0.{}", i + 1)))
-        .collect();
+    let nodes: Vec<Controller> = three_nodes(&etcd, &paths(&dirs), &[], false).into_iter().flatten().collect();
     let apis: Vec<Api> = nodes.iter().map(Controller::admin).collect();
     create_when_led(&apis[0], &json!({"name": "first"}), Duration::from_secs(30));
     // Writes through each node, each read at once through the next one.
@@ -224,30 +241,9 @@ fn service_engines_ride_through_a_change_of_leader_without_being_marked_down() {
     let etcd = Etcd::start(1);
     let names = ["a", "b", "c"];
     let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
-    let endpoints = etcd.endpoints();
     // HTTPS, so that agents must know each node's certificate; SEs are down after 6 s silent.
-    let mut nodes: Vec<Option<Controller>> = names
-        .iter()
-        .zip(&dirs)
-        .enumerate()
-        .map(|(i, (name, dir))| {
-            let args = [
-                "--etcd",
-                endpoints.as_str(),
-                "--node-name",
-                name,
-                "--lease-ttl",
-                "2",
-                "--se-heartbeat-interval",
-                "0.5",
-                "--se-down-after",
-                "6",
-            ];
-            let listen = format!("127.0.0.{}:0", i + 1);
-            let launch = Launch { args: &args, listen: &listen, plain_http: false, ..Launch::plain(dir.path()) };
-            Some(spawn(launch).listening(Duration::from_secs(30)).unwrap())
-        })
-        .collect();
+    let engine = ["--se-heartbeat-interval", "0.5", "--se-down-after", "6"];
+    let mut nodes = three_nodes(&etcd, &paths(&dirs), &engine, true);
     let urls: Vec<String> = nodes.iter().map(|n| n.as_ref().unwrap().url.clone()).collect();
     let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
     create_when_led(&apis[0], &json!({"name": "first"}), Duration::from_secs(30));
@@ -302,12 +298,7 @@ fn async_patches_acknowledged_before_the_leader_dies_are_merged_once_by_the_next
     let etcd = Etcd::start(1);
     let names = ["a", "b", "c"];
     let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
-    let mut nodes: Vec<Option<Controller>> = names
-        .iter()
-        .zip(&dirs)
-        .enumerate()
-        .map(|(i, (name, dir))| Some(node_at(dir.path(), &etcd, name, &format!("127.0.0.{}", i + 1))))
-        .collect();
+    let mut nodes = three_nodes(&etcd, &paths(&dirs), &[], false);
     let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
     let (pool, _) = create_when_led(&apis[0], &json!({"name": "async-pool"}), Duration::from_secs(30));
     let pool = pool["uuid"].as_str().unwrap().to_string();
@@ -373,34 +364,8 @@ fn an_se_group_operation_under_way_when_the_leader_dies_is_finished_by_the_next(
     let etcd = Etcd::start(1);
     let names = ["a", "b", "c"];
     let dirs: Vec<_> = (0..3).map(|_| pkgs.data_dir()).collect();
-    let endpoints = etcd.endpoints();
-    let mut nodes: Vec<Option<Controller>> = names
-        .iter()
-        .zip(&dirs)
-        .enumerate()
-        .map(|(i, (name, dir))| {
-            let args = [
-                "--etcd",
-                endpoints.as_str(),
-                "--node-name",
-                name,
-                "--lease-ttl",
-                "2",
-                "--se-heartbeat-interval",
-                "0.3",
-                "--se-down-after",
-                "4",
-                "--se-health-timeout",
-                "20",
-            ];
-            let listen = format!("127.0.0.{}:0", i + 1);
-            Some(
-                spawn(Launch { args: &args, listen: &listen, ..Launch::plain(dir.path()) })
-                    .listening(Duration::from_secs(30))
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let engine = ["--se-heartbeat-interval", "0.3", "--se-down-after", "4", "--se-health-timeout", "20"];
+    let mut nodes = three_nodes(&etcd, &paths(&dirs), &engine, false);
     let urls: Vec<String> = nodes.iter().map(|n| n.as_ref().unwrap().url.clone()).collect();
     let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
     create_when_led(&apis[0], &json!({"name": "first"}), Duration::from_secs(30));
@@ -694,9 +659,9 @@ mod history {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
+    use super::common::Api;
     use super::common::linearizability::{Bits, Elements, Operation, Register, RegisterOp, Set, SetOp, check};
-    use super::common::{Api, Controller};
-    use super::{Etcd, create_when_led, leader_index, node_at, temp_dir};
+    use super::{Etcd, create_when_led, leader_index, paths, temp_dir, three_nodes};
     use serde_json::{Value, json};
 
     fn at(ms: u64, base: Instant) -> Instant {
@@ -837,12 +802,7 @@ mod history {
         let etcd = Etcd::start(3);
         let names = ["a", "b", "c"];
         let dirs: Vec<_> = (0..3).map(|_| temp_dir()).collect();
-        let mut nodes: Vec<Option<Controller>> = names
-            .iter()
-            .zip(&dirs)
-            .enumerate()
-            .map(|(i, (name, dir))| Some(node_at(dir.path(), &etcd, name, &format!("127.0.0.{}", i + 1))))
-            .collect();
+        let mut nodes = three_nodes(&etcd, &paths(&dirs), &[], false);
         let apis: Vec<Api> =
             nodes.iter().map(|n| n.as_ref().unwrap().admin().timeout(Duration::from_secs(4))).collect();
         create_when_led(&apis[0], &json!({"name": "warm-up"}), Duration::from_secs(30));
