@@ -124,6 +124,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/login", post(system::login))
         .route("/logout", post(system::logout))
         .route(crate::sessions::INTERNAL_PATH, post(crate::sessions::internal))
+        .route(crate::images::replica::COPY_PATH, get(crate::images::replica::serve_copy))
         .route("/metrics", get(system::metrics))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(within_request_limits))
@@ -597,8 +598,11 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (Route::ClusterStatus, &Method::GET) => return Ok(system::cluster_status(app).await),
         (Route::InitialData, &Method::GET) => return Ok(system::initial_data(app)),
         (Route::SeAgentImage(id), &Method::GET) => {
-            // Package bytes are on the leader's disk; an agent tries its other controllers.
-            crate::cluster::require_leader(&app.role(), "An image download")?;
+            // A node serves its verified copy; one still without it sends the agent on (it
+            // tries its other controllers).
+            if !app.images.has_verified_copy(&app.store.read(), id) {
+                crate::cluster::require_leader(&app.role(), "An image download")?;
+            }
             return crate::engines::agent::image(app, &parts.headers, id).await;
         }
         (r @ (Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent), &Method::POST) => {

@@ -92,8 +92,8 @@ impl Membership {
 }
 
 /// The one home of the work only the leader does: the async PATCH merge timer, the SE loop
-/// (liveness, licenses, placement), the upgrade executor, the sweep of stored sessions and the
-/// cluster object's node list. Started when this node leads,
+/// (liveness, licenses, placement), the upgrade executor, the sweep of stored sessions, the
+/// cluster object's node list and the image records' per-node copy states. Started when this node leads,
 /// each resuming from what is stored; stopped when it no longer does.
 pub struct LeaderServices {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -115,6 +115,7 @@ impl LeaderServices {
             tokio::spawn(crate::upgrade::run(app.clone())),
             tokio::spawn(crate::sessions::run_sweeper(app.clone())),
             tokio::spawn(crate::system::run_cluster_object(app.clone())),
+            tokio::spawn(crate::images::replica::run_node_states(app.clone())),
         ];
         LeaderServices { tasks }
     }

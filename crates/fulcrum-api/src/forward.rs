@@ -53,21 +53,49 @@ pub async fn to_leader(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -
     })?
 }
 
-async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, Undelivered> {
-    let (tls, rest) = match leader.advertise.split_once("://") {
+/// A connection to another controller of the cluster at `advertise`; under HTTPS only the
+/// certificate it published (`pin`) is accepted. Answers the connection and the authority.
+pub(crate) async fn connect(advertise: &str, pin: Option<&str>) -> Result<(Sender, String), String> {
+    let (tls, rest) = match advertise.split_once("://") {
         Some(("https", rest)) => (true, rest),
         Some(("http", rest)) => (false, rest),
-        _ => {
-            let message = format!("the leader's address '{}' is not a URL", leader.advertise);
-            return Err(Undelivered::NotSent(unavailable(message)));
-        }
+        _ => return Err(format!("the address '{advertise}' is not a URL")),
     };
     let authority = rest.trim_end_matches('/').to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let sender = if tls {
+        let trust = pin.map_or(fulcrum_tls::Trust::Any, |pin| fulcrum_tls::Trust::Pins(vec![pin.to_string()]));
+        let config = fulcrum_tls::tls_config_trusting(&trust).map_err(|e| e.to_string())?;
+        let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).to_string();
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+        handshake(TokioIo::new(stream)).await?
+    } else {
+        handshake(TokioIo::new(tcp)).await?
+    };
+    Ok((sender, authority))
+}
+
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn handshake<IO>(io: IO) -> Result<Sender, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<Response, Undelivered> {
     let down = |e: &dyn std::fmt::Display| unavailable(format!("cannot reach the leader at {}: {e}", leader.advertise));
     let not_sent = |e: &dyn std::fmt::Display| Undelivered::NotSent(down(e));
     let unknown = |e: &dyn std::fmt::Display| Undelivered::Unknown(down(e));
-    let tcp = tokio::net::TcpStream::connect(&authority).await.map_err(|e| not_sent(&e))?;
-    let _ = tcp.set_nodelay(true);
+    // Nothing is sent before the connection (and its TLS session) is up.
+    let (mut sender, authority) = connect(&leader.advertise, leader.pin.as_deref()).await.map_err(|e| not_sent(&e))?;
     let mut request =
         Request::builder()
             .method(parts.method.clone())
@@ -91,28 +119,10 @@ async fn send(leader: &Leader, hop: &Hop, parts: &Parts, body: Bytes) -> Result<
         }
     }
     let request = request.body(Full::new(body)).map_err(|e| not_sent(&e))?;
-    let response = if tls {
-        // Only the certificate the leader published in the election key is accepted.
-        let trust = leader.pin.clone().map_or(fulcrum_tls::Trust::Any, |pin| fulcrum_tls::Trust::Pins(vec![pin]));
-        let config = fulcrum_tls::tls_config_trusting(&trust).map_err(|e| not_sent(&e))?;
-        let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).to_string();
-        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| not_sent(&e))?;
-        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| not_sent(&e))?;
-        exchange(TokioIo::new(stream), request).await.map_err(|e| unknown(&e))?
-    } else {
-        exchange(TokioIo::new(tcp), request).await.map_err(|e| unknown(&e))?
-    };
-    Ok(response)
+    exchange(&mut sender, request).await.map_err(|e| unknown(&e))
 }
 
-async fn exchange<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<Response, String>
-where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+async fn exchange(sender: &mut Sender, request: Request<Full<Bytes>>) -> Result<Response, String> {
     let answer = sender.send_request(request).await.map_err(|e| e.to_string())?;
     let (parts, body) = answer.into_parts();
     let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();

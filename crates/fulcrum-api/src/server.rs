@@ -181,21 +181,12 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         let advertise = cluster.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
         membership.cluster.election.describe_me(advertise, certificate_pin.clone());
         let started = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let host = crate::upgrade::facts::host_facts(&membership.me().node, &config.data_dir);
+        // What interrupted deletions left: before serving, so no upload is publishing.
+        crate::images::replica::remove_orphans(&images, &store.read());
+        let host = crate::upgrade::facts::host_facts(&membership.me().node, &config.data_dir, &images);
         if let Err(e) = membership.cluster.register(started, host).await {
             tracing::warn!(error = %e, "cannot register this node in the cluster views yet");
         }
-        // What the node says of its host is kept current for the leader's prechecks.
-        let (membership, data_dir) = (membership.clone(), config.data_dir.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(HOST_FACTS_EVERY).await;
-                let host = crate::upgrade::facts::host_facts(&membership.me().node, &data_dir);
-                if let Err(e) = membership.cluster.publish_host(host).await {
-                    tracing::debug!(error = %e, "cannot publish this node's host facts; trying again later");
-                }
-            }
-        });
     }
     let app = Arc::new(App {
         store,
@@ -221,6 +212,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         Some(_) => LeaderWork::Cluster(tokio::spawn(crate::cluster::run_leadership(app.clone()))),
     };
     let sampler = tokio::spawn(crate::analytics::run_sampler(app.clone()));
+    let replicas = tokio::spawn(crate::images::replica::run(app.clone()));
+    let publisher = app.cluster.is_some().then(|| tokio::spawn(publish_node_facts(app.clone())));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("fulcrum listening on {scheme}://{local}");
@@ -327,6 +320,10 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     }
     sweeper.abort();
     sampler.abort();
+    replicas.abort();
+    if let Some(publisher) = publisher {
+        publisher.abort();
+    }
     tracing::info!("shutting down: draining connections");
     let _ = stop_connections.send(true);
     let drained = tokio::time::timeout(Duration::from_secs(10), async {
@@ -338,6 +335,23 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         tracing::warn!(open = connections.open(), "connections still open after 10 s; closing");
     }
     Ok(())
+}
+
+/// Keeps what this cluster node says of itself current for the others: its host (for the
+/// leader's prechecks) every so often, its image copies as soon as they change.
+async fn publish_node_facts(app: Arc<App>) {
+    let Some(membership) = app.cluster.clone() else { return };
+    loop {
+        let _ = tokio::time::timeout(HOST_FACTS_EVERY, app.images.copies.changed.notified()).await;
+        // Progress reports come in bursts; one write covers a burst.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let host = crate::upgrade::facts::host_facts(&membership.me().node, &app.data_dir, &app.images);
+        if let Err(e) = membership.cluster.publish_host(host).await {
+            tracing::debug!(error = %e, "cannot publish this node's facts; trying again later");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            app.images.copies.changed.notify_one();
+        }
+    }
 }
 
 enum LeaderWork {

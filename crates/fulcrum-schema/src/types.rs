@@ -607,6 +607,23 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("size", int(0, i64::MAX)).describe("Bytes of the package file."),
                 f("tasks_completed", int(0, U32_MAX)).default(0),
                 f("total_tasks", int(0, U32_MAX)).default(0),
+                f("node_states", keyed("ImageNodeState", &["node"]))
+                    .describe("Each controller node's copy of the package file (Fulcrum; reported, not configured)."),
+            ],
+        ),
+        schema(
+            "ImageNodeState",
+            vec![
+                f("node", s()).required(),
+                f("up", b()),
+                f(
+                    "state",
+                    en(&["IMAGE_FSM_STARTED", "IMAGE_FSM_IN_PROGRESS", "IMAGE_FSM_COMPLETED", "IMAGE_FSM_FAILED"]),
+                ),
+                f("progress", int(0, 100)),
+                f("reason", s()),
+                f("last_failure", s()).describe("The last failure of this node's copy, kept after it was replaced."),
+                f("last_changed_time", o("TimeStamp")),
             ],
         ),
         schema("Role", named(vec![f("privileges", keyed("Permission", &["resource"]))])),

@@ -211,9 +211,9 @@ impl Listing {
     fn of(kind: &str) -> Listing {
         match kind {
             "image" => Listing {
-                header: &["Name", "UUID", "Status"],
-                fields: "name,uuid,img_state,progress",
-                row: |i| vec![text(i, "name"), text(i, "uuid"), image_status(i)],
+                header: &["Name", "UUID", "Status", "Controller Nodes"],
+                fields: "name,uuid,img_state,progress,node_states",
+                row: |i| vec![text(i, "name"), text(i, "uuid"), image_status(i), node_copies(i)],
             },
             "serviceengine" => Listing {
                 header: &["Name", "UUID", "SE Group", "Version", "Oper State", "License", "Install", "Last Heartbeat"],
@@ -286,6 +286,28 @@ fn list_rows(client: &mut Client, path_and_filter: &str, listing: Listing) -> Re
         }
     }
     Ok(rows)
+}
+
+/// The Controller Nodes column of `show image`: each node's copy of the package.
+fn node_copies(image: &Value) -> String {
+    let nodes = image.get("node_states").and_then(Value::as_array).into_iter().flatten();
+    nodes
+        .map(|n| {
+            let node = text(n, "node");
+            let progress = n.get("progress").and_then(Value::as_u64).unwrap_or(0);
+            let mut state = match n.get("state").and_then(Value::as_str).unwrap_or_default() {
+                "IMAGE_FSM_COMPLETED" => "ok".to_string(),
+                "IMAGE_FSM_IN_PROGRESS" => format!("{progress}%"),
+                "IMAGE_FSM_FAILED" => format!("failed: {}", text(n, "reason")),
+                _ => "waiting".to_string(),
+            };
+            if n.get("up").and_then(Value::as_bool) == Some(false) {
+                state.push_str(" (down)");
+            }
+            format!("{node} {state}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The Status column of `show image`: SYSERR_SUCCESS for a ready image, as the controller's

@@ -181,6 +181,151 @@ fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() 
     }
 }
 
+/// Each node's copy of an image as its record says: node name → (state, the whole entry).
+fn copies(api: &Api, uuid: &str) -> Vec<(String, String, Value)> {
+    let image = common::upgrades::get(api, &format!("/api/image/{uuid}"));
+    image["node_states"]
+        .as_array()
+        .map(|states| {
+            states
+                .iter()
+                .map(|s| (s["node"].as_str().unwrap().to_string(), s["state"].as_str().unwrap().to_string(), s.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn copy_state(api: &Api, uuid: &str, node: &str) -> Option<(String, Value)> {
+    copies(api, uuid).into_iter().find(|(n, _, _)| n == node).map(|(_, state, entry)| (state, entry))
+}
+
+fn preview_copy_check(api: &Api, image: &str) -> Value {
+    let (status, preview) =
+        common::upgrades::post(api, "/api/upgrade/preview", json!({"image_ref": image, "system": true}));
+    assert_eq!(status, 200, "{preview}");
+    preview["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check_code"] == "SYSERR_CHECK_IMAGE_AVAILABILITY")
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn images_are_copied_to_every_node_repaired_checked_and_deleted_everywhere() {
+    use common::agents::wait_for;
+    use common::packages::{Packages, sha256_file, upload};
+    let pkgs = Packages::new();
+    let etcd = Etcd::start(3);
+    // c does not trust the signing key at first: its copies fail verification.
+    let dirs = [pkgs.data_dir(), pkgs.data_dir(), temp_dir()];
+    let dir = |i: usize| dirs[i].path();
+    // a starts alone, so it leads and takes the uploads.
+    let mut nodes = vec![Some(node_at(dir(0), &etcd, "a", "127.0.0.1"))];
+    let leader = nodes[0].as_ref().unwrap().admin();
+    create_when_led(&leader, &json!({"name": "first"}), Duration::from_secs(30));
+    nodes.push(Some(node_at(dir(1), &etcd, "b", "127.0.0.2")));
+    nodes.push(Some(node_at(dir(2), &etcd, "c", "127.0.0.3")));
+    let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
+    let first = pkgs.big_controller("v222.pkg", "30.2.2", "9100", 96);
+    let size = std::fs::metadata(&first).unwrap().len();
+
+    // The upload lands on a; b starts fetching it and is killed half-way.
+    let image = upload(&leader, &first).json();
+    let uuid = image["uuid"].as_str().unwrap().to_string();
+    let name = image["name"].as_str().unwrap().to_string();
+    let partial = dir(1).join(format!("images/replica/{uuid}.part"));
+    let published = |i: usize| dir(i).join(format!("images/{uuid}.pkg"));
+    let fetched = wait_for("b to start fetching", Duration::from_secs(20), || {
+        std::fs::metadata(&partial).ok().map(|m| m.len()).filter(|n| *n > 0)
+    });
+    nodes[1].take().unwrap().kill9();
+    let left = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    assert!(left > 0 && left < size, "b was killed mid-fetch: {fetched} then {left} of {size} bytes");
+    assert!(!published(1).exists());
+    // c fetches it and fails to verify it (an unknown key), and says so; a holds it.
+    let (_, failed) = wait_for("c's copy to fail", Duration::from_secs(20), || {
+        copy_state(&apis[0], &uuid, "c").filter(|(state, _)| state == "IMAGE_FSM_FAILED")
+    });
+    assert!(failed["reason"].as_str().unwrap().contains("verification"), "{failed}");
+    assert_eq!(copy_state(&apis[0], &uuid, "a").unwrap().0, "IMAGE_FSM_COMPLETED");
+    let (_, b) = wait_for("b shown down", Duration::from_secs(10), || {
+        copy_state(&apis[0], &uuid, "b").filter(|(_, entry)| entry["up"] == false)
+    });
+    assert_ne!(b["state"], "IMAGE_FSM_COMPLETED", "{b}");
+    // The shell on a follower shows each node's copy.
+    let (shown, _) = common::shell(nodes[2].as_ref().unwrap(), "show image");
+    assert!(shown.contains("Controller Nodes") && shown.contains("a ok") && shown.contains("c failed"), "{shown}");
+
+    // The member-state precheck names the two nodes without a good copy, and blocks.
+    let check = preview_copy_check(&apis[2], &name);
+    assert_eq!(check["state"], "UPGRADE_PRE_CHECK_ERROR", "{check}");
+    let details = check["details"].to_string();
+    assert!(details.contains("node b") && details.contains("node c") && !details.contains("node a"), "{check}");
+
+    // b comes back and resumes where it stopped; c is given the key and fetches it again.
+    let restarted = Instant::now();
+    nodes[1] = Some(node_at(dir(1), &etcd, "b", "127.0.0.2"));
+    nodes[2].take().unwrap().terminate();
+    std::fs::create_dir_all(dir(2).join("trusted-keys")).unwrap();
+    std::fs::copy(pkgs.path("release.pub"), dir(2).join("trusted-keys/release.pub")).unwrap();
+    nodes[2] = Some(node_at(dir(2), &etcd, "c", "127.0.0.3"));
+    let apis: Vec<Api> = nodes.iter().map(|n| n.as_ref().unwrap().admin()).collect();
+    wait_for("every node to hold the image", Duration::from_secs(60), || {
+        let all = copies(&apis[1], &uuid);
+        (all.len() == 3 && all.iter().all(|(_, state, _)| state == "IMAGE_FSM_COMPLETED")).then_some(())
+    });
+    println!("b and c caught up {:?} after their restart", restarted.elapsed());
+    for i in 0..3 {
+        assert_eq!(sha256_file(&published(i)), sha256_file(&first), "node {i}'s copy");
+    }
+    let check = preview_copy_check(&apis[1], &name);
+    assert_eq!(check["state"], "UPGRADE_PRE_CHECK_SUCCESS", "{check}");
+
+    // A second upload with every node up: how long until all three hold it.
+    let second = pkgs.big_controller("v223.pkg", "30.2.3", "9200", 96);
+    let sent = Instant::now();
+    let image2 = upload(&apis[0], &second).json();
+    let uploaded = sent.elapsed();
+    let uuid2 = image2["uuid"].as_str().unwrap().to_string();
+    wait_for("the second image on every node", Duration::from_secs(60), || {
+        let all = copies(&apis[2], &uuid2);
+        (all.len() == 3 && all.iter().all(|(_, state, _)| state == "IMAGE_FSM_COMPLETED")).then_some(())
+    });
+    let size2 = std::fs::metadata(&second).unwrap().len();
+    println!(
+        "replication: {size2} bytes uploaded in {uploaded:?}, COMPLETED on all three nodes {:?} after the upload began",
+        sent.elapsed()
+    );
+
+    // A byte flipped in c's copy: detected, shown, replaced.
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(published(2)).unwrap();
+        f.seek(SeekFrom::Start(size / 2)).unwrap();
+        let mut byte = [0u8];
+        f.read_exact(&mut byte).unwrap();
+        f.seek(SeekFrom::Start(size / 2)).unwrap();
+        f.write_all(&[byte[0] ^ 0x5a]).unwrap();
+    }
+    let repaired = wait_for("c's bad copy to be replaced", Duration::from_secs(60), || {
+        copy_state(&apis[0], &uuid, "c").filter(|(state, entry)| {
+            state == "IMAGE_FSM_COMPLETED"
+                && entry["last_failure"].as_str().is_some_and(|f| f.contains("this node's copy"))
+        })
+    });
+    assert!(repaired.1["last_failure"].as_str().unwrap().contains("verification"), "{}", repaired.1);
+    assert_eq!(sha256_file(&published(2)), sha256_file(&first), "c's copy was replaced");
+
+    // Deleted through a follower: gone from every node's disk.
+    assert_eq!(apis[2].delete(&format!("/api/image/{uuid}")).status, 204);
+    wait_for("the files to go", Duration::from_secs(20), || (0..3).all(|i| !published(i).exists()).then_some(()));
+    for i in 0..3 {
+        assert!(dir(i).join(format!("images/{uuid2}.pkg")).exists(), "the other image stays on node {i}");
+    }
+}
+
 /// Which of the nodes leads, as the cluster runtime says.
 fn leader_index(apis: &[Api], names: &[&str]) -> usize {
     let runtime = apis[0].object("/api/cluster/runtime");

@@ -651,9 +651,20 @@ fn the_shell_uploads_with_progress_shows_and_deletes_images() {
     let header = table.lines().find(|l| l.contains("Name")).unwrap();
     assert_eq!(
         header.split('|').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>(),
-        ["Name", "UUID", "Status"]
+        ["Name", "UUID", "Status", "Controller Nodes"]
     );
-    assert!(table.lines().any(|l| l.contains(&name) && l.contains("SYSERR_SUCCESS")), "{table}");
+    // A single node is the one controller holding a copy (the leader records it within a second).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let table = loop {
+        let (table, _) = shell(&c, "show image");
+        if table.lines().any(|l| l.contains(&name) && l.contains("SYSERR_SUCCESS") && l.contains(" ok"))
+            || std::time::Instant::now() > deadline
+        {
+            break table;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(table.lines().any(|l| l.contains(&name) && l.contains("SYSERR_SUCCESS") && l.contains(" ok")), "{table}");
     let (detail, _) = shell(&c, &format!("show image {name}"));
     assert!(
         detail.contains("Field") && detail.contains("IMAGE_FSM_COMPLETED") && detail.contains(&sha256_file(&package)),

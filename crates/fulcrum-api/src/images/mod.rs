@@ -12,6 +12,8 @@
 
 mod direct;
 pub mod record;
+pub mod replica;
+mod serve;
 mod session;
 mod upload;
 
@@ -30,6 +32,7 @@ use fulcrum_schema::{Registry, TypeDef, object_path};
 use fulcrum_store::Store;
 use serde_json::Value;
 
+pub use serve::serve_slice;
 pub use session::{abort_session, complete_session, create_session, put_chunk, session_status};
 pub use upload::upload;
 
@@ -61,6 +64,8 @@ pub struct Images {
     reserved: Arc<AtomicU64>,
     /// One writer at a time per resumable session.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// This node's copies of the package files and what it reports of them.
+    pub copies: replica::Copies,
 }
 
 /// Free space promised to one upload; given back when it ends.
@@ -100,7 +105,7 @@ impl Images {
     /// Opens DATA/images with the trusted keys from `key_files` and DATA/trusted-keys/*.pub.
     pub fn open(data_dir: &Path, key_files: &[PathBuf]) -> Result<Images, String> {
         let dir = std::path::absolute(data_dir.join("images")).map_err(|e| e.to_string())?;
-        for sub in [TMP_DIR, SESSIONS_DIR] {
+        for sub in [TMP_DIR, SESSIONS_DIR, replica::REPLICA_DIR] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.join(sub).display()))?;
         }
         let mut files: Vec<PathBuf> = key_files.to_vec();
@@ -129,7 +134,17 @@ impl Images {
             trusted: TrustedKeys::new(keys),
             reserved: Arc::new(AtomicU64::new(0)),
             session_locks: Mutex::default(),
+            copies: replica::Copies::default(),
         })
+    }
+
+    /// Whether this node holds a verified copy of the file image `uuid` lies in.
+    pub fn has_verified_copy(&self, cat: &fulcrum_store::Catalogue, uuid: &str) -> bool {
+        let Some(image) = cat.get(KIND, uuid) else { return false };
+        let (Some(owner), Some(file)) = (replica::owner_of(&image.value), record::file_name(&image.value)) else {
+            return false;
+        };
+        self.copies.is_verified(owner, &self.file_path(file))
     }
 
     pub fn trusted(&self) -> &TrustedKeys {
@@ -409,6 +424,8 @@ impl Staged {
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::internal(format!("cannot publish the package file: {e}")))?;
         self.file = Some(target.clone());
+        // Verified as it arrived: this node's copy needs no second look.
+        self.app.images.copies.verified(uuid, &target);
         let records =
             record::records_for(verified, uuid, &file_name, &target.to_string_lossy(), started, SystemTime::now());
         let mut prepared = Vec::with_capacity(records.len());

@@ -31,6 +31,11 @@ pub fn file_name(value: &Value) -> Option<&str> {
     value.get("_file").and_then(Value::as_str)
 }
 
+/// The sha256 of the whole package file, for the record that owns the file.
+pub fn file_sha256(value: &Value) -> Option<&str> {
+    value.pointer("/controller_info/hash").or_else(|| value.pointer("/se_info/hash")).and_then(Value::as_str)
+}
+
 /// Where the bytes a side installs lie in the record's file: (offset, length). A patch image
 /// with both sides keeps the SE part's place in `_se_slice`.
 pub fn slice(value: &Value, se_side: bool) -> (u64, u64) {

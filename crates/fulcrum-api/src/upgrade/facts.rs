@@ -85,8 +85,32 @@ pub fn image_facts(app: &App, cat: &Catalogue, image: &Arc<Stored>, side: Side) 
         carries_se: bool_of("carries_se") || kind == "bundle",
         bundle_patches,
         size: v.get("_length").and_then(Value::as_u64).unwrap_or(0),
-        missing_on: if file_ok { vec![] } else { vec![format!("controller node {}", app.listen.ip())] },
+        missing_on: match v.get("node_states").and_then(Value::as_array) {
+            Some(states) => states.iter().filter_map(missing_copy).collect(),
+            // Before the leader first recorded the nodes' copies: this node's file.
+            None if file_ok => vec![],
+            None => vec![format!("controller node {}", app.listen.ip())],
+        },
     }
+}
+
+/// A node whose copy of an image is not ready, and why, from the record's `node_states`.
+fn missing_copy(entry: &Value) -> Option<String> {
+    let state = entry.get("state").and_then(Value::as_str).unwrap_or_default();
+    if state == crate::images::record::COMPLETED {
+        return None;
+    }
+    let node = entry.get("node").and_then(Value::as_str).unwrap_or("?");
+    let reason = entry.get("reason").and_then(Value::as_str).unwrap_or_default();
+    let why = match state {
+        crate::images::replica::FAILED => format!("its copy failed: {reason}"),
+        crate::images::record::IN_PROGRESS => {
+            format!("{reason}, {}%", entry.get("progress").and_then(Value::as_u64).unwrap_or(0))
+        }
+        _ => "not copied yet".into(),
+    };
+    let down = if entry.get("up").and_then(Value::as_bool) == Some(false) { "; the node is down" } else { "" };
+    Some(format!("controller node {node} ({why}{down})"))
 }
 
 fn selinux() -> Option<String> {
@@ -176,11 +200,13 @@ pub fn local_systemd(node: &str) -> fulcrum_upgrade::checks::NodeSystemd {
     }
 }
 
-/// What a cluster node publishes of its host for the leader's prechecks.
-pub fn host_facts(node: &str, data_dir: &std::path::Path) -> Value {
+/// What a cluster node publishes of its host for the leader's prechecks, and of its copies of
+/// the images.
+pub fn host_facts(node: &str, data_dir: &std::path::Path, images: &crate::images::Images) -> Value {
     serde_json::json!({
         "systemd": local_systemd(node),
         "free_disk_bytes": crate::images::available_bytes(data_dir).unwrap_or(0),
+        "images": images.copies.reports(),
     })
 }
 

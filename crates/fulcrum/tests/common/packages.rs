@@ -176,3 +176,27 @@ pub fn upload_bytes(api: &Api, data: &[u8]) -> Resp {
 pub fn upload(api: &Api, path: &Path) -> Resp {
     upload_bytes(api, &std::fs::read(path).unwrap())
 }
+
+impl Packages {
+    /// A controller package of `version` carrying `mib` MiB that do not compress, so that
+    /// moving it takes a while.
+    pub fn big_controller(&self, name: &str, version: &str, build: &str, mib: usize) -> PathBuf {
+        use std::io::Write;
+        let controller = self.path(&format!("{name}.controller"));
+        std::fs::create_dir_all(controller.join("lib")).unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ mib as u64;
+        let mut block = vec![0u8; 1 << 20];
+        let mut f = std::io::BufWriter::new(std::fs::File::create(controller.join("lib/blob")).unwrap());
+        for _ in 0..mib {
+            for chunk in block.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                chunk.copy_from_slice(&state.to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+        f.flush().unwrap();
+        self.controller_package(name, version, build, &controller, &self.path("se"))
+    }
+}
