@@ -565,14 +565,19 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         // are reads of what only the leader knows: SEs' last heartbeats and where virtual
         // services run (its placement and what the SEs report to it are in its memory). With
         // no leader those reads are answered here, from the catalogue alone.
-        let leader_knows = safe
-            && match &route {
-                Route::ObjectAction(t, _, "runtime") => t.path == "virtualservice",
-                Route::Collection(t) | Route::Object(t, _) => t.path == crate::engines::SE_KIND,
-                _ => false,
-            };
+        // An upgrade's preview changes nothing but judges what the leader knows (the SEs'
+        // heartbeats): the leader answers it, or, with no leader, this node (whose checks then
+        // say the cluster is not ready).
+        let preview = matches!((&route, &method), (Route::UpgradeOp(_, true), &Method::POST));
+        let leader_knows = preview
+            || (safe
+                && match &route {
+                    Route::ObjectAction(t, _, "runtime") => t.path == "virtualservice",
+                    Route::Collection(t) | Route::Object(t, _) => t.path == crate::engines::SE_KIND,
+                    _ => false,
+                });
         let follower = matches!(membership.role(), crate::cluster::NodeRole::Follower { .. });
-        let pass_on = !safe || (leader_knows && membership.leader().is_some());
+        let pass_on = (!safe && !preview) || (leader_knows && membership.leader().is_some());
         if pass_on && !upload && follower {
             if parts.headers.contains_key(crate::forward::FORWARDED) {
                 return Err(ApiError::new(

@@ -199,17 +199,16 @@ fn copy_state(api: &Api, uuid: &str, node: &str) -> Option<(String, Value)> {
     copies(api, uuid).into_iter().find(|(n, _, _)| n == node).map(|(_, state, entry)| (state, entry))
 }
 
-fn preview_copy_check(api: &Api, image: &str) -> Value {
+/// One check of an upgrade's preview.
+fn preview_check(api: &Api, image: &str, code: &str) -> Value {
     let (status, preview) =
         common::upgrades::post(api, "/api/upgrade/preview", json!({"image_ref": image, "system": true}));
     assert_eq!(status, 200, "{preview}");
-    preview["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check_code"] == "SYSERR_CHECK_IMAGE_AVAILABILITY")
-        .cloned()
-        .unwrap()
+    preview["checks"].as_array().unwrap().iter().find(|c| c["check_code"] == code).cloned().unwrap()
+}
+
+fn preview_copy_check(api: &Api, image: &str) -> Value {
+    preview_check(api, image, "SYSERR_CHECK_IMAGE_AVAILABILITY")
 }
 
 #[test]
@@ -263,6 +262,10 @@ fn images_are_copied_to_every_node_repaired_checked_and_deleted_everywhere() {
     assert_eq!(check["state"], "UPGRADE_PRE_CHECK_ERROR", "{check}");
     let details = check["details"].to_string();
     assert!(details.contains("node b") && details.contains("node c") && !details.contains("node a"), "{check}");
+    // And the cluster is not ready while b is down.
+    let ready = preview_check(&apis[2], &name, "SYSERR_CHECK_CLUSTER_STATE");
+    assert_eq!(ready["state"], "UPGRADE_PRE_CHECK_ERROR", "{ready}");
+    assert!(ready["details"].to_string().contains("b down"), "{ready}");
 
     // b comes back and resumes where it stopped; c is given the key and fetches it again.
     let restarted = Instant::now();
@@ -282,6 +285,8 @@ fn images_are_copied_to_every_node_repaired_checked_and_deleted_everywhere() {
     }
     let check = preview_copy_check(&apis[1], &name);
     assert_eq!(check["state"], "UPGRADE_PRE_CHECK_SUCCESS", "{check}");
+    let ready = preview_check(&apis[1], &name, "SYSERR_CHECK_CLUSTER_STATE");
+    assert_eq!(ready["state"], "UPGRADE_PRE_CHECK_SUCCESS", "{ready}");
 
     // A second upload with every node up: how long until all three hold it.
     let second = pkgs.big_controller("v223.pkg", "30.2.3", "9200", 96);
@@ -644,11 +649,13 @@ fn a_paused_leader_commits_nothing_after_its_lease_ran_out() {
 #[test]
 fn without_a_quorum_writes_are_refused_reads_served_and_everything_recovers() {
     let etcd = Etcd::start(1);
-    let data = temp_dir();
+    let pkgs = common::packages::Packages::new();
+    let data = pkgs.data_dir();
     let c = node(data.path(), &etcd, "a");
     let api = c.admin();
     let (created, _) = create_when_led(&api, &json!({"name": "kept"}), Duration::from_secs(30));
     let uuid = created["uuid"].as_str().unwrap().to_string();
+    let image = common::packages::upload(&api, &pkgs.build("c.pkg", "controller", "30.2.2", "9100", &[])).json();
 
     etcd.pause();
     let started = Instant::now();
@@ -661,6 +668,10 @@ fn without_a_quorum_writes_are_refused_reads_served_and_everything_recovers() {
     let read = api.get(&format!("/api/pool/{uuid}"));
     assert_eq!(read.status, 200, "reads are served from the catalogue: {}", read.body);
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // The upgrade prechecks say the controller cluster is not ready.
+    let ready = preview_check(&api, image["name"].as_str().unwrap(), "SYSERR_CHECK_CLUSTER_STATE");
+    assert_eq!(ready["state"], "UPGRADE_PRE_CHECK_ERROR", "{ready}");
+    assert!(ready["details"].to_string().contains("no quorum"), "{ready}");
 
     etcd.resume();
     let (_, took) = create_when_led(&api, &json!({"name": "after"}), Duration::from_secs(30));

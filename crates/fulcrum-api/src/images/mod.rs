@@ -129,12 +129,13 @@ impl Images {
                 "no trusted package signing keys: image uploads will be refused until one is configured"
             );
         }
+        let copies = replica::Copies::load(&dir);
         Ok(Images {
             dir,
             trusted: TrustedKeys::new(keys),
             reserved: Arc::new(AtomicU64::new(0)),
             session_locks: Mutex::default(),
-            copies: replica::Copies::default(),
+            copies,
         })
     }
 

@@ -72,6 +72,21 @@ pub struct Copies {
     inner: std::sync::Mutex<BTreeMap<String, Copy>>,
     /// Woken when a report changes (the member entry is published again).
     pub changed: tokio::sync::Notify,
+    /// Where the verified files' stamps are kept across restarts (a restart, such as an
+    /// upgrade's, then does not hash every package again). Losing it costs a verification.
+    stamps: Option<PathBuf>,
+}
+
+/// A verified file as it was: length, and modification time (seconds, nanoseconds).
+type SavedStamp = (u64, u64, u32);
+
+fn to_saved((len, mtime): (u64, SystemTime)) -> SavedStamp {
+    let d = mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
+    (len, d.as_secs(), d.subsec_nanos())
+}
+
+fn from_saved((len, secs, nanos): SavedStamp) -> (u64, SystemTime) {
+    (len, UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +125,40 @@ fn stamp(path: &Path) -> io::Result<(u64, SystemTime)> {
 }
 
 impl Copies {
+    /// The copies in `dir` verified before this start and unchanged since, as their stamps
+    /// say (kept in the replica directory from now on): they are COMPLETED at once.
+    pub fn load(dir: &Path) -> Copies {
+        let stamps = dir.join(REPLICA_DIR).join("verified.json");
+        let saved: BTreeMap<String, SavedStamp> =
+            std::fs::read(&stamps).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let copies = saved
+            .into_iter()
+            .filter(|(uuid, saved)| stamp(&dir.join(format!("{uuid}.pkg"))).ok() == Some(from_saved(*saved)))
+            .map(|(uuid, saved)| {
+                let mut copy = Copy::new();
+                copy.verified = Some(from_saved(saved));
+                copy.report.state = record::COMPLETED.into();
+                (copy.report.progress, copy.report.reason) = (100, None);
+                (uuid, copy)
+            })
+            .collect();
+        Copies { inner: std::sync::Mutex::new(copies), changed: Default::default(), stamps: Some(stamps) }
+    }
+
+    fn save_stamps(&self) {
+        let Some(path) = &self.stamps else { return };
+        let saved: BTreeMap<String, SavedStamp> =
+            self.lock().iter().filter_map(|(k, c)| Some((k.clone(), to_saved(c.verified?)))).collect();
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot keep the verified copies' stamps");
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Copy>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -148,6 +197,15 @@ impl Copies {
             copy.retry_at = None;
             copy.failures = 0;
         }
+        self.save_stamps();
+    }
+
+    /// Reports COMPLETED for a copy verified before this start and unchanged since.
+    fn confirm(&self, uuid: &str) {
+        let state = self.lock().get(uuid).map(|c| c.report.state.clone());
+        if state.as_deref() != Some(record::COMPLETED) {
+            self.set(uuid, record::COMPLETED, 100, None);
+        }
     }
 
     /// Whether the file at `path` is the verified copy of `uuid`, unchanged since.
@@ -159,6 +217,7 @@ impl Copies {
     fn forget(&self, uuid: &str) {
         if self.lock().remove(uuid).is_some() {
             self.changed.notify_one();
+            self.save_stamps();
         }
     }
 
@@ -240,7 +299,7 @@ async fn pass(app: &Arc<App>) {
     if let Ok(entries) = std::fs::read_dir(app.images.dir.join(REPLICA_DIR)) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.strip_suffix(".part").is_some_and(|u| wanted_uuids.contains(u)) {
+            if name.ends_with(".part") && !name.strip_suffix(".part").is_some_and(|u| wanted_uuids.contains(u)) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -248,7 +307,11 @@ async fn pass(app: &Arc<App>) {
     for w in wanted {
         let path = app.images.file_path(&w.file);
         copies.set_listed(&w.uuid);
-        if copies.is_verified(&w.uuid, &path) || copies.waiting(&w.uuid) {
+        if copies.is_verified(&w.uuid, &path) {
+            copies.confirm(&w.uuid);
+            continue;
+        }
+        if copies.waiting(&w.uuid) {
             continue;
         }
         if path.exists() {
@@ -543,6 +606,26 @@ mod tests {
         assert!(!copies.is_verified("image-1", &path));
         std::fs::remove_file(&path).unwrap();
         assert!(!copies.is_verified("image-1", &path));
+    }
+
+    #[test]
+    fn verified_copies_stay_verified_across_a_restart_unless_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(REPLICA_DIR)).unwrap();
+        let (one, two) = (dir.path().join("image-1.pkg"), dir.path().join("image-2.pkg"));
+        std::fs::write(&one, b"one").unwrap();
+        std::fs::write(&two, b"two").unwrap();
+        let copies = Copies::load(dir.path());
+        copies.verified("image-1", &one);
+        copies.verified("image-2", &two);
+        drop(copies);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&two, b"tw0").unwrap();
+        let again = Copies::load(dir.path());
+        assert!(again.is_verified("image-1", &one));
+        assert_eq!(again.reports()["image-1"].state, record::COMPLETED);
+        assert!(!again.is_verified("image-2", &two), "changed while the node was down");
+        assert!(!again.reports().contains_key("image-2"));
     }
 
     #[test]

@@ -230,6 +230,13 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
         backup::newest_age_anywhere(app, backup_on_disk.map(std::time::Duration::from_secs)).map(|d| d.as_secs());
     let mut cluster_problem =
         probe.err().map(|e| format!("the controller's store does not take writes: {}", ApiError::from(e).message));
+    // A cluster's store answers only with a quorum of etcd members (a quorum read proves it).
+    if cluster_problem.is_none()
+        && let (Some(membership), Some(applied)) = (&app.cluster, app.store.applied())
+        && let Err(e) = membership.cluster.consistent(applied, std::time::Duration::from_secs(3)).await
+    {
+        cluster_problem = Some(format!("etcd has no quorum (the cluster's store does not answer): {e}"));
+    }
     let view = crate::system::cluster_view(app).await;
     // This node's systemd as it is now; the others' as they registered it.
     let systemd = view

@@ -276,7 +276,9 @@ pub async fn operate(
     if !ctx.principal.is_superuser() {
         return Err(ApiError::forbidden("upgrade operations need PERMISSION_UPGRADE_OPS (an administrator)"));
     }
-    crate::cluster::require_leader(&app.role(), "An upgrade operation")?;
+    if !preview {
+        crate::cluster::require_leader(&app.role(), "An upgrade operation")?;
+    }
     let params: Params = if body.iter().all(u8::is_ascii_whitespace) {
         Params::default()
     } else {
