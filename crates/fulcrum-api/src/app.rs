@@ -125,6 +125,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/logout", post(system::logout))
         .route(crate::sessions::INTERNAL_PATH, post(crate::sessions::internal))
         .route(crate::images::replica::COPY_PATH, get(crate::images::replica::serve_copy))
+        .route(crate::upgrade::nodes::TASK_PATH, post(crate::upgrade::nodes::controller_task))
         .route("/metrics", get(system::metrics))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(within_request_limits))

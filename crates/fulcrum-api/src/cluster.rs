@@ -56,6 +56,11 @@ impl Membership {
         Ok(nodes)
     }
 
+    /// Every controller that joined, as last read.
+    pub fn known_nodes(&self) -> Vec<fulcrum_store::election::NodeState> {
+        self.known_nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The controllers an agent may talk to, as last read.
     pub fn controllers(&self) -> Vec<fulcrum_se_protocol::ControllerAddress> {
         let nodes = self.known_nodes.read().unwrap_or_else(|e| e.into_inner());
@@ -109,6 +114,7 @@ impl LeaderServices {
             app.async_patches.recover(&requests, &cycles);
         }
         app.engines.begin_watch();
+        app.upgrade.take_over(&app.store.read());
         let tasks = vec![
             tokio::spawn(crate::asyncpatch::run_timer(app.clone())),
             tokio::spawn(crate::engines::run(app.clone())),

@@ -183,7 +183,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         let started = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         // What interrupted deletions left: before serving, so no upload is publishing.
         crate::images::replica::remove_orphans(&images, &store.read());
-        let host = crate::upgrade::facts::host_facts(&membership.me().node, &config.data_dir, &images);
+        let host = crate::upgrade::facts::host_facts(&membership.me().node, &config.data_dir, &images, &upgrade.slots);
         if let Err(e) = membership.cluster.register(started, host).await {
             tracing::warn!(error = %e, "cannot register this node in the cluster views yet");
         }
@@ -345,7 +345,8 @@ async fn publish_node_facts(app: Arc<App>) {
         let _ = tokio::time::timeout(HOST_FACTS_EVERY, app.images.copies.changed.notified()).await;
         // Progress reports come in bursts; one write covers a burst.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let host = crate::upgrade::facts::host_facts(&membership.me().node, &app.data_dir, &app.images);
+        let host =
+            crate::upgrade::facts::host_facts(&membership.me().node, &app.data_dir, &app.images, &app.upgrade.slots);
         if let Err(e) = membership.cluster.publish_host(host).await {
             tracing::debug!(error = %e, "cannot publish this node's facts; trying again later");
             tokio::time::sleep(Duration::from_secs(1)).await;

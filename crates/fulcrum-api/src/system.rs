@@ -97,6 +97,7 @@ pub async fn cluster_view(app: &App) -> ClusterView {
             host: Value::Null,
             up: true,
             up_since: Some(started),
+            incarnation: None,
         }]
     };
     let Some(membership) = &app.cluster else {
@@ -159,7 +160,7 @@ pub async fn run_cluster_object(app: std::sync::Arc<App>) {
 }
 
 /// The host of a node's address, as `mgmt_ip` shows it.
-fn host_of(advertise: &str) -> String {
+pub(crate) fn host_of(advertise: &str) -> String {
     let rest = advertise.split_once("://").map_or(advertise, |(_, r)| r);
     rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']']).to_string()
 }

@@ -1021,6 +1021,9 @@ fn object_schemas() -> Vec<ObjectSchema> {
                 f("upgrade_se_timeout", int(10, 86400))
                     .default(600)
                     .describe("Seconds an SE has to finish its install before it counts as failed."),
+                f("upgrade_controller_node_timeout", int(10, 86400)).default(300).describe(
+                    "Seconds a controller node has for one upgrade step (for its restart: to be back on the new version).",
+                ),
                 f("upgrade_vs_move_timeout", int(1, 3600))
                     .default(30)
                     .describe("Seconds to wait for an SE's virtual services to move before it is upgraded anyway."),

@@ -26,6 +26,8 @@ pub struct Election {
     me: std::sync::Mutex<Leader>,
     pub(crate) ttl: Duration,
     fence: Arc<Fence>,
+    /// The lease holding the key while this node leads.
+    lease: std::sync::Mutex<Option<i64>>,
 }
 
 impl Election {
@@ -35,7 +37,14 @@ impl Election {
     }
 
     pub fn new(client: Client, key: &str, me: Leader, ttl: Duration, fence: Arc<Fence>) -> Election {
-        Election { client, key: key.to_string(), me: std::sync::Mutex::new(me), ttl, fence }
+        Election {
+            client,
+            key: key.to_string(),
+            me: std::sync::Mutex::new(me),
+            ttl,
+            fence,
+            lease: std::sync::Mutex::new(None),
+        }
     }
 
     /// The current leader, if any.
@@ -53,6 +62,9 @@ impl Election {
         let me = self.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let value = serde_json::json!({"node": me.node, "advertise": me.advertise, "pin": me.pin}).to_string();
         let ttl_secs = self.ttl.as_secs().max(1) as i64;
+        // A leader that gives up (before a planned restart) deletes the key: the watch lets the
+        // others campaign at once, before the leaving node is back to campaign itself.
+        let mut key_changes = self.client.watch_client().watch(self.key.clone(), None).await.ok();
         loop {
             let mut lease = self.client.lease_client();
             let grant = lease.grant(ttl_secs, None).await.map_err(etcd_error)?;
@@ -67,11 +79,21 @@ impl Election {
                 let revision =
                     response.header().map(|h| h.revision()).ok_or_else(|| StoreError::Io("etcd: no header".into()))?;
                 tracing::info!(node = %me.node, revision, "won the election");
+                *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(grant.id());
                 return Ok((grant.id(), revision));
             }
             let _ = lease.revoke(grant.id()).await;
             waiting(self.leader().await?.as_ref());
-            tokio::time::sleep((self.ttl / 4).max(Duration::from_millis(200))).await;
+            let pause = tokio::time::sleep((self.ttl / 4).max(Duration::from_millis(200)));
+            match key_changes.as_mut() {
+                Some(changes) => tokio::select! {
+                    () = pause => {}
+                    change = changes.message() => if !matches!(change, Ok(Some(_))) {
+                        key_changes = None;
+                    },
+                },
+                None => pause.await,
+            }
         }
     }
 
@@ -85,6 +107,18 @@ impl Election {
 
     pub fn me(&self) -> Leader {
         self.me.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Gives the leadership up now (before a planned restart): this node stops committing, and
+    /// etcd deletes the key with the lease, so another node wins without waiting for the TTL.
+    pub async fn resign(&self) {
+        self.fence.release();
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(lease) = lease
+            && let Err(e) = self.client.lease_client().revoke(lease).await
+        {
+            tracing::warn!(error = %e, "cannot give the leadership up; it ends with the lease");
+        }
     }
 
     /// Lets this node's commits through, as the holder of the key created at `revision`.
@@ -238,6 +272,8 @@ pub struct NodeState {
     pub up: bool,
     /// Seconds since the epoch at which it last started, when up.
     pub up_since: Option<u64>,
+    /// Which registration of the node is up (another one after each restart).
+    pub incarnation: Option<i64>,
 }
 
 impl Cluster {
@@ -300,12 +336,14 @@ impl Cluster {
         let members = kv.get(members_key, options).await.map_err(etcd_error)?;
         let (alive_key, options) = prefixed("alive");
         let alive = kv.get(alive_key.clone(), options).await.map_err(etcd_error)?;
+        // When it started, and which registration this is (a restart puts the key again).
         let up_since = |name: &str| {
             alive.kvs().iter().find(|kv| kv.key() == format!("{alive_key}{name}").as_bytes()).map(|kv| {
-                serde_json::from_slice::<serde_json::Value>(kv.value())
+                let since = serde_json::from_slice::<serde_json::Value>(kv.value())
                     .ok()
                     .and_then(|v| v["up_since"].as_u64())
-                    .unwrap_or(0)
+                    .unwrap_or(0);
+                (since, kv.mod_revision())
             })
         };
         let mut nodes: Vec<NodeState> = members
@@ -320,7 +358,8 @@ impl Cluster {
                     pin: v["pin"].as_str().map(String::from),
                     host: v["host"].clone(),
                     up: since.is_some(),
-                    up_since: since,
+                    up_since: since.map(|(s, _)| s),
+                    incarnation: since.map(|(_, r)| r),
                     name,
                 })
             })

@@ -17,6 +17,9 @@ pub const CONTROLLER_STEPS: [&str; 5] = [
 ];
 /// The step that restarts the controller into its new slot.
 pub const RESTART_STEP: usize = 3;
+/// The one step done once for the whole cluster (on the leader); every other step is done by
+/// each controller node in turn.
+pub const CLUSTER_WIDE_STEP: &str = "MIGRATE_CONFIG";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpState {
@@ -96,6 +99,54 @@ pub struct ControllerRun {
     pub step: usize,
     pub step_started: bool,
     pub events: Vec<Event>,
+    /// Every controller node of the cluster and the steps it has done (none listed: the one
+    /// node this controller is, as before clusters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeRun>,
+}
+
+/// One controller node's part of the controller's steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRun {
+    pub node: String,
+    /// Where it is reached (`http://127.0.0.2:9443`).
+    pub address: String,
+    /// The steps it has finished.
+    #[serde(default)]
+    pub done: Vec<String>,
+    #[serde(default)]
+    pub events: Vec<Event>,
+}
+
+impl ControllerRun {
+    /// The node to do `task` next, followers in name order first and `leader` last (it hands
+    /// over its leadership before it restarts, so it goes when every other node is done);
+    /// `None` when every node has done it.
+    pub fn next_node(&self, task: &str, leader: &str) -> Option<usize> {
+        let pending = |n: &NodeRun| !n.done.iter().any(|d| d == task);
+        let mut order: Vec<usize> = (0..self.nodes.len()).filter(|i| pending(&self.nodes[*i])).collect();
+        order.sort_by_key(|i| (self.nodes[*i].node == leader, self.nodes[*i].node.clone()));
+        order.first().copied()
+    }
+
+    /// Steps done and in all, counting each node's share of the per-node steps.
+    pub fn tasks(&self) -> (usize, usize) {
+        let nodes = self.nodes.len().max(1);
+        let per_node = CONTROLLER_STEPS.iter().filter(|s| **s != CLUSTER_WIDE_STEP).count();
+        let total = per_node * nodes + 1;
+        if self.state == OpState::Completed {
+            return (total, total);
+        }
+        let done_on_nodes: usize = self.nodes.iter().map(|n| n.done.len()).sum();
+        let done = if self.nodes.is_empty() {
+            // Before clusters: one node, the finished steps.
+            self.step
+        } else {
+            done_on_nodes
+                + usize::from(self.step > CONTROLLER_STEPS.iter().position(|s| *s == CLUSTER_WIDE_STEP).unwrap_or(0))
+        };
+        (done.min(total), total)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,8 +304,9 @@ impl Operation {
     pub fn tasks(&self) -> (usize, usize) {
         let (mut done, mut total) = (0, 0);
         if let Some(c) = &self.controller {
-            total += CONTROLLER_STEPS.len();
-            done += if c.state == OpState::Completed { CONTROLLER_STEPS.len() } else { c.step };
+            let (c_done, c_total) = c.tasks();
+            total += c_total;
+            done += c_done;
         }
         for g in &self.groups {
             total += g.ses.len();
@@ -337,6 +389,59 @@ mod tests {
     }
 
     use SeState::*;
+
+    fn controller_run(nodes: &[(&str, &[&str])]) -> ControllerRun {
+        let v = Version { version: "30.2.1".into(), build: 9001, patch: None };
+        ControllerRun {
+            state: OpState::InProgress,
+            from: v.clone(),
+            to: v,
+            image_uuid: None,
+            step: 0,
+            step_started: false,
+            events: vec![],
+            nodes: nodes
+                .iter()
+                .map(|(name, done)| NodeRun {
+                    node: name.to_string(),
+                    address: format!("http://{name}"),
+                    done: done.iter().map(|d| d.to_string()).collect(),
+                    events: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn followers_go_first_in_name_order_and_the_leader_last() {
+        let c = controller_run(&[("c", &[]), ("a", &[]), ("b", &[])]);
+        assert_eq!(c.next_node("COPY_AND_VERIFY_IMAGE", "a"), Some(2), "b: a follower, first by name");
+        let c = controller_run(&[("c", &[]), ("a", &[]), ("b", &["START_PRIMARY_CONTROLLER"])]);
+        assert_eq!(c.next_node("START_PRIMARY_CONTROLLER", "a"), Some(0));
+        let c =
+            controller_run(&[("c", &["START_PRIMARY_CONTROLLER"]), ("a", &[]), ("b", &["START_PRIMARY_CONTROLLER"])]);
+        assert_eq!(c.next_node("START_PRIMARY_CONTROLLER", "a"), Some(1), "the leader when the rest are done");
+        // After the handover, the new leader finds the old one still to do.
+        assert_eq!(c.next_node("START_PRIMARY_CONTROLLER", "b"), Some(1));
+        let done = controller_run(&[("a", &["INSTALL_IMAGE"]), ("b", &["INSTALL_IMAGE"])]);
+        assert_eq!(done.next_node("INSTALL_IMAGE", "a"), None);
+    }
+
+    #[test]
+    fn controller_tasks_count_each_nodes_steps_and_the_migration_once() {
+        let mut c = controller_run(&[("a", &[]), ("b", &[]), ("c", &[])]);
+        assert_eq!(c.tasks(), (0, 13));
+        c.nodes[0].done = vec!["COPY_AND_VERIFY_IMAGE".into(), "INSTALL_IMAGE".into()];
+        c.nodes[1].done = vec!["COPY_AND_VERIFY_IMAGE".into()];
+        c.step = 1;
+        assert_eq!(c.tasks(), (3, 13));
+        c.step = 3;
+        assert_eq!(c.tasks().0, 4, "the migration counts once passed");
+        c.state = OpState::Completed;
+        assert_eq!(c.tasks(), (13, 13));
+        let single = ControllerRun { step: 2, ..controller_run(&[]) };
+        assert_eq!(single.tasks(), (2, 5), "a record from before clusters counts its steps");
+    }
 
     #[test]
     fn rolling_batches() {

@@ -6,8 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::cluster::node_with;
 use common::etcd::Etcd;
-use common::{Api, Controller, Launch, spawn, temp_dir};
+use common::{Api, Controller, temp_dir};
 use serde_json::{Value, json};
 
 /// A controller of the cluster on `etcd` (lease TTL 2 s).
@@ -18,16 +19,6 @@ fn node(data: &std::path::Path, etcd: &Etcd, name: &str) -> Controller {
 /// A controller with an address of its own, as each node of a real cluster has.
 fn node_at(data: &std::path::Path, etcd: &Etcd, name: &str, ip: &str) -> Controller {
     node_with(data, etcd, name, ip, &[], false)
-}
-
-/// `node_at` with more `serve` arguments, and HTTPS when `https`.
-fn node_with(data: &std::path::Path, etcd: &Etcd, name: &str, ip: &str, extra: &[&str], https: bool) -> Controller {
-    let endpoints = etcd.endpoints();
-    let mut args = vec!["--etcd", endpoints.as_str(), "--node-name", name, "--lease-ttl", "2"];
-    args.extend_from_slice(extra);
-    let listen = format!("{ip}:0");
-    let launch = Launch { args: &args, listen: &listen, plain_http: !https, ..Launch::plain(data) };
-    spawn(launch).listening(Duration::from_secs(30)).unwrap()
 }
 
 /// Controllers a, b and c at 127.0.0.1, .2 and .3, one per data dir (kept as options, so a

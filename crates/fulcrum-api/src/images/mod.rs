@@ -246,6 +246,18 @@ fn versions_in_use(app: &App, cat: &fulcrum_store::Catalogue) -> Vec<(String, re
     if let Some(previous) = app.upgrade.slots.previous() {
         out.push(("the controller, kept for rollback".into(), as_running(previous)));
     }
+    // The other controllers of a cluster, as they last registered (mid-upgrade they may differ).
+    let me = crate::upgrade::nodes::this_node(app);
+    for node in app.cluster.iter().flat_map(|m| m.known_nodes()).filter(|n| n.name != me) {
+        if let Some(v) = node
+            .host
+            .get("controller_version")
+            .and_then(|v| serde_json::from_value::<fulcrum_upgrade::Version>(v.clone()).ok())
+        {
+            let running = record::RunningVersion { version: v.version, build: v.build, patch: v.patch };
+            out.push((format!("controller node {}", node.name), running));
+        }
+    }
     out.extend(crate::engines::versions_in_use(cat));
     out.extend(app.upgrade.images_in_use(cat));
     out

@@ -657,6 +657,7 @@ mod tests {
             host: json!({ "images": images }),
             up,
             up_since: None,
+            incarnation: None,
         };
         let view = crate::system::ClusterView {
             nodes: vec![

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fulcrum_package::{Side, fill_slot, verify};
 use fulcrum_upgrade::operation::{
-    CONTROLLER_STEPS, ControllerRun, Event, GroupAction, GroupRun, GroupState, OpState, Operation, RESTART_STEP,
+    CLUSTER_WIDE_STEP, CONTROLLER_STEPS, ControllerRun, Event, GroupAction, GroupRun, GroupState, OpState, Operation,
     SeState,
 };
 use fulcrum_upgrade::{Ops, Version};
@@ -24,7 +24,7 @@ use crate::error::ApiError;
 
 const TICK: Duration = Duration::from_millis(200);
 
-fn setting(app: &App, field: &str, default: u64) -> u64 {
+pub(super) fn setting(app: &App, field: &str, default: u64) -> u64 {
     app.setting("controllerproperties", &format!("/{field}")).and_then(|v| v.as_u64()).unwrap_or(default)
 }
 
@@ -98,9 +98,15 @@ fn event(task: &str, message: String, status: Option<bool>) -> Event {
     Event { task: task.into(), start_time: t.clone(), end_time: status.map(|_| t), status, message }
 }
 
-/// Runs the controller's next step, storing that it started and how it ended.
+/// Runs the controller's next step, storing that it started and how it ended: the migration
+/// once on the leader, every other step on each controller node in turn (see
+/// [`super::nodes`]).
 async fn controller_step(app: &Arc<App>, op: &mut Operation, mut c: ControllerRun) -> Result<(), ApiError> {
     let task = CONTROLLER_STEPS[c.step];
+    if c.nodes.is_empty() {
+        // An operation stored before clusters: this node is the controller.
+        c.nodes = super::nodes::this_cluster(app).await;
+    }
     if !c.step_started {
         c.step_started = true;
         c.events.push(Event {
@@ -114,11 +120,11 @@ async fn controller_step(app: &Arc<App>, op: &mut Operation, mut c: ControllerRu
         save(app, op).await?;
         tracing::info!(op = %op.id, task, "controller step started");
     }
-    let outcome = if c.step == RESTART_STEP {
-        restart(app, op, &c)
+    let outcome = if task == CLUSTER_WIDE_STEP {
+        let (app2, c2) = (app.clone(), c.clone());
+        tokio::task::spawn_blocking(move || migrate(&app2, &c2)).await.unwrap_or_else(|e| Err(e.to_string()))
     } else {
-        let (app2, op2, c2) = (app.clone(), op.clone(), c.clone());
-        tokio::task::spawn_blocking(move || perform(&app2, &op2, &c2)).await.unwrap_or_else(|e| Err(e.to_string()))
+        super::nodes::every_node(app, op, &mut c, task).await?
     };
     let last = c.events.iter_mut().rev().find(|e| e.task == task && e.status.is_none());
     match outcome {
@@ -153,49 +159,41 @@ async fn controller_step(app: &Arc<App>, op: &mut Operation, mut c: ControllerRu
     save(app, op).await
 }
 
-/// The restart step: switch to the new slot and re-execute; after the restart, the same step
-/// finds the new version running and ends.
-fn restart(app: &App, op: &Operation, c: &ControllerRun) -> Result<String, String> {
-    let running = app.upgrade.slots.running().version();
-    if running == c.to {
-        return Ok(format!("the controller runs {}", c.to.label()));
-    }
-    let slot = app.upgrade.slots.slot_of(&c.to).ok_or_else(|| format!("no controller slot holds {}", c.to.label()))?;
-    app.upgrade.slots.activate(&slot)?;
-    tracing::info!(op = %op.id, slot, to = %c.to.label(), "controller switching slots; restarting");
-    Err(app.upgrade.slots.restart_process())
-}
-
-/// The blocking controller steps.
-fn perform(app: &App, op: &Operation, c: &ControllerRun) -> Result<String, String> {
-    let rollback = op.ops.is_rollback();
-    match CONTROLLER_STEPS[c.step] {
-        "COPY_AND_VERIFY_IMAGE" if rollback => Ok(format!("rolling back to {}: nothing to copy", c.to.label())),
-        "COPY_AND_VERIFY_IMAGE" => copy_and_verify(app, c).map(|size| format!("{size} bytes copied and verified")),
-        "INSTALL_IMAGE" if rollback => app
-            .upgrade
-            .slots
-            .slot_of(&c.to)
-            .map(|s| format!("slot {s} holds {}", c.to.label()))
-            .ok_or_else(|| format!("no slot holds {}", c.to.label())),
-        "INSTALL_IMAGE" => install(app, c),
-        "MIGRATE_CONFIG" => migrate(app, c),
+/// This node's share of a controller step other than the restart (which
+/// [`super::nodes`] does itself). Blocking.
+pub(super) fn node_task(
+    app: &App,
+    task: &str,
+    rollback: bool,
+    to: &Version,
+    image: Option<&str>,
+) -> Result<String, String> {
+    let slots = &app.upgrade.slots;
+    match task {
+        // A slot holding the version already (a rollback's way back, a step done before a
+        // restart or a change of leader) needs no copy and no install.
+        "COPY_AND_VERIFY_IMAGE" | "INSTALL_IMAGE" if rollback || slots.slot_of(to).is_some() => slots
+            .slot_of(to)
+            .map(|s| format!("slot {s} holds {}", to.label()))
+            .ok_or_else(|| format!("no slot holds {}", to.label())),
+        "COPY_AND_VERIFY_IMAGE" => copy_and_verify(app, image).map(|size| format!("{size} bytes copied and verified")),
+        "INSTALL_IMAGE" => install(app, to, image),
         "SET_CONTROLLER_UPGRADE_COMPLETED" => {
-            let _ = std::fs::remove_dir_all(app.upgrade.slots.staging_dir());
-            Ok(format!("the controller runs {}", app.upgrade.slots.running().version().label()))
+            let _ = std::fs::remove_dir_all(slots.staging_dir());
+            Ok(format!("runs {}", slots.running().version().label()))
         }
         other => Err(format!("unknown step {other}")),
     }
 }
 
-fn staged_path(app: &App, c: &ControllerRun) -> std::path::PathBuf {
-    app.upgrade.slots.staging_dir().join(format!("{}.pkg", c.image_uuid.as_deref().unwrap_or("image")))
+fn staged_path(app: &App, image: Option<&str>) -> std::path::PathBuf {
+    app.upgrade.slots.staging_dir().join(format!("{}.pkg", image.unwrap_or("image")))
 }
 
-/// Copies the image's bytes out of the image store and checks them: its recorded sha256,
-/// then the signature and every file.
-fn copy_and_verify(app: &App, c: &ControllerRun) -> Result<u64, String> {
-    let uuid = c.image_uuid.as_deref().ok_or("the operation names no image")?;
+/// Copies the image's bytes out of this node's image store and checks them: its recorded
+/// sha256, then the signature and every file.
+fn copy_and_verify(app: &App, image: Option<&str>) -> Result<u64, String> {
+    let uuid = image.ok_or("the operation names no image")?;
     let (file, offset, length, hash) = {
         let cat = app.store.read();
         let image = cat.get(crate::images::KIND, uuid).ok_or_else(|| format!("image {uuid} is gone"))?;
@@ -205,16 +203,12 @@ fn copy_and_verify(app: &App, c: &ControllerRun) -> Result<u64, String> {
             app.images.file_path(crate::images::record::file_name(v).ok_or("the image has no file")?),
             offset,
             length,
-            v.pointer("/controller_info/hash")
-                .or(v.pointer("/se_info/hash"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
+            crate::images::record::file_sha256(v).unwrap_or_default().to_string(),
         )
     };
     let staging = app.upgrade.slots.staging_dir();
     std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
-    let target = staged_path(app, c);
+    let target = staged_path(app, image);
     let mut source = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     source.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
     let mut out = std::fs::File::create(&target).map_err(|e| e.to_string())?;
@@ -239,11 +233,11 @@ fn copy_and_verify(app: &App, c: &ControllerRun) -> Result<u64, String> {
     Ok(length)
 }
 
-fn install(app: &App, c: &ControllerRun) -> Result<String, String> {
+fn install(app: &App, to: &Version, image: Option<&str>) -> Result<String, String> {
     let slots = &app.upgrade.slots;
     let spare = slots.spare();
     let running = slots.running();
-    let staged = staged_path(app, c);
+    let staged = staged_path(app, image);
     let mut file = std::fs::File::open(&staged).map_err(|e| format!("{}: {e}", staged.display()))?;
     let verified = verify(&mut file, app.images.trusted(), &mut |_| {}).map_err(|e| e.to_string())?;
     let installed = fill_slot(
@@ -257,8 +251,8 @@ fn install(app: &App, c: &ControllerRun) -> Result<String, String> {
     .map_err(|e| e.to_string())?;
     let got =
         Version { version: installed.version.clone(), build: installed.build, patch: installed.patch_version.clone() };
-    if got != c.to {
-        return Err(format!("the image installs {}, the operation expected {}", got.label(), c.to.label()));
+    if got != *to {
+        return Err(format!("the image installs {}, the operation expected {}", got.label(), to.label()));
     }
     let tag = match &installed.patch_version {
         Some(p) => fulcrum_package::tag_of(&installed.version, installed.build, Some(p), &verified.manifest.build_date),
@@ -269,10 +263,10 @@ fn install(app: &App, c: &ControllerRun) -> Result<String, String> {
         build: installed.build,
         patch: installed.patch_version,
         tag,
-        image: c.image_uuid.clone(),
+        image: image.map(String::from),
     };
     slots.filled(&spare, info)?;
-    Ok(format!("{} installed into slot {spare}", c.to.label()))
+    Ok(format!("{} installed into slot {spare}", to.label()))
 }
 
 /// Takes a backup, then checks that every object validates under the new version's schema

@@ -200,10 +200,16 @@ pub fn local_systemd(node: &str) -> fulcrum_upgrade::checks::NodeSystemd {
     }
 }
 
-/// What a cluster node publishes of its host for the leader's prechecks, and of its copies of
-/// the images.
-pub fn host_facts(node: &str, data_dir: &std::path::Path, images: &crate::images::Images) -> Value {
+/// What a cluster node publishes of its host for the leader's prechecks, of the version it
+/// runs, and of its copies of the images.
+pub fn host_facts(
+    node: &str,
+    data_dir: &std::path::Path,
+    images: &crate::images::Images,
+    slots: &super::slots::ControllerSlots,
+) -> Value {
     serde_json::json!({
+        "controller_version": slots.running().version(),
         "systemd": local_systemd(node),
         "free_disk_bytes": crate::images::available_bytes(data_dir).unwrap_or(0),
         "images": images.copies.reports(),

@@ -6,6 +6,7 @@
 pub mod backup;
 mod executor;
 pub(crate) mod facts;
+pub mod nodes;
 pub mod slots;
 mod status;
 
@@ -57,6 +58,12 @@ impl Upgrades {
         // configuration closed.
         upgrades.set_controller_busy(current(cat).is_some_and(|op| controller_running(&op)));
         Ok(upgrades)
+    }
+
+    /// Configuration closes as soon as a node leads an operation whose controller part runs
+    /// (before the executor's first pass, which keeps it so).
+    pub fn take_over(&self, cat: &Catalogue) {
+        self.set_controller_busy(current(cat).is_some_and(|op| controller_running(&op)));
     }
 
     fn set_controller_busy(&self, busy: bool) {
@@ -366,6 +373,7 @@ pub async fn operate(
                 step: 0,
                 step_started: false,
                 events: vec![],
+                nodes: vec![],
             });
         }
         save(app, &refused).await?;
@@ -497,6 +505,8 @@ fn new_operation(
             step: 0,
             step_started: false,
             events: vec![],
+            // Filled with the cluster's nodes when the executor starts the controller's part.
+            nodes: vec![],
         }
     });
     let groups = facts

@@ -69,6 +69,9 @@ struct State {
 pub struct ControllerSlots {
     dir: PathBuf,
     state: Mutex<State>,
+    /// What this process runs: the active slot when it started (a switch takes effect with
+    /// the restart that follows it).
+    started: SlotInfo,
 }
 
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -92,16 +95,17 @@ impl ControllerSlots {
             }
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        Ok(ControllerSlots { dir, state: Mutex::new(state) })
+        let started = state.slots.get(&state.active).cloned().unwrap_or_else(SlotInfo::base);
+        Ok(ControllerSlots { dir, state: Mutex::new(state), started })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The version this process runs.
     pub fn running(&self) -> SlotInfo {
-        let state = self.lock();
-        state.slots.get(&state.active).cloned().unwrap_or_else(SlotInfo::base)
+        self.started.clone()
     }
 
     pub fn previous(&self) -> Option<SlotInfo> {

@@ -75,10 +75,7 @@ fn controller_node(app: &App, ctx: &RequestContext, cat: &Catalogue, ops: &[Oper
     });
     if let Some(op) = mine.last() {
         let c = op.controller.as_ref().expect("filtered");
-        let (done, total) = (
-            c.events.iter().filter(|e| e.status == Some(true)).count(),
-            fulcrum_upgrade::operation::CONTROLLER_STEPS.len(),
-        );
+        let (done, total) = c.tasks();
         let state = match (op.state, c.state) {
             (OpState::PreCheckError | OpState::PreCheckWarning, _) => op.state.as_str(),
             (_, s) => s.as_str(),
@@ -92,10 +89,55 @@ fn controller_node(app: &App, ctx: &RequestContext, cat: &Catalogue, ops: &[Oper
         node["start_time"] = json!(op.start_time);
         node["end_time"] = json!(op.end_time);
         node["image_ref"] = json!(c.image_uuid.as_ref().map(|u| format!("{}/api/image/{u}", ctx.base_url)));
+        let ip = |address: &str| {
+            let addr = crate::system::host_of(address);
+            let family = if addr.contains(':') { "V6" } else { "V4" };
+            json!({"addr": addr, "type": family})
+        };
+        let event = |e: &fulcrum_upgrade::operation::Event, ip: Value| json!({"start_time": e.start_time, "end_time": e.end_time, "status": e.status, "message": e.message, "ip": ip});
+        let leader_ip = json!({"addr": app.listen.ip().to_string(), "type": "V4"});
+        // Each step with every node's share of it (the product's nodes_events), and the step as
+        // a whole (its sub_events).
         node["upgrade_events"] = json!(c
             .events
             .iter()
-            .map(|e| json!({"task_name": e.task, "sub_events": [{"start_time": e.start_time, "end_time": e.end_time, "status": e.status, "message": e.message, "ip": {"addr": app.listen.ip().to_string(), "type": "V4"}}]}))
+            .map(|e| {
+                let nodes_events: Vec<Value> = c
+                    .nodes
+                    .iter()
+                    .flat_map(|n| n.events.iter().filter(|ne| ne.task == e.task).map(|ne| event(ne, ip(&n.address))))
+                    .collect();
+                json!({"task_name": e.task, "nodes_events": nodes_events, "sub_events": [event(e, leader_ip.clone())]})
+            })
+            .collect::<Vec<_>>());
+        // Fulcrum's view of each node's progress through its steps.
+        let per_node = fulcrum_upgrade::operation::CONTROLLER_STEPS
+            .iter()
+            .filter(|s| **s != fulcrum_upgrade::operation::CLUSTER_WIDE_STEP)
+            .count();
+        node["controller_nodes"] = json!(c
+            .nodes
+            .iter()
+            .map(|n| {
+                let state = if n.events.iter().any(|e| e.status == Some(false)) {
+                    "UPGRADE_FSM_ERROR"
+                } else if n.done.len() >= per_node {
+                    "UPGRADE_FSM_COMPLETED"
+                } else if n.events.is_empty() {
+                    "UPGRADE_FSM_INIT"
+                } else {
+                    "UPGRADE_FSM_IN_PROGRESS"
+                };
+                json!({
+                    "name": n.node,
+                    "ip": ip(&n.address),
+                    "state": state,
+                    "tasks_completed": n.done.len(),
+                    "total_tasks": per_node,
+                    "progress": n.done.len() * 100 / per_node,
+                    "events": n.events.iter().map(|e| json!({"task_name": e.task, "start_time": e.start_time, "end_time": e.end_time, "status": e.status, "message": e.message})).collect::<Vec<_>>(),
+                })
+            })
             .collect::<Vec<_>>());
         node["upgrade_readiness"] = readiness(op);
         node["params"] = json!({"image_ref": op.image_name, "se_group_options": {"action_on_error": op.action_on_error.as_str(), "disruptive": op.disruptive}});

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod cluster;
 pub mod etcd;
 pub mod linearizability;
 pub mod packages;
