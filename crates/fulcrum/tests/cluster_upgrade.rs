@@ -312,6 +312,34 @@ fn a_leader_killed_in_the_controller_step_and_in_the_se_step_does_not_stop_the_u
     }
     assert_eq!(node_versions(&c), ["30.2.3"; 3]);
     assert_eq!(versions(&api, &["d1", "d2"]), vec!["30.2.3-9200"; 2]);
+
+    // A controller patch through the shell reaches every node, and so does its rollback.
+    let leader = c.api(c.leader());
+    let patch = upload(&leader, &c.pkgs.build("p.pkg", "controller_patch", "30.2.3", "9200", &[])).json();
+    let patch_uuid = patch["uuid"].as_str().unwrap().to_string();
+    wait_for("the patch on every node", Duration::from_secs(60), || {
+        let states = get(&leader, &format!("/api/image/{patch_uuid}"))["node_states"].clone();
+        (states.as_array()?.iter().filter(|s| s["state"] == "IMAGE_FSM_COMPLETED").count() == 3).then_some(())
+    });
+    let follower = (c.leader() + 1) % 3;
+    let (out, _) = common::shell(
+        c.nodes[follower].as_ref().unwrap(),
+        &format!("patch controller controller_patch_ref {} skip_warnings", patch["name"].as_str().unwrap()),
+    );
+    assert!(out.contains("SYSERR_PATCH_CONTROLLER_STARTED"), "{out}");
+    settled(&api);
+    let patches = |c: &Cluster| -> Vec<Value> {
+        c.apis()
+            .iter()
+            .map(|api| get(api, "/api/cluster/version").get("patch").cloned().unwrap_or(Value::Null))
+            .collect()
+    };
+    assert_eq!(patches(&c), vec![json!("2p1"); 3], "every node runs the patch");
+    let (status, started) = post(&api, "/api/rollbackpatch", json!({"skip_warnings": true}));
+    assert_eq!(status, 200, "{started}");
+    settled(&api);
+    assert_eq!(patches(&c), vec![Value::Null; 3], "every node is back without it");
+    assert_eq!(node_versions(&c), ["30.2.3"; 3]);
     c.agents.clear();
 }
 
