@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::Request;
-use fulcrum_store::{RedbBackend, Store, StoreError};
+use fulcrum_store::{FjallBackend, Store, StoreError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -87,8 +87,15 @@ fn inherited_listener() -> Option<TcpListener> {
 }
 
 /// The data directory's store; refused while a controller runs on it.
+/// Where the embedded store lives in the data dir (a store of an earlier version, in
+/// `config.redb`, is moved there at the first start).
+const STORE_DIR: &str = "store";
+const OLD_STORE_FILE: &str = "config.redb";
+
 fn open_store(data_dir: &std::path::Path) -> Result<Store, ServeError> {
-    let backend = RedbBackend::open(&data_dir.join("config.redb")).map_err(|e| match e {
+    let target = data_dir.join(STORE_DIR);
+    fulcrum_store::migrate_from_redb(&data_dir.join(OLD_STORE_FILE), &target)?;
+    let backend = FjallBackend::open(&target).map_err(|e| match e {
         StoreError::Open(m) if m.contains("already open") || m.contains("lock") => ServeError::DataDir {
             path: data_dir.display().to_string(),
             message: "is in use by another fulcrum process".into(),
@@ -126,10 +133,10 @@ pub async fn bootstrap_once(store: &Store, data_dir: &std::path::Path, node_ip: 
 /// `fulcrum admin reset-password`: run on the host with the controller stopped, gives `user`
 /// the password and full administrative rights again (the way back in when nobody can log in).
 pub async fn reset_password(data_dir: &std::path::Path, user: &str, password: &str) -> Result<(), ServeError> {
-    if !data_dir.join("config.redb").exists() {
+    if !data_dir.join(STORE_DIR).exists() && !data_dir.join(OLD_STORE_FILE).exists() {
         return Err(ServeError::DataDir {
             path: data_dir.display().to_string(),
-            message: "holds no controller store (config.redb)".into(),
+            message: format!("holds no controller store ({STORE_DIR}/)"),
         });
     }
     let store = open_store(data_dir)?;

@@ -56,14 +56,14 @@ pub(crate) fn logs_outgrow(log_bytes: u64, more: u64, base_bytes: u64) -> bool {
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-struct EditState {
-    next_seq: u64,
-    log_bytes: u64,
-    base_bytes: u64,
+pub(crate) struct EditState {
+    pub(crate) next_seq: u64,
+    pub(crate) log_bytes: u64,
+    pub(crate) base_bytes: u64,
 }
 
 impl EditState {
-    fn should_compact(&self, more: u64) -> bool {
+    pub(crate) fn should_compact(&self, more: u64) -> bool {
         logs_outgrow(self.log_bytes, more, self.base_bytes)
     }
 }

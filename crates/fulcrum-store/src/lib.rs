@@ -8,10 +8,12 @@ pub mod backend;
 pub mod catalogue;
 pub mod election;
 pub mod etcd;
+pub mod lsm;
 pub mod writer;
 
 pub use backend::{Backend, MemoryBackend, RedbBackend};
 pub use catalogue::{Applied, Catalogue, Change, Indexer, Meta, Stored};
+pub use lsm::{FjallBackend, migrate_from_redb};
 pub use writer::{Health, Scratch, Store, Txn, WriteError};
 
 /// Errors of the storage layer.

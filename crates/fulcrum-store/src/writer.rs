@@ -539,8 +539,10 @@ fn run_writer(
                         changes.iter().filter_map(|c| cat.apply(c)).collect()
                     };
                     // Old versions (possibly large, possibly many) are freed by another thread,
-                    // off the writer's path.
-                    let _ = reclaim.send(replaced);
+                    // off the writer's path (waking it only when there is something to free).
+                    if !replaced.is_empty() {
+                        let _ = reclaim.send(replaced);
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "commit failed; the batch is refused"),
             }
@@ -558,8 +560,9 @@ fn run_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{MemoryBackend, RedbBackend};
+    use crate::backend::MemoryBackend;
     use crate::catalogue::Meta;
+    use crate::lsm::FjallBackend;
     use serde_json::json;
 
     fn indexer() -> Indexer {
@@ -789,11 +792,11 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn redb_commits_survive_reopen() {
+    async fn commits_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.redb");
+        let path = dir.path().join("store");
         {
-            let store = Store::open(RedbBackend::open(&path).unwrap(), indexer()).unwrap();
+            let store = Store::open(FjallBackend::open(&path).unwrap(), indexer()).unwrap();
             create(&store, "p1", "a").await.unwrap();
             create(&store, "p2", "b").await.unwrap();
             store
@@ -804,9 +807,9 @@ mod tests {
                 .await
                 .unwrap();
         }
-        // The writer thread of the first store still holds the file until its channel closes.
+        // The writer thread of the first store still holds the store (and its lock) until its channel closes.
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let store = Store::open(RedbBackend::open(&path).unwrap(), indexer()).unwrap();
+        let store = Store::open(FjallBackend::open(&path).unwrap(), indexer()).unwrap();
         let cat = store.read();
         assert!(cat.get("pool", "p1").is_none());
         assert_eq!(cat.find_by_name("pool", "t", "b").unwrap().uuid, "p2");
