@@ -187,7 +187,7 @@ fn cluster_patch_rate(urls: &[String], size: usize, patches: usize, clients: usi
         .unwrap();
     let uuid = created["uuid"].as_str().unwrap().to_string();
     let paths: Vec<String> = urls.iter().map(|u| format!("{u}/api/pool/{uuid}")).collect();
-    let (done, secs) = run_clients(clients, patches, Duration::from_secs(600), move |agent, client, step| {
+    let (done, secs, _) = run_clients(clients, patches, Duration::from_secs(600), move |agent, client, step| {
         let op = if step % 2 == 0 { "add" } else { "delete" };
         let body = json!({op: {"servers": [own_server(client)]}});
         let path = &paths[client % paths.len()];

@@ -25,13 +25,14 @@ fn write_bytes(pid: u32) -> u64 {
 }
 
 /// Each client alternates adding its own server and deleting it again, so the pool stays at its
-/// size give or take one server per client. Returns (operations done, seconds).
+/// size give or take one server per client. Returns (operations done, seconds), and the
+/// latencies of all operations.
 pub(crate) fn run_clients(
     clients: usize,
     total: usize,
     max: Duration,
     op: impl Fn(&ureq::Agent, usize, usize) + Send + Sync + 'static,
-) -> (usize, f64) {
+) -> (usize, f64, Latencies) {
     let op = Arc::new(op);
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -41,18 +42,37 @@ pub(crate) fn run_clients(
             let (op, done) = (op.clone(), done.clone());
             std::thread::spawn(move || {
                 let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+                let mut took = Vec::with_capacity(per_client);
                 for step in 0..per_client {
                     if started.elapsed() > max {
                         break;
                     }
+                    let one = Instant::now();
                     op(&agent, client, step);
+                    took.push(one.elapsed());
                     done.fetch_add(1, Ordering::Relaxed);
                 }
+                took
             })
         })
         .collect();
-    threads.into_iter().for_each(|t| t.join().expect("client thread"));
-    (done.load(Ordering::Relaxed), started.elapsed().as_secs_f64())
+    let mut all: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().expect("client thread")).collect();
+    all.sort_unstable();
+    (done.load(Ordering::Relaxed), started.elapsed().as_secs_f64(), Latencies(all))
+}
+
+/// Operation latencies, sorted.
+pub(crate) struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    /// The latency `q` (0..=1) of the operations were at or under, in milliseconds.
+    pub(crate) fn ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.0.len() as f64 * q).ceil() as usize).clamp(1, self.0.len()) - 1;
+        self.0[i].as_secs_f64() * 1000.0
+    }
 }
 
 pub(crate) fn own_server(client: usize) -> Value {
@@ -68,6 +88,7 @@ pub(crate) fn seed_servers(count: usize) -> Vec<Value> {
 pub(crate) struct Measured {
     pub(crate) rate: f64,
     bytes_per_op: f64,
+    latencies: Latencies,
 }
 
 fn fulcrum_case(common: &Common, args: &PatchArgs, size: usize) -> Measured {
@@ -82,16 +103,17 @@ fn fulcrum_case(common: &Common, args: &PatchArgs, size: usize) -> Measured {
     let path = format!("{}/api/pool/{}", fulcrum.url, created["uuid"].as_str().unwrap());
     let pid = fulcrum.child.id();
     let before = write_bytes(pid);
-    let (done, secs) = run_clients(args.clients, args.patches, Duration::from_secs(600), move |agent, client, step| {
-        let op = if step % 2 == 0 { "add" } else { "delete" };
-        let body = json!({op: {"servers": [own_server(client)]}});
-        let response = agent.request("PATCH", &path).set("Authorization", &auth).send_json(body).expect("patch");
-        assert_eq!(response.status(), 200);
-        // Read the whole answer (the full pool), as a client would.
-        std::io::copy(&mut response.into_reader(), &mut std::io::sink()).unwrap();
-    });
+    let (done, secs, latencies) =
+        run_clients(args.clients, args.patches, Duration::from_secs(600), move |agent, client, step| {
+            let op = if step % 2 == 0 { "add" } else { "delete" };
+            let body = json!({op: {"servers": [own_server(client)]}});
+            let response = agent.request("PATCH", &path).set("Authorization", &auth).send_json(body).expect("patch");
+            assert_eq!(response.status(), 200);
+            // Read the whole answer (the full pool), as a client would.
+            std::io::copy(&mut response.into_reader(), &mut std::io::sink()).unwrap();
+        });
     let written = write_bytes(pid) - before;
-    Measured { rate: done as f64 / secs, bytes_per_op: written as f64 / done as f64 }
+    Measured { rate: done as f64 / secs, bytes_per_op: written as f64 / done as f64, latencies }
 }
 
 pub(crate) fn etcd_case(args: &PatchArgs, size: usize, stored_pool: &Value) -> (Measured, usize) {
@@ -118,7 +140,7 @@ pub(crate) fn etcd_case(args: &PatchArgs, size: usize, stored_pool: &Value) -> (
     let before = write_bytes(pid);
     let conflicts = Arc::new(AtomicUsize::new(0));
     let (url, counter) = (etcd.url.clone(), conflicts.clone());
-    let (done, secs) =
+    let (done, secs, latencies) =
         run_clients(args.clients, args.patches, Duration::from_secs(args.etcd_seconds), move |agent, client, step| {
             loop {
                 let range: Value = agent
@@ -161,7 +183,7 @@ pub(crate) fn etcd_case(args: &PatchArgs, size: usize, stored_pool: &Value) -> (
         });
     let written = write_bytes(pid) - before;
     (
-        Measured { rate: done as f64 / secs, bytes_per_op: written as f64 / done.max(1) as f64 },
+        Measured { rate: done as f64 / secs, bytes_per_op: written as f64 / done.max(1) as f64, latencies },
         conflicts.load(Ordering::Relaxed),
     )
 }
@@ -172,16 +194,22 @@ pub fn run(common: &Common, args: &PatchArgs) {
     for size in [10usize, 5000 - args.clients] {
         let f = fulcrum_case(common, args, size);
         println!(
-            "pool of {size:>5} servers: fulcrum {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH",
-            f.rate, f.bytes_per_op
+            "pool of {size:>5} servers: fulcrum {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH, p50 {:.1} ms, p99 {:.1} ms",
+            f.rate,
+            f.bytes_per_op,
+            f.latencies.ms(0.5),
+            f.latencies.ms(0.99)
         );
         if !common.no_etcd {
             // The stored form of a pool without its servers, so both sides hold the same bytes.
             let shape = json!({"name": format!("pool-{size}"), "default_server_port": 80, "lb_algorithm": "LB_ALGORITHM_LEAST_CONNECTIONS"});
             let (e, conflicts) = etcd_case(args, size, &shape);
             println!(
-                "pool of {size:>5} servers: etcd    {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH ({conflicts} revision conflicts retried)",
-                e.rate, e.bytes_per_op
+                "pool of {size:>5} servers: etcd    {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH, p50 {:.1} ms, p99 {:.1} ms ({conflicts} revision conflicts retried)",
+                e.rate,
+                e.bytes_per_op,
+                e.latencies.ms(0.5),
+                e.latencies.ms(0.99)
             );
             println!("pool of {size:>5} servers: fulcrum / etcd throughput ratio {:.1}x", f.rate / e.rate);
             results.push((size, f, Some(e)));
