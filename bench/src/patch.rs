@@ -203,15 +203,24 @@ pub fn run(common: &Common, args: &PatchArgs) {
         if !common.no_etcd {
             // The stored form of a pool without its servers, so both sides hold the same bytes.
             let shape = json!({"name": format!("pool-{size}"), "default_server_port": 80, "lb_algorithm": "LB_ALGORITHM_LEAST_CONNECTIONS"});
-            let (e, conflicts) = etcd_case(args, size, &shape);
-            println!(
-                "pool of {size:>5} servers: etcd    {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH, p50 {:.1} ms, p99 {:.1} ms ({conflicts} revision conflicts retried)",
-                e.rate,
-                e.bytes_per_op,
-                e.latencies.ms(0.5),
-                e.latencies.ms(0.99)
-            );
-            println!("pool of {size:>5} servers: fulcrum / etcd throughput ratio {:.1}x", f.rate / e.rate);
+            // The peer at its best: one client (no conflicts) or as many as fulcrum has.
+            let mut best: Option<Measured> = None;
+            for clients in [1, args.clients] {
+                let peer_args = PatchArgs { patches: args.patches, clients, etcd_seconds: args.etcd_seconds };
+                let (e, conflicts) = etcd_case(&peer_args, size, &shape);
+                println!(
+                    "pool of {size:>5} servers: etcd, {clients:>2} client(s) {:>8.0} PATCH/s, {:>8.0} bytes written per PATCH, p50 {:.1} ms, p99 {:.1} ms ({conflicts} revision conflicts retried)",
+                    e.rate,
+                    e.bytes_per_op,
+                    e.latencies.ms(0.5),
+                    e.latencies.ms(0.99)
+                );
+                if best.as_ref().is_none_or(|b| e.rate > b.rate) {
+                    best = Some(e);
+                }
+            }
+            let e = best.expect("measured");
+            println!("pool of {size:>5} servers: fulcrum / best etcd throughput ratio {:.1}x", f.rate / e.rate);
             results.push((size, f, Some(e)));
         } else {
             results.push((size, f, None));
@@ -224,13 +233,19 @@ pub fn run(common: &Common, args: &PatchArgs) {
     );
     for (size, f, e) in &results {
         if let Some(e) = e {
-            let target = if *size == 10 { 2.0 } else { 10.0 };
+            let target = if *size == 10 { 15.0 } else { 40.0 };
             let ratio = f.rate / e.rate;
             println!(
-                "target >= {target}x etcd at {size} servers: {:.1}x {}",
+                "target >= {target}x the best etcd at {size} servers: {:.1}x {}",
                 ratio,
                 if ratio >= target { "met" } else { "NOT met" }
             );
         }
     }
+    let p99 = results[1].1.latencies.ms(0.99);
+    println!(
+        "target p99 <= 50 ms at {} servers: {p99:.1} ms {}",
+        results[1].0,
+        if p99 <= 50.0 { "met" } else { "NOT met" }
+    );
 }
