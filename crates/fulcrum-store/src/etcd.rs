@@ -1,12 +1,12 @@
 //! The store on etcd, for controllers that share one configuration: the same [`Backend`]
-//! contract as redb (a commit is durable when it returns, and all of it or none is stored),
+//! contract as the embedded store (a commit is durable when it returns, and all of it or none is stored),
 //! with every commit fenced by the leader's election key.
 //!
 //! Layout under the prefix (default `/fulcrum/`):
 //! - `o/<type>/<uuid>`: the object's last whole write — `J` and its JSON, or, for a body too big
 //!   for one etcd value, `C` and a manifest naming its chunks;
 //! - `c/<type>/<uuid>/<generation>/<index>`: the chunks of one whole write;
-//! - `e/<type>/<uuid>/<sequence>`: JSON Patch edit logs since that write, as in the redb backend.
+//! - `e/<type>/<uuid>/<sequence>`: JSON Patch edit logs since that write, as in the embedded store.
 //!
 //! No value approaches etcd's request limit (1.5 MiB by default): values are at most
 //! [`CHUNK_BYTES`], and one transaction carries at most [`TXN_BUDGET_BYTES`]. A big body's chunks
@@ -90,7 +90,7 @@ struct ObjectState {
 
 impl ObjectState {
     fn should_compact(&self, more: u64) -> bool {
-        // The same rule as redb's.
+        // The same rule as the embedded store's.
         crate::backend::logs_outgrow(self.log_bytes, more, self.base_bytes)
     }
 }
