@@ -4,7 +4,7 @@
 //! write is acknowledged again and the requests that failed meanwhile.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -12,61 +12,12 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::patch::{etcd_case, own_server, run_clients, seed_servers};
-use crate::{ClusterArgs, Common, PatchArgs, basic, free_port, run_load, start_fulcrum};
+use crate::{ClusterArgs, Common, PatchArgs, basic, run_load, start_fulcrum};
 
-/// A three-member etcd, its members' data on the project's disk (as the other peers').
-struct Etcd {
-    members: Vec<Child>,
-    endpoints: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for m in &mut self.members {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
-    }
-}
-
-fn start_etcd_cluster(size: usize) -> Etcd {
-    let dir = tempfile::Builder::new().prefix("etcd-cluster-bench-").tempdir_in(".").unwrap();
-    let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
-    let cluster: Vec<String> =
-        ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
-    let mut members = Vec::new();
-    let mut urls = Vec::new();
-    for (i, (client, peer)) in ports.iter().enumerate() {
-        let url = format!("http://127.0.0.1:{client}");
-        let child = Command::new("etcd")
-            .args(["--name", &format!("e{i}"), "--data-dir"])
-            .arg(dir.path().join(format!("e{i}")))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &cluster.join(","), "--initial-cluster-state", "new"])
-            .args(["--max-txn-ops", "4096"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd (apt-get install etcd-server)");
-        members.push(child);
-        urls.push(url);
-    }
-    let agent = ureq::agent();
-    for url in &urls {
-        let healthy = (0..400).any(|_| {
-            let ok = agent.get(&format!("{url}/health")).call().is_ok();
-            if !ok {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            ok
-        });
-        assert!(healthy, "etcd member {url} did not become healthy");
-    }
-    Etcd { members, endpoints: urls.join(","), _dir: dir }
-}
+#[path = "../../crates/fulcrum/tests/common/etcd.rs"]
+#[allow(dead_code)]
+mod etcd_support;
+use etcd_support::Etcd;
 
 /// One controller of the cluster; its data dir outlives a kill, so it can be started again.
 struct Node {
@@ -91,7 +42,7 @@ impl Node {
         let mut command = Command::new(binary);
         command.args(["serve", "--plain-http", "--listen", &listen, "--data-dir"]).arg(self.dir.path()).args([
             "--etcd",
-            &etcd.endpoints,
+            &etcd.endpoints(),
             "--node-name",
             &self.name,
             "--lease-ttl",
@@ -200,7 +151,7 @@ fn cluster_patch_rate(urls: &[String], size: usize, patches: usize, clients: usi
 
 pub fn run(common: &Common, args: &ClusterArgs) {
     println!("\n== controller cluster: 3 nodes on a 3-member etcd (lease TTL {} s)", args.lease_ttl);
-    let etcd = start_etcd_cluster(3);
+    let etcd = Etcd::start_in(3, Path::new("."));
     let mut nodes: Vec<Node> = ["a", "b", "c"]
         .iter()
         .enumerate()
@@ -218,7 +169,7 @@ pub fn run(common: &Common, args: &ClusterArgs) {
         let prefix: &'static str = if clients == 1 { "serial" } else { "conc" };
         let cluster = run_load(clients, total, cluster_create(urls.clone(), prefix));
         let embedded = run_load(clients, total, crate::fulcrum_create(single.url.clone(), prefix));
-        let first = etcd.endpoints.split(',').next().unwrap().to_string();
+        let first = etcd.urls[0].clone();
         let put = run_load(clients, total, crate::etcd_put(first, prefix));
         let label = format!("durable creates, {clients} client(s)");
         ratio_row(&label, cluster, "embedded store (one node)", embedded);

@@ -68,6 +68,90 @@ impl EditState {
     }
 }
 
+/// A storage engine's handle that is closed and opened again at its next use after an I/O
+/// error: engines refuse every write after one (a full disk) until reopened, so the store
+/// recovers by itself once space is back.
+pub(crate) struct Reopening<T> {
+    path: std::path::PathBuf,
+    opener: fn(&Path) -> Result<T, StoreError>,
+    /// `None` while closed for a reopen that has not succeeded yet.
+    handle: Option<T>,
+    needs_reopen: bool,
+}
+
+impl<T> Reopening<T> {
+    pub(crate) fn open(path: &Path, opener: fn(&Path) -> Result<T, StoreError>) -> Result<Reopening<T>, StoreError> {
+        let handle = opener(path)?;
+        Ok(Reopening { path: path.to_path_buf(), opener, handle: Some(handle), needs_reopen: false })
+    }
+
+    /// The handle, opened again first if the last commit failed.
+    pub(crate) fn get(&mut self) -> Result<&T, StoreError> {
+        if self.needs_reopen || self.handle.is_none() {
+            // The old handle (and its lock) must be gone before the store is opened again.
+            self.handle = None;
+            let handle =
+                (self.opener)(&self.path).map_err(|e| StoreError::Io(format!("reopening after an I/O error: {e}")))?;
+            tracing::info!(path = %self.path.display(), "reopened the store after an I/O error");
+            self.handle = Some(handle);
+            self.needs_reopen = false;
+        }
+        Ok(self.handle.as_ref().expect("opened above"))
+    }
+
+    /// Notes how a commit ended: after an I/O error the next use reopens.
+    pub(crate) fn ended(&mut self, outcome: &Result<(), StoreError>) {
+        if matches!(outcome, Err(StoreError::Io(_))) {
+            self.needs_reopen = true;
+        }
+    }
+}
+
+/// Objects as a load answers them: (type, uuid, body).
+pub(crate) type LoadedObjects = Vec<(String, String, Value)>;
+
+/// What a load reads, engine by engine: every object as last written whole, then each one's
+/// edit logs in sequence order, replayed onto it.
+#[derive(Default)]
+pub(crate) struct Loader {
+    bodies: HashMap<String, (Value, u64)>,
+    states: HashMap<String, EditState>,
+}
+
+impl Loader {
+    pub(crate) fn object(&mut self, key: String, bytes: &[u8]) -> Result<(), StoreError> {
+        let body: Value = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+        self.bodies.insert(key, (body, bytes.len() as u64));
+        Ok(())
+    }
+
+    pub(crate) fn edit(&mut self, object: &str, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let (body, base_bytes) = self
+            .bodies
+            .get_mut(object)
+            .ok_or_else(|| StoreError::Corrupt(format!("edit log for missing object {object}")))?;
+        let ops: Vec<Value> =
+            serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
+        fulcrum_jsonpatch::apply_all(body, &ops).map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
+        let state = self.states.entry(object.to_string()).or_default();
+        state.next_seq = seq + 1;
+        state.log_bytes += bytes.len() as u64;
+        state.base_bytes = *base_bytes;
+        Ok(())
+    }
+
+    /// The objects as (type, uuid, body), and each one's edit state.
+    pub(crate) fn finish(mut self) -> Result<(LoadedObjects, HashMap<String, EditState>), StoreError> {
+        let mut out = Vec::with_capacity(self.bodies.len());
+        for (key, (body, base_bytes)) in self.bodies {
+            self.states.entry(key.clone()).or_default().base_bytes = base_bytes;
+            let (kind, uuid) = key.split_once('/').ok_or_else(|| StoreError::Corrupt(format!("bad key {key}")))?;
+            out.push((kind.to_string(), uuid.to_string(), body));
+        }
+        Ok((out, self.states))
+    }
+}
+
 /// Objects in one redb file. redb is pure Rust, ACID, and by default (`Durability::Immediate`)
 /// fsyncs before `commit` returns, so one transaction is one durable group commit.
 ///
@@ -76,30 +160,13 @@ impl EditState {
 /// itself once space is back. What is on disk is then the last successful commit, which is
 /// also what the catalogue and `edit_state` describe.
 pub struct RedbBackend {
-    path: std::path::PathBuf,
-    /// `None` while closed for a reopen that has not succeeded yet.
-    db: Option<Database>,
-    needs_reopen: bool,
+    db: Reopening<Database>,
     edit_state: HashMap<String, EditState>,
 }
 
 impl RedbBackend {
     pub fn open(path: &Path) -> Result<RedbBackend, StoreError> {
-        let db = open_database(path)?;
-        Ok(RedbBackend { path: path.to_path_buf(), db: Some(db), needs_reopen: false, edit_state: HashMap::new() })
-    }
-
-    fn db(&mut self) -> Result<&Database, StoreError> {
-        if self.needs_reopen || self.db.is_none() {
-            // The old handle must be closed before the file can be opened again.
-            self.db = None;
-            let db =
-                open_database(&self.path).map_err(|e| StoreError::Io(format!("reopening after an I/O error: {e}")))?;
-            tracing::info!(path = %self.path.display(), "reopened the store after an I/O error");
-            self.db = Some(db);
-            self.needs_reopen = false;
-        }
-        Ok(self.db.as_ref().expect("opened above"))
+        Ok(RedbBackend { db: Reopening::open(path, open_database)?, edit_state: HashMap::new() })
     }
 }
 
@@ -125,53 +192,32 @@ fn remove_edits(table: &mut redb::Table<(&str, u64), &[u8]>, key: &str, upto: u6
 
 impl Backend for RedbBackend {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(io)?;
-        let objects = txn.open_table(OBJECTS).map_err(io)?;
-        let mut bodies: HashMap<String, (Value, u64)> = HashMap::new();
-        for entry in objects.iter().map_err(io)? {
+        let txn = self.db.get()?.begin_read().map_err(io)?;
+        let mut loader = Loader::default();
+        for entry in txn.open_table(OBJECTS).map_err(io)?.iter().map_err(io)? {
             let (key, value) = entry.map_err(io)?;
-            let bytes = value.value();
-            let body: Value =
-                serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{}: {e}", key.value())))?;
-            bodies.insert(key.value().to_string(), (body, bytes.len() as u64));
+            loader.object(key.value().to_string(), value.value())?;
         }
-        let edits = txn.open_table(EDITS).map_err(io)?;
-        for entry in edits.iter().map_err(io)? {
+        for entry in txn.open_table(EDITS).map_err(io)?.iter().map_err(io)? {
             let (key, value) = entry.map_err(io)?;
             let (object, seq) = key.value();
-            let (body, base_bytes) = bodies
-                .get_mut(object)
-                .ok_or_else(|| StoreError::Corrupt(format!("edit log for missing object {object}")))?;
-            let ops: Vec<Value> = serde_json::from_slice(value.value())
-                .map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
-            fulcrum_jsonpatch::apply_all(body, &ops)
-                .map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
-            let state = self.edit_state.entry(object.to_string()).or_default();
-            state.next_seq = seq + 1;
-            state.log_bytes += value.value().len() as u64;
-            state.base_bytes = *base_bytes;
+            loader.edit(object, seq, value.value())?;
         }
-        let mut out = Vec::with_capacity(bodies.len());
-        for (key, (body, base_bytes)) in bodies {
-            self.edit_state.entry(key.clone()).or_default().base_bytes = base_bytes;
-            let (kind, uuid) = key.split_once('/').ok_or_else(|| StoreError::Corrupt(format!("bad key {key}")))?;
-            out.push((kind.to_string(), uuid.to_string(), body));
-        }
-        Ok(out)
+        let (objects, states) = loader.finish()?;
+        self.edit_state = states;
+        Ok(objects)
     }
 
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let outcome = self.try_commit(changes);
-        if matches!(outcome, Err(StoreError::Io(_))) {
-            self.needs_reopen = true;
-        }
+        self.db.ended(&outcome);
         outcome
     }
 }
 
 impl RedbBackend {
     fn try_commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
-        let txn = self.db()?.begin_write().map_err(io)?;
+        let txn = self.db.get()?.begin_write().map_err(io)?;
         // Bookkeeping is applied only once the commit succeeded.
         let mut updates: Vec<(String, Option<EditState>)> = Vec::new();
         {
@@ -292,7 +338,7 @@ mod tests {
         drop(b);
         let mut b = RedbBackend::open(&path).unwrap();
         assert_eq!(b.load().unwrap()[0].2["big"].as_str().unwrap().len(), big.len());
-        let txn = b.db().unwrap().begin_read().unwrap();
+        let txn = b.db.get().unwrap().begin_read().unwrap();
         assert_eq!(txn.open_table(EDITS).unwrap().iter().unwrap().count(), 0);
     }
 }

@@ -16,13 +16,13 @@
 //! same atomic batch: what was answered "not stored" is not there once anything else is.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde_json::Value;
 
 use crate::StoreError;
-use crate::backend::{Backend, EditState};
+use crate::backend::{Backend, EditState, Loader, Reopening};
 use crate::catalogue::Change;
 
 /// Journal bytes kept before the memtables are flushed to tables: bounds what a start replays.
@@ -35,10 +35,7 @@ struct Open {
 }
 
 pub struct FjallBackend {
-    path: PathBuf,
-    /// `None` while closed for a reopen that has not succeeded yet.
-    open: Option<Open>,
-    needs_reopen: bool,
+    db: Reopening<Open>,
     edit_state: HashMap<String, EditState>,
     /// How to undo commits that were refused but may still reach the disk (see
     /// [`FjallBackend::try_commit`]): written with the next commit, in the same batch.
@@ -78,27 +75,7 @@ fn parse_edit_key(key: &[u8]) -> Option<(&str, u64)> {
 impl FjallBackend {
     /// Opens (or creates) the store in directory `path`.
     pub fn open(path: &Path) -> Result<FjallBackend, StoreError> {
-        let open = open_database(path)?;
-        Ok(FjallBackend {
-            path: path.to_path_buf(),
-            open: Some(open),
-            needs_reopen: false,
-            edit_state: HashMap::new(),
-            undo: Vec::new(),
-        })
-    }
-
-    fn db(&mut self) -> Result<&Open, StoreError> {
-        if self.needs_reopen || self.open.is_none() {
-            // The old handle (and its lock) must be gone before the directory is opened again.
-            self.open = None;
-            let open =
-                open_database(&self.path).map_err(|e| StoreError::Io(format!("reopening after an I/O error: {e}")))?;
-            tracing::info!(path = %self.path.display(), "reopened the store after an I/O error");
-            self.open = Some(open);
-            self.needs_reopen = false;
-        }
-        Ok(self.open.as_ref().expect("opened above"))
+        Ok(FjallBackend { db: Reopening::open(path, open_database)?, edit_state: HashMap::new(), undo: Vec::new() })
     }
 
     /// What `changes` write, key by key, and the bookkeeping to apply once they are durable.
@@ -156,23 +133,24 @@ impl FjallBackend {
 
     fn try_commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let (writes, updates) = self.writes(changes)?;
-        self.db()?;
-        let open = self.open.as_ref().expect("opened above");
+        let open = self.db.get()?;
         let keyspace = |space: Space| match space {
             Space::Objects => &open.objects,
             Space::Edits => &open.edits,
         };
-        let written: std::collections::HashSet<(Space, &[u8])> =
-            writes.iter().map(|w| (w.space, w.key.as_slice())).collect();
         let mut batch = open.db.batch().durability(Some(PersistMode::SyncData));
-        // Undo what a refused commit may have left in the journal, unless this batch writes
-        // the key anew (one batch must not hold a key twice).
-        for w in self.undo.iter().filter(|w| !written.contains(&(w.space, w.key.as_slice()))).chain(&writes) {
-            match &w.value {
-                Some(value) => batch.insert(keyspace(w.space), w.key.as_slice(), value.as_slice()),
-                None => batch.remove(keyspace(w.space), w.key.as_slice()),
-            }
+        let mut put = |w: &Write| match &w.value {
+            Some(value) => batch.insert(keyspace(w.space), w.key.as_slice(), value.as_slice()),
+            None => batch.remove(keyspace(w.space), w.key.as_slice()),
+        };
+        if !self.undo.is_empty() {
+            // Undo what a refused commit may have left in the journal, unless this batch writes
+            // the key anew (one batch must not hold a key twice).
+            let written: std::collections::HashSet<(Space, &[u8])> =
+                writes.iter().map(|w| (w.space, w.key.as_slice())).collect();
+            self.undo.iter().filter(|w| !written.contains(&(w.space, w.key.as_slice()))).for_each(&mut put);
         }
+        writes.iter().for_each(&mut put);
         // One journal append and one fdatasync for the whole batch: all of it or none.
         if let Err(e) = batch.commit() {
             // The journal may yet hold this batch (a later flush, such as the one when the
@@ -222,46 +200,27 @@ struct Write {
 
 impl Backend for FjallBackend {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
-        let open = self.db()?;
-        let mut bodies: HashMap<String, (Value, u64)> = HashMap::new();
+        let open = self.db.get()?;
+        let mut loader = Loader::default();
         for entry in open.objects.iter() {
             let (key, value) = entry.into_inner().map_err(io)?;
             let key = String::from_utf8(key.to_vec()).map_err(|e| StoreError::Corrupt(format!("a key: {e}")))?;
-            let body: Value = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
-            bodies.insert(key, (body, value.len() as u64));
+            loader.object(key, &value)?;
         }
-        let mut states: HashMap<String, EditState> = HashMap::new();
         for entry in open.edits.iter() {
             let (key, value) = entry.into_inner().map_err(io)?;
             let (object, seq) =
                 parse_edit_key(&key).ok_or_else(|| StoreError::Corrupt("an edit log's key".to_string()))?;
-            let (body, base_bytes) = bodies
-                .get_mut(object)
-                .ok_or_else(|| StoreError::Corrupt(format!("edit log for missing object {object}")))?;
-            let ops: Vec<Value> =
-                serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
-            fulcrum_jsonpatch::apply_all(body, &ops)
-                .map_err(|e| StoreError::Corrupt(format!("{object}#{seq}: {e}")))?;
-            let state = states.entry(object.to_string()).or_default();
-            state.next_seq = seq + 1;
-            state.log_bytes += value.len() as u64;
-            state.base_bytes = *base_bytes;
+            loader.edit(object, seq, &value)?;
         }
-        let mut out = Vec::with_capacity(bodies.len());
-        for (key, (body, base_bytes)) in bodies {
-            states.entry(key.clone()).or_default().base_bytes = base_bytes;
-            let (kind, uuid) = key.split_once('/').ok_or_else(|| StoreError::Corrupt(format!("bad key {key}")))?;
-            out.push((kind.to_string(), uuid.to_string(), body));
-        }
+        let (objects, states) = loader.finish()?;
         self.edit_state = states;
-        Ok(out)
+        Ok(objects)
     }
 
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let outcome = self.try_commit(changes);
-        if matches!(outcome, Err(StoreError::Io(_))) {
-            self.needs_reopen = true;
-        }
+        self.db.ended(&outcome);
         outcome
     }
 }
@@ -377,7 +336,7 @@ mod tests {
         drop(b);
         let mut b = FjallBackend::open(&path).unwrap();
         assert_eq!(b.load().unwrap()[0].2["big"].as_str().unwrap().len(), big.len());
-        assert_eq!(b.db().unwrap().edits.iter().count(), 0);
+        assert_eq!(b.db.get().unwrap().edits.iter().count(), 0);
     }
 
     #[test]

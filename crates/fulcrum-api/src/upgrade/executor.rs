@@ -93,9 +93,18 @@ async fn drive(app: &Arc<App>, mut op: Operation) -> Result<bool, ApiError> {
     Ok(false)
 }
 
-fn event(task: &str, message: String, status: Option<bool>) -> Event {
+pub(super) fn event(task: &str, message: String, status: Option<bool>) -> Event {
     let t = now();
     Event { task: task.into(), start_time: t.clone(), end_time: status.map(|_| t), status, message }
+}
+
+/// Ends the open event of `task` (the last one begun) with how the task ended.
+pub(super) fn end_event(events: &mut [Event], task: &str, outcome: &Result<String, String>) {
+    if let Some(e) = events.iter_mut().rev().find(|e| e.task == task && e.status.is_none()) {
+        e.end_time = Some(now());
+        e.status = Some(outcome.is_ok());
+        e.message = outcome.clone().unwrap_or_else(|e| e);
+    }
 }
 
 /// Runs the controller's next step, storing that it started and how it ended: the migration
@@ -109,13 +118,7 @@ async fn controller_step(app: &Arc<App>, op: &mut Operation, mut c: ControllerRu
     }
     if !c.step_started {
         c.step_started = true;
-        c.events.push(Event {
-            task: task.into(),
-            start_time: now(),
-            end_time: None,
-            status: None,
-            message: String::new(),
-        });
+        c.events.push(event(task, String::new(), None));
         op.controller = Some(c.clone());
         save(app, op).await?;
         tracing::info!(op = %op.id, task, "controller step started");
@@ -126,14 +129,9 @@ async fn controller_step(app: &Arc<App>, op: &mut Operation, mut c: ControllerRu
     } else {
         super::nodes::every_node(app, op, &mut c, task).await?
     };
-    let last = c.events.iter_mut().rev().find(|e| e.task == task && e.status.is_none());
+    end_event(&mut c.events, task, &outcome);
     match outcome {
-        Ok(message) => {
-            if let Some(e) = last {
-                e.end_time = Some(now());
-                e.status = Some(true);
-                e.message = message;
-            }
+        Ok(_) => {
             c.step += 1;
             c.step_started = false;
             if c.step == CONTROLLER_STEPS.len() {
@@ -142,11 +140,6 @@ async fn controller_step(app: &Arc<App>, op: &mut Operation, mut c: ControllerRu
         }
         Err(message) => {
             tracing::warn!(op = %op.id, task, %message, "controller step failed");
-            if let Some(e) = last {
-                e.end_time = Some(now());
-                e.status = Some(false);
-                e.message = message.clone();
-            }
             c.state = OpState::Error;
             op.reason = format!("{task}: {message}");
         }

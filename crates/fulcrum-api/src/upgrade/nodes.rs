@@ -19,12 +19,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fulcrum_upgrade::Version;
-use fulcrum_upgrade::operation::{CONTROLLER_STEPS, ControllerRun, Event, NodeRun, Operation, RESTART_STEP};
+use fulcrum_upgrade::operation::{CONTROLLER_STEPS, ControllerRun, NodeRun, Operation, RESTART_STEP};
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{now, save};
+use super::save;
 use crate::app::{App, json_response};
 use crate::error::ApiError;
 
@@ -74,24 +74,14 @@ pub async fn every_node(
     while let Some(i) = c.next_node(task, &me) {
         let node = c.nodes[i].clone();
         if !node.events.iter().any(|e| e.task == task && e.status.is_none()) {
-            c.nodes[i].events.push(Event {
-                task: task.into(),
-                start_time: now(),
-                end_time: None,
-                status: None,
-                message: String::new(),
-            });
+            c.nodes[i].events.push(super::executor::event(task, String::new(), None));
             op.controller = Some(c.clone());
             save(app, op).await?;
         }
         tracing::info!(op = %op.id, task, node = %node.node, "controller step on a node");
         let outcome =
             if node.node == me { here(app, op, c, task).await } else { elsewhere(app, op, c, &node, task).await };
-        if let Some(e) = c.nodes[i].events.iter_mut().rev().find(|e| e.task == task && e.status.is_none()) {
-            e.end_time = Some(now());
-            e.status = Some(outcome.is_ok());
-            e.message = outcome.clone().unwrap_or_else(|e| e);
-        }
+        super::executor::end_event(&mut c.nodes[i].events, task, &outcome);
         match outcome {
             Ok(message) => {
                 c.nodes[i].done.push(task.to_string());

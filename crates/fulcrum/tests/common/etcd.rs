@@ -1,6 +1,6 @@
 //! A real etcd on 127.0.0.1 (Debian's `etcd-server`; `./scripts/test` installs it), one member
-//! or more, with the settings a Fulcrum cluster needs. Shared by the store's tests (included by
-//! path) and the cluster's.
+//! or more, with the settings a Fulcrum cluster needs. Shared by the cluster's tests, the store's
+//! tests and the cluster benchmark (both include it by path).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -32,7 +32,13 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Starts `size` members and waits until each takes clients.
     pub fn start(size: usize) -> Etcd {
-        let dir = tempfile::Builder::new().prefix("fulcrum-etcd-").tempdir().unwrap();
+        Etcd::start_in(size, &std::env::temp_dir())
+    }
+
+    /// [`Etcd::start`] with the members' data under `parent` (the benchmarks keep it on the
+    /// project's disk, as the other peers').
+    pub fn start_in(size: usize, parent: &std::path::Path) -> Etcd {
+        let dir = tempfile::Builder::new().prefix("fulcrum-etcd-").tempdir_in(parent).unwrap();
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let cluster: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
