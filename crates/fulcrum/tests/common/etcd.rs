@@ -25,6 +25,20 @@ impl Drop for Etcd {
     }
 }
 
+/// Whether the etcd member on `port` says it is healthy. Asking for etcd's own answer, not just
+/// a connection: a socket on a free local port can connect to itself, or to another listener.
+fn answers_healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.") && answer.contains("\"health\":\"true\"")
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -38,6 +52,17 @@ impl Etcd {
     /// [`Etcd::start`] with the members' data under `parent` (the benchmarks keep it on the
     /// project's disk, as the other peers').
     pub fn start_in(size: usize, parent: &std::path::Path) -> Etcd {
+        // A port picked free can be taken by another test before etcd binds it; etcd then
+        // exits, and the cluster is started again on other ports.
+        for _ in 0..3 {
+            if let Some(etcd) = Etcd::try_start(size, parent) {
+                return etcd;
+            }
+        }
+        panic!("etcd did not start in 3 attempts (its ports were taken, or it fails at start)");
+    }
+
+    fn try_start(size: usize, parent: &std::path::Path) -> Option<Etcd> {
         let dir = tempfile::Builder::new().prefix("fulcrum-etcd-").tempdir_in(parent).unwrap();
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let cluster: Vec<String> =
@@ -61,14 +86,18 @@ impl Etcd {
             members.push(child);
             urls.push(url);
         }
+        let mut etcd = Etcd { members, urls, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         for (client, _) in &ports {
-            while std::net::TcpStream::connect(("127.0.0.1", *client)).is_err() {
+            while !answers_healthy(*client) {
+                if etcd.members.iter_mut().any(|m| m.try_wait().ok().flatten().is_some()) {
+                    return None;
+                }
                 assert!(Instant::now() < deadline, "etcd did not start");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Etcd { members, urls, _dir: dir }
+        Some(etcd)
     }
 
     /// Freezes every member (SIGSTOP): to its clients, etcd has lost its quorum.
