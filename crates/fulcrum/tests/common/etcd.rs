@@ -44,7 +44,7 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
-    /// Starts `size` members and waits until each takes clients.
+    /// Starts `size` members and waits until each answers that it is healthy.
     pub fn start(size: usize) -> Etcd {
         Etcd::start_in(size, &std::env::temp_dir())
     }
