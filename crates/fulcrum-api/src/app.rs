@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use base64::Engine;
 use fulcrum_metrics::{Counter, Histogram, LATENCY_BUCKETS};
 use fulcrum_schema::{Registry, TypeDef};
-use fulcrum_store::Store;
+use fulcrum_store::{Catalogue, Store};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
@@ -64,15 +64,21 @@ pub struct App {
     pub certificate_pin: Option<String>,
 }
 
+/// A field of a singleton's stored body, read from a view already held.
+pub fn setting_in(cat: &Catalogue, kind: &str, pointer: &str) -> Option<Value> {
+    cat.iter(kind).next().and_then(|s| s.value.pointer(pointer).cloned())
+}
+
 impl App {
     /// Leader, or follower of whom (a single node always leads).
     pub fn role(&self) -> crate::cluster::NodeRole {
         self.cluster.as_ref().map_or(crate::cluster::NodeRole::Leader, |m| m.role())
     }
 
-    /// A field of a singleton's stored body (`systemconfiguration`, `/portal_configuration/...`).
+    /// A field of a singleton's stored body (`systemconfiguration`, `/portal_configuration/...`);
+    /// [`setting_in`] where a view of the catalogue is already held.
     pub fn setting(&self, kind: &str, pointer: &str) -> Option<Value> {
-        self.store.read().iter(kind).next().and_then(|s| s.value.pointer(pointer).cloned())
+        setting_in(&self.store.read(), kind, pointer)
     }
 
     pub fn idle_timeout(&self) -> Option<Duration> {

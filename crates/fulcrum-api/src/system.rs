@@ -366,7 +366,7 @@ pub async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
             let t = reg.type_def("systemconfiguration").expect("defined");
             render(reg, t, &map, &RenderOptions { base_url: "", ..Default::default() }, &|_| None)
         });
-        let idle = app.setting("controllerproperties", "/api_idle_timeout").unwrap_or(json!(15));
+        let idle = crate::app::setting_in(&cat, "controllerproperties", "/api_idle_timeout").unwrap_or(json!(15));
         drop(cat);
         let body = json!({
             "user_initialized": true,

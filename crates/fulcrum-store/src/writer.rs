@@ -400,9 +400,16 @@ impl Store {
         self.health.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A consistent view of committed state. Do not hold it across an `.await`.
-    pub fn read(&self) -> RwLockReadGuard<'_, Catalogue> {
-        self.catalogue.read().unwrap_or_else(|e| e.into_inner())
+    /// A consistent view of committed state. Do not hold it across an `.await`, and do not
+    /// take a second one while holding it (debug builds panic): std's `RwLock` makes new
+    /// readers wait behind a waiting writer, so the second read would wait for the writer,
+    /// which waits for the first.
+    pub fn read(&self) -> CatalogueView<'_> {
+        VIEWS_HELD.with(|held| {
+            debug_assert_eq!(held.get(), 0, "this thread already holds a view of the catalogue: use that one");
+            held.set(held.get() + 1);
+        });
+        CatalogueView { guard: self.catalogue.read().unwrap_or_else(|e| e.into_inner()) }
     }
 
     /// Runs `f` in the writer; its changes are durable and visible when this returns `Ok`.
@@ -432,6 +439,30 @@ impl Store {
         });
         self.jobs.send(job).map_err(|_| WriteError::Storage(StoreError::Closed))?;
         rx.await.map_err(|_| WriteError::Storage(StoreError::Aborted))?
+    }
+}
+
+thread_local! {
+    /// Views of the catalogue this thread holds (see [`Store::read`]).
+    static VIEWS_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A read of the committed catalogue, from [`Store::read`].
+pub struct CatalogueView<'a> {
+    guard: RwLockReadGuard<'a, Catalogue>,
+}
+
+impl std::ops::Deref for CatalogueView<'_> {
+    type Target = Catalogue;
+
+    fn deref(&self) -> &Catalogue {
+        &self.guard
+    }
+}
+
+impl Drop for CatalogueView<'_> {
+    fn drop(&mut self) {
+        VIEWS_HELD.with(|held| held.set(held.get().saturating_sub(1)));
     }
 }
 
@@ -585,6 +616,27 @@ mod tests {
             txn.put("pool", uuid, json!({"name": name}));
             Ok(())
         })
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "already holds a view")]
+    fn a_second_view_held_by_the_same_thread_is_refused() {
+        // With a writer waiting between the two, the second would wait forever.
+        let store = Store::open(MemoryBackend::default(), indexer()).unwrap();
+        let _first = store.read();
+        let _second = store.read();
+    }
+
+    #[test]
+    fn a_view_is_given_back_when_dropped() {
+        let store = Store::open(MemoryBackend::default(), indexer()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(store.read().count("pool"), 0);
+        }
+        let view = store.read();
+        drop(view);
+        let _again = store.read();
     }
 
     #[tokio::test(flavor = "current_thread")]

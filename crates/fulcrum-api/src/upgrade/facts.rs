@@ -349,8 +349,9 @@ pub async fn gather(app: &App, request: &Request) -> Facts {
         gslb_services: cat.iter("gslbservice").map(|g| g.meta.name.clone().unwrap_or_default()).collect(),
         config_problems: config_problems(&cat),
         open_alerts: open_alerts(app, &cat),
-        max_alerts: app.setting("controllerproperties", "/upgrade_max_alerts").and_then(|v| v.as_u64()).unwrap_or(0)
-            as usize,
+        max_alerts: crate::app::setting_in(&cat, "controllerproperties", "/upgrade_max_alerts")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize,
         clouds: cat
             .iter("cloud")
             .map(|c| {
