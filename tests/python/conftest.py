@@ -55,14 +55,14 @@ class Controller:
     """One controller on its embedded store. `url` is where the tests talk to it; uploads go to
     `upload_url` (the same node here)."""
 
-    def __init__(self, plain_http=False):
+    def __init__(self, plain_http=False, extra=()):
         # Everything this controller and its tests write lives under one folder, removed by stop().
         self.scratch = tempfile.mkdtemp(prefix="fulcrum-sdk-")
         self.make_key()
         self.processes = []
         try:
             data_dir = self.data_dir("data")
-            proc, self.url = start_fulcrum(data_dir, plain_http=plain_http)
+            proc, self.url = start_fulcrum(data_dir, plain_http=plain_http, extra=extra)
             self.processes.append(proc)
         except Exception:
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -160,6 +160,44 @@ class ClusterFollower(Controller):
         except Exception:
             self.stop()
             raise
+
+
+def build_package(controller, kind, version, patch=None, payload_bytes=0, controller_binary=True):
+    """A real signed package made with `fulcrum pkg build`; returns its path, tag and sha256.
+    `payload_bytes` of random data in the SE part make it as large as a test needs. Without
+    `controller_binary` the controller part carries no bin/fulcrum, so an upgrade to it
+    restarts the controller into the binary it runs (as the README's example payload does)."""
+    import hashlib
+
+    work = tempfile.mkdtemp(prefix="pkg-", dir=controller.scratch)
+    se = os.path.join(work, "se", "bin")
+    os.makedirs(se)
+    with open(os.path.join(se, "fulcrum-se"), "w") as f:
+        f.write("#!/bin/sh\necho se\n")
+    if payload_bytes:
+        with open(os.path.join(se, "payload"), "wb") as f:
+            f.write(os.urandom(payload_bytes))
+    out = os.path.join(work, kind + ".pkg")
+    args = [BINARY, "pkg", "build", "--kind", kind, "--version", version, "--build", "9100",
+            "--date", "20261122.101500", "--min-version", "30.1.1", "--se-dir", os.path.dirname(se),
+            "--key", controller.key + ".secret", "-o", out]
+    if patch:
+        args += ["--patch", patch]
+    if kind == "controller":
+        controller_dir = os.path.join(work, "controller", "bin")
+        os.makedirs(controller_dir)
+        if controller_binary:
+            with open(os.path.join(controller_dir, "fulcrum"), "w") as f:
+                f.write("#!/bin/sh\necho controller\n")
+        else:
+            with open(os.path.join(controller_dir, "README"), "w") as f:
+                f.write("a controller release without a binary of its own\n")
+        args += ["--controller-dir", os.path.dirname(controller_dir)]
+    subprocess.run(args, check=True, capture_output=True)
+    tag = "-".join([version, "9100"] + ([patch] if patch else []) + ["20261122.101500"])
+    with open(out, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return out, tag, digest
 
 
 @pytest.fixture

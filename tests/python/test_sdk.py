@@ -6,7 +6,7 @@ import pytest
 import requests
 from avi.sdk.avi_api import ApiSession, ObjectNotFound
 
-from conftest import PASSWORD
+from conftest import PASSWORD, build_package
 
 
 def metric(controller, series):
@@ -204,38 +204,6 @@ def test_patch_classic_and_json_patch_forms(controller):
     assert bad.status_code == 400 and "out of range" in bad.text
     assert len(api.get("pool/" + pool["uuid"]).json()["servers"]) == 2
     assert api.delete_by_name("pool", "sdk-patch").status_code == 204
-
-
-def build_package(controller, kind, version, patch=None):
-    """A real signed package made with `fulcrum pkg build`; returns its path and tag."""
-    from conftest import BINARY
-    import hashlib
-    import os
-    import subprocess
-    import tempfile
-
-    work = tempfile.mkdtemp(prefix="pkg-", dir=controller.scratch)
-    se = os.path.join(work, "se", "bin")
-    os.makedirs(se)
-    with open(os.path.join(se, "fulcrum-se"), "w") as f:
-        f.write("#!/bin/sh\necho se\n")
-    out = os.path.join(work, kind + ".pkg")
-    args = [BINARY, "pkg", "build", "--kind", kind, "--version", version, "--build", "9100",
-            "--date", "20261122.101500", "--min-version", "30.1.1", "--se-dir", os.path.dirname(se),
-            "--key", controller.key + ".secret", "-o", out]
-    if patch:
-        args += ["--patch", patch]
-    if kind == "controller":
-        controller_dir = os.path.join(work, "controller", "bin")
-        os.makedirs(controller_dir)
-        with open(os.path.join(controller_dir, "fulcrum"), "w") as f:
-            f.write("#!/bin/sh\necho controller\n")
-        args += ["--controller-dir", os.path.dirname(controller_dir)]
-    subprocess.run(args, check=True, capture_output=True)
-    tag = "-".join([version, "9100"] + ([patch] if patch else []) + ["20261122.101500"])
-    with open(out, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return out, tag, digest
 
 
 def upload_session(controller):

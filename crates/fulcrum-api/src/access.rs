@@ -25,6 +25,15 @@ impl Level {
             _ => Level::None,
         }
     }
+
+    /// The name a role's privilege `type` spells this level with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Write => "WRITE_ACCESS",
+            Level::Read => "READ_ACCESS",
+            Level::None => "NO_ACCESS",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +140,22 @@ impl Principal {
         self.grants.iter().any(|g| {
             g.tenant.as_deref().is_none_or(|t| t == tenant) && g.privileges.iter().any(|(_, l)| *l > Level::None)
         })
+    }
+
+    /// What the user may do in `tenant`, one entry per resource (`*` or `PERMISSION_<TYPE>`)
+    /// at its highest level: what a client (the web UI) needs to know which actions to offer.
+    pub fn privileges(&self, tenant: &str) -> Vec<(String, Level)> {
+        let mut merged: std::collections::BTreeMap<&str, Level> = std::collections::BTreeMap::new();
+        for (resource, level) in self
+            .grants
+            .iter()
+            .filter(|g| g.tenant.as_deref().is_none_or(|t| t == tenant))
+            .flat_map(|g| g.privileges.iter())
+        {
+            let entry = merged.entry(resource).or_insert(*level);
+            *entry = (*entry).max(*level);
+        }
+        merged.into_iter().map(|(r, l)| (r.to_string(), l)).collect()
     }
 
     /// Full access everywhere: shown as `is_superuser`.

@@ -133,6 +133,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route(crate::images::replica::COPY_PATH, get(crate::images::replica::serve_copy))
         .route(crate::upgrade::nodes::TASK_PATH, post(crate::upgrade::nodes::controller_task))
         .route("/metrics", get(system::metrics))
+        .route("/", get(crate::ui::index))
+        .route("/ui/{*path}", get(crate::ui::asset))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(within_request_limits))
         .layer(axum::middleware::map_response_with_state(app.clone(), common_headers))
@@ -219,6 +221,7 @@ enum Route<'a> {
     SeAgentImage(&'a str),
     /// `/api/<type>/<uuid>/<action>`: `runtime` of a virtual service, `install` and `rollback` of an SE.
     ObjectAction(&'static TypeDef, &'a str, &'a str),
+    VsInventory,
     Collection(&'static TypeDef),
     Object(&'static TypeDef, &'a str),
     Singleton(&'static TypeDef),
@@ -252,6 +255,7 @@ impl<'a> Route<'a> {
                 let _ = first;
                 Route::UpgradeOp(which, preview)
             }
+            ["virtualservice-inventory"] => Route::VsInventory,
             ["se-agent", "join"] => Route::SeAgentJoin,
             ["se-agent", "poll"] => Route::SeAgentPoll,
             ["se-agent", "event"] => Route::SeAgentEvent,
@@ -304,6 +308,7 @@ impl<'a> Route<'a> {
             Route::SeAgentEvent => "/api/se-agent/event".into(),
             Route::SeAgentImage(_) => "/api/se-agent/image/{uuid}".into(),
             Route::ObjectAction(t, _, action) => format!("/api/{}/{{uuid}}/{action}", t.path),
+            Route::VsInventory => "/api/virtualservice-inventory".into(),
             Route::Collection(t) | Route::Singleton(t) => format!("/api/{}", t.path),
             Route::Object(t, _) => format!("/api/{}/{{uuid}}", t.path),
         }
@@ -580,6 +585,7 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
             || (safe
                 && match &route {
                     Route::ObjectAction(t, _, "runtime") => t.path == "virtualservice",
+                    Route::VsInventory => true,
                     Route::Collection(t) | Route::Object(t, _) => t.path == crate::engines::SE_KIND,
                     _ => false,
                 });
@@ -703,6 +709,7 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (Route::Object(t, uuid), Method::DELETE) if is(t, crate::engines::SE_KIND) => {
             crate::engines::delete_se(app, &ctx, uuid).await
         }
+        (Route::VsInventory, Method::GET) => crate::objects::vs_inventory(app, &ctx),
         (Route::ObjectAction(t, uuid, "runtime"), Method::GET) if is(t, "virtualservice") => {
             crate::engines::vs_runtime(app, &ctx, uuid)
         }

@@ -42,6 +42,11 @@ pub const ENDPOINTS: &[Endpoint] = &[
         "A resumable upload: its offset; a chunk (Content-Range); abandon it.",
     ),
     ep("/api/image-upload/{id}/complete", &["POST"], "Verify and publish a resumable upload {sha256}."),
+    ep(
+        "/api/virtualservice-inventory",
+        &["GET"],
+        "Virtual services with where each runs: {uuid, config, runtime} per result, paged like /api/virtualservice.",
+    ),
     ep("/api/licenseusage", &["GET"], "Licensed, consumed and available SE cores."),
     ep(
         "/api/analytics/metrics/controller",

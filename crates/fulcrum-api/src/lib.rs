@@ -22,6 +22,7 @@ pub mod server;
 pub mod sessions;
 pub mod system;
 pub mod tls;
+pub mod ui;
 pub mod upgrade;
 pub mod version;
 

@@ -274,8 +274,22 @@ fn page_param(ctx: &RequestContext, name: &str, default: usize, max: usize) -> R
     }
 }
 
-pub fn list(app: &App, ctx: &RequestContext, type_def: &'static TypeDef) -> Result<Response, ApiError> {
-    require(ctx, type_def, Level::Read)?;
+/// One page of a collection as a list request's parameters select it.
+struct Page<'c> {
+    count: usize,
+    items: Vec<&'c Arc<Stored>>,
+    /// The next page's URL, when there is one.
+    next: Option<String>,
+}
+
+/// Filters, sorts and pages a collection by the request's parameters (`name`, `name.contains`,
+/// `refers_to`, `sort`, `page`, …); `path` is the collection's own path, for `next`.
+fn select_page<'c>(
+    ctx: &RequestContext,
+    type_def: &'static TypeDef,
+    cat: &'c Catalogue,
+    path: &str,
+) -> Result<Page<'c>, ApiError> {
     let page_size = page_param(ctx, "page_size", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
     let page = page_param(ctx, "page", 1, usize::MAX)?;
     let refers_to = type_uuid_param(ctx, "refers_to")?;
@@ -284,7 +298,6 @@ pub fn list(app: &App, ctx: &RequestContext, type_def: &'static TypeDef) -> Resu
     let uuids_in: Option<Vec<&str>> = ctx.param("uuid.in").map(|v| v.split(',').collect());
     let contains = ctx.param("name.contains");
     let icontains = ctx.param("name.icontains").map(str::to_lowercase);
-    let cat = app.store.read();
     let referred_by_refs: Option<Vec<String>> =
         referred_by.as_ref().map(|p| cat.get_path(p).map(|s| s.meta.refs.clone()).unwrap_or_default());
     let mut matches: Vec<&Arc<Stored>> = cat
@@ -313,20 +326,57 @@ pub fn list(app: &App, ctx: &RequestContext, type_def: &'static TypeDef) -> Resu
     let count = matches.len();
     let start = (page - 1).saturating_mul(page_size).min(count);
     let end = (start + page_size).min(count);
-    let mut body = format!("{{\"count\":{count},\"results\":[").into_bytes();
-    for (i, stored) in matches[start..end].iter().enumerate() {
+    let next = (end < count).then(|| ctx.url_with_params(path, &[("page", (page + 1).to_string())]));
+    matches.truncate(end);
+    matches.drain(..start);
+    Ok(Page { count, items: matches, next })
+}
+
+/// `{"count", "results": [...], "next"}` around already rendered results.
+fn page_body(page: &Page<'_>, results: impl Iterator<Item = Vec<u8>>) -> Response {
+    let mut body = format!("{{\"count\":{},\"results\":[", page.count).into_bytes();
+    for (i, result) in results.enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        body.extend(render_one(ctx, &cat, type_def, &with_live_fields(app, type_def, stored), false));
+        body.extend(result);
     }
     body.push(b']');
-    if end < count {
-        let next = ctx.url_with_params(&format!("/api/{}", type_def.path), &[("page", (page + 1).to_string())]);
-        body.extend(format!(",\"next\":{}", Value::String(next)).into_bytes());
+    if let Some(next) = &page.next {
+        body.extend(format!(",\"next\":{}", Value::String(next.clone())).into_bytes());
     }
     body.push(b'}');
-    Ok(bytes_response(StatusCode::OK, body))
+    bytes_response(StatusCode::OK, body)
+}
+
+pub fn list(app: &App, ctx: &RequestContext, type_def: &'static TypeDef) -> Result<Response, ApiError> {
+    require(ctx, type_def, Level::Read)?;
+    let cat = app.store.read();
+    let page = select_page(ctx, type_def, &cat, &format!("/api/{}", type_def.path))?;
+    let results = page
+        .items
+        .iter()
+        .map(|stored| render_one(ctx, &cat, type_def, &with_live_fields(app, type_def, stored), false));
+    Ok(page_body(&page, results))
+}
+
+/// `GET /api/virtualservice-inventory`: a page of virtual services, each as
+/// `{uuid, config, runtime}` (its configuration and where it runs), the product's inventory
+/// view; the list parameters of `/api/virtualservice` apply.
+pub fn vs_inventory(app: &App, ctx: &RequestContext) -> Result<Response, ApiError> {
+    let type_def = Registry::get().type_def(crate::engines::VS_KIND).expect("virtualservice is defined");
+    require(ctx, type_def, Level::Read)?;
+    let cat = app.store.read();
+    let page = select_page(ctx, type_def, &cat, "/api/virtualservice-inventory")?;
+    let results = page.items.iter().map(|stored| {
+        let config = render_one(ctx, &cat, type_def, stored, false);
+        let runtime = crate::engines::runtime_of(app, ctx, &cat, stored);
+        let mut item = format!("{{\"uuid\":{},\"config\":", Value::String(stored.uuid.clone())).into_bytes();
+        item.extend_from_slice(&config);
+        item.extend(format!(",\"runtime\":{runtime}}}").into_bytes());
+        item
+    });
+    Ok(page_body(&page, results))
 }
 
 /// The uuid of a singleton (there is exactly one, created at first start).

@@ -338,6 +338,13 @@ fn user_json(app: &App, base: &str, principal: &Principal) -> Value {
         "local": true,
         "uuid": principal.user_uuid,
         "ui_property": "",
+        // Fulcrum's: what the user may do in their default tenant, so a client offers only
+        // the actions the API would accept.
+        "privileges": principal
+            .privileges(&principal.default_tenant)
+            .into_iter()
+            .map(|(resource, level)| json!({"resource": resource, "type": level.as_str()}))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -680,3 +680,85 @@ fn the_openapi_document_lists_every_endpoint_the_server_answers() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+#[test]
+fn the_web_ui_is_served_at_the_root_with_a_policy_against_inline_scripts() {
+    let (_d, c) = setup();
+    let anonymous = c.anonymous();
+    let page = anonymous.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(page.body.contains("/ui/js/main.js"), "{}", page.body);
+    let csp = page.header("content-security-policy").unwrap().to_string();
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+    let module = anonymous.get("/ui/js/main.js");
+    assert_eq!(module.status, 200);
+    assert!(module.header("content-type").unwrap().starts_with("text/javascript"));
+    assert_eq!(module.header("content-security-policy").unwrap(), csp);
+    // Only the built-in files: no path walks out of them.
+    for missing in ["/ui/nope.js", "/ui/../Cargo.toml", "/ui/js/../../src/ui.rs", "/ui/"] {
+        let r = anonymous.get(missing);
+        assert_eq!(r.status, 404, "{missing}");
+        assert!(r.json()["error"].is_string(), "{missing}: {}", r.body);
+    }
+}
+
+#[test]
+fn the_user_account_lists_what_the_user_may_do() {
+    let (_d, c) = setup();
+    let admin = c.admin();
+    let mine = admin.object("/api/useraccount");
+    assert_eq!(mine["privileges"], json!([{"resource": "*", "type": "WRITE_ACCESS"}]));
+    create(
+        &admin,
+        "user",
+        json!({"name": "rita", "password": "rita-password-1",
+        "access": [{"role_ref": "/api/role?name=System-ReadOnly", "all_tenants": true}]}),
+    );
+    let rita = Api::new(&c.url).basic("rita", "rita-password-1").object("/api/useraccount");
+    assert_eq!(rita["privileges"], json!([{"resource": "*", "type": "READ_ACCESS"}]));
+    assert_eq!(rita["is_superuser"], false);
+}
+
+#[test]
+fn the_virtual_service_inventory_pages_configuration_with_runtime() {
+    let (_d, c) = setup();
+    let api = c.admin();
+    for name in ["vs-a", "vs-b", "vs-c"] {
+        create(&api, "virtualservice", json!({"name": name, "services": [{"port": 80}]}));
+    }
+    let page = api.object("/api/virtualservice-inventory?page_size=2&sort=name&include_name");
+    assert_eq!(page["count"], 3);
+    let results = page["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["config"]["name"], "vs-a");
+    assert_eq!(results[0]["uuid"], results[0]["config"]["uuid"]);
+    assert!(results[0]["config"]["tenant_ref"].as_str().unwrap().ends_with("#admin"));
+    // No SE has joined: the runtime says why it is not up, as /runtime does.
+    let uuid = results[0]["uuid"].as_str().unwrap();
+    // (Its state's time is when it was asked: a runtime state is worked out, not stored.)
+    assert_eq!(
+        without_times(results[0]["runtime"].clone()),
+        without_times(api.object(&format!("/api/virtualservice/{uuid}/runtime")))
+    );
+    assert_eq!(results[0]["runtime"]["oper_status"]["state"], "OPER_RESOURCES");
+    assert!(page["next"].as_str().unwrap().contains("/api/virtualservice-inventory?"), "{page}");
+    let filtered = api.object("/api/virtualservice-inventory?name=vs-c");
+    assert_eq!(filtered["count"], 1);
+    assert_eq!(filtered["results"][0]["config"]["name"], "vs-c");
+    assert_eq!(api.post("/api/virtualservice-inventory", &json!({})).status, 405);
+}
+
+fn without_times(mut v: Value) -> Value {
+    match &mut v {
+        Value::Object(map) => {
+            map.remove("last_changed_time");
+            for value in map.values_mut() {
+                *value = without_times(value.take());
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| *i = without_times(i.take())),
+        _ => {}
+    }
+    v
+}

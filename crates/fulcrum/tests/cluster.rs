@@ -91,6 +91,12 @@ fn every_node_serves_writes_and_consistent_reads_and_uploads_go_to_the_leader() 
     assert_eq!(followers.len(), 2, "two of the three nodes passed writes on: {followers:?}");
     for api in &apis {
         assert_eq!(pool_names(api).len(), 31);
+        // Every node serves the web UI, whose requests then go to that node's API.
+        let page = api.get("/");
+        assert_eq!(page.status, 200);
+        assert!(page.body.contains("/ui/js/main.js"));
+        // So does the account (and what it may do) the UI asks about first.
+        assert_eq!(api.get("/api/useraccount").json()["privileges"][0]["resource"], "*");
     }
     // An image upload on a follower is refused, naming the leader.
     let follower = &apis[followers[0]];

@@ -33,7 +33,7 @@ use crate::version::rfc3339;
 pub const SE_KIND: &str = "serviceengine";
 pub const TOKEN_KIND: &str = "sejointoken";
 pub const LICENSE_KIND: &str = "controllerlicense";
-const VS_KIND: &str = "virtualservice";
+pub const VS_KIND: &str = "virtualservice";
 const GROUP_KIND: &str = "serviceenginegroup";
 /// Install events kept per SE (the oldest go first).
 const MAX_EVENTS: usize = 50;
@@ -583,6 +583,12 @@ pub fn vs_runtime(app: &App, ctx: &RequestContext, uuid: &str) -> Result<Respons
     require(ctx, t, Level::Read)?;
     let cat = app.store.read();
     let vs = find_visible(&cat, ctx, t, uuid)?;
+    Ok(json_response(StatusCode::OK, &runtime_of(app, ctx, &cat, vs)))
+}
+
+/// A virtual service's runtime: its state and the service engines it is placed on.
+pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored) -> Value {
+    let uuid = vs.uuid.as_str();
     let group = cat.get_path(vs.value.get("se_group_ref").and_then(Value::as_str).unwrap_or_default());
     let requested = group.and_then(|g| g.value.get("min_scaleout_per_vs")).and_then(Value::as_u64).unwrap_or(1);
     let placed = app.engines.placed_on(uuid);
@@ -611,24 +617,21 @@ pub fn vs_runtime(app: &App, ctx: &RequestContext, uuid: &str) -> Result<Respons
         _ => ("OPER_UP", ""),
     };
     let status = oper_status(state, reason);
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "uuid": uuid,
-            "name": vs.meta.name,
+    json!({
+        "uuid": uuid,
+        "name": vs.meta.name,
+        "oper_status": status,
+        "num_se_requested": requested,
+        "num_se_assigned": placed.len(),
+        "percent_ses_up": if placed.is_empty() { 0 } else { 100 * serving / placed.len() },
+        "vip_summary": [{
+            "vip_id": "0",
             "oper_status": status,
             "num_se_requested": requested,
             "num_se_assigned": placed.len(),
-            "percent_ses_up": if placed.is_empty() { 0 } else { 100 * serving / placed.len() },
-            "vip_summary": [{
-                "vip_id": "0",
-                "oper_status": status,
-                "num_se_requested": requested,
-                "num_se_assigned": placed.len(),
-                "service_engine": engines,
-            }],
-        }),
-    ))
+            "service_engine": engines,
+        }],
+    })
 }
 
 /// The background loop: liveness, licenses and placement, every half second and whenever
