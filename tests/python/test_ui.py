@@ -539,7 +539,21 @@ def test_an_se_group_upgrade_started_in_the_ui_runs_to_completion(tab, system):
     versions = {se["version"] for se in api.ok("GET", "/api/serviceengine", params={
         "refers_to": "serviceenginegroup:" + group["uuid"], "fields": "version"})["results"]}
     assert versions == {"30.2.2"}, versions
-    # The image the SEs now run cannot be deleted; the UI shows the API's reason.
+    # Rolling the group back from its status: the form is filled and its checks previewed.
+    status.get_by_role("button", name="Roll back…").click()
+    expect(page.get_by_label("Operation", exact=True)).to_have_value("rollback")
+    expect(page.get_by_role("region", name="Preview").locator("tbody tr")).to_have_count(22)
+    page.get_by_label("Skip warnings").check()
+    page.get_by_role("button", name="Start", exact=True).click()
+    expect(page.locator("main .outcome")).to_contain_text(re.compile(r"Rollback of \S+ started"))
+    expect(status).to_contain_text("ROLLBACK", timeout=30_000)
+    expect(status).to_contain_text("UPGRADE_FSM_COMPLETED", timeout=300_000)
+    expect(status).to_contain_text("Version30.2.1-9001", use_inner_text=False)
+    versions = {se["version"] for se in api.ok("GET", "/api/serviceengine", params={
+        "refers_to": "serviceenginegroup:" + group["uuid"], "fields": "version"})["results"]}
+    assert versions == {"30.2.1"}, versions
+    # The image the controller runs (and the SEs keep for a rollback) cannot be deleted; the UI
+    # shows the API's reason.
     tab.go("images")
     page.get_by_role("row").filter(has_text=tag).get_by_role("button", name="Delete").click()
     expect(page.get_by_role("alert")).to_contain_text("was not deleted")
