@@ -196,6 +196,23 @@ def test_login_logout_and_the_end_of_a_session(tab):
     expect(page.get_by_text(re.compile("Your session has ended"))).to_be_visible()
 
 
+def test_the_controllers_idle_timeout_logs_an_idle_page_out(browser, system):
+    controller, api = system
+    minutes = api.ok("GET", "/api/controllerproperties")["api_idle_timeout"]
+    t = Tab(browser, controller.url)
+    try:
+        # The page's own refreshes keep the session in use, so the UI keeps the idle time itself:
+        # jump the page's clock past the timeout with no key pressed and nothing clicked.
+        t.page.clock.install()
+        t.login()
+        t.page.clock.fast_forward("%02d:10" % (minutes + 1))
+        expect(t.page.get_by_role("heading", name="Log in to Fulcrum")).to_be_visible()
+        expect(t.page.get_by_text("Your session expired after %d minutes without activity." % minutes)).to_be_visible()
+        assert t.context.request.get(controller.url + "/api/pool").status == 401, "the session ended on the controller too"
+    finally:
+        t.close()
+
+
 def test_the_keyboard_alone_logs_in_and_moves_between_pages(tab):
     page = tab.page
     tab.go()

@@ -91,8 +91,10 @@ async function route() {
 // form straight away instead of asking the API, and being refused, first.
 const LOGGED_IN = 'fulcrum-logged-in';
 
-function enter(account) {
+function enter(account, idle) {
   setOpen(true);
+  lastActivity = Date.now();
+  learnIdleTimeout(idle);
   localStorage.setItem(LOGGED_IN, '1');
   user = account;
   document.getElementById('username').textContent = account.username;
@@ -113,15 +115,39 @@ onSessionEnd((message) => {
   if (user) leave(`Your session has ended (${message}). Log in again.`);
 });
 
-document.getElementById('logout').addEventListener('click', async () => {
+async function logOut(message) {
   // Nothing may ask the API with the session while it ends.
   setOpen(false);
   if (stopView) { stopView(); stopView = null; }
   user = null;
   await settle();
   try { await post('/logout', undefined, { quiet: true }); } catch { /* the session is gone either way */ }
-  leave('You are logged out.');
-});
+  leave(message);
+}
+
+document.getElementById('logout').addEventListener('click', () => logOut('You are logged out.'));
+
+// The page's own refreshes count as uses of the session, so the controller's idle expiry
+// (controllerproperties.api_idle_timeout minutes) is kept here: without a key or a click for
+// that long, the UI logs out.
+let idleMinutes = 15;
+let lastActivity = Date.now();
+for (const kind of ['pointerdown', 'keydown']) {
+  document.addEventListener(kind, () => { lastActivity = Date.now(); }, { passive: true });
+}
+setInterval(() => {
+  if (user && idleMinutes > 0 && Date.now() - lastActivity > idleMinutes * 60_000) {
+    logOut(`Your session expired after ${idleMinutes} minutes without activity. Log in again.`);
+  }
+}, 5000);
+
+async function learnIdleTimeout(known) {
+  if (typeof known === 'number') { idleMinutes = known; return; }
+  try {
+    const properties = await get('/api/controllerproperties?fields=api_idle_timeout', { quiet: true });
+    if (typeof properties.api_idle_timeout === 'number') idleMinutes = properties.api_idle_timeout;
+  } catch { /* a user who may not read it keeps the default */ }
+}
 
 window.addEventListener('hashchange', () => {
   route().then(() => main.querySelector('h1')?.focus());

@@ -16,7 +16,7 @@ export function showLogin(main, message, onLoggedIn) {
       fill(problem);
       try {
         const answer = await post('/login', { username: username.value, password: password.value }, { quiet: true });
-        onLoggedIn(answer.user);
+        onLoggedIn(answer.user, answer.controller?.api_idle_timeout);
       } catch (e) {
         fill(problem, alertBox('error', e.message));
         password.select();
