@@ -122,13 +122,15 @@ impl Principal {
         }
     }
 
+    /// The privileges of the grants that apply in `tenant` (its own and the all-tenant ones).
+    fn privileges_in<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a (String, Level)> {
+        self.grants.iter().filter(move |g| g.tenant.as_deref().is_none_or(|t| t == tenant)).flat_map(|g| &g.privileges)
+    }
+
     /// Access to objects of API type `kind` in tenant `tenant`.
     pub fn level(&self, tenant: &str, kind: &str) -> Level {
         let resource = format!("PERMISSION_{}", kind.to_uppercase());
-        self.grants
-            .iter()
-            .filter(|g| g.tenant.as_deref().is_none_or(|t| t == tenant))
-            .flat_map(|g| g.privileges.iter())
+        self.privileges_in(tenant)
             .filter(|(r, _)| r == "*" || *r == resource)
             .map(|(_, level)| *level)
             .max()
@@ -137,21 +139,14 @@ impl Principal {
 
     /// Whether the user has any access in a tenant.
     pub fn can_enter(&self, tenant: &str) -> bool {
-        self.grants.iter().any(|g| {
-            g.tenant.as_deref().is_none_or(|t| t == tenant) && g.privileges.iter().any(|(_, l)| *l > Level::None)
-        })
+        self.privileges_in(tenant).any(|(_, l)| *l > Level::None)
     }
 
     /// What the user may do in `tenant`, one entry per resource (`*` or `PERMISSION_<TYPE>`)
     /// at its highest level: what a client (the web UI) needs to know which actions to offer.
     pub fn privileges(&self, tenant: &str) -> Vec<(String, Level)> {
         let mut merged: std::collections::BTreeMap<&str, Level> = std::collections::BTreeMap::new();
-        for (resource, level) in self
-            .grants
-            .iter()
-            .filter(|g| g.tenant.as_deref().is_none_or(|t| t == tenant))
-            .flat_map(|g| g.privileges.iter())
-        {
+        for (resource, level) in self.privileges_in(tenant) {
             let entry = merged.entry(resource).or_insert(*level);
             *entry = (*entry).max(*level);
         }

@@ -343,7 +343,7 @@ fn page_body(page: &Page<'_>, results: impl Iterator<Item = Vec<u8>>) -> Respons
     }
     body.push(b']');
     if let Some(next) = &page.next {
-        body.extend(format!(",\"next\":{}", Value::String(next.clone())).into_bytes());
+        body.extend(format!(",\"next\":{}", Value::from(next.as_str())).into_bytes());
     }
     body.push(b'}');
     bytes_response(StatusCode::OK, body)

@@ -100,6 +100,20 @@ export function bytes(n) {
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
+/**
+ * Asks `question`; once confirmed, runs `action` and shows `done` in `status`, or the refusal
+ * after `refused` (the API's own words).
+ */
+export async function confirmThen(question, action, status, done, refused) {
+  if (!window.confirm(question)) return;
+  try {
+    await action();
+    fill(status, alertBox('ok', done));
+  } catch (e) {
+    fill(status, alertBox('error', `${refused}: ${e.message}`));
+  }
+}
+
 /** A labelled form control. */
 export function field(label, control) {
   return h('label', {}, label, control);

@@ -2,7 +2,7 @@
 // controller node's copy, and delete (the API says why an image in use cannot go).
 
 import { del, getAll } from '../api.js';
-import { alertBox, badge, bytes, field, fill, fillWith, h, progressBar, table, when } from '../dom.js';
+import { alertBox, badge, bytes, confirmThen, field, fill, fillWith, h, progressBar, table, when } from '../dom.js';
 import { uploadPackage } from '../upload.js';
 
 function versionOf(image) {
@@ -32,13 +32,8 @@ export async function render({ main, can, every }) {
     ], images.results, 'No images yet. Upload a package built with `fulcrum pkg build`.'));
   };
   const remove = async (image) => {
-    if (!window.confirm(`Delete image ${image.name}?`)) return;
-    try {
-      await del(`/api/image/${encodeURIComponent(image.uuid)}`);
-      fill(status, alertBox('ok', `Image ${image.name} deleted.`));
-    } catch (e) {
-      fill(status, alertBox('error', `Image ${image.name} was not deleted: ${e.message}`));
-    }
+    await confirmThen(`Delete image ${image.name}?`, () => del(`/api/image/${encodeURIComponent(image.uuid)}`), status,
+      `Image ${image.name} deleted.`, `Image ${image.name} was not deleted`);
     load();
   };
   main.append(h('h1', {}, 'Images'));

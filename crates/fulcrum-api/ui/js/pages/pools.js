@@ -2,7 +2,7 @@
 // removed, enabled and disabled through PATCH add / delete / replace.
 
 import { del, get, patch, post, withQuery } from '../api.js';
-import { alertBox, badge, field, fill, fillWith, h, pager, table, when } from '../dom.js';
+import { alertBox, badge, confirmThen, field, fill, fillWith, h, pager, table, when } from '../dom.js';
 
 const PAGE_SIZE = 25;
 const SERVERS_PER_PAGE = 50;
@@ -38,13 +38,8 @@ async function renderList({ main, can, every }) {
       data.count > PAGE_SIZE ? pager(page, PAGE_SIZE, data.count, (p) => { page = p; load(); }) : null]);
   };
   const remove = async (pool) => {
-    if (!window.confirm(`Delete pool ${pool.name}?`)) return;
-    try {
-      await del(`/api/pool/${encodeURIComponent(pool.uuid)}`);
-      fill(status, alertBox('ok', `Pool ${pool.name} deleted.`));
-    } catch (e) {
-      fill(status, alertBox('error', `Pool ${pool.name} was not deleted: ${e.message}`));
-    }
+    await confirmThen(`Delete pool ${pool.name}?`, () => del(`/api/pool/${encodeURIComponent(pool.uuid)}`), status,
+      `Pool ${pool.name} deleted.`, `Pool ${pool.name} was not deleted`);
     load();
   };
   main.append(h('h1', {}, 'Pools'));
