@@ -12,6 +12,8 @@ pub const POLL_PATH: &str = "/api/se-agent/poll";
 pub const EVENT_PATH: &str = "/api/se-agent/event";
 /// `GET {IMAGE_PATH}/<image uuid>`: the package bytes, with `Range` support.
 pub const IMAGE_PATH: &str = "/api/se-agent/image";
+/// `POST`: what the SE's data plane sees (server health, traffic counters), sent when it changes.
+pub const RUNTIME_PATH: &str = "/api/se-agent/runtime";
 /// How an agent presents its credential: `Authorization: Bearer <credential>`.
 pub const BEARER: &str = "Bearer ";
 
@@ -92,16 +94,216 @@ pub struct PollResponse {
     pub controllers: Vec<ControllerAddress>,
 }
 
-/// The virtual services an SE is to serve.
+/// The virtual services an SE is to serve, each with what its data plane needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     pub virtualservices: Vec<HostedVs>,
+}
+
+impl Placement {
+    /// A short fingerprint of the whole placement, the same on both sides (the serialisation is
+    /// deterministic: fields in declaration order, lists in the controller's order).
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        Sha256::digest(&bytes)[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostedVs {
     pub uuid: String,
     pub name: String,
+    /// How its traffic is served; absent when the virtual service has nothing to listen on
+    /// (no VIP or no service port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
+}
+
+/// One virtual service's data plane: where it listens, how it proxies, to which pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub application: Application,
+    pub listeners: Vec<Listener>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Pool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Application {
+    /// HTTP/1.1 reverse proxy: keep-alive on both sides, `X-Forwarded-For` added.
+    Http,
+    /// Layer 4: bytes copied both ways.
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Listener {
+    pub ip: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub uuid: String,
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub servers: Vec<Server>,
+    #[serde(default)]
+    pub monitors: Vec<Monitor>,
+    /// How long a removed or disabled server's open requests and connections may run on.
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    RoundRobin,
+    LeastConnections,
+    /// On the client's address.
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    pub ip: String,
+    pub port: u16,
+    pub ratio: u32,
+    pub enabled: bool,
+}
+
+impl Server {
+    /// `ip:port`, how a server is named in runtime reports and metrics.
+    pub fn key(&self) -> String {
+        server_key(&self.ip, self.port)
+    }
+}
+
+pub fn server_key(ip: &str, port: u16) -> String {
+    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Monitor {
+    pub name: String,
+    pub check: Check,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive good checks that bring a down server up.
+    pub successful_checks: u32,
+    /// Consecutive failed checks that take an up server down.
+    pub failed_checks: u32,
+    /// Checks go to this port instead of the server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Check {
+    /// A connection is opened and closed.
+    Tcp,
+    /// `request` (`GET /health HTTP/1.0`) is sent; the status must fall in `codes`
+    /// (`HTTP_2XX`, ... or `HTTP_ANY`).
+    Http { request: String, codes: Vec<String> },
+}
+
+/// What an SE's data plane reports: the health of each server it balances to and its
+/// traffic counters (totals since the data plane started).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeReport {
+    pub pools: Vec<PoolRuntime>,
+    pub virtualservices: Vec<VsRuntime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolRuntime {
+    pub uuid: String,
+    pub servers: Vec<ServerRuntime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ServerState {
+    Up,
+    Down,
+    Disabled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerRuntime {
+    pub ip: String,
+    pub port: u16,
+    pub state: ServerState,
+    /// Why it is down: the last failed check.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub traffic: Traffic,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VsRuntime {
+    pub uuid: String,
+    /// The VIP addresses bound (`127.0.0.5:8080`); a listener that could not be bound is in
+    /// `errors` instead.
+    pub listening: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    pub traffic: Traffic,
+}
+
+/// Traffic counters. `latency_buckets` counts requests (HTTP) or connections (TCP) by how long
+/// they took, against [`LATENCY_BOUNDS_MS`] (the last bucket is everything slower).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub requests: u64,
+    pub connections: u64,
+    pub open_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub errors: u64,
+    pub latency_buckets: Vec<u64>,
+}
+
+/// Upper bounds of the latency buckets, in milliseconds.
+pub const LATENCY_BOUNDS_MS: &[f64] =
+    &[0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+
+impl Traffic {
+    /// The latency under which `q` (0..1) of the counted requests fell, in ms (the bucket's
+    /// upper bound; `None` with nothing counted).
+    pub fn latency_quantile_ms(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.latency_buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let target = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency_buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return Some(LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        None
+    }
+
+    /// Adds another SE's counters for the same object.
+    pub fn add(&mut self, other: &Traffic) {
+        self.requests += other.requests;
+        self.connections += other.connections;
+        self.open_connections += other.open_connections;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.errors += other.errors;
+        if self.latency_buckets.len() < other.latency_buckets.len() {
+            self.latency_buckets.resize(other.latency_buckets.len(), 0);
+        }
+        for (a, b) in self.latency_buckets.iter_mut().zip(&other.latency_buckets) {
+            *a += b;
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,5 +476,41 @@ mod tests {
         }
         assert!(Step::Done.is_final() && !Step::Restarting.is_final());
         assert_eq!(version_label("30.2.1", 9001, Some("2p1")), "30.2.1-9001-2p1");
+    }
+
+    #[test]
+    fn placement_digests_follow_every_field() {
+        let vs = |port: u16| HostedVs {
+            uuid: "vs-1".into(),
+            name: "web".into(),
+            service: Some(Service {
+                application: Application::Http,
+                listeners: vec![Listener { ip: "127.0.0.5".into(), port }],
+                pool: None,
+            }),
+        };
+        let a = Placement { virtualservices: vec![vs(80)] };
+        assert_eq!(a.digest(), a.clone().digest());
+        assert_eq!(a.digest().len(), 24);
+        assert_ne!(a.digest(), Placement { virtualservices: vec![vs(81)] }.digest());
+        assert_ne!(a.digest(), Placement::default().digest());
+        // An old controller's placement (no service) still parses.
+        let old: HostedVs = serde_json::from_str(r#"{"uuid":"vs-1","name":"web"}"#).unwrap();
+        assert_eq!(old.service, None);
+    }
+
+    #[test]
+    fn latency_quantiles_come_from_the_buckets() {
+        let mut t = Traffic { latency_buckets: vec![0; LATENCY_BOUNDS_MS.len() + 1], ..Traffic::default() };
+        assert_eq!(t.latency_quantile_ms(0.5), None);
+        t.latency_buckets[1] = 98; // <= 1 ms
+        t.latency_buckets[6] = 2; // <= 50 ms
+        assert_eq!(t.latency_quantile_ms(0.5), Some(1.0));
+        assert_eq!(t.latency_quantile_ms(0.99), Some(50.0));
+        let mut sum = Traffic::default();
+        sum.add(&t);
+        sum.add(&t);
+        assert_eq!(sum.latency_buckets[1], 196);
+        assert_eq!(server_key("::1", 80), "[::1]:80");
     }
 }

@@ -206,6 +206,8 @@ fn pending(app: &App, se_uuid: &str, request: &PollRequest) -> Result<Option<Pol
             .map(|vs| HostedVs {
                 uuid: vs.clone(),
                 name: cat.get(VS_KIND, vs).and_then(|v| v.meta.name.clone()).unwrap_or_default(),
+                // The controller does not describe the data plane yet (issue 19, in progress).
+                service: None,
             })
             .collect();
         answer.placement = Some(Placement { virtualservices });
