@@ -279,7 +279,7 @@ impl DataPlane {
                     Ok(listener) => match listener.into_std() {
                         Ok(std) => {
                             let fd = std.into_raw_fd();
-                            keep_across_exec(fd);
+                            close_on_exec(fd, false);
                             handed.push(format!("{addr}={fd}"));
                         }
                         Err(e) => tracing::warn!(%addr, error = %e, "cannot hand the socket over"),
@@ -443,12 +443,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-fn keep_across_exec(fd: RawFd) {
+/// Sets or clears close-on-exec: a socket handed to the next process must survive `exec`;
+/// one taken over must not be passed on by accident.
+fn close_on_exec(fd: RawFd, close: bool) {
     // SAFETY: fcntl on a descriptor this process owns; only the close-on-exec flag changes.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFD);
         if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            let flags = if close { flags | libc::FD_CLOEXEC } else { flags & !libc::FD_CLOEXEC };
+            libc::fcntl(fd, libc::F_SETFD, flags);
         }
     }
 }
@@ -470,12 +473,7 @@ fn inherited_listeners() -> HashMap<SocketAddr, std::net::TcpListener> {
             tracing::warn!(%addr, fd, "not the socket it was said to be; closed");
             continue;
         }
-        // Close-on-exec again, so it is not passed on by accident.
-        // SAFETY: as in keep_across_exec.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        }
+        close_on_exec(fd, true);
         out.insert(addr, listener);
     }
     out

@@ -116,10 +116,7 @@ impl Metrics {
     }
 }
 
-/// A label value with `\`, `"` and newlines escaped.
-pub fn label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
+pub use fulcrum_metrics::escape as label;
 
 #[cfg(test)]
 mod tests {

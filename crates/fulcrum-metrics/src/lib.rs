@@ -153,7 +153,8 @@ impl Gauge {
     }
 }
 
-fn escape(value: &str) -> String {
+/// A label value with `\`, `"` and newlines escaped.
+pub fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
