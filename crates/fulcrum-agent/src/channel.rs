@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fulcrum_se_protocol::{
     BEARER, ControllerAddress, EVENT_PATH, Event, IMAGE_PATH, JOIN_PATH, JoinRequest, JoinResponse, POLL_PATH,
-    PollRequest, PollResponse,
+    PollRequest, PollResponse, RUNTIME_PATH, RuntimeReport,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -174,6 +174,11 @@ impl Channel {
 
     pub fn report(&self, credential: &str, event: &Event) -> Result<(), AgentError> {
         self.post::<_, serde_json::Value>(EVENT_PATH, Some(credential), event, REQUEST_TIMEOUT).map(drop)
+    }
+
+    /// Sends what the data plane sees (server health, counters).
+    pub fn runtime(&self, credential: &str, report: &RuntimeReport) -> Result<(), AgentError> {
+        self.post::<_, serde_json::Value>(RUNTIME_PATH, Some(credential), report, REQUEST_TIMEOUT).map(drop)
     }
 
     /// Downloads an image into `part`, continuing from what `part` already holds; calls

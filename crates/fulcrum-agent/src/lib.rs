@@ -23,8 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fulcrum_dataplane::DataPlane;
 use fulcrum_package::{PublicKey, TrustedKeys};
-use fulcrum_se_protocol::{Command, Event, Facts, JoinRequest, Op, PollRequest, Step};
+use fulcrum_se_protocol::{Command, Event, Facts, JoinRequest, Op, Placement, PollRequest, Step};
 use serde::{Deserialize, Serialize};
 
 use crate::channel::Channel;
@@ -68,6 +69,8 @@ pub struct Options {
     pub insecure: bool,
     /// Cores to report (default: the machine's).
     pub cores: Option<u32>,
+    /// Where the data plane serves its Prometheus metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The version of a fresh SE (the version this binary was built as).
     pub base_version: String,
     pub base_build: u64,
@@ -183,16 +186,27 @@ fn trust(options: &Options) -> Result<fulcrum_shell::client::Trust, AgentError> 
 
 /// What ends one run of an SE.
 enum Exit {
-    /// Start again (into the slot that is now active).
-    Restart,
+    /// Start again (into the slot that is now active); `hand_off`: the listening sockets go to
+    /// the new process, so that no connection is refused (a disruptive upgrade closes them).
+    Restart { hand_off: bool },
 }
+
+/// How long a restart waits for open client connections to finish before it goes on.
+const RESTART_DRAIN: Duration = Duration::from_secs(10);
+/// A runtime report goes out at least this often (and whenever health or configuration change).
+const RUNTIME_REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// One SE: its data dir and its connection.
 pub struct Se {
     options: Options,
     name: String,
-    channel: Channel,
+    channel: Arc<Channel>,
     simulated: bool,
+    /// The virtual services' traffic (none for a simulated SE).
+    dataplane: Option<Arc<DataPlane>>,
+    /// What the data plane serves, as its last `apply` said.
+    serving: std::sync::Mutex<Option<Vec<String>>>,
+    reporting: std::sync::Once,
 }
 
 impl Se {
@@ -203,7 +217,7 @@ impl Se {
         if urls.is_empty() {
             return Err(AgentError::Setup("no controller address given (--controller URL[,URL...])".into()));
         }
-        let channel = Channel::new(&urls, tls, options.ca_file.is_none());
+        let channel = Arc::new(Channel::new(&urls, tls, options.ca_file.is_none()));
         let name = options.name.clone().unwrap_or_else(|| {
             fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "se".into())
         });
@@ -211,7 +225,64 @@ impl Se {
         // Hooks run with their slot as working directory: a relative data dir would not name
         // them from there.
         options.data_dir = std::path::absolute(&options.data_dir)?;
-        Ok(Se { options, name, channel, simulated })
+        Ok(Se {
+            options,
+            name,
+            channel,
+            simulated,
+            dataplane: None,
+            serving: std::sync::Mutex::new(None),
+            reporting: std::sync::Once::new(),
+        })
+    }
+
+    /// Starts the data plane (taking over the listening sockets a previous process handed on).
+    fn start_dataplane(&mut self) -> Result<(), AgentError> {
+        fulcrum_dataplane::prepare_host();
+        let dataplane = Arc::new(DataPlane::start().map_err(|e| AgentError::Setup(e.to_string()))?);
+        if let Some(addr) = self.options.metrics_listen {
+            let bound =
+                dataplane.serve_metrics(addr).map_err(|e| AgentError::Setup(format!("--metrics-listen {e}")))?;
+            tracing::info!(%bound, "data plane metrics");
+        }
+        self.dataplane = Some(dataplane);
+        Ok(())
+    }
+
+    /// Makes the data plane serve what the state holds.
+    fn apply(&self, state: &State) {
+        if let Some(dataplane) = &self.dataplane {
+            let serving = dataplane.apply(&state.hosted);
+            *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = Some(serving);
+        }
+    }
+
+    /// Sends the data plane's runtime (server health, counters) whenever health or the
+    /// configuration changed, and every few seconds, on a thread of its own.
+    fn start_reporting(&self, credential: &str) {
+        let Some(dataplane) = self.dataplane.clone() else { return };
+        self.reporting.call_once(|| {
+            let (channel, credential, name) = (self.channel.clone(), credential.to_string(), self.name.clone());
+            let spawned = std::thread::Builder::new().name("runtime-report".into()).spawn(move || {
+                let mut last_sent: Option<(fulcrum_se_protocol::RuntimeReport, std::time::Instant)> = None;
+                loop {
+                    let report = dataplane.report();
+                    let due = last_sent.as_ref().is_none_or(|(sent, at)| {
+                        at.elapsed() >= RUNTIME_REPORT_EVERY || health_of(sent) != health_of(&report)
+                    });
+                    if due {
+                        match channel.runtime(&credential, &report) {
+                            Ok(()) => last_sent = Some((report, std::time::Instant::now())),
+                            Err(e) => tracing::debug!(se = %name, error = %e, "runtime report not delivered"),
+                        }
+                    }
+                    dataplane.wait_changed(Duration::from_secs(1));
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the runtime reporter");
+            }
+        });
     }
 
     fn dir(&self) -> &Path {
@@ -293,6 +364,8 @@ impl Se {
             cores,
             memory_mb: memory_mb(),
             hosted_vs: state.hosted.iter().map(|h| h.uuid.clone()).collect(),
+            placement_digest: Placement { virtualservices: state.hosted.clone() }.digest(),
+            serving_vs: self.serving.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 
@@ -345,6 +418,10 @@ impl Se {
             Boot::Abandon(reason) => return self.switch_back(&mut state, &identity, reason),
             Boot::Trial | Boot::Normal => self.save(&state)?,
         }
+        // Traffic first: what was served before the restart is served again before the
+        // controller is even reached.
+        self.apply(&state);
+        self.start_reporting(&identity.credential);
         let mut interval = Duration::from_secs(10);
         let mut backoff = Duration::from_millis(200);
         // A command cut short by a restart is taken up again (the download resumes).
@@ -411,6 +488,7 @@ impl Se {
                 tracing::info!(se = %self.name, virtual_services = placement.virtualservices.len(), "placement");
                 state.hosted = placement.virtualservices;
                 self.save(&state)?;
+                self.apply(&state);
             }
             if let Some(command) = answer.command
                 && command.id > state.last_command
@@ -455,9 +533,9 @@ impl Se {
                 state.begin_trial(id, &previous, deadline(120), false);
                 self.save(state)?;
                 self.report(state, identity, id, Step::Restarting, 0, String::new());
-                Ok(Some(Exit::Restart))
+                Ok(Some(Exit::Restart { hand_off: true }))
             }
-            Op::Install { image_uuid, image_name, sha256, size, health_timeout_secs } => {
+            Op::Install { image_uuid, image_name, sha256, size, health_timeout_secs, disruptive } => {
                 let downloads = self.dir().join("downloads");
                 fs::create_dir_all(&downloads)?;
                 let part = downloads.join(format!("{image_uuid}.pkg"));
@@ -531,7 +609,7 @@ impl Se {
                     }
                 }
                 self.report(state, identity, id, Step::Restarting, 0, format!("into slot {to}"));
-                Ok(Some(Exit::Restart))
+                Ok(Some(Exit::Restart { hand_off: !disruptive }))
             }
         }
     }
@@ -543,7 +621,7 @@ impl Se {
         self.save(state)?;
         let back = SlotInfo::read(&slot_dir(self.dir(), &state.active)).map(|i| i.label()).unwrap_or_default();
         self.report(state, identity, command, Step::RolledBack, 0, format!("{reason}; back on {back}"));
-        Ok(Exit::Restart)
+        Ok(Exit::Restart { hand_off: true })
     }
 
     /// Runs until the controller cuts the SE off. A restart re-executes the process (a
@@ -551,24 +629,26 @@ impl Se {
     pub fn run(&self) -> Result<(), AgentError> {
         loop {
             match self.run_once()? {
-                Exit::Restart if self.simulated => continue,
-                Exit::Restart => return Err(self.reexec()),
+                Exit::Restart { .. } if self.simulated => continue,
+                Exit::Restart { hand_off } => return Err(self.reexec(hand_off)),
             }
         }
     }
 
     /// Replaces the process with the agent again, which then starts the active slot's
-    /// executable when the slot carries one.
-    fn reexec(&self) -> AgentError {
+    /// executable when the slot carries one. With `hand_off`, the listening sockets stay open
+    /// across `exec` and the new process serves on them; otherwise they close (connections
+    /// waiting on them are refused until the new process listens).
+    fn reexec(&self, hand_off: bool) -> AgentError {
         use std::os::unix::process::CommandExt;
         let launcher = launcher();
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        tracing::info!(launcher = %launcher.display(), "restarting");
-        let error = std::process::Command::new(&launcher)
-            .args(args)
-            .env(LAUNCHER_ENV, &launcher)
-            .env_remove(SLOT_STARTED_ENV)
-            .exec();
+        tracing::info!(launcher = %launcher.display(), hand_off, "restarting");
+        let mut command = std::process::Command::new(&launcher);
+        if let Some(dataplane) = self.dataplane.as_ref().filter(|_| hand_off) {
+            command.env(fulcrum_dataplane::LISTENERS_ENV, dataplane.hand_off(RESTART_DRAIN));
+        }
+        let error = command.args(args).env(LAUNCHER_ENV, &launcher).env_remove(SLOT_STARTED_ENV).exec();
         AgentError::Setup(format!("cannot restart {}: {error}", launcher.display()))
     }
 
@@ -598,10 +678,20 @@ fn launcher() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("fulcrum"))
 }
 
-/// `fulcrum se-agent`: one SE in this process.
+/// What of a runtime report is news at once: server states and where each virtual service
+/// listens (counters wait for the next periodic report).
+fn health_of(report: &fulcrum_se_protocol::RuntimeReport) -> Vec<String> {
+    let servers = report.pools.iter().flat_map(|p| p.servers.iter().map(move |s| (p, s)));
+    let mut out: Vec<String> = servers.map(|(p, s)| format!("{} {}:{} {:?}", p.uuid, s.ip, s.port, s.state)).collect();
+    out.extend(report.virtualservices.iter().map(|v| format!("{} {:?} {:?}", v.uuid, v.listening, v.errors)));
+    out
+}
+
+/// `fulcrum se-agent`: one SE in this process, carrying its virtual services' traffic.
 pub fn run(options: Options) -> Result<(), AgentError> {
-    let se = Se::new(options, false)?;
+    let mut se = Se::new(options, false)?;
     se.start_active_slot()?;
+    se.start_dataplane()?;
     se.run()
 }
 

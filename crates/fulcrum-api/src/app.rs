@@ -30,6 +30,8 @@ pub const MAX_BODY_BYTES: usize = 8 << 20;
 pub const MAX_LOGIN_BODY_BYTES: usize = 16 << 10;
 /// What an SE agent sends before it is known (a join, a poll, an event) is small.
 pub const MAX_AGENT_BODY_BYTES: usize = 1 << 20;
+/// A runtime report of an SE balancing to pools of 5,000 servers.
+const MAX_RUNTIME_BODY_BYTES: usize = 16 << 20;
 pub const SESSION_COOKIE: &str = "avi-sessionid";
 
 pub static HTTP_REQUESTS: Counter =
@@ -218,6 +220,7 @@ enum Route<'a> {
     SeAgentJoin,
     SeAgentPoll,
     SeAgentEvent,
+    SeAgentRuntime,
     SeAgentImage(&'a str),
     /// `/api/<type>/<uuid>/<action>`: `runtime` of a virtual service, `install` and `rollback` of an SE.
     ObjectAction(&'static TypeDef, &'a str, &'a str),
@@ -259,10 +262,13 @@ impl<'a> Route<'a> {
             ["se-agent", "join"] => Route::SeAgentJoin,
             ["se-agent", "poll"] => Route::SeAgentPoll,
             ["se-agent", "event"] => Route::SeAgentEvent,
+            ["se-agent", "runtime"] => Route::SeAgentRuntime,
             ["se-agent", "image", id] => Route::SeAgentImage(id),
             [kind @ ("virtualservice" | "serviceengine"), uuid, action @ ("runtime" | "install" | "rollback")] => {
                 Route::ObjectAction(reg.type_def(kind)?, uuid, action)
             }
+            ["pool", uuid, "runtime"] => Route::ObjectAction(reg.type_def("pool")?, uuid, "runtime"),
+            ["pool", uuid, "runtime", "server"] => Route::ObjectAction(reg.type_def("pool")?, uuid, "runtime/server"),
             [kind] => {
                 let t = reg.type_def(kind)?;
                 if t.singleton { Route::Singleton(t) } else { Route::Collection(t) }
@@ -306,6 +312,7 @@ impl<'a> Route<'a> {
             Route::SeAgentJoin => "/api/se-agent/join".into(),
             Route::SeAgentPoll => "/api/se-agent/poll".into(),
             Route::SeAgentEvent => "/api/se-agent/event".into(),
+            Route::SeAgentRuntime => "/api/se-agent/runtime".into(),
             Route::SeAgentImage(_) => "/api/se-agent/image/{uuid}".into(),
             Route::ObjectAction(t, _, action) => format!("/api/{}/{{uuid}}/{action}", t.path),
             Route::VsInventory => "/api/virtualservice-inventory".into(),
@@ -320,7 +327,14 @@ impl<'a> Route<'a> {
 
     /// Called by SE agents, with a join token or an SE credential instead of a user's.
     fn is_agent(&self) -> bool {
-        matches!(self, Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent | Route::SeAgentImage(_))
+        matches!(
+            self,
+            Route::SeAgentJoin
+                | Route::SeAgentPoll
+                | Route::SeAgentEvent
+                | Route::SeAgentRuntime
+                | Route::SeAgentImage(_)
+        )
     }
 }
 
@@ -584,7 +598,9 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         let leader_knows = preview
             || (safe
                 && match &route {
-                    Route::ObjectAction(t, _, "runtime") => t.path == "virtualservice",
+                    Route::ObjectAction(t, _, "runtime" | "runtime/server") => {
+                        matches!(t.path, "virtualservice" | "pool")
+                    }
                     Route::VsInventory => true,
                     Route::Collection(t) | Route::Object(t, _) => t.path == crate::engines::SE_KIND,
                     _ => false,
@@ -623,11 +639,17 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
             }
             return crate::engines::agent::image(app, &parts.headers, id).await;
         }
-        (r @ (Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent), &Method::POST) => {
-            let body = read_body_within(body, MAX_AGENT_BODY_BYTES).await?;
+        (
+            r @ (Route::SeAgentJoin | Route::SeAgentPoll | Route::SeAgentEvent | Route::SeAgentRuntime),
+            &Method::POST,
+        ) => {
+            // A runtime report lists every server of every pool the SE balances to.
+            let limit = if matches!(r, Route::SeAgentRuntime) { MAX_RUNTIME_BODY_BYTES } else { MAX_AGENT_BODY_BYTES };
+            let body = read_body_within(body, limit).await?;
             return match r {
                 Route::SeAgentJoin => crate::engines::agent::join(app, &body).await,
                 Route::SeAgentPoll => crate::engines::agent::poll(app, &parts.headers, &body).await,
+                Route::SeAgentRuntime => crate::engines::agent::runtime(app, &parts.headers, &body),
                 _ => crate::engines::agent::event(app, &parts.headers, &body).await,
             };
         }
@@ -712,6 +734,9 @@ async fn handle(app: &Arc<App>, mut parts: Parts, body: Body, route: Route<'_>) 
         (Route::VsInventory, Method::GET) => crate::objects::vs_inventory(app, &ctx),
         (Route::ObjectAction(t, uuid, "runtime"), Method::GET) if is(t, "virtualservice") => {
             crate::engines::vs_runtime(app, &ctx, uuid)
+        }
+        (Route::ObjectAction(t, uuid, which @ ("runtime" | "runtime/server")), Method::GET) if is(t, "pool") => {
+            crate::engines::pool_runtime(app, &ctx, uuid, which == "runtime/server")
         }
         (Route::ObjectAction(t, uuid, "install"), Method::POST) if is(t, crate::engines::SE_KIND) => {
             crate::engines::command(app, &ctx, uuid, "SE_INSTALL", &body).await

@@ -72,8 +72,15 @@ pub const ENDPOINTS: &[Endpoint] = &[
     open("/api/se-agent/join", &["POST"], "SE agents: join with a join token (Bearer)."),
     open("/api/se-agent/poll", &["POST"], "SE agents: heartbeat and long poll for commands (Bearer SE credential)."),
     open("/api/se-agent/event", &["POST"], "SE agents: report an install step."),
+    open("/api/se-agent/runtime", &["POST"], "SE agents: report server health and traffic counters."),
     open("/api/se-agent/image/{uuid}", &["GET"], "SE agents: download an image (Range)."),
-    ep("/api/virtualservice/{uuid}/runtime", &["GET"], "Where a virtual service runs."),
+    ep("/api/virtualservice/{uuid}/runtime", &["GET"], "Where a virtual service runs, and its traffic."),
+    ep("/api/pool/{uuid}/runtime", &["GET"], "A pool's health: servers up, and its traffic."),
+    ep(
+        "/api/pool/{uuid}/runtime/server",
+        &["GET"],
+        "Each server of a pool: its health as the SEs see it, and its traffic.",
+    ),
     ep("/api/serviceengine/{uuid}/install", &["POST"], "Install an image on an SE {image_ref}."),
     ep("/api/serviceengine/{uuid}/rollback", &["POST"], "Roll an SE back to its other slot."),
 ];

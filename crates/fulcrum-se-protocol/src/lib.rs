@@ -36,6 +36,14 @@ pub struct Facts {
     /// this differs from it, and after a controller restart adopts it).
     #[serde(default)]
     pub hosted_vs: Vec<String>,
+    /// [`Placement::digest`] of the placement the agent holds (the controller re-sends the
+    /// placement when a virtual service's configuration changed under the same list).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub placement_digest: String,
+    /// The virtual services whose data plane listens on every address asked for (absent from
+    /// an agent without a data plane: then `hosted_vs` is what it serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_vs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -317,7 +325,17 @@ pub struct Command {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Download the image, verify it, install its SE payload into the other slot, switch to it.
-    Install { image_uuid: String, image_name: String, sha256: String, size: u64, health_timeout_secs: u64 },
+    Install {
+        image_uuid: String,
+        image_name: String,
+        sha256: String,
+        size: u64,
+        health_timeout_secs: u64,
+        /// The upgrade accepts disruption: the SE closes its listeners for the restart instead
+        /// of handing them to the new process.
+        #[serde(default)]
+        disruptive: bool,
+    },
     /// Switch back to the other slot.
     Rollback,
 }
@@ -462,11 +480,15 @@ mod tests {
                 sha256: "ab".into(),
                 size: 10,
                 health_timeout_secs: 60,
+                disruptive: false,
             },
         };
-        let v = serde_json::to_value(&c).unwrap();
+        let mut v = serde_json::to_value(&c).unwrap();
         assert_eq!(v["op"], "install");
         assert_eq!(v["id"], 7);
+        assert_eq!(serde_json::from_value::<Command>(v.clone()).unwrap(), c);
+        // A controller that predates `disruptive` sends none: the restart hands its sockets on.
+        v.as_object_mut().unwrap().remove("disruptive");
         assert_eq!(serde_json::from_value::<Command>(v).unwrap(), c);
         let r: Command = serde_json::from_str(r#"{"id":8,"op":"rollback"}"#).unwrap();
         assert_eq!(r.op, Op::Rollback);

@@ -119,9 +119,13 @@ enum Command {
         /// Cores to report (default: this machine's; 1 per simulated SE).
         #[arg(long)]
         cores: Option<u32>,
-        /// Run this many SEs in one process, each with its own data dir under --data-dir.
+        /// Run this many SEs in one process, each with its own data dir under --data-dir (they
+        /// record what is placed on them but carry no traffic).
         #[arg(long)]
         simulate: Option<usize>,
+        /// Serve the data plane's Prometheus metrics (`GET /metrics`) on this address.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
         #[arg(long)]
         log_json: bool,
     },
@@ -229,7 +233,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::SeAgent { controller, join_token, data_dir, name, ca_cert, insecure, cores, simulate, log_json } => {
+        Command::SeAgent {
+            controller,
+            join_token,
+            data_dir,
+            name,
+            ca_cert,
+            insecure,
+            cores,
+            simulate,
+            metrics_listen,
+            log_json,
+        } => {
             init_logs(log_json);
             let options = fulcrum_agent::Options {
                 controller,
@@ -239,6 +254,7 @@ fn main() -> ExitCode {
                 ca_file: ca_cert,
                 insecure,
                 cores,
+                metrics_listen,
                 base_version: fulcrum_api::version::VERSION.into(),
                 base_build: fulcrum_api::version::BUILD,
             };

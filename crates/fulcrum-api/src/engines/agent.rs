@@ -9,7 +9,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use fulcrum_schema::{Registry, normalize, refs};
 use fulcrum_se_protocol::{
-    BEARER, Command, Event, Facts, HostedVs, JoinRequest, JoinResponse, Op, Placement, PollRequest, PollResponse, Step,
+    BEARER, Command, Event, Facts, HostedVs, JoinRequest, JoinResponse, Op, Placement, PollRequest, PollResponse,
+    RuntimeReport, Step,
 };
 use fulcrum_store::Stored;
 use serde::de::DeserializeOwned;
@@ -187,6 +188,7 @@ fn pending(app: &App, se_uuid: &str, request: &PollRequest) -> Result<Option<Pol
                         size: image.map_or(0, |i| crate::images::record::slice(&i.value, true).1),
                         image_uuid,
                         health_timeout_secs: app.engines.settings.health_timeout.as_secs(),
+                        disruptive: status.get("disruptive").and_then(Value::as_bool).unwrap_or(false),
                     }
                 }
             };
@@ -194,23 +196,28 @@ fn pending(app: &App, se_uuid: &str, request: &PollRequest) -> Result<Option<Pol
         }
     }
     // Until the controller has placed anything since its start, agents keep what they serve.
-    let assigned = app.engines.assignment(se_uuid).map(|mut a| {
-        a.sort();
-        a
-    });
-    let mut hosted = request.facts.hosted_vs.clone();
-    hosted.sort();
-    if let Some(assigned) = assigned.filter(|a| *a != hosted) {
-        let virtualservices = assigned
-            .iter()
-            .map(|vs| HostedVs {
-                uuid: vs.clone(),
-                name: cat.get(VS_KIND, vs).and_then(|v| v.meta.name.clone()).unwrap_or_default(),
-                // The controller does not describe the data plane yet (issue 19, in progress).
-                service: None,
-            })
-            .collect();
-        answer.placement = Some(Placement { virtualservices });
+    if let Some(mut assigned) = app.engines.assignment(se_uuid) {
+        assigned.sort();
+        let placement = Placement {
+            virtualservices: assigned
+                .iter()
+                .map(|vs| {
+                    let stored = cat.get(VS_KIND, vs);
+                    HostedVs {
+                        uuid: vs.clone(),
+                        name: stored.and_then(|v| v.meta.name.clone()).unwrap_or_default(),
+                        service: stored.and_then(|v| {
+                            super::service::service_of(&v.value, &|path: &str| cat.get_path(path).map(|o| &o.value))
+                        }),
+                    }
+                })
+                .collect(),
+        };
+        let mut hosted = request.facts.hosted_vs.clone();
+        hosted.sort();
+        if assigned != hosted || placement.digest() != request.facts.placement_digest {
+            answer.placement = Some(placement);
+        }
     }
     Ok((answer.command.is_some() || answer.placement.is_some()).then_some(answer))
 }
@@ -256,6 +263,14 @@ pub async fn poll(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Respons
             return Ok(json_response(StatusCode::OK, &serde_json::to_value(answer).unwrap_or_default()));
         }
     }
+}
+
+/// `POST /api/se-agent/runtime`: what the SE's data plane sees (kept in memory, as heartbeats are).
+pub fn runtime(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    let se = authenticate_se(app, headers)?;
+    let report: RuntimeReport = parse(body)?;
+    app.engines.record_runtime(&se.uuid, report);
+    Ok(json_response(StatusCode::OK, &json!({})))
 }
 
 /// `POST /api/se-agent/event`: a step of the SE's current command.

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod license;
 pub mod placement;
+pub mod service;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use fulcrum_metrics::Gauge;
 use fulcrum_schema::{Registry, TypeDef, normalize, refs};
-use fulcrum_se_protocol::{Facts, Step};
+use fulcrum_se_protocol::{Facts, RuntimeReport, ServerState, Step, Traffic, server_key};
 use fulcrum_store::{Catalogue, Stored, Txn};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -38,6 +39,9 @@ const GROUP_KIND: &str = "serviceenginegroup";
 /// Install events kept per SE (the oldest go first).
 const MAX_EVENTS: usize = 50;
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How often the configuration is looked at for changes the data planes must hear of: a PATCH
+/// reaches the SEs' traffic within this plus a poll's round trip.
+const CONFIG_WATCH_EVERY: Duration = Duration::from_millis(100);
 
 pub static SES_UP: Gauge = Gauge::new("fulcrum_service_engines_up", "Service engines whose heartbeats arrive.");
 pub static SES_DOWN: Gauge = Gauge::new("fulcrum_service_engines_down", "Service engines marked down.");
@@ -93,6 +97,8 @@ pub struct Engines {
     placed: Mutex<Placed>,
     /// SEs an upgrade is emptying: they keep and take no virtual service.
     draining: Mutex<std::collections::HashSet<String>>,
+    /// The last runtime report of each SE's data plane.
+    runtime: Mutex<HashMap<String, (Instant, RuntimeReport)>>,
     /// Set once a placement was computed since the start; until then agents keep what they serve.
     placement_known: std::sync::atomic::AtomicBool,
     reconcile: Notify,
@@ -107,6 +113,7 @@ impl Engines {
             wakers: Mutex::default(),
             placed: Mutex::default(),
             draining: Mutex::default(),
+            runtime: Mutex::default(),
             placement_known: std::sync::atomic::AtomicBool::new(false),
             reconcile: Notify::new(),
         }
@@ -119,6 +126,14 @@ impl Engines {
 
     fn wake(&self, se: &str) {
         self.waker(se).notify_one();
+    }
+
+    /// Wakes every SE that has virtual services placed on it.
+    fn wake_placed(&self) {
+        let ses: Vec<String> = self.placed.lock().unwrap_or_else(|e| e.into_inner()).by_se.keys().cloned().collect();
+        for se in ses {
+            self.wake(&se);
+        }
     }
 
     /// The SEs an upgrade is emptying now (replaces the previous set).
@@ -135,12 +150,36 @@ impl Engines {
         self.reconcile.notify_one();
     }
 
+    /// Records a heartbeat; when what the SE serves changed, placement is looked at again
+    /// (a virtual service moving waits for its new SE to serve it).
     fn record_heartbeat(&self, se: &str, facts: Facts) {
         let live = Live { seen: Instant::now(), seen_at: SystemTime::now(), facts };
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(se.to_string(), live);
+        let before = self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(se.to_string(), live);
+        let serving = |f: &Facts| (f.hosted_vs.clone(), f.serving_vs.clone());
+        let after = self.live.lock().unwrap_or_else(|e| e.into_inner()).get(se).map(|l| serving(&l.facts));
+        if before.map(|l| serving(&l.facts)) != after {
+            self.changed();
+        }
+    }
+
+    fn record_runtime(&self, se: &str, report: RuntimeReport) {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner()).insert(se.to_string(), (Instant::now(), report));
+    }
+
+    /// The runtime reports of SEs heard from recently enough to count as up.
+    fn fresh_runtime(&self) -> Vec<(String, RuntimeReport)> {
+        let runtime = self.runtime.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, RuntimeReport)> = runtime
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() < self.settings.down_after)
+            .map(|(se, (_, r))| (se.clone(), r.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn forget(&self, se: &str) {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner()).remove(se);
         self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(se);
         self.wake(se);
         self.changed();
@@ -167,7 +206,7 @@ impl Engines {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(se)
-            .is_some_and(|l| l.facts.hosted_vs.iter().any(|h| h == vs))
+            .is_some_and(|l| l.facts.serving_vs.as_ref().unwrap_or(&l.facts.hosted_vs).iter().any(|h| h == vs))
     }
 
     /// The fields shown over a ServiceEngine record: the last heartbeat and what came with it,
@@ -476,8 +515,14 @@ pub async fn command(
 ) -> Result<Response, ApiError> {
     let t = se_type();
     require(ctx, t, Level::Write)?;
+    let mut disruptive = false;
     let image = if operation == "SE_INSTALL" {
         let input = objects::parse_body(body)?;
+        disruptive = match input.get("disruptive") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::bad_request("field 'disruptive': must be true or false")),
+        };
         let reference = input
             .get("image_ref")
             .and_then(Value::as_str)
@@ -489,7 +534,7 @@ pub async fn command(
         None
     };
     find_visible(&app.store.read(), ctx, t, uuid)?;
-    let stored = queue_command(app, uuid, operation, image).await?;
+    let stored = queue_command(app, uuid, operation, image, disruptive).await?;
     let cat = app.store.read();
     Ok(json_response(
         StatusCode::ACCEPTED,
@@ -499,11 +544,14 @@ pub async fn command(
 
 /// Stores a command for an SE (`SE_INSTALL` with an image (uuid, name), or `SE_ROLLBACK`) in
 /// its `install_status` and wakes its agent. Refused while the SE runs another command.
+/// `disruptive`: the SE's restart may drop its traffic (it does not hand its listening
+/// sockets to the new process).
 pub async fn queue_command(
     app: &App,
     uuid: &str,
     operation: &'static str,
     image: Option<(String, String)>,
+    disruptive: bool,
 ) -> Result<Arc<Stored>, ApiError> {
     let se = uuid.to_string();
     let stored = app
@@ -532,6 +580,7 @@ pub async fn queue_command(
                 "state": "PENDING",
                 "progress": 0,
                 "start_time": rfc3339(now),
+                "disruptive": disruptive,
                 "events": [{"step": "PENDING", "time": rfc3339(now), "message": "queued for the agent"}],
             });
             if let Some((image_uuid, image_name)) = &image {
@@ -608,6 +657,12 @@ pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored)
             }))
         })
         .collect();
+    let mut traffic = Traffic::default();
+    for (_, report) in app.engines.fresh_runtime() {
+        for v in report.virtualservices.iter().filter(|v| v.uuid == uuid) {
+            traffic.add(&v.traffic);
+        }
+    }
     let serving = engines.iter().filter(|e| e["active_on_se"] == json!(true)).count();
     let enabled = vs.value.get("enabled").and_then(Value::as_bool) != Some(false);
     let (state, reason) = match (enabled, placed.len(), serving) {
@@ -624,6 +679,7 @@ pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored)
         "num_se_requested": requested,
         "num_se_assigned": placed.len(),
         "percent_ses_up": if placed.is_empty() { 0 } else { 100 * serving / placed.len() },
+        "stats": traffic_json(&traffic),
         "vip_summary": [{
             "vip_id": "0",
             "oper_status": status,
@@ -634,14 +690,145 @@ pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored)
     })
 }
 
+/// Traffic counters as shown in runtime answers (totals over the SEs, since each data plane started).
+fn traffic_json(t: &Traffic) -> Value {
+    json!({
+        "requests": t.requests,
+        "connections": t.connections,
+        "open_connections": t.open_connections,
+        "bytes_in": t.bytes_in,
+        "bytes_out": t.bytes_out,
+        "errors": t.errors,
+        "latency_p50_ms": t.latency_quantile_ms(0.5),
+        "latency_p99_ms": t.latency_quantile_ms(0.99),
+        "latency_buckets_ms": fulcrum_se_protocol::LATENCY_BOUNDS_MS,
+        "latency_counts": t.latency_buckets,
+    })
+}
+
+/// `GET /api/pool/<uuid>/runtime` (the pool's health) and `.../runtime/server` (each server's,
+/// as the SEs balancing to it see it).
+pub fn pool_runtime(app: &App, ctx: &RequestContext, uuid: &str, servers_only: bool) -> Result<Response, ApiError> {
+    let t = Registry::get().type_def("pool").expect("pool is defined");
+    require(ctx, t, Level::Read)?;
+    let cat = app.store.read();
+    let pool = find_visible(&cat, ctx, t, uuid)?;
+    let reports = app.engines.fresh_runtime();
+    let mut traffic = Traffic::default();
+    let servers: Vec<Value> = pool
+        .value
+        .get("servers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let addr = s.pointer("/ip/addr").and_then(Value::as_str).unwrap_or_default();
+            let port = s.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
+            let key = server_key(addr, port);
+            let seen: Vec<(&str, &fulcrum_se_protocol::ServerRuntime)> = reports
+                .iter()
+                .flat_map(|(se, r)| r.pools.iter().filter(|p| p.uuid == uuid).map(move |p| (se.as_str(), p)))
+                .filter_map(|(se, p)| p.servers.iter().find(|r| server_key(&r.ip, r.port) == key).map(|r| (se, r)))
+                .collect();
+            let (answer, counted) = server_runtime(&cat, s, &seen);
+            traffic.add(&counted);
+            answer
+        })
+        .collect();
+    if servers_only {
+        return Ok(json_response(StatusCode::OK, &Value::Array(servers)));
+    }
+    let state_is = |s: &Value, want: &str| s.pointer("/oper_status/state").and_then(Value::as_str) == Some(want);
+    let enabled = servers.iter().filter(|s| !state_is(s, "OPER_DISABLED")).count();
+    let up = servers.iter().filter(|s| state_is(s, "OPER_UP")).count();
+    let reported = servers.iter().any(|s| !state_is(s, "OPER_UNAVAILABLE") && !state_is(s, "OPER_DISABLED"));
+    let (state, reason) = match (reported, enabled, up) {
+        (_, 0, _) => ("OPER_DOWN", "no server is enabled"),
+        (false, _, _) => ("OPER_UNAVAILABLE", "no service engine balances to this pool"),
+        (true, _, 0) => ("OPER_DOWN", "no server is up"),
+        (true, e, u) if u < e => ("OPER_UP", "some servers are down"),
+        _ => ("OPER_UP", ""),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "uuid": uuid,
+            "name": pool.meta.name,
+            "oper_status": oper_status(state, reason),
+            "num_servers": servers.len(),
+            "num_servers_enabled": enabled,
+            "num_servers_up": up,
+            "percent_servers_up_enabled": (100 * up).checked_div(enabled).unwrap_or(0),
+            "stats": traffic_json(&traffic),
+        }),
+    ))
+}
+
+/// One server's runtime: UP when every SE reporting it can use it, DOWN when none can,
+/// PARTITIONED in between; DISABLED by configuration; UNAVAILABLE while no SE reports it.
+fn server_runtime(
+    cat: &Catalogue,
+    server: &Value,
+    seen: &[(&str, &fulcrum_se_protocol::ServerRuntime)],
+) -> (Value, Traffic) {
+    let configured = server.get("enabled").and_then(Value::as_bool) != Some(false);
+    let up = seen.iter().filter(|(_, r)| r.state == ServerState::Up).count();
+    let down: Vec<&str> =
+        seen.iter().filter(|(_, r)| r.state == ServerState::Down).map(|(_, r)| r.reason.as_str()).collect();
+    let (state, reason) = match (configured, seen.len(), up) {
+        (false, _, _) => ("OPER_DISABLED", String::new()),
+        (true, 0, _) => ("OPER_UNAVAILABLE", "no service engine reports this server".to_string()),
+        (true, n, u) if u == n => ("OPER_UP", String::new()),
+        (true, _, 0) => ("OPER_DOWN", down.first().map(|r| r.to_string()).unwrap_or_default()),
+        _ => ("OPER_PARTITIONED", format!("down on {} of {} service engines", down.len(), seen.len())),
+    };
+    let mut traffic = Traffic::default();
+    for (_, r) in seen {
+        traffic.add(&r.traffic);
+    }
+    let per_se: Vec<Value> = seen
+        .iter()
+        .map(|(se, r)| {
+            json!({
+                "se_uuid": se,
+                "se_name": cat.get(SE_KIND, se).and_then(|s| s.meta.name.clone()),
+                "state": r.state,
+                "reason": r.reason,
+            })
+        })
+        .collect();
+    let answer = json!({
+        "ip_addr": server.get("ip"),
+        "port": server.get("port"),
+        "hostname": server.get("hostname"),
+        "enabled": configured,
+        "oper_status": oper_status(state, &reason),
+        "service_engines": per_se,
+        "stats": traffic_json(&traffic),
+    });
+    (answer, traffic)
+}
+
 /// The background loop: liveness, licenses and placement, every half second and whenever
-/// something changed.
+/// something changed; and, more often, whether the configuration moved, in which case every
+/// placed SE's poll looks again at what its data plane should do.
 pub async fn run(app: Arc<App>) {
+    let mut generation = app.store.read().generation();
+    let mut reconciled = Instant::now();
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(RECONCILE_EVERY) => {}
-            () = app.engines.reconcile.notified() => {}
+        let asked = tokio::select! {
+            () = tokio::time::sleep(CONFIG_WATCH_EVERY) => false,
+            () = app.engines.reconcile.notified() => true,
+        };
+        let now = app.store.read().generation();
+        if now != generation {
+            generation = now;
+            app.engines.wake_placed();
         }
+        if !asked && reconciled.elapsed() < RECONCILE_EVERY {
+            continue;
+        }
+        reconciled = Instant::now();
         if let Err(e) = reconcile(&app).await {
             tracing::warn!(error = %e, "service engine bookkeeping failed; retrying");
         }
@@ -694,6 +881,7 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
                 let draining = engines.draining.lock().unwrap_or_else(|e| e.into_inner()).contains(&s.uuid);
                 let serviceable = up[s.uuid.as_str()] && *licensed && !restarting && !draining;
                 placement::Candidate {
+                    alive: up[s.uuid.as_str()] && !restarting,
                     uuid: s.uuid.clone(),
                     name: s.meta.name.clone().unwrap_or_default(),
                     group: uuid_of_ref(s.value.get("se_group_ref")).unwrap_or_default(),
@@ -759,7 +947,13 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
         }
         current
     };
-    let next = placement::place(&groups, &candidates, &demands, &current);
+    let alive: HashMap<&str, bool> = candidates.iter().map(|c| (c.uuid.as_str(), c.alive)).collect();
+    let next = placement::hand_over(
+        &current,
+        placement::place(&groups, &candidates, &demands, &current),
+        &|se| alive.get(se).copied().unwrap_or(false),
+        &|se, vs| engines.serves(se, vs),
+    );
     let wanted = |d: &placement::Demand| groups.get(&d.group).map_or(1, |g| g.min_scaleout_per_vs);
     let short = demands.iter().filter(|d| next.get(&d.uuid).map_or(0, Vec::len) < wanted(d)).count();
     VS_UNPLACED.set(short as i64);

@@ -21,6 +21,8 @@ pub struct Candidate {
     pub takes_new: bool,
     /// May keep the ones it has (`takes_new`, or disabled for placement only).
     pub keeps: bool,
+    /// Up and not restarting: it can go on serving what it serves while a successor takes over.
+    pub alive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,27 @@ pub fn place(
     out
 }
 
+/// Make before break: an SE losing a virtual service to another keeps it (after the new ones)
+/// until one of the SEs it goes to serves it, as long as the SE losing it is alive. So a
+/// virtual service that moves (an SE drained for its upgrade) is served throughout.
+pub fn hand_over(
+    previous: &Placement,
+    mut next: Placement,
+    alive: &dyn Fn(&str) -> bool,
+    serves: &dyn Fn(&str, &str) -> bool,
+) -> Placement {
+    for (vs, ses) in next.iter_mut() {
+        let Some(before) = previous.get(vs) else { continue };
+        // With nowhere to go, or once one of the SEs it stays on serves it, nothing is held.
+        if ses.is_empty() || ses.iter().any(|se| serves(se, vs)) {
+            continue;
+        }
+        let leaving: Vec<String> = before.iter().filter(|se| !ses.contains(se) && alive(se)).cloned().collect();
+        ses.extend(leaving);
+    }
+    next
+}
+
 /// SE uuid → the virtual services on it.
 pub fn by_se(placement: &Placement) -> HashMap<String, Vec<String>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
@@ -99,7 +122,7 @@ mod tests {
     use super::*;
 
     fn se(uuid: &str, group: &str, up: bool) -> Candidate {
-        Candidate { uuid: uuid.into(), name: uuid.into(), group: group.into(), takes_new: up, keeps: up }
+        Candidate { uuid: uuid.into(), name: uuid.into(), group: group.into(), takes_new: up, keeps: up, alive: up }
     }
 
     fn vs(uuid: &str, group: &str) -> Demand {
@@ -147,6 +170,28 @@ mod tests {
         assert_eq!(moved["v2"], ["se1"]);
         let none_up = [se("se1", "g", false), se("se2", "g", false)];
         assert!(place(&limits(10, 1, false), &none_up, &demands, &current).values().all(Vec::is_empty));
+    }
+
+    #[test]
+    fn a_moving_virtual_service_stays_on_its_old_se_until_the_new_one_serves_it() {
+        let previous = Placement::from([("v1".to_string(), vec!["se1".to_string()])]);
+        let next = Placement::from([("v1".to_string(), vec!["se2".to_string()])]);
+        let alive = |_: &str| true;
+        let waiting = hand_over(&previous, next.clone(), &alive, &|_, _| false);
+        assert_eq!(waiting["v1"], ["se2", "se1"], "the new SE first (primary), the old one until then");
+        // The next round starts from what was placed, the old SE included.
+        let still = hand_over(&waiting, next.clone(), &alive, &|_, _| false);
+        assert_eq!(still["v1"], ["se2", "se1"]);
+        let served = hand_over(&waiting, next.clone(), &alive, &|se, vs| se == "se2" && vs == "v1");
+        assert_eq!(served["v1"], ["se2"], "once the new SE serves it, the old one lets go");
+        let dead = hand_over(&previous, next.clone(), &|se| se != "se1", &|_, _| false);
+        assert_eq!(dead["v1"], ["se2"], "a dead SE keeps nothing");
+        // Scaling in onto an SE that serves it, and new virtual services, are not held back.
+        let two = Placement::from([("v1".to_string(), vec!["se1".to_string(), "se2".to_string()])]);
+        assert_eq!(hand_over(&two, next.clone(), &alive, &|se, _| se == "se2")["v1"], ["se2"]);
+        assert_eq!(hand_over(&Placement::new(), next.clone(), &alive, &|_, _| false), next);
+        let nowhere = Placement::from([("v1".to_string(), vec![])]);
+        assert!(hand_over(&previous, nowhere, &alive, &|_, _| false)["v1"].is_empty(), "nowhere to go holds nothing");
     }
 
     #[test]

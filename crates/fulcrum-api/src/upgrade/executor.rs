@@ -298,7 +298,7 @@ async fn groups_pass(app: &Arc<App>, op: &mut Operation) -> Result<(), ApiError>
     for g in op.groups.iter_mut().filter(|g| g.state == GroupState::InProgress) {
         for i in 0..g.ses.len() {
             if matches!(g.ses[i].state, SeState::Draining | SeState::InProgress) {
-                follow_se(app, g, i, ops).await?;
+                follow_se(app, g, i, ops, disruptive).await?;
             }
         }
         match g.next(batch, action) {
@@ -311,7 +311,7 @@ async fn groups_pass(app: &Arc<App>, op: &mut Operation) -> Result<(), ApiError>
                 for i in indices {
                     let se = &mut g.ses[i];
                     se.rolling_back = true;
-                    match crate::engines::queue_command(app, &se.uuid, "SE_ROLLBACK", None).await {
+                    match crate::engines::queue_command(app, &se.uuid, "SE_ROLLBACK", None, disruptive).await {
                         Ok(stored) => {
                             se.state = SeState::InProgress;
                             se.command_id = stored.value.pointer("/install_status/command_id").and_then(Value::as_u64);
@@ -389,10 +389,10 @@ async fn start_se(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops, disrupti
             }
         }
     }
-    send_command(app, g, i, ops).await
+    send_command(app, g, i, ops, disruptive).await
 }
 
-async fn send_command(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops) -> Result<(), ApiError> {
+async fn send_command(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops, disruptive: bool) -> Result<(), ApiError> {
     let se = &mut g.ses[i];
     // A command already queued for this SE by this operation (before a restart) is adopted.
     let queued = app.store.read().get(SE_KIND, &se.uuid).and_then(|r| {
@@ -404,7 +404,7 @@ async fn send_command(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops) -> R
         Some(id) => Ok(id),
         None => {
             let command = if ops.is_rollback() {
-                crate::engines::queue_command(app, &se.uuid, "SE_ROLLBACK", None).await
+                crate::engines::queue_command(app, &se.uuid, "SE_ROLLBACK", None, disruptive).await
             } else {
                 let image = g.image_uuid.clone().unwrap_or_default();
                 let name = app
@@ -413,7 +413,7 @@ async fn send_command(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops) -> R
                     .get(crate::images::KIND, &image)
                     .and_then(|i| i.meta.name.clone())
                     .unwrap_or_default();
-                crate::engines::queue_command(app, &se.uuid, "SE_INSTALL", Some((image, name))).await
+                crate::engines::queue_command(app, &se.uuid, "SE_INSTALL", Some((image, name)), disruptive).await
             };
             command
                 .map(|stored| stored.value.pointer("/install_status/command_id").and_then(Value::as_u64).unwrap_or(0))
@@ -434,7 +434,7 @@ async fn send_command(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops) -> R
 }
 
 /// Follows an SE that is draining or installing.
-async fn follow_se(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops) -> Result<(), ApiError> {
+async fn follow_se(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops, disruptive: bool) -> Result<(), ApiError> {
     let now = unix_now();
     if g.ses[i].state == SeState::Draining {
         let moved = app.engines.assigned(&g.ses[i].uuid).is_empty();
@@ -443,7 +443,7 @@ async fn follow_se(app: &Arc<App>, g: &mut GroupRun, i: usize, ops: Ops) -> Resu
                 let names = super::facts::vs_names(app, &app.engines.assigned(&g.ses[i].uuid));
                 g.disrupted_vs.extend(names);
             }
-            return send_command(app, g, i, ops).await;
+            return send_command(app, g, i, ops, disruptive).await;
         }
         return Ok(());
     }

@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod linearizability;
 pub mod packages;
 pub mod pty;
+pub mod traffic;
 pub mod upgrades;
 
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,262 @@
+//! The SEs' data plane end to end: real agent processes proxy a virtual service's VIP (on
+//! 127.0.0.0/8) to pool servers started by the test, while a load generator sends requests
+//! the whole time. Configuration changes, server deaths and upgrades are judged by what the
+//! load saw: how many requests failed, and how.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::agents::{Agent, se_by_name, state, token, wait_for};
+use common::traffic::{Backend, Load, Tally};
+use common::{Api, Controller, Launch, temp_dir, try_start};
+use serde_json::{Value, json};
+
+const ENGINE_ARGS: &[&str] = &["--se-heartbeat-interval", "0.3", "--se-down-after", "2", "--se-health-timeout", "20"];
+/// Configuration reaches traffic within this (the bound).
+const WITHIN: Duration = Duration::from_secs(1);
+
+fn controller(dir: &std::path::Path) -> Controller {
+    try_start(Launch { args: ENGINE_ARGS, ..Launch::plain(dir) }).expect("fulcrum starts")
+}
+
+fn server(b: &Backend) -> Value {
+    json!({"ip": {"addr": b.addr.ip().to_string(), "type": "V4"}, "port": b.addr.port()})
+}
+
+fn patch(api: &Api, path: &str, body: Value) -> Value {
+    let r = api.send("PATCH", path, Some(body.to_string().as_bytes()));
+    assert!(r.status == 200 || r.status == 202, "PATCH {path}: {} {}", r.status, r.body);
+    r.json()
+}
+
+/// A free port on `ip`.
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// A vsvip on `ip`, a virtual service on it at a free port to `pool`; the VIP's address.
+fn virtual_service(api: &Api, name: &str, ip: &str, pool: &str, group: &str) -> (String, SocketAddr) {
+    let vip = api.post(
+        "/api/vsvip",
+        &json!({"name": format!("{name}-vip"), "vip": [{"vip_id": "0", "ip_address": {"addr": ip, "type": "V4"}}]}),
+    );
+    assert_eq!(vip.status, 201, "{}", vip.body);
+    let port = free_port(ip);
+    let vs = api.post(
+        "/api/virtualservice",
+        &json!({"name": name, "services": [{"port": port}],
+                "vsvip_ref": format!("/api/vsvip/{}", vip.json()["uuid"].as_str().unwrap()),
+                "pool_ref": format!("/api/pool/{pool}"),
+                "se_group_ref": format!("/api/serviceenginegroup?name={group}")}),
+    );
+    assert_eq!(vs.status, 201, "{}", vs.body);
+    (vs.json()["uuid"].as_str().unwrap().to_string(), format!("{ip}:{port}").parse().unwrap())
+}
+
+/// Waits until the VIP answers a request.
+fn answers(vip: SocketAddr) {
+    wait_for("the VIP to answer", Duration::from_secs(20), || {
+        let r = ureq::get(&format!("http://{vip}/")).timeout(Duration::from_secs(2)).call().ok()?;
+        (r.status() == 200).then_some(())
+    });
+}
+
+fn summary(what: &str, tally: &Tally) {
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for f in &tally.failures {
+        *kinds.entry(f.kind.as_str()).or_default() += 1;
+    }
+    let servers: std::collections::BTreeMap<&String, u64> = tally.seen.iter().map(|(k, v)| (k, v.count)).collect();
+    println!(
+        "{what}: {} requests answered, {} failed {kinds:?}, {} connection resets, {} connections; by server {servers:?}",
+        tally.ok,
+        tally.failures.len(),
+        tally.resets(),
+        tally.connections
+    );
+}
+
+fn pool_servers(api: &Api, pool: &str) -> Vec<Value> {
+    api.object(&format!("/api/pool/{pool}/runtime/server")).as_array().unwrap().clone()
+}
+
+fn server_state(api: &Api, pool: &str, b: &Backend) -> String {
+    pool_servers(api, pool)
+        .iter()
+        .find(|s| s["ip_addr"]["addr"] == b.addr.ip().to_string() && s["port"] == b.addr.port())
+        .map(|s| s["oper_status"]["state"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// One SE; a pool of two servers; PATCHes (sync, then async after their merge) add, disable
+/// and remove servers under load. Every change reaches traffic within a second and no request
+/// fails.
+#[test]
+fn pool_changes_reach_traffic_within_a_second_and_fail_no_request() {
+    let work = temp_dir();
+    let c = controller(&work.path().join("controller"));
+    let api = c.admin();
+    let (_, t) = token(&api, "Default-Group");
+    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
+    wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    let b1 = Backend::start("b1", "127.0.0.21", 0);
+    let b2 = Backend::start("b2", "127.0.0.22", 0);
+    let b3 = Backend::start("b3", "127.0.0.23", 0);
+    let b4 = Backend::start("b4", "127.0.0.24", 0);
+    let r = api.post(
+        "/api/pool",
+        &json!({"name": "web", "lb_algorithm": "LB_ALGORITHM_ROUND_ROBIN", "servers": [server(&b1), server(&b2)]}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let pool = r.json()["uuid"].as_str().unwrap().to_string();
+    let (vs, vip) = virtual_service(&api, "web-vs", "127.0.0.40", &pool, "Default-Group");
+    answers(vip);
+    let forwarded = b1.forwarded_for.lock().unwrap().clone().or_else(|| b2.forwarded_for.lock().unwrap().clone());
+    assert_eq!(forwarded.as_deref(), Some("127.0.0.1"), "X-Forwarded-For names the client");
+
+    let load = Load::start(vip, 4, Duration::from_secs(90));
+    wait_for("both servers in use", Duration::from_secs(5), || {
+        (load.seen("b1").is_some() && load.seen("b2").is_some()).then_some(())
+    });
+
+    // Synchronous: add a server.
+    patch(&api, &format!("/api/pool/{pool}"), json!({"add": {"servers": [server(&b3)]}}));
+    let added = Instant::now();
+    let took = load.reached_after("b3", added, Duration::from_secs(5)).expect("the added server takes traffic");
+    println!("sync add: the new server answered {} ms after the PATCH", took.as_millis());
+    assert!(took <= WITHIN, "the added server took {took:?} to get traffic");
+
+    // Synchronous: disable one (an add that matches an entry updates it).
+    let mut disabled = server(&b1);
+    disabled["enabled"] = json!(false);
+    patch(&api, &format!("/api/pool/{pool}"), json!({"add": {"servers": [disabled]}}));
+    let disabled_at = Instant::now();
+    std::thread::sleep(WITHIN + Duration::from_millis(500));
+    let last = load.seen("b1").unwrap().last;
+    assert!(last < disabled_at + WITHIN, "the disabled server still got requests {:?} after", last - disabled_at);
+    assert_eq!(server_state(&api, &pool, &b1), "OPER_DISABLED");
+
+    // Asynchronous: remove one and add another, in one merge.
+    let r = api.send(
+        "PATCH",
+        "/api/controllerproperties",
+        Some(json!({"replace": {"async_patch_merge_period": 30}}).to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let path = format!("/api/pool/{pool}?async_mode");
+    assert_eq!(patch(&api, &path, json!({"delete": {"servers": [server(&b2)]}}))["status"], "QUEUED");
+    assert_eq!(patch(&api, &path, json!({"add": {"servers": [server(&b4)]}}))["status"], "QUEUED");
+    let r = api.post("/api/pool-async/merge", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let merged = Instant::now();
+    let took = load.reached_after("b4", merged, Duration::from_secs(5)).expect("the server added async takes traffic");
+    println!("async add: the new server answered {} ms after the merge", took.as_millis());
+    assert!(took <= WITHIN, "the server added by async PATCH took {took:?} to get traffic");
+    std::thread::sleep(WITHIN + Duration::from_millis(500));
+    let last = load.seen("b2").unwrap().last;
+    assert!(last < merged + WITHIN, "the removed server still got requests {:?} after", last - merged);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let tally = load.stop();
+    summary("pool changes under load", &tally);
+    assert!(tally.ok > 1000, "the load ran: {tally:?}");
+    assert!(tally.failures.is_empty(), "failed requests: {:?}", tally.failures);
+
+    // The controller shows servers' health and the traffic the SE counted.
+    wait_for("runtime reports", Duration::from_secs(10), || {
+        (server_state(&api, &pool, &b3) == "OPER_UP" && server_state(&api, &pool, &b4) == "OPER_UP").then_some(())
+    });
+    let runtime = api.object(&format!("/api/pool/{pool}/runtime"));
+    assert_eq!(runtime["oper_status"]["state"], "OPER_UP", "{runtime}");
+    assert_eq!(runtime["num_servers"], 3, "{runtime}");
+    let stats = wait_for("VS counters", Duration::from_secs(10), || {
+        let stats = api.object(&format!("/api/virtualservice/{vs}/runtime"))["stats"].clone();
+        (stats["requests"].as_u64().unwrap_or(0) >= tally.ok).then_some(stats)
+    });
+    assert!(stats["latency_p99_ms"].as_f64().is_some(), "{stats}");
+}
+
+/// A server that dies fails requests only within its monitor's detection window (and, as the
+/// proxy passes over a server that refuses, usually none); it is reported down, and comes back
+/// when it is healthy again.
+#[test]
+fn a_dead_server_is_taken_out_by_its_monitor_and_comes_back() {
+    let work = temp_dir();
+    let c = controller(&work.path().join("controller"));
+    let api = c.admin();
+    let (_, t) = token(&api, "Default-Group");
+    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
+    wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    let hm = api.post(
+        "/api/healthmonitor",
+        &json!({"name": "http-1s", "type": "HEALTH_MONITOR_HTTP", "send_interval": 1, "receive_timeout": 1,
+                "failed_checks": 2, "successful_checks": 2,
+                "http_monitor": {"http_request": "GET /health HTTP/1.1", "http_response_code": ["HTTP_2XX"]}}),
+    );
+    assert_eq!(hm.status, 201, "{}", hm.body);
+    let b1 = Backend::start("b1", "127.0.0.31", 0);
+    let mut b2 = Backend::start("b2", "127.0.0.32", 0);
+    let b2_port = b2.addr.port();
+    let r = api.post(
+        "/api/pool",
+        &json!({"name": "monitored", "lb_algorithm": "LB_ALGORITHM_LEAST_CONNECTIONS",
+                "health_monitor_refs": ["/api/healthmonitor?name=http-1s"], "servers": [server(&b1), server(&b2)]}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let pool = r.json()["uuid"].as_str().unwrap().to_string();
+    let (_, vip) = virtual_service(&api, "monitored-vs", "127.0.0.41", &pool, "Default-Group");
+    answers(vip);
+    wait_for("both up", Duration::from_secs(10), || {
+        (server_state(&api, &pool, &b1) == "OPER_UP" && server_state(&api, &pool, &b2) == "OPER_UP").then_some(())
+    });
+
+    let load = Load::start(vip, 4, Duration::from_secs(60));
+    wait_for("both servers in use", Duration::from_secs(5), || {
+        (load.seen("b1").is_some() && load.seen("b2").is_some()).then_some(())
+    });
+    // Unhealthy first: the monitor takes it out, and no request fails meanwhile.
+    b2.set_healthy(false);
+    let sick = Instant::now();
+    // failed_checks × send_interval, plus a receive_timeout.
+    let (interval, failed_checks, successful_checks) = (Duration::from_secs(1), 2, 2);
+    let window = interval * failed_checks + Duration::from_secs(1);
+    wait_for("b2 reported down", window + Duration::from_secs(5), || {
+        (server_state(&api, &pool, &b2) == "OPER_DOWN").then_some(())
+    });
+    let down_after = sick.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let last = load.seen("b2").unwrap().last;
+    assert!(last < sick + window, "an unhealthy server got requests {:?} after it failed its checks", last - sick);
+    println!("unhealthy: reported down after {} ms", down_after.as_millis());
+    b2.set_healthy(true);
+    let well = Instant::now();
+    let back = load.reached_after("b2", well, Duration::from_secs(10)).expect("b2 back in service");
+    println!("healthy again: traffic after {} ms", back.as_millis());
+    assert!(back <= interval * successful_checks + Duration::from_secs(1), "back after {back:?}");
+
+    // Killed: listening stops and its connections are cut.
+    b2.kill();
+    let killed = Instant::now();
+    wait_for("b2 reported down", window + Duration::from_secs(5), || {
+        (server_state(&api, &pool, &b2) == "OPER_DOWN").then_some(())
+    });
+    let reason = pool_servers(&api, &pool)
+        .into_iter()
+        .find(|s| s["port"] == b2_port)
+        .map(|s| s["oper_status"]["reason"].clone())
+        .unwrap();
+    let reason = reason[0].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("http-1s"), "a down server says which monitor failed and why: {reason}");
+    println!("killed: {reason}");
+    std::thread::sleep(Duration::from_millis(500));
+    let tally = load.stop();
+    summary("a server killed under load", &tally);
+    let late: Vec<_> = tally.failures.iter().filter(|f| f.at < killed || f.at > killed + window).collect();
+    assert!(late.is_empty(), "failures outside the detection window: {late:?}");
+    assert!(tally.ok > 1000, "the load ran: {tally:?}");
+    let runtime = api.object(&format!("/api/pool/{pool}/runtime"));
+    assert_eq!(runtime["num_servers_up"], 1, "{runtime}");
+    drop(b1);
+}
