@@ -260,3 +260,187 @@ fn a_dead_server_is_taken_out_by_its_monitor_and_comes_back() {
     assert_eq!(runtime["num_servers_up"], 1, "{runtime}");
     drop(b1);
 }
+
+/// Three SEs in Default-Group serving one virtual service (and, for the disruptive case, a
+/// virtual service in a group of its own that the upgrade leaves alone).
+struct Group {
+    c: Controller,
+    api: Api,
+    image: String,
+    _agents: Vec<Agent>,
+    _backends: Vec<Backend>,
+    _work: tempfile::TempDir,
+    _data: tempfile::TempDir,
+    _pkgs: common::packages::Packages,
+}
+
+fn group_of_three(with_bystander: bool) -> (Group, SocketAddr, Option<SocketAddr>) {
+    let pkgs = common::packages::Packages::new();
+    let data = pkgs.data_dir();
+    // A fixed address: the controller restarts itself into the new version first (SEs may not
+    // run a newer version than the controller).
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let c = try_start(Launch { args: ENGINE_ARGS, listen: &listen, ..Launch::plain(data.path()) })
+        .expect("fulcrum starts");
+    let api = c.admin();
+    let work = temp_dir();
+    let image = common::packages::upload(&api, &pkgs.with_se("se.pkg", "30.2.2", "9100", &[("etc/release", "se\n")]));
+    assert_eq!(image.status, 201, "{}", image.body);
+    let image = image.json()["name"].as_str().unwrap().to_string();
+    let (_, t) = token(&api, "Default-Group");
+    let mut agents: Vec<Agent> =
+        ["d1", "d2", "d3"].iter().map(|n| Agent::start(&c, Some(&t), &work.path().join(n), n, &[])).collect();
+    let mut names = vec!["d1", "d2", "d3"];
+    if with_bystander {
+        assert_eq!(api.post("/api/serviceenginegroup", &json!({"name": "G2"})).status, 201);
+        let (_, t2) = token(&api, "G2");
+        agents.push(Agent::start(&c, Some(&t2), &work.path().join("g1"), "g1", &[]));
+        names.push("g1");
+    }
+    for n in names {
+        wait_for("SEs up", Duration::from_secs(30), || se_by_name(&api, n).filter(|s| state(s) == "OPER_UP"));
+    }
+    let (status, started) =
+        common::upgrades::post(&api, "/api/upgrade", json!({"image_ref": image, "skip_warnings": true}));
+    assert_eq!(started["status_code"], "SYSERR_UPGRADE_CONTROLLER_STARTED", "{status} {started}");
+    common::upgrades::settled(&api);
+    let backends = vec![Backend::start("b1", "127.0.0.51", 0), Backend::start("b2", "127.0.0.52", 0)];
+    let r = api.post("/api/pool", &json!({"name": "p", "servers": [server(&backends[0]), server(&backends[1])]}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let pool = r.json()["uuid"].as_str().unwrap().to_string();
+    let (_, vip) = virtual_service(&api, "upgraded-vs", "127.0.0.60", &pool, "Default-Group");
+    answers(vip);
+    let bystander = with_bystander.then(|| {
+        let (_, vip) = virtual_service(&api, "bystander-vs", "127.0.0.61", &pool, "G2");
+        answers(vip);
+        vip
+    });
+    let group = Group {
+        c,
+        api,
+        image,
+        _agents: agents,
+        _backends: backends,
+        _work: work,
+        _data: data,
+        _pkgs: pkgs,
+    };
+    (group, vip, bystander)
+}
+
+fn se_group_node(api: &Api, name: &str) -> Value {
+    common::upgrades::settled(api).into_iter().find(|n| n["name"] == name).expect("the group's status")
+}
+
+/// `upgrade segroup ... skip_warnings` of a group of three SEs while the load runs: every SE
+/// restarts into the new version, the virtual service moves ahead of each restart (its new SE
+/// listens on the VIP before the old one lets go), and no request fails, no connection resets.
+#[test]
+fn a_rolling_se_group_upgrade_under_load_fails_no_request() {
+    let (g, vip, _) = group_of_three(false);
+    let load = Load::start(vip, 4, Duration::from_secs(150));
+    std::thread::sleep(Duration::from_millis(500));
+    let (out, _) =
+        common::shell(&g.c, &format!("upgrade segroup image_ref {} se_group_refs Default-Group skip_warnings", g.image));
+    assert!(out.contains("SYSERR_UPGRADE_SEGROUP_STARTED"), "{out}");
+    let node = se_group_node(&g.api, "Default-Group");
+    std::thread::sleep(Duration::from_millis(500));
+    let tally = load.stop();
+    summary("rolling upgrade of 3 SEs under load", &tally);
+    assert!(node.to_string().contains("\"VS_MIGRATE\""), "the virtual service moved ahead of its SE's restart: {node}");
+    assert_eq!(node["state"]["state"], "UPGRADE_FSM_COMPLETED", "{node}");
+    assert_eq!(common::upgrades::versions(&g.api, &["d1", "d2", "d3"]), vec!["30.2.2-9100"; 3]);
+    assert_eq!(node["seg_status"]["num_vs_disrupted"], 0, "{node}");
+    assert!(tally.ok > 1000, "the load ran: {tally:?}");
+    assert_eq!(tally.resets(), 0, "connection resets: {:?}", tally.failures);
+    assert!(tally.failures.is_empty(), "failed requests: {:?}", tally.failures);
+}
+
+/// `disruptive`: no virtual service is moved ahead of its SE's restart and the SE closes its
+/// listeners instead of handing them on, so requests fail; the precheck named exactly the
+/// virtual services that saw failures.
+#[test]
+fn a_disruptive_upgrade_fails_requests_of_the_virtual_services_the_precheck_named() {
+    let (g, vip, bystander) = group_of_three(true);
+    let bystander = bystander.unwrap();
+    let (status, preview) = common::upgrades::post(
+        &g.api,
+        "/api/upgrade/preview",
+        json!({"image_ref": g.image, "se_group_refs": ["/api/serviceenginegroup?name=Default-Group"], "disruptive": true}),
+    );
+    assert_eq!(status, 200, "{preview}");
+    let check = preview["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check_code"] == "SYSERR_CHECK_VS_DISRUPUTION")
+        .cloned()
+        .unwrap();
+    let announced = check["details"].to_string();
+    assert!(announced.contains("'upgraded-vs'") && !announced.contains("bystander-vs"), "{check}");
+
+    let load = Load::start(vip, 4, Duration::from_secs(150));
+    let untouched = Load::start(bystander, 2, Duration::from_secs(150));
+    std::thread::sleep(Duration::from_millis(500));
+    let (out, _) = common::shell(
+        &g.c,
+        &format!("upgrade segroup image_ref {} se_group_refs Default-Group disruptive skip_warnings", g.image),
+    );
+    assert!(out.contains("SYSERR_UPGRADE_SEGROUP_STARTED"), "{out}");
+    let node = se_group_node(&g.api, "Default-Group");
+    std::thread::sleep(Duration::from_millis(500));
+    let (tally, bystander_tally) = (load.stop(), untouched.stop());
+    summary("disruptive upgrade, the announced virtual service", &tally);
+    summary("disruptive upgrade, a virtual service of another group", &bystander_tally);
+    assert_eq!(node["state"]["state"], "UPGRADE_FSM_COMPLETED", "{node}");
+    assert!(!tally.failures.is_empty(), "a disruptive upgrade of the SEs serving it fails requests");
+    assert!(bystander_tally.failures.is_empty(), "not announced, not disrupted: {:?}", bystander_tally.failures);
+    assert!(node["seg_status"]["num_vs_disrupted"].as_u64().unwrap_or(0) >= 1, "the disruption is reported: {node}");
+}
+
+/// An SE alone in its group restarts into a new slot (an install it is told to do) while it
+/// serves: the new process takes the listening sockets over, so no connection is refused and
+/// every request is answered.
+#[test]
+fn an_se_restarting_into_its_new_slot_hands_its_sockets_over_and_fails_no_request() {
+    let pkgs = common::packages::Packages::new();
+    let data = pkgs.data_dir();
+    let c = try_start(Launch { args: ENGINE_ARGS, ..Launch::plain(data.path()) }).expect("fulcrum starts");
+    let api = c.admin();
+    let work = temp_dir();
+    // The SE image's version may be the controller's own, as a reinstall.
+    let image = common::packages::upload(&api, &pkgs.with_se("se.pkg", "30.2.1", "9001", &[("etc/release", "se\n")]));
+    assert_eq!(image.status, 201, "{}", image.body);
+    let image = image.json()["name"].as_str().unwrap().to_string();
+    let (_, t) = token(&api, "Default-Group");
+    let se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
+    let uuid = wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"))
+        ["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let backend = Backend::start("b1", "127.0.0.71", 0);
+    let r = api.post("/api/pool", &json!({"name": "p", "servers": [server(&backend)]}));
+    let pool = r.json()["uuid"].as_str().unwrap().to_string();
+    let (_, vip) = virtual_service(&api, "lone-vs", "127.0.0.72", &pool, "Default-Group");
+    answers(vip);
+    let pid = se.child.id();
+
+    let load = Load::start(vip, 4, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = api.post(&format!("/api/serviceengine/{uuid}/install"), &json!({"image_ref": image}));
+    assert_eq!(r.status, 202, "{}", r.body);
+    wait_for("the install done", Duration::from_secs(30), || {
+        let se = se_by_name(&api, "se1")?;
+        (se["install_status"]["state"] == "DONE").then_some(())
+    });
+    let restarted = se.log_text().matches("took over listening sockets").count();
+    std::thread::sleep(Duration::from_millis(500));
+    let tally = load.stop();
+    summary("an SE restarting into its new slot under load", &tally);
+    assert_eq!(se.child.id(), pid, "the agent re-executes itself in place");
+    assert!(restarted >= 1, "the new process took the sockets over:\n{}", se.log_text());
+    assert!(tally.ok > 500, "the load ran: {tally:?}");
+    assert_eq!(tally.resets(), 0, "connection resets: {:?}", tally.failures);
+    assert!(tally.failures.is_empty(), "failed requests: {:?}", tally.failures);
+}

@@ -878,15 +878,22 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
             .map(|(s, licensed)| {
                 let enable = s.value.get("enable_state").and_then(Value::as_str).unwrap_or("SE_STATE_ENABLED");
                 let restarting = install_step(&s.value).and_then(Step::parse).is_some_and(Step::is_disruptive);
+                // A restart that is not disruptive hands the listening sockets to the new
+                // process: the SE goes on serving what it serves (and takes nothing new meanwhile).
+                let hands_over = restarting
+                    && s.value.pointer("/install_status/disruptive").and_then(Value::as_bool) != Some(true);
                 let draining = engines.draining.lock().unwrap_or_else(|e| e.into_inner()).contains(&s.uuid);
-                let serviceable = up[s.uuid.as_str()] && *licensed && !restarting && !draining;
+                let able = up[s.uuid.as_str()] && *licensed && !draining;
+                let serving_through = !restarting || hands_over;
                 placement::Candidate {
-                    alive: up[s.uuid.as_str()] && !restarting,
+                    alive: up[s.uuid.as_str()] && serving_through,
                     uuid: s.uuid.clone(),
                     name: s.meta.name.clone().unwrap_or_default(),
                     group: uuid_of_ref(s.value.get("se_group_ref")).unwrap_or_default(),
-                    takes_new: serviceable && enable == "SE_STATE_ENABLED",
-                    keeps: serviceable && matches!(enable, "SE_STATE_ENABLED" | "SE_STATE_DISABLED_FOR_PLACEMENT"),
+                    takes_new: able && !restarting && enable == "SE_STATE_ENABLED",
+                    keeps: able
+                        && serving_through
+                        && matches!(enable, "SE_STATE_ENABLED" | "SE_STATE_DISABLED_FOR_PLACEMENT"),
                 }
             })
             .collect();
