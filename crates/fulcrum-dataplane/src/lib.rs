@@ -351,7 +351,7 @@ impl DataPlane {
                 m.gauge("fulcrum_se_server_up", "1 when the server takes new requests.", &labels, up);
             }
         }
-        m.text
+        m.text()
     }
 
     /// Serves `GET /metrics` on `addr` (Prometheus scrapes the SE there).

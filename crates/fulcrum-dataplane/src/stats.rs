@@ -78,41 +78,63 @@ impl Counters {
         out.counter(&format!("{prefix}_bytes_out_total"), "Bytes sent to clients.", labels, t.bytes_out);
         out.counter(&format!("{prefix}_errors_total"), "Requests or connections that failed.", labels, t.errors);
         let name = format!("{prefix}_latency_seconds");
-        out.help(&name, "Time to the end of the response (HTTP) or of the connection (TCP).", "histogram");
+        let help = "Time to the end of the response (HTTP) or of the connection (TCP).";
         let mut seen = 0;
         for (bound, n) in LATENCY_BOUNDS_MS.iter().zip(&t.latency_buckets) {
             seen += n;
-            let _ = writeln!(out.text, "{name}_bucket{{{labels},le=\"{}\"}} {seen}", bound / 1000.0);
+            out.sample(
+                &name,
+                help,
+                "histogram",
+                format_args!("{name}_bucket{{{labels},le=\"{}\"}} {seen}", bound / 1000.0),
+            );
         }
         let total: u64 = t.latency_buckets.iter().sum();
-        let _ = writeln!(out.text, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
+        out.sample(&name, help, "histogram", format_args!("{name}_bucket{{{labels},le=\"+Inf\"}} {total}"));
         let sum = self.latency_sum_us.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out.text, "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {total}");
+        out.sample(&name, help, "histogram", format_args!("{name}_sum{{{labels}}} {sum}"));
+        out.sample(&name, help, "histogram", format_args!("{name}_count{{{labels}}} {total}"));
     }
 }
 
-/// Prometheus text with each family's HELP/TYPE written once.
+/// Prometheus text: each family's HELP/TYPE once, then all of its samples together (the
+/// exposition format wants a family's samples in one group, whichever object they are of).
 #[derive(Default)]
 pub struct Metrics {
-    pub text: String,
-    described: std::collections::HashSet<String>,
+    /// Families in the order first seen: (name, HELP/TYPE lines, samples).
+    families: Vec<(String, String, String)>,
 }
 
 impl Metrics {
-    pub fn help(&mut self, name: &str, help: &str, kind: &str) {
-        if self.described.insert(name.to_string()) {
-            let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        }
+    fn family(&mut self, name: &str, help: &str, kind: &str) -> &mut String {
+        let i = match self.families.iter().position(|(n, _, _)| n == name) {
+            Some(i) => i,
+            None => {
+                let head = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+                self.families.push((name.to_string(), head, String::new()));
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i].2
+    }
+
+    /// Adds one sample line (`name{labels} value`) to family `name`.
+    pub fn sample(&mut self, name: &str, help: &str, kind: &str, line: std::fmt::Arguments<'_>) {
+        let samples = self.family(name, help, kind);
+        let _ = samples.write_fmt(line);
+        samples.push('\n');
     }
 
     pub fn counter(&mut self, name: &str, help: &str, labels: &str, value: u64) {
-        self.help(name, help, "counter");
-        let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+        self.sample(name, help, "counter", format_args!("{name}{{{labels}}} {value}"));
     }
 
     pub fn gauge(&mut self, name: &str, help: &str, labels: &str, value: u64) {
-        self.help(name, help, "gauge");
-        let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+        self.sample(name, help, "gauge", format_args!("{name}{{{labels}}} {value}"));
+    }
+
+    pub fn text(&self) -> String {
+        self.families.iter().map(|(_, head, samples)| format!("{head}{samples}")).collect()
     }
 }
 
@@ -134,8 +156,15 @@ mod tests {
         assert_eq!(*t.latency_buckets.last().unwrap(), 1);
         let mut m = Metrics::default();
         c.render("fulcrum_se_vs", "vs=\"web\"", &mut m);
-        assert!(m.text.contains("fulcrum_se_vs_latency_seconds_bucket{vs=\"web\",le=\"0.05\"} 2"), "{}", m.text);
-        assert!(m.text.contains("fulcrum_se_vs_latency_seconds_count{vs=\"web\"} 3"));
+        Counters::default().render("fulcrum_se_vs", "vs=\"api\"", &mut m);
+        let text = m.text();
+        assert!(text.contains("fulcrum_se_vs_latency_seconds_bucket{vs=\"web\",le=\"0.05\"} 2"), "{text}");
+        assert!(text.contains("fulcrum_se_vs_latency_seconds_count{vs=\"web\"} 3"));
+        // Each family once, its samples of both virtual services together.
+        assert_eq!(text.matches("# TYPE fulcrum_se_vs_requests_total counter").count(), 1);
+        let lines: Vec<&str> = text.lines().collect();
+        let at = |needle: &str| lines.iter().position(|l| l.starts_with(needle)).unwrap();
+        assert_eq!(at("fulcrum_se_vs_requests_total{vs=\"api\"}"), at("fulcrum_se_vs_requests_total{vs=\"web\"}") + 1);
         assert_eq!(label("a\"b"), "a\\\"b");
     }
 }

@@ -43,6 +43,8 @@ pub enum Command {
     },
     /// `show pool-async status <patch_id>`
     AsyncStatus(String),
+    /// `show pool <name> server`: each server's health and traffic, as the SEs see them.
+    PoolServers(String),
     /// `upload image filename <path>`
     UploadImage(PathBuf),
     /// `delete <type> <name>`
@@ -80,6 +82,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         ["show", "upgrade", "status", "detail"] => Ok(Command::UpgradeStatus { detail: true }),
         ["show", "upgrade", ..] => Err("usage: show upgrade status [detail]".into()),
         ["show", "cluster"] => Ok(Command::ShowCluster),
+        ["show", "pool", name @ .., "server"] if !name.is_empty() => Ok(Command::PoolServers(name.join(" "))),
         [verb @ ("upgrade" | "patch" | "rollback" | "rollbackpatch" | "resume"), rest @ ..] => {
             let mut all = vec![*verb];
             all.extend_from_slice(rest);
@@ -124,6 +127,19 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
         Command::AsyncStatus(id) => {
             let reply = client.get(&format!("pool-async/status/{id}")).map_err(|e| e.to_string())?;
             if reply.status == 200 { Ok(table::object(&reply.body)) } else { Err(error_text(&reply)) }
+        }
+        Command::PoolServers(name) => {
+            let query = form_urlencoded::Serializer::new(String::new()).append_pair("name", name).finish();
+            let reply = client.get(&format!("pool?{query}&fields=uuid")).map_err(|e| e.to_string())?;
+            let uuid = reply.body["results"][0]["uuid"]
+                .as_str()
+                .ok_or_else(|| format!("pool '{name}' not found"))?
+                .to_string();
+            let reply = client.get(&format!("pool/{uuid}/runtime/server")).map_err(|e| e.to_string())?;
+            if reply.status != 200 {
+                return Err(error_text(&reply));
+            }
+            Ok(pool_server_table(&reply.body))
         }
         Command::UploadImage(path) => {
             let image = upload::upload_image(client, path, &mut std::io::stderr())?;
@@ -175,6 +191,42 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
             }
         }
     }
+}
+
+/// `show pool <name> server`: a row per server.
+fn pool_server_table(servers: &Value) -> String {
+    let rows: Vec<Vec<String>> = servers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let number = |p: &str| s.pointer(p).map_or_else(String::new, |v| v.to_string());
+            let reasons: Vec<&str> = s
+                .pointer("/oper_status/reason")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let p99 =
+                s.pointer("/stats/latency_p99_ms").and_then(Value::as_f64).map_or("-".into(), |v| format!("{v} ms"));
+            vec![
+                format!(
+                    "{}:{}",
+                    s.pointer("/ip_addr/addr").and_then(Value::as_str).unwrap_or_default(),
+                    number("/port")
+                ),
+                number("/enabled"),
+                s.pointer("/oper_status/state").and_then(Value::as_str).unwrap_or_default().to_string(),
+                reasons.join("; "),
+                number("/stats/requests"),
+                number("/stats/errors"),
+                number("/stats/open_connections"),
+                p99,
+            ]
+        })
+        .collect();
+    table::render(&["Server", "Enabled", "State", "Reason", "Requests", "Errors", "Open conns", "p99 latency"], &rows)
 }
 
 /// `show cluster`: the cluster's state, then a row per controller.
@@ -465,6 +517,18 @@ mod tests {
         assert_eq!(parse("quit").unwrap(), Command::Exit);
         assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
         assert!(parse("show").is_err());
+        assert_eq!(parse("show pool web pool server").unwrap(), Command::PoolServers("web pool".into()));
+        assert_eq!(
+            parse("show pool server").unwrap(),
+            Command::Show { kind: "pool".into(), name: Some("server".into()) }
+        );
+        let servers = serde_json::json!([{"ip_addr": {"addr": "10.0.0.1"}, "port": 80, "enabled": true,
+            "oper_status": {"state": "OPER_DOWN", "reason": ["hm: connect refused"]},
+            "stats": {"requests": 12, "errors": 1, "open_connections": 0, "latency_p99_ms": 2.5}}]);
+        let shown = pool_server_table(&servers);
+        for cell in ["10.0.0.1:80", "OPER_DOWN", "hm: connect refused", "12", "2.5 ms"] {
+            assert!(shown.contains(cell), "{cell} missing:\n{shown}");
+        }
         assert_eq!(parse("show cluster"), Ok(Command::ShowCluster));
         let runtime = serde_json::json!({"cluster_state": {"state": "CLUSTER_UP_HA_ACTIVE"}, "node_states": [
             {"name": "a", "role": "CLUSTER_LEADER", "state": "CLUSTER_ACTIVE", "mgmt_ip": "127.0.0.1", "up_since": "t"},

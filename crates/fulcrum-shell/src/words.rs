@@ -29,6 +29,7 @@ pub const VERBS: &[Verb] = &[
             "show cluster                         the cluster's state; each controller's role and state",
             "show serviceengine                   SEs with group, version, states, last heartbeat",
             "show serviceenginegroup <name>       a group, then its SEs",
+            "show pool <name> server              each server's health and traffic, as the SEs see them",
             "show pool-async status <patch_id>    the status of an asynchronous PATCH",
             "show upgrade status [detail]         where the controller and each SE group stand",
         ],
@@ -146,6 +147,7 @@ pub fn next(words: &[&str]) -> Next {
         ["show", "upgrade"] | ["show", "pool-async"] => Next::Words(vec!["status"]),
         ["show", "upgrade", "status"] => Next::Words(vec!["detail"]),
         ["show", kind] | ["delete", kind] => known_type(kind).map_or(Next::Nothing, |t| Next::Names(t, vec![])),
+        ["show", "pool", _name] => Next::Words(vec!["server"]),
         ["delete"] => Next::Words(type_names(false)),
         ["upload"] => Next::Words(vec!["image"]),
         ["upload", "image"] => Next::Words(vec!["filename"]),
@@ -192,6 +194,7 @@ mod tests {
         assert_eq!(next(&["show", "pool"]), Next::Names("pool", vec![]));
         assert_eq!(next(&["delete", "image"]), Next::Names("image", vec![]));
         assert_eq!(next(&["show", "upgrade"]), Next::Words(vec!["status"]));
+        assert_eq!(next(&["show", "pool", "web"]), Next::Words(vec!["server"]));
         assert_eq!(next(&["upload", "image", "filename"]), Next::File);
         assert_eq!(next(&["upgrade"]), Next::Words(vec!["system", "controller", "segroup"]));
         assert_eq!(next(&["upgrade", "segroup", "image_ref"]), Next::Names("image", vec![]));

@@ -99,7 +99,8 @@ fn pool_changes_reach_traffic_within_a_second_and_fail_no_request() {
     let c = controller(&work.path().join("controller"));
     let api = c.admin();
     let (_, t) = token(&api, "Default-Group");
-    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
+    let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &["--metrics-listen", &metrics]);
     wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
     let b1 = Backend::start("b1", "127.0.0.21", 0);
     let b2 = Backend::start("b2", "127.0.0.22", 0);
@@ -176,6 +177,16 @@ fn pool_changes_reach_traffic_within_a_second_and_fail_no_request() {
         (stats["requests"].as_u64().unwrap_or(0) >= tally.ok).then_some(stats)
     });
     assert!(stats["latency_p99_ms"].as_f64().is_some(), "{stats}");
+
+    // The agent's own /metrics: per virtual service and per server.
+    let text = ureq::get(&format!("http://{metrics}/metrics")).call().unwrap().into_string().unwrap();
+    let count = |series: &str| -> u64 {
+        text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+    };
+    assert!(count("fulcrum_se_vs_requests_total{vs=\"web-vs\"}") >= tally.ok, "{text}");
+    let b3_series = format!("fulcrum_se_server_requests_total{{pool=\"web\",server=\"{}\"}}", b3.addr);
+    assert!(count(&b3_series) > 0, "{b3_series} in\n{text}");
+    assert!(text.contains("fulcrum_se_vs_latency_seconds_bucket{vs=\"web-vs\",le=\"+Inf\"}"), "{text}");
 }
 
 /// A server that dies fails requests only within its monitor's detection window (and, as the
@@ -258,6 +269,9 @@ fn a_dead_server_is_taken_out_by_its_monitor_and_comes_back() {
     assert!(tally.ok > 1000, "the load ran: {tally:?}");
     let runtime = api.object(&format!("/api/pool/{pool}/runtime"));
     assert_eq!(runtime["num_servers_up"], 1, "{runtime}");
+    let (shown, _) = common::shell(&c, "show pool monitored server");
+    assert!(shown.contains(&b2.addr.to_string()) && shown.contains("OPER_DOWN"), "{shown}");
+    assert!(shown.contains(&b1.addr.to_string()) && shown.contains("OPER_UP"), "{shown}");
     drop(b1);
 }
 
@@ -280,8 +294,8 @@ fn group_of_three(with_bystander: bool) -> (Group, SocketAddr, Option<SocketAddr
     // A fixed address: the controller restarts itself into the new version first (SEs may not
     // run a newer version than the controller).
     let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let c = try_start(Launch { args: ENGINE_ARGS, listen: &listen, ..Launch::plain(data.path()) })
-        .expect("fulcrum starts");
+    let c =
+        try_start(Launch { args: ENGINE_ARGS, listen: &listen, ..Launch::plain(data.path()) }).expect("fulcrum starts");
     let api = c.admin();
     let work = temp_dir();
     let image = common::packages::upload(&api, &pkgs.with_se("se.pkg", "30.2.2", "9100", &[("etc/release", "se\n")]));
@@ -315,16 +329,7 @@ fn group_of_three(with_bystander: bool) -> (Group, SocketAddr, Option<SocketAddr
         answers(vip);
         vip
     });
-    let group = Group {
-        c,
-        api,
-        image,
-        _agents: agents,
-        _backends: backends,
-        _work: work,
-        _data: data,
-        _pkgs: pkgs,
-    };
+    let group = Group { c, api, image, _agents: agents, _backends: backends, _work: work, _data: data, _pkgs: pkgs };
     (group, vip, bystander)
 }
 
@@ -340,8 +345,10 @@ fn a_rolling_se_group_upgrade_under_load_fails_no_request() {
     let (g, vip, _) = group_of_three(false);
     let load = Load::start(vip, 4, Duration::from_secs(150));
     std::thread::sleep(Duration::from_millis(500));
-    let (out, _) =
-        common::shell(&g.c, &format!("upgrade segroup image_ref {} se_group_refs Default-Group skip_warnings", g.image));
+    let (out, _) = common::shell(
+        &g.c,
+        &format!("upgrade segroup image_ref {} se_group_refs Default-Group skip_warnings", g.image),
+    );
     assert!(out.contains("SYSERR_UPGRADE_SEGROUP_STARTED"), "{out}");
     let node = se_group_node(&g.api, "Default-Group");
     std::thread::sleep(Duration::from_millis(500));
@@ -414,8 +421,9 @@ fn an_se_restarting_into_its_new_slot_hands_its_sockets_over_and_fails_no_reques
     let image = image.json()["name"].as_str().unwrap().to_string();
     let (_, t) = token(&api, "Default-Group");
     let se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
-    let uuid = wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"))
-        ["uuid"]
+    let uuid = wait_for("the SE up", Duration::from_secs(30), || {
+        se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP")
+    })["uuid"]
         .as_str()
         .unwrap()
         .to_string();

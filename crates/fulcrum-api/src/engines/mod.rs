@@ -880,8 +880,8 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
                 let restarting = install_step(&s.value).and_then(Step::parse).is_some_and(Step::is_disruptive);
                 // A restart that is not disruptive hands the listening sockets to the new
                 // process: the SE goes on serving what it serves (and takes nothing new meanwhile).
-                let hands_over = restarting
-                    && s.value.pointer("/install_status/disruptive").and_then(Value::as_bool) != Some(true);
+                let hands_over =
+                    restarting && s.value.pointer("/install_status/disruptive").and_then(Value::as_bool) != Some(true);
                 let draining = engines.draining.lock().unwrap_or_else(|e| e.into_inner()).contains(&s.uuid);
                 let able = up[s.uuid.as_str()] && *licensed && !draining;
                 let serving_through = !restarting || hands_over;
