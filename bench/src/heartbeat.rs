@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::{Common, HeartbeatArgs, Process, basic, start_etcd, start_fulcrum_with};
 
 /// CPU seconds a process has used (user + system).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);

@@ -7,6 +7,7 @@ mod asyncpatch;
 mod cluster;
 mod heartbeat;
 mod patch;
+mod proxy;
 mod upgrade;
 mod upload;
 
@@ -47,6 +48,21 @@ enum Which {
     Upgrade(UpgradeArgs),
     /// The controller cluster on etcd: creates, PATCH/s, and failover under load (issue 15).
     Cluster(ClusterArgs),
+    /// The SE data plane: small HTTP responses through one SE on one core, against haproxy (issue 19).
+    Proxy(ProxyArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct ProxyArgs {
+    /// Keep-alive client connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Pool servers.
+    #[arg(long, default_value_t = 4)]
+    backends: usize,
+    /// Seconds measured per proxy (after a second of warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
 }
 
 #[derive(clap::Args, Clone)]
@@ -342,6 +358,7 @@ fn main() {
         Some(Which::Heartbeat(args)) => heartbeat::run(&cli.common, &args),
         Some(Which::Upgrade(args)) => upgrade::run(&cli.common, &args),
         Some(Which::Cluster(args)) => cluster::run(&cli.common, &args),
+        Some(Which::Proxy(args)) => proxy::run(&cli.common, &args),
         None => {
             config(&cli.common, &defaults::<ConfigArgs>());
             patch::run(&cli.common, &defaults::<PatchArgs>());
@@ -350,6 +367,7 @@ fn main() {
             heartbeat::run(&cli.common, &defaults::<HeartbeatArgs>());
             upgrade::run(&cli.common, &defaults::<UpgradeArgs>());
             cluster::run(&cli.common, &defaults::<ClusterArgs>());
+            proxy::run(&cli.common, &defaults::<ProxyArgs>());
         }
     }
 }
