@@ -60,9 +60,12 @@ struct ProxyArgs {
     /// Pool servers.
     #[arg(long, default_value_t = 4)]
     backends: usize,
-    /// Seconds measured per proxy (after a second of warm-up).
-    #[arg(long, default_value_t = 10)]
+    /// Seconds measured per round and proxy (after a second of warm-up).
+    #[arg(long, default_value_t = 8)]
     seconds: u64,
+    /// Rounds, alternating between the proxies; each one's best round counts.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(clap::Args, Clone)]

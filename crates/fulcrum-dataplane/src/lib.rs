@@ -104,19 +104,36 @@ pub enum DataPlaneError {
 }
 
 pub struct DataPlane {
-    runtime: tokio::runtime::Runtime,
+    /// Entered to spawn tasks, or waited on with `block_on` by the agent's threads (the
+    /// runtime's own threads drive it).
+    runtime: tokio::runtime::Handle,
+    /// Kept for the process's life: dropping it would stop the data plane.
+    _owner: Arc<tokio::runtime::Runtime>,
     inner: Arc<Inner>,
 }
 
 impl DataPlane {
     /// Starts the runtime (one worker per core the process may use) and takes the listening
-    /// sockets a previous process left in [`LISTENERS_ENV`].
+    /// sockets a previous process left in [`LISTENERS_ENV`]. On one core the runtime is a
+    /// single-threaded one driven by a thread of its own: no work stealing, no cross-thread
+    /// wake-ups, measurably more requests per core (BENCHMARKS.md).
     pub fn start() -> Result<DataPlane, DataPlaneError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .thread_name("dataplane")
-            .enable_all()
-            .build()
-            .map_err(|e| DataPlaneError::Start(e.to_string()))?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let built = if cores == 1 {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread().thread_name("dataplane").enable_all().build()
+        };
+        let owner = Arc::new(built.map_err(|e| DataPlaneError::Start(e.to_string()))?);
+        if cores == 1 {
+            let driver = owner.clone();
+            std::thread::Builder::new()
+                .name("dataplane".into())
+                .spawn(move || driver.block_on(std::future::pending::<()>()))
+                .map_err(|e| DataPlaneError::Start(e.to_string()))?;
+        }
+        let runtime = owner.handle().clone();
+        tracing::info!(cores, single_threaded = cores == 1, "data plane started");
         let inherited = inherited_listeners();
         if !inherited.is_empty() {
             tracing::info!(listeners = inherited.len(), "took over listening sockets from the previous process");
@@ -130,7 +147,7 @@ impl DataPlane {
             open: Arc::default(),
             changed: Arc::new(Notify::new()),
         });
-        Ok(DataPlane { runtime, inner })
+        Ok(DataPlane { runtime, _owner: owner, inner })
     }
 
     /// Serves exactly these virtual services: new ones start listening, changed ones take

@@ -405,9 +405,9 @@ fn a_disruptive_upgrade_fails_requests_of_the_virtual_services_the_precheck_name
     assert!(node["seg_status"]["num_vs_disrupted"].as_u64().unwrap_or(0) >= 1, "the disruption is reported: {node}");
 }
 
-/// An SE alone in its group restarts into a new slot (an install it is told to do) while it
-/// serves: the new process takes the listening sockets over, so no connection is refused and
-/// every request is answered.
+/// An SE alone in its group, on one core, restarts into a new slot (an install it is told to
+/// do) while it serves: the new process takes the listening sockets over, so no connection is
+/// refused and every request is answered.
 #[test]
 fn an_se_restarting_into_its_new_slot_hands_its_sockets_over_and_fails_no_request() {
     let pkgs = common::packages::Packages::new();
@@ -420,7 +420,8 @@ fn an_se_restarting_into_its_new_slot_hands_its_sockets_over_and_fails_no_reques
     assert_eq!(image.status, 201, "{}", image.body);
     let image = image.json()["name"].as_str().unwrap().to_string();
     let (_, t) = token(&api, "Default-Group");
-    let se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
+    // On one core: the data plane's single-threaded runtime, as a one-core SE runs it.
+    let se = Agent::start_on_one_core(&c, Some(&t), &work.path().join("se1"), "se1");
     let uuid = wait_for("the SE up", Duration::from_secs(30), || {
         se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP")
     })["uuid"]
@@ -448,6 +449,7 @@ fn an_se_restarting_into_its_new_slot_hands_its_sockets_over_and_fails_no_reques
     summary("an SE restarting into its new slot under load", &tally);
     assert_eq!(se.child.id(), pid, "the agent re-executes itself in place");
     assert!(restarted >= 1, "the new process took the sockets over:\n{}", se.log_text());
+    assert!(se.log_text().contains("single_threaded=true"), "one core, one thread:\n{}", se.log_text());
     assert!(tally.ok > 500, "the load ran: {tally:?}");
     assert_eq!(tally.resets(), 0, "connection resets: {:?}", tally.failures);
     assert!(tally.failures.is_empty(), "failed requests: {:?}", tally.failures);

@@ -43,10 +43,35 @@ impl Agent {
         name: &str,
         extra: &[&str],
     ) -> Agent {
+        Agent::start_under(&[], controllers, token, cwd, dir, name, extra)
+    }
+
+    /// Starts an agent on the first CPU only (`taskset -c 0`), as an SE given one core.
+    pub fn start_on_one_core(c: &Controller, token: Option<&str>, dir: &Path, name: &str) -> Agent {
+        Agent::start_under(&["taskset", "-c", "0"], &c.url, token, None, dir, name, &[])
+    }
+
+    /// Starts an agent through `wrapper` (a command that runs the agent, or nothing).
+    fn start_under(
+        wrapper: &[&str],
+        controllers: &str,
+        token: Option<&str>,
+        cwd: Option<&Path>,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Agent {
         let absolute = cwd.map_or_else(|| dir.to_path_buf(), |cwd| cwd.join(dir));
         fs::create_dir_all(&absolute).unwrap();
         let log = absolute.with_extension("log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         if let Some(cwd) = cwd {
             cmd.current_dir(cwd);
         }
