@@ -38,19 +38,23 @@ fn free_port(ip: &str) -> u16 {
 
 /// A vsvip on `ip`, a virtual service on it at a free port to `pool`; the VIP's address.
 fn virtual_service(api: &Api, name: &str, ip: &str, pool: &str, group: &str) -> (String, SocketAddr) {
+    virtual_service_with(api, name, ip, pool, group, json!({}))
+}
+
+/// As [`virtual_service`], with more fields of the virtual service.
+fn virtual_service_with(api: &Api, name: &str, ip: &str, pool: &str, group: &str, more: Value) -> (String, SocketAddr) {
     let vip = api.post(
         "/api/vsvip",
         &json!({"name": format!("{name}-vip"), "vip": [{"vip_id": "0", "ip_address": {"addr": ip, "type": "V4"}}]}),
     );
     assert_eq!(vip.status, 201, "{}", vip.body);
     let port = free_port(ip);
-    let vs = api.post(
-        "/api/virtualservice",
-        &json!({"name": name, "services": [{"port": port}],
+    let mut body = json!({"name": name, "services": [{"port": port}],
                 "vsvip_ref": format!("/api/vsvip/{}", vip.json()["uuid"].as_str().unwrap()),
                 "pool_ref": format!("/api/pool/{pool}"),
-                "se_group_ref": format!("/api/serviceenginegroup?name={group}")}),
-    );
+                "se_group_ref": format!("/api/serviceenginegroup?name={group}")});
+    body.as_object_mut().unwrap().extend(more.as_object().unwrap().clone());
+    let vs = api.post("/api/virtualservice", &body);
     assert_eq!(vs.status, 201, "{}", vs.body);
     (vs.json()["uuid"].as_str().unwrap().to_string(), format!("{ip}:{port}").parse().unwrap())
 }
@@ -164,6 +168,7 @@ fn pool_changes_reach_traffic_within_a_second_and_fail_no_request() {
     summary("pool changes under load", &tally);
     assert!(tally.ok > 1000, "the load ran: {tally:?}");
     assert!(tally.failures.is_empty(), "failed requests: {:?}", tally.failures);
+    assert_eq!(tally.connections, 4, "no client connection was closed by the changes");
 
     // The controller shows servers' health and the traffic the SE counted.
     wait_for("runtime reports", Duration::from_secs(10), || {
@@ -177,6 +182,40 @@ fn pool_changes_reach_traffic_within_a_second_and_fail_no_request() {
         (stats["requests"].as_u64().unwrap_or(0) >= tally.ok).then_some(stats)
     });
     assert!(stats["latency_p99_ms"].as_f64().is_some(), "{stats}");
+
+    // A removed server's request in flight finishes (the pool's graceful_disable_timeout is a
+    // minute); new requests go to the server that replaced it.
+    let slow = Backend::start("slow", "127.0.0.25", 0);
+    let r = api.post("/api/pool", &json!({"name": "draining", "servers": [server(&slow)]}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let draining = r.json()["uuid"].as_str().unwrap().to_string();
+    let (_, drain_vip) = virtual_service(&api, "draining-vs", "127.0.0.43", &draining, "Default-Group");
+    answers(drain_vip);
+    let in_flight = std::thread::spawn(move || {
+        let r = ureq::get(&format!("http://{drain_vip}/slow")).timeout(Duration::from_secs(10)).call().unwrap();
+        (r.status(), r.into_string().unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    patch(&api, &format!("/api/pool/{draining}"), json!({"add": {"servers": [server(&b3)]}}));
+    patch(&api, &format!("/api/pool/{draining}"), json!({"delete": {"servers": [server(&slow)]}}));
+    wait_for("the replacing server answers", WITHIN, || {
+        let r = ureq::get(&format!("http://{drain_vip}/")).timeout(Duration::from_secs(1)).call().ok()?;
+        (r.into_string().ok()? == "b3").then_some(())
+    });
+    assert_eq!(in_flight.join().unwrap(), (200, "slow".to_string()), "the in-flight request finished");
+
+    // Layer 4: the same pool through a TCP virtual service (bytes copied both ways).
+    let (_, l4_vip) = virtual_service_with(
+        &api,
+        "web-l4",
+        "127.0.0.44",
+        &pool,
+        "Default-Group",
+        json!({"application_profile_ref": "/api/applicationprofile?name=System-L4-Application"}),
+    );
+    answers(l4_vip);
+    let through_l4 = ureq::get(&format!("http://{l4_vip}/")).call().unwrap().into_string().unwrap();
+    assert!(["b3", "b4"].contains(&through_l4.as_str()), "{through_l4}");
 
     // The agent's own /metrics: per virtual service and per server.
     let text = ureq::get(&format!("http://{metrics}/metrics")).call().unwrap().into_string().unwrap();

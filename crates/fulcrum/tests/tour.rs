@@ -166,7 +166,16 @@ fn the_readme_tour_runs_as_written() {
     assert!(status.success(), "the tour stopped ({status:?}):\n{log}\n--- controller:\n{serve_log}");
 
     // What the reader saw, and where the tour left the system.
-    for seen in ["\"name\":\"web\"", "app-vs", "SYSERR_SUCCESS", "Default-Group", "se1", "UPGRADE_FSM_COMPLETED"] {
+    for seen in [
+        "\"name\":\"web\"",
+        "app-vs",
+        "Directory listing for /",
+        "127.0.0.2:8001",
+        "SYSERR_SUCCESS",
+        "Default-Group",
+        "se1",
+        "UPGRADE_FSM_COMPLETED",
+    ] {
         assert!(log.contains(seen), "'{seen}' not shown:\n{log}");
     }
     let api = Api::new(&format!("http://127.0.0.1:{TOUR_PORT}")).basic("admin", TOUR_PASSWORD);

@@ -39,8 +39,8 @@ fn header<'a>(head: &'a [String], name: &str) -> Option<&'a str> {
     })
 }
 
-/// A pool server: answers every request with its name; `/health` answers 200, or 503 while
-/// told to fail. Each answer says where the request came from (`X-Forwarded-For`).
+/// A pool server: answers every request with its name (`/slow` after 1.5 s); `/health` answers
+/// 200, or 503 while told to fail. It keeps the last `X-Forwarded-For` it was sent.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
@@ -139,6 +139,10 @@ fn serve_backend(
         let mut body = vec![0; length];
         if reader.read_exact(&mut body).is_err() {
             return;
+        }
+        if path == "/slow" {
+            // A long request: it is in flight while the test changes the configuration.
+            std::thread::sleep(Duration::from_millis(1500));
         }
         let (status, text) = if path == "/health" {
             if healthy.load(Ordering::SeqCst) {
