@@ -291,6 +291,17 @@ def test_upgrade_preview_and_status_through_the_sdk(controller):
     with open(path, "rb") as f:
         uploaded = upload_session(controller).post("image", files={"file": ("controller.pkg", f, "application/octet-stream")})
     assert uploaded.status_code == 201, uploaded.text
+    # In a cluster the image is copied to every controller first; until then the image-state
+    # check (14) is an error, as it should be. Wait for the copies, as an operator would.
+    import time
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        image = api.get_object_by_name("image", tag)
+        states = [n.get("state") for n in image.get("node_states", [])]
+        if states and all(s == "IMAGE_FSM_COMPLETED" for s in states):
+            break
+        time.sleep(0.2)
+    assert states and all(s == "IMAGE_FSM_COMPLETED" for s in states), image
     preview = api.post("upgrade/preview", data={"image_ref": "/api/image?name=" + tag, "system": True})
     assert preview.status_code == 200, preview.text
     body = preview.json()
