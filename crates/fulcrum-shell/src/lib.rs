@@ -129,12 +129,7 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
             if reply.status == 200 { Ok(table::object(&reply.body)) } else { Err(error_text(&reply)) }
         }
         Command::PoolServers(name) => {
-            let query = form_urlencoded::Serializer::new(String::new()).append_pair("name", name).finish();
-            let reply = client.get(&format!("pool?{query}&fields=uuid")).map_err(|e| e.to_string())?;
-            let uuid = reply.body["results"][0]["uuid"]
-                .as_str()
-                .ok_or_else(|| format!("pool '{name}' not found"))?
-                .to_string();
+            let uuid = uuid_by_name(client, "pool", name)?;
             let reply = client.get(&format!("pool/{uuid}/runtime/server")).map_err(|e| e.to_string())?;
             if reply.status != 200 {
                 return Err(error_text(&reply));
@@ -148,12 +143,7 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
         }
         Command::Delete { kind, name } => {
             reg.type_def(kind).filter(|t| !t.singleton).ok_or_else(|| format!("unknown type '{kind}'"))?;
-            let query = form_urlencoded::Serializer::new(String::new()).append_pair("name", name).finish();
-            let reply = client.get(&format!("{kind}?{query}&fields=uuid")).map_err(|e| e.to_string())?;
-            let uuid = reply.body["results"][0]["uuid"]
-                .as_str()
-                .ok_or_else(|| format!("{kind} '{name}' not found"))?
-                .to_string();
+            let uuid = uuid_by_name(client, kind, name)?;
             let reply = client.request("DELETE", &format!("{kind}/{uuid}"), None).map_err(|e| e.to_string())?;
             if reply.status == 204 { Ok(format!("Deleted {kind} {name}\n")) } else { Err(error_text(&reply)) }
         }
@@ -191,6 +181,13 @@ pub fn execute(client: &mut Client, command: &Command) -> Result<String, String>
             }
         }
     }
+}
+
+/// The uuid of the `kind` object named `name`.
+fn uuid_by_name(client: &mut Client, kind: &str, name: &str) -> Result<String, String> {
+    let query = form_urlencoded::Serializer::new(String::new()).append_pair("name", name).finish();
+    let reply = client.get(&format!("{kind}?{query}&fields=uuid")).map_err(|e| e.to_string())?;
+    reply.body["results"][0]["uuid"].as_str().map(String::from).ok_or_else(|| format!("{kind} '{name}' not found"))
 }
 
 /// `show pool <name> server`: a row per server.
