@@ -80,6 +80,7 @@ impl OpenCount {
 
 struct Bound {
     vs: String,
+    tls: bool,
     stop: watch::Sender<bool>,
     /// The accept loop; it gives the socket back when stopped.
     task: JoinHandle<TcpListener>,
@@ -202,18 +203,30 @@ impl DataPlane {
                 .or_insert_with(|| Arc::new(VsEntry::new(&hosted.uuid, &hosted.name, service.application)))
                 .clone();
             *lock(&entry.pool) = service.pool.as_ref().and_then(|p| lock(&inner.pools).get(&p.uuid).cloned());
-            let mut addrs = Vec::new();
             let mut failed = Vec::new();
+            let acceptor = match &service.certificate {
+                Some(c) => tls_acceptor(c, service.application)
+                    .map_err(|e| failed.push(format!("certificate '{}': {e}", c.name)))
+                    .ok(),
+                None => None,
+            };
+            *lock(&entry.tls) = acceptor.clone();
+            let mut addrs = Vec::new();
             for l in &service.listeners {
                 match l.ip.parse() {
-                    Ok(ip) => addrs.push(SocketAddr::new(ip, l.port)),
+                    Ok(_) if l.tls && acceptor.is_none() && service.certificate.is_none() => failed.push(format!(
+                        "{}:{}: TLS without a usable certificate (ssl_key_and_certificate_refs)",
+                        l.ip, l.port
+                    )),
+                    Ok(_) if l.tls && acceptor.is_none() => {}
+                    Ok(ip) => addrs.push((SocketAddr::new(ip, l.port), l.tls)),
                     Err(_) => failed.push(format!("{}: not an IP address", l.ip)),
                 }
             }
-            let want: HashSet<SocketAddr> = addrs.iter().copied().collect();
-            self.stop_listeners_where(|addr, owner| owner == hosted.uuid && !want.contains(addr));
-            for addr in addrs {
-                if let Err(e) = self.listen(addr, &entry) {
+            let want: HashSet<(SocketAddr, bool)> = addrs.iter().copied().collect();
+            self.stop_listeners_where(|addr, b| b.vs == hosted.uuid && !want.contains(&(*addr, b.tls)));
+            for (addr, tls) in addrs {
+                if let Err(e) = self.listen(addr, &entry, tls) {
                     failed.push(e);
                 }
             }
@@ -240,7 +253,7 @@ impl DataPlane {
     }
 
     /// Binds (or adopts, or keeps) the listener for `addr` for this virtual service.
-    fn listen(&self, addr: SocketAddr, vs: &Arc<VsEntry>) -> Result<(), String> {
+    fn listen(&self, addr: SocketAddr, vs: &Arc<VsEntry>, tls: bool) -> Result<(), String> {
         let mut listeners = lock(&self.inner.listeners);
         if let Some(bound) = listeners.get(&addr) {
             if bound.vs == vs.uuid {
@@ -254,23 +267,23 @@ impl DataPlane {
             None => bind(addr).map_err(|e| format!("{addr}: {e}"))?,
         };
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, vs.clone(), self.inner.open.clone(), stopped));
-        tracing::info!(vs = %vs.name, %addr, "listening");
-        listeners.insert(addr, Bound { vs: vs.uuid.clone(), stop, task });
+        let task = tokio::spawn(accept_loop(listener, vs.clone(), self.inner.open.clone(), stopped, tls));
+        tracing::info!(vs = %vs.name, %addr, tls, "listening");
+        listeners.insert(addr, Bound { vs: vs.uuid.clone(), tls, stop, task });
         Ok(())
     }
 
     fn stop_listeners(&self, owned_by: impl Fn(&str) -> bool) {
-        self.stop_listeners_where(|_, owner| owned_by(owner));
+        self.stop_listeners_where(|_, bound| owned_by(&bound.vs));
     }
 
     /// Stops the matching accept loops and closes their sockets. Connections still waiting in
     /// a closed socket's queue move to another listener of the same address
     /// (`net.ipv4.tcp_migrate_req`, see [`prepare_host`]).
-    fn stop_listeners_where(&self, matches: impl Fn(&SocketAddr, &str) -> bool) {
+    fn stop_listeners_where(&self, matches: impl Fn(&SocketAddr, &Bound) -> bool) {
         let stopped: Vec<(SocketAddr, Bound)> = {
             let mut listeners = lock(&self.inner.listeners);
-            let addrs: Vec<SocketAddr> = listeners.iter().filter(|(a, b)| matches(a, &b.vs)).map(|(a, _)| *a).collect();
+            let addrs: Vec<SocketAddr> = listeners.iter().filter(|(a, b)| matches(a, b)).map(|(a, _)| *a).collect();
             addrs.into_iter().filter_map(|a| listeners.remove(&a).map(|b| (a, b))).collect()
         };
         for (addr, bound) in stopped {
@@ -414,6 +427,7 @@ async fn accept_loop(
     vs: Arc<VsEntry>,
     open: Arc<OpenCount>,
     mut stop: watch::Receiver<bool>,
+    tls: bool,
 ) -> TcpListener {
     loop {
         tokio::select! {
@@ -422,7 +436,7 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let guard = Open::new(vs.clone(), open.clone());
-                    tokio::spawn(proxy::serve(stream, client, vs.clone(), guard));
+                    tokio::spawn(proxy::accepted(stream, client, vs.clone(), guard, tls));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait rather than spin.
@@ -449,6 +463,34 @@ fn start_drain(vs: Arc<VsEntry>, timeout: Duration) {
         tokio::time::sleep(timeout.saturating_sub(IDLE_GRACE)).await;
         vs.drain.send_replace(Drain::Cut);
     });
+}
+
+/// A TLS acceptor presenting `certificate` (for HTTP, offering HTTP/1.1 by ALPN).
+fn tls_acceptor(
+    certificate: &fulcrum_se_protocol::Certificate,
+    application: fulcrum_se_protocol::Application,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(certificate.certificate_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot read the certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in its PEM".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(certificate.key_pem.as_bytes())
+        .map_err(|e| format!("cannot read the private key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("the certificate and key do not match: {e}"))?;
+    if application == fulcrum_se_protocol::Application::Http {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

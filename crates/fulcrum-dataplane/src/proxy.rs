@@ -50,6 +50,8 @@ pub struct VsEntry {
     pub name: String,
     pub application: Application,
     pub pool: Mutex<Option<Arc<PoolEntry>>>,
+    /// What its TLS listeners present (replaced when the certificate changes).
+    pub tls: Mutex<Option<tokio_rustls::TlsAcceptor>>,
     pub counters: Counters,
     pub drain: watch::Sender<Drain>,
 }
@@ -61,6 +63,7 @@ impl VsEntry {
             name: name.to_string(),
             application,
             pool: Mutex::new(None),
+            tls: Mutex::new(None),
             counters: Counters::default(),
             drain: watch::Sender::new(Drain::Serving),
         }
@@ -92,8 +95,36 @@ impl Drop for Open {
     }
 }
 
-pub async fn serve(stream: TcpStream, client: SocketAddr, vs: Arc<VsEntry>, open: Open) {
+/// A client connection, plain or inside TLS.
+pub trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> ClientStream for S {}
+
+/// How long a client has for its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves an accepted connection; on a TLS listener, after the handshake with the virtual
+/// service's certificate.
+pub async fn accepted(stream: TcpStream, client: SocketAddr, vs: Arc<VsEntry>, open: Open, tls: bool) {
     let _ = stream.set_nodelay(true);
+    if !tls {
+        return serve(stream, client, vs, open).await;
+    }
+    let Some(acceptor) = lock(&vs.tls).clone() else {
+        Counters::add(&vs.counters.errors, 1);
+        return;
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve(stream, client, vs, open).await,
+        Ok(Err(e)) => {
+            tracing::debug!(vs = %vs.name, %client, error = %e, "TLS handshake failed");
+            Counters::add(&vs.counters.errors, 1);
+        }
+        Err(_) => Counters::add(&vs.counters.errors, 1),
+    }
+}
+
+async fn serve(stream: impl ClientStream, client: SocketAddr, vs: Arc<VsEntry>, open: Open) {
     match vs.application {
         Application::Http => serve_http(stream, client, vs).await,
         Application::Tcp => serve_tcp(stream, client, vs).await,
@@ -101,7 +132,7 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, vs: Arc<VsEntry>, open
     drop(open);
 }
 
-async fn serve_http(stream: TcpStream, client: SocketAddr, vs: Arc<VsEntry>) {
+async fn serve_http(stream: impl ClientStream, client: SocketAddr, vs: Arc<VsEntry>) {
     let mut drain = vs.drain.subscribe();
     let service_vs = vs.clone();
     let service = hyper::service::service_fn(move |request| {
@@ -339,7 +370,7 @@ impl Drop for Relay {
     }
 }
 
-async fn serve_tcp(mut stream: TcpStream, client: SocketAddr, vs: Arc<VsEntry>) {
+async fn serve_tcp(mut stream: impl ClientStream, client: SocketAddr, vs: Arc<VsEntry>) {
     let started = Instant::now();
     let Some(pool) = vs.pool() else {
         Counters::add(&vs.counters.errors, 1);

@@ -135,6 +135,24 @@ pub struct Service {
     pub listeners: Vec<Listener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<Pool>,
+    /// What the TLS listeners present (the virtual service's first `ssl_key_and_certificate_refs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<Certificate>,
+}
+
+/// A certificate chain and its private key, PEM. The key travels only on the agent channel
+/// and is kept in the agent's state file (mode 0600); `Debug` leaves it out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub name: String,
+    pub certificate_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificate").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +168,9 @@ pub enum Application {
 pub struct Listener {
     pub ip: String,
     pub port: u16,
+    /// TLS is terminated here (the service port's `enable_ssl`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -507,11 +528,18 @@ mod tests {
             name: "web".into(),
             service: Some(Service {
                 application: Application::Http,
-                listeners: vec![Listener { ip: "127.0.0.5".into(), port }],
+                listeners: vec![Listener { ip: "127.0.0.5".into(), port, tls: false }],
                 pool: None,
+                certificate: None,
             }),
         };
         let a = Placement { virtualservices: vec![vs(80)] };
+        // A plain listener's wire form is the one before TLS existed (digests stay put).
+        let wire = serde_json::to_value(&a).unwrap();
+        assert_eq!(
+            wire["virtualservices"][0]["service"]["listeners"][0],
+            serde_json::json!({"ip": "127.0.0.5", "port": 80})
+        );
         assert_eq!(a.digest(), a.clone().digest());
         assert_eq!(a.digest().len(), 24);
         assert_ne!(a.digest(), Placement { virtualservices: vec![vs(81)] }.digest());

@@ -493,3 +493,76 @@ fn an_se_restarting_into_its_new_slot_hands_its_sockets_over_and_fails_no_reques
     assert_eq!(tally.resets(), 0, "connection resets: {:?}", tally.failures);
     assert!(tally.failures.is_empty(), "failed requests: {:?}", tally.failures);
 }
+
+/// One GET over TLS to `vip`, verifying the certificate against `ca_pem` for `name`.
+fn get_over_tls(vip: SocketAddr, ca_pem: &str, name: &str) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    let connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), server_name).map_err(|e| e.to_string())?;
+    let socket = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(connection, socket);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    match tls.read_to_string(&mut answer) {
+        Ok(_) => {}
+        // A peer that closes without close_notify still gave the whole answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(answer)
+}
+
+/// A service port with `enable_ssl` terminates TLS with the virtual service's certificate (here
+/// the controller's System-Default-Cert, issued for localhost by System-Default-Root-CA); the
+/// plain port of the same virtual service stays plain.
+#[test]
+fn tls_is_terminated_with_the_virtual_services_certificate() {
+    let work = temp_dir();
+    let c = controller(&work.path().join("controller"));
+    let api = c.admin();
+    let (_, t) = token(&api, "Default-Group");
+    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
+    wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    let b1 = Backend::start("b1", "127.0.0.81", 0);
+    let r = api.post("/api/pool", &json!({"name": "tls-pool", "servers": [server(&b1)]}));
+    let pool = r.json()["uuid"].as_str().unwrap().to_string();
+    let ip = "127.0.0.82";
+    let (tls_port, plain_port) = (free_port(ip), free_port(ip));
+    let (_, _) = virtual_service_with(
+        &api,
+        "tls-vs",
+        ip,
+        &pool,
+        "Default-Group",
+        json!({"services": [{"port": tls_port, "enable_ssl": true}, {"port": plain_port}],
+               "ssl_key_and_certificate_refs": ["/api/sslkeyandcertificate?name=System-Default-Cert"]}),
+    );
+    let plain: SocketAddr = format!("{ip}:{plain_port}").parse().unwrap();
+    answers(plain);
+    let ca =
+        api.object("/api/sslkeyandcertificate?name=System-Default-Root-CA")["results"][0]["certificate"]["certificate"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let vip: SocketAddr = format!("{ip}:{tls_port}").parse().unwrap();
+    let answer =
+        wait_for("the TLS port to answer", Duration::from_secs(10), || get_over_tls(vip, &ca, "localhost").ok());
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("b1"), "{answer}");
+    let wrong = get_over_tls(vip, &ca, "not-this-host.example");
+    assert!(wrong.is_err(), "the certificate is for localhost only: {wrong:?}");
+    // Plain HTTP to the TLS port is no HTTP answer.
+    assert!(ureq::get(&format!("http://{vip}/")).timeout(Duration::from_secs(2)).call().is_err());
+}

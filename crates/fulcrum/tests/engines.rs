@@ -240,7 +240,13 @@ fn license_cores_decide_which_ses_are_licensed() {
 }
 
 fn install(api: &Api, se: &str, image: &str) {
-    let r = api.post(&format!("/api/serviceengine/{se}/install"), &json!({"image_ref": image}));
+    install_with(api, se, image, false);
+}
+
+/// An install; `disruptive`: the SE's virtual services leave it for its restart.
+fn install_with(api: &Api, se: &str, image: &str, disruptive: bool) {
+    let r =
+        api.post(&format!("/api/serviceengine/{se}/install"), &json!({"image_ref": image, "disruptive": disruptive}));
     assert_eq!(r.status, 202, "{}", r.error());
 }
 
@@ -331,7 +337,9 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
     assert_eq!(api.get(&format!("/api/se-agent/image/{tampered_image}")).status, 401);
 
     // A good install: new slot, hooks, restart into the slot's own agent, new version reported.
-    install(&api, &se, "30.2.2-9100-20261122.101500");
+    // Disruptive: its virtual service does not wait on it (a non-disruptive restart would keep
+    // it, handing the listening sockets to the new process; tests/dataplane.rs).
+    install_with(&api, &se, "30.2.2-9100-20261122.101500", true);
     let done = finished(&api, &se);
     assert_eq!(done["install_status"]["state"], "DONE", "{}", done["install_status"]);
     assert_eq!(done["version"], "30.2.2");
@@ -352,7 +360,8 @@ fn an_se_installs_a_real_package_refuses_a_tampered_one_and_rolls_back_a_sick_on
     ] {
         assert!(steps.contains(&step), "{step} missing from {steps:?}");
     }
-    // While se1 restarted into its new version, its virtual service moved to se2, and stays.
+    // While se1 restarted into its new version (disruptively), its virtual service moved to
+    // se2, and stays.
     assert_eq!(serving(&api, &vs).as_deref(), se2["uuid"].as_str(), "placement redone around the upgrade");
     assert_eq!(slot_json(&agent_dir, "b")["version"], "30.2.2", "the version comes from the installed slot");
     assert!(agent_dir.join("slots/b/post-install-ran").exists());

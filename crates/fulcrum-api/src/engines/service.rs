@@ -8,7 +8,7 @@
 //! least connections; consistent hash is on the client address whatever `lb_algorithm_hash`
 //! says; servers given by DNS name and monitors other than TCP and HTTP are left out.
 
-use fulcrum_se_protocol::{Algorithm, Application, Check, Listener, Monitor, Pool, Server, Service};
+use fulcrum_se_protocol::{Algorithm, Application, Certificate, Check, Listener, Monitor, Pool, Server, Service};
 use serde_json::Value;
 
 /// One virtual service listens on at most this many ports (a `port_range_end` beyond is cut).
@@ -48,14 +48,16 @@ pub fn service_of<'a>(vs: &Value, lookup: &dyn Fn(&str) -> Option<&'a Value>) ->
     for service in vs.get("services").and_then(Value::as_array).into_iter().flatten() {
         let Some(first) = int(service, "port").filter(|p| (1..=65535).contains(p)) else { continue };
         let last = int(service, "port_range_end").filter(|e| *e >= first && *e <= 65535).unwrap_or(first);
+        let tls = flag(service, "enable_ssl", false);
         for port in first..=last {
             for ip in &addresses {
-                listeners.push(Listener { ip: (*ip).to_string(), port: port as u16 });
+                listeners.push(Listener { ip: (*ip).to_string(), port: port as u16, tls });
             }
         }
     }
-    listeners.sort();
-    listeners.dedup();
+    // One listener per address: the first service naming a port decides whether it is TLS.
+    listeners.sort_by(|a, b| (&a.ip, a.port).cmp(&(&b.ip, b.port)));
+    listeners.dedup_by(|later, first| later.ip == first.ip && later.port == first.port);
     listeners.truncate(MAX_LISTENERS);
     if listeners.is_empty() {
         return None;
@@ -65,7 +67,27 @@ pub fn service_of<'a>(vs: &Value, lookup: &dyn Fn(&str) -> Option<&'a Value>) ->
         Some(_) => Application::Tcp,
     };
     let pool = text(vs, "pool_ref").and_then(|r| Some(pool_of(r, lookup(r)?, lookup)));
-    Some(Service { application, listeners, pool })
+    let certificate = listeners
+        .iter()
+        .any(|l| l.tls)
+        .then(|| vs.get("ssl_key_and_certificate_refs")?.as_array()?.first()?.as_str())
+        .flatten()
+        .and_then(lookup)
+        .and_then(certificate_of);
+    Some(Service { application, listeners, pool, certificate })
+}
+
+/// A certificate with its key: the key a user gave (`key`), or a system default's own. An
+/// encrypted key (`key_passphrase`) is not used: the SE reports its TLS listeners as not served.
+fn certificate_of(object: &Value) -> Option<Certificate> {
+    if object.get("key_passphrase").and_then(Value::as_str).is_some_and(|p| !p.is_empty()) {
+        return None;
+    }
+    Some(Certificate {
+        name: text(object, "name").unwrap_or_default().to_string(),
+        certificate_pem: object.pointer("/certificate/certificate")?.as_str()?.to_string(),
+        key_pem: text(object, "key").or_else(|| text(object, "_private_key"))?.to_string(),
+    })
 }
 
 fn pool_of<'a>(reference: &str, pool: &Value, lookup: &dyn Fn(&str) -> Option<&'a Value>) -> Pool {
@@ -240,6 +262,39 @@ mod tests {
             }],
             "a ping monitor is not run"
         );
+    }
+
+    #[test]
+    fn tls_listeners_carry_the_first_certificate_with_its_key() {
+        let mut objects = objects();
+        objects.insert(
+            "/api/sslkeyandcertificate/c1".into(),
+            json!({"name": "web-cert", "certificate": {"certificate": "CERT"}, "key": "KEY"}),
+        );
+        objects.insert(
+            "/api/sslkeyandcertificate/sys".into(),
+            json!({"name": "System-Default-Cert", "certificate": {"certificate": "SYS"}, "_private_key": "SYSKEY"}),
+        );
+        let vs = |refs: Value| {
+            json!({"vsvip_ref": "/api/vsvip/vsvip-1", "ssl_key_and_certificate_refs": refs,
+                   "services": [{"port": 443, "enable_ssl": true}, {"port": 80}, {"port": 443}]})
+        };
+        let service = service_of(&vs(json!(["/api/sslkeyandcertificate/c1"])), &|p: &str| objects.get(p)).unwrap();
+        let tls: Vec<(u16, bool)> = service.listeners.iter().map(|l| (l.port, l.tls)).collect();
+        assert_eq!(tls, [(80, false), (443, true)], "one listener per port, the first service decides");
+        let cert = service.certificate.unwrap();
+        assert_eq!(
+            (cert.name.as_str(), cert.certificate_pem.as_str(), cert.key_pem.as_str()),
+            ("web-cert", "CERT", "KEY")
+        );
+        assert!(!format!("{cert:?}").contains("KEY"), "Debug leaves the key out");
+        let system = service_of(&vs(json!(["/api/sslkeyandcertificate/sys"])), &|p: &str| objects.get(p)).unwrap();
+        assert_eq!(system.certificate.unwrap().key_pem, "SYSKEY", "a system default's own key");
+        objects.get_mut("/api/sslkeyandcertificate/c1").unwrap()["key_passphrase"] = json!("secret");
+        let locked = service_of(&vs(json!(["/api/sslkeyandcertificate/c1"])), &|p: &str| objects.get(p)).unwrap();
+        assert!(locked.certificate.is_none(), "an encrypted key is not used");
+        let plain = service_of(&vs(json!(null)), &|p: &str| objects.get(p)).unwrap();
+        assert!(plain.certificate.is_none());
     }
 
     #[test]
