@@ -21,6 +21,16 @@ fn controller(dir: &std::path::Path) -> Controller {
     try_start(Launch { args: ENGINE_ARGS, ..Launch::plain(dir) }).expect("fulcrum starts")
 }
 
+/// A controller with one real SE (`se1`, started with `agent_args`) in Default-Group, up.
+fn one_se(work: &std::path::Path, agent_args: &[&str]) -> (Controller, Api, Agent) {
+    let c = controller(&work.join("controller"));
+    let api = c.admin();
+    let (_, t) = token(&api, "Default-Group");
+    let se = Agent::start(&c, Some(&t), &work.join("se1"), "se1", agent_args);
+    wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    (c, api, se)
+}
+
 fn server(b: &Backend) -> Value {
     json!({"ip": {"addr": b.addr.ip().to_string(), "type": "V4"}, "port": b.addr.port()})
 }
@@ -100,12 +110,8 @@ fn server_state(api: &Api, pool: &str, b: &Backend) -> String {
 #[test]
 fn pool_changes_reach_traffic_within_a_second_and_fail_no_request() {
     let work = temp_dir();
-    let c = controller(&work.path().join("controller"));
-    let api = c.admin();
-    let (_, t) = token(&api, "Default-Group");
     let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &["--metrics-listen", &metrics]);
-    wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    let (_controller, api, _se) = one_se(work.path(), &["--metrics-listen", &metrics]);
     let b1 = Backend::start("b1", "127.0.0.21", 0);
     let b2 = Backend::start("b2", "127.0.0.22", 0);
     let b3 = Backend::start("b3", "127.0.0.23", 0);
@@ -234,11 +240,7 @@ fn pool_changes_reach_traffic_within_a_second_and_fail_no_request() {
 #[test]
 fn a_dead_server_is_taken_out_by_its_monitor_and_comes_back() {
     let work = temp_dir();
-    let c = controller(&work.path().join("controller"));
-    let api = c.admin();
-    let (_, t) = token(&api, "Default-Group");
-    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
-    wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    let (c, api, _se) = one_se(work.path(), &[]);
     let hm = api.post(
         "/api/healthmonitor",
         &json!({"name": "http-1s", "type": "HEALTH_MONITOR_HTTP", "send_interval": 1, "receive_timeout": 1,
@@ -531,11 +533,7 @@ fn get_over_tls(vip: SocketAddr, ca_pem: &str, name: &str) -> Result<String, Str
 #[test]
 fn tls_is_terminated_with_the_virtual_services_certificate() {
     let work = temp_dir();
-    let c = controller(&work.path().join("controller"));
-    let api = c.admin();
-    let (_, t) = token(&api, "Default-Group");
-    let _se = Agent::start(&c, Some(&t), &work.path().join("se1"), "se1", &[]);
-    wait_for("the SE up", Duration::from_secs(30), || se_by_name(&api, "se1").filter(|s| state(s) == "OPER_UP"));
+    let (_controller, api, _se) = one_se(work.path(), &[]);
     let b1 = Backend::start("b1", "127.0.0.81", 0);
     let r = api.post("/api/pool", &json!({"name": "tls-pool", "servers": [server(&b1)]}));
     let pool = r.json()["uuid"].as_str().unwrap().to_string();
