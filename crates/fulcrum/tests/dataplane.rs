@@ -563,4 +563,21 @@ fn tls_is_terminated_with_the_virtual_services_certificate() {
     assert!(wrong.is_err(), "the certificate is for localhost only: {wrong:?}");
     // Plain HTTP to the TLS port is no HTTP answer.
     assert!(ureq::get(&format!("http://{vip}/")).timeout(Duration::from_secs(2)).call().is_err());
+
+    // A TLS port without a certificate is not served, and the runtime says why.
+    let (bare, _) = virtual_service_with(
+        &api,
+        "tls-without-cert",
+        "127.0.0.83",
+        &pool,
+        "Default-Group",
+        json!({"services": [{"port": free_port("127.0.0.83"), "enable_ssl": true}]}),
+    );
+    let runtime = wait_for("the SE to say why", Duration::from_secs(10), || {
+        let runtime = api.object(&format!("/api/virtualservice/{bare}/runtime"));
+        (runtime["vip_summary"][0]["service_engine"][0].get("errors").is_some()).then_some(runtime)
+    });
+    assert_eq!(runtime["oper_status"]["state"], "OPER_DOWN", "{runtime}");
+    let reason = runtime["oper_status"]["reason"][0].as_str().unwrap();
+    assert!(reason.contains("TLS without a usable certificate"), "{reason}");
 }

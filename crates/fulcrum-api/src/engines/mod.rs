@@ -641,12 +641,17 @@ pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored)
     let group = cat.get_path(vs.value.get("se_group_ref").and_then(Value::as_str).unwrap_or_default());
     let requested = group.and_then(|g| g.value.get("min_scaleout_per_vs")).and_then(Value::as_u64).unwrap_or(1);
     let placed = app.engines.placed_on(uuid);
+    let reports = app.engines.fresh_runtime();
+    // What each SE's data plane says of this virtual service: where it listens, what it could not bind.
+    let on_se = |se: &str| {
+        reports.iter().find(|(s, _)| s == se).and_then(|(_, r)| r.virtualservices.iter().find(|v| v.uuid == uuid))
+    };
     let engines: Vec<Value> = placed
         .iter()
         .enumerate()
         .filter_map(|(i, se)| {
             let stored = cat.get(SE_KIND, se)?;
-            Some(json!({
+            let mut entry = json!({
                 "uuid": se,
                 "url": format!("{}/api/{SE_KIND}/{se}", ctx.base_url),
                 "name": stored.meta.name,
@@ -654,21 +659,35 @@ pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored)
                 "standby": false,
                 "active_on_se": app.engines.serves(se, uuid),
                 "oper_status": stored.value.get("oper_status"),
-            }))
+            });
+            if let Some(v) = on_se(se) {
+                entry["listening"] = json!(v.listening);
+                if !v.errors.is_empty() {
+                    entry["errors"] = json!(v.errors);
+                }
+            }
+            Some(entry)
         })
         .collect();
     let mut traffic = Traffic::default();
-    for (_, report) in app.engines.fresh_runtime() {
+    for (_, report) in &reports {
         for v in report.virtualservices.iter().filter(|v| v.uuid == uuid) {
             traffic.add(&v.traffic);
         }
     }
     let serving = engines.iter().filter(|e| e["active_on_se"] == json!(true)).count();
     let enabled = vs.value.get("enabled").and_then(Value::as_bool) != Some(false);
+    // Why its SEs do not serve it, when their data planes said.
+    let refused: Option<String> =
+        placed.iter().filter_map(|se| on_se(se)).flat_map(|v| v.errors.iter()).next().cloned();
+    let waiting = match &refused {
+        Some(error) => format!("its service engines cannot serve it: {error}"),
+        None => "placed, waiting for its service engines to take it".to_string(),
+    };
     let (state, reason) = match (enabled, placed.len(), serving) {
         (false, _, _) => ("OPER_DISABLED", "the virtual service is disabled"),
         (true, 0, _) => ("OPER_RESOURCES", "no service engine of its group is available"),
-        (true, _, 0) => ("OPER_DOWN", "placed, waiting for its service engines to take it"),
+        (true, _, 0) => ("OPER_DOWN", waiting.as_str()),
         _ => ("OPER_UP", ""),
     };
     let status = oper_status(state, reason);
