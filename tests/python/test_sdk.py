@@ -276,6 +276,7 @@ def test_service_engines_through_the_sdk(controller, tmp_path):
                 break
             time.sleep(0.2)
         assert runtime["vip_summary"][0]["service_engine"][0]["uuid"] == se["uuid"]
+        check_traffic_through_the_se(api, time.time() + 30)
         assert api.delete("serviceengine/%s" % se["uuid"]).status_code == 204
         assert agent.wait(timeout=20) != 0, "a deleted SE's agent is cut off"
         assert api.delete_by_name("virtualservice", "sdk-vs-se").status_code == 204
@@ -283,6 +284,63 @@ def test_service_engines_through_the_sdk(controller, tmp_path):
     finally:
         agent.kill()
         agent.wait()
+
+
+def check_traffic_through_the_se(api, deadline):
+    """A virtual service on a VIP of 127.0.0.0/8 serves a pool server started here, through the
+    agent's data plane; the pool's and the virtual service's runtime say so."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            body = b"hello from the pool"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    backend = http.server.ThreadingHTTPServer(("127.0.0.151", 0), Hello)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        server = {"ip": {"addr": "127.0.0.151", "type": "V4"}, "port": backend.server_address[1]}
+        pool = api.post("pool", data={"name": "sdk-traffic", "servers": [server]}).json()
+        vip = api.post("vsvip", data={"name": "sdk-traffic-vip",
+                                      "vip": [{"vip_id": "0", "ip_address": {"addr": "127.0.0.152", "type": "V4"}}]}).json()
+        with socket.socket() as s:
+            s.bind(("127.0.0.152", 0))
+            port = s.getsockname()[1]
+        vs = api.post("virtualservice", data={"name": "sdk-traffic-vs", "services": [{"port": port}],
+                                              "pool_ref": pool["url"], "vsvip_ref": vip["url"]}).json()
+        answer = None
+        while time.time() < deadline and answer is None:
+            try:
+                answer = requests.get("http://127.0.0.152:%d/" % port, timeout=2).text
+            except requests.RequestException:
+                time.sleep(0.2)
+        assert answer == "hello from the pool"
+        servers, stats = [], {}
+        while time.time() < deadline:
+            servers = api.get("pool/%s/runtime/server" % pool["uuid"]).json()
+            stats = api.get("virtualservice/%s/runtime" % vs["uuid"]).json()["stats"]
+            if servers and servers[0]["oper_status"]["state"] == "OPER_UP" and stats["requests"] >= 1:
+                break
+            time.sleep(0.2)
+        assert servers[0]["oper_status"]["state"] == "OPER_UP", servers
+        assert servers[0]["ip_addr"]["addr"] == "127.0.0.151"
+        assert stats["requests"] >= 1, stats
+        assert api.get("pool/%s/runtime" % pool["uuid"]).json()["num_servers_up"] == 1
+        for kind, name in [("virtualservice", "sdk-traffic-vs"), ("vsvip", "sdk-traffic-vip"), ("pool", "sdk-traffic")]:
+            assert api.delete_by_name(kind, name).status_code == 204
+    finally:
+        backend.shutdown()
 
 
 def test_upgrade_preview_and_status_through_the_sdk(controller):
