@@ -259,9 +259,20 @@ pub fn openapi_document() -> Value {
         item.remove("put");
         item.remove("patch");
     }
-    if let Some(post) = paths.get_mut(&format!("/api/{image}")).and_then(|i| i.get_mut("post")) {
-        post["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}}});
+    // The type is made by the system (no JSON create), but its records are made by uploads.
+    if let Some(item) = paths.get_mut(&format!("/api/{image}")).and_then(Value::as_object_mut) {
+        let made =
+            json!({"description": "The image record", "content": {"application/json": {"schema": {"type": "object"}}}});
+        item.insert(
+            "post".into(),
+            json!({
+                "tags": [image],
+                "summary": "Upload a signed package: multipart/form-data with the package in the field 'file'.",
+                "requestBody": {"required": true, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+                "responses": fulcrum_schema::openapi::responses("post", json!({"201": made})),
+            }),
+        );
     }
     doc
 }

@@ -523,6 +523,13 @@ fn metrics_and_openapi_describe_the_service() {
         "LB_ALGORITHM_LEAST_CONNECTIONS"
     );
     assert!(doc["paths"]["/api/virtualservice/{uuid}"]["put"].is_object());
+    // Image records are made by uploads: POST is documented as the multipart upload it is.
+    let upload = &doc["paths"]["/api/image"]["post"];
+    assert!(upload["requestBody"]["content"]["multipart/form-data"].is_object(), "{upload}");
+    assert!(upload["responses"]["201"].is_object(), "{upload}");
+    for runtime in ["/api/pool/{uuid}/runtime", "/api/pool/{uuid}/runtime/server"] {
+        assert!(doc["paths"][runtime]["get"].is_object(), "{runtime} documented");
+    }
 }
 
 #[test]
