@@ -364,7 +364,7 @@ impl Se {
             cores,
             memory_mb: memory_mb(),
             hosted_vs: state.hosted.iter().map(|h| h.uuid.clone()).collect(),
-            placement_digest: Placement { virtualservices: state.hosted.clone() }.digest(),
+            placement_digest: Placement::digest_of(&state.hosted),
             serving_vs: self.serving.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }

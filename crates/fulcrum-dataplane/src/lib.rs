@@ -214,11 +214,15 @@ impl DataPlane {
             let mut addrs = Vec::new();
             for l in &service.listeners {
                 match l.ip.parse() {
-                    Ok(_) if l.tls && acceptor.is_none() && service.certificate.is_none() => failed.push(format!(
-                        "{}:{}: TLS without a usable certificate (ssl_key_and_certificate_refs)",
-                        l.ip, l.port
-                    )),
-                    Ok(_) if l.tls && acceptor.is_none() => {}
+                    // Not served; an unusable certificate was reported above, a missing one here.
+                    Ok(_) if l.tls && acceptor.is_none() => {
+                        if service.certificate.is_none() {
+                            failed.push(format!(
+                                "{}:{}: TLS without a usable certificate (ssl_key_and_certificate_refs)",
+                                l.ip, l.port
+                            ));
+                        }
+                    }
                     Ok(ip) => addrs.push((SocketAddr::new(ip, l.port), l.tls)),
                     Err(_) => failed.push(format!("{}: not an IP address", l.ip)),
                 }

@@ -112,8 +112,18 @@ impl Placement {
     /// A short fingerprint of the whole placement, the same on both sides (the serialisation is
     /// deterministic: fields in declaration order, lists in the controller's order).
     pub fn digest(&self) -> String {
+        Placement::digest_of(&self.virtualservices)
+    }
+
+    /// The digest of a placement holding these virtual services, without building one.
+    pub fn digest_of(virtualservices: &[HostedVs]) -> String {
         use sha2::{Digest, Sha256};
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        // Serialises exactly as `Placement` does.
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            virtualservices: &'a [HostedVs],
+        }
+        let bytes = serde_json::to_vec(&Borrowed { virtualservices }).unwrap_or_default();
         Sha256::digest(&bytes)[..12].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -534,6 +544,7 @@ mod tests {
             }),
         };
         let a = Placement { virtualservices: vec![vs(80)] };
+        assert_eq!(Placement::digest_of(&a.virtualservices), a.digest());
         // A plain listener's wire form is the one before TLS existed (digests stay put).
         let wire = serde_json::to_value(&a).unwrap();
         assert_eq!(

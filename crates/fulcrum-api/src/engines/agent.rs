@@ -213,9 +213,17 @@ fn pending(app: &App, se_uuid: &str, request: &PollRequest) -> Result<Option<Pol
                 })
                 .collect(),
         };
-        let mut hosted = request.facts.hosted_vs.clone();
-        hosted.sort();
-        if assigned != hosted || placement.digest() != request.facts.placement_digest {
+        // The digest covers the list and every virtual service's data plane; an agent that
+        // predates digests sends none and is judged by its list (else it would be sent the
+        // placement on every poll).
+        let differs = if request.facts.placement_digest.is_empty() {
+            let mut hosted = request.facts.hosted_vs.clone();
+            hosted.sort();
+            assigned != hosted
+        } else {
+            placement.digest() != request.facts.placement_digest
+        };
+        if differs {
             answer.placement = Some(placement);
         }
     }

@@ -19,7 +19,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use fulcrum_metrics::Gauge;
 use fulcrum_schema::{Registry, TypeDef, normalize, refs};
-use fulcrum_se_protocol::{Facts, RuntimeReport, ServerState, Step, Traffic, server_key};
+use fulcrum_se_protocol::{Facts, RuntimeReport, ServerState, Step, Traffic};
 use fulcrum_store::{Catalogue, Stored, Txn};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -153,11 +153,10 @@ impl Engines {
     /// Records a heartbeat; when what the SE serves changed, placement is looked at again
     /// (a virtual service moving waits for its new SE to serve it).
     fn record_heartbeat(&self, se: &str, facts: Facts) {
-        let live = Live { seen: Instant::now(), seen_at: SystemTime::now(), facts };
+        let same_service = |a: &Facts| a.hosted_vs == facts.hosted_vs && a.serving_vs == facts.serving_vs;
+        let live = Live { seen: Instant::now(), seen_at: SystemTime::now(), facts: facts.clone() };
         let before = self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(se.to_string(), live);
-        let serving = |f: &Facts| (f.hosted_vs.clone(), f.serving_vs.clone());
-        let after = self.live.lock().unwrap_or_else(|e| e.into_inner()).get(se).map(|l| serving(&l.facts));
-        if before.map(|l| serving(&l.facts)) != after {
+        if !before.is_some_and(|l| same_service(&l.facts)) {
             self.changed();
         }
     }
@@ -166,16 +165,17 @@ impl Engines {
         self.runtime.lock().unwrap_or_else(|e| e.into_inner()).insert(se.to_string(), (Instant::now(), report));
     }
 
-    /// The runtime reports of SEs heard from recently enough to count as up.
-    fn fresh_runtime(&self) -> Vec<(String, RuntimeReport)> {
+    /// Runs `read` over the runtime reports of SEs heard from recently enough to count as up
+    /// (by SE uuid, in uuid order), borrowed: a report may list thousands of servers.
+    fn with_fresh_runtime<R>(&self, read: impl FnOnce(&[(&str, &RuntimeReport)]) -> R) -> R {
         let runtime = self.runtime.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<(String, RuntimeReport)> = runtime
+        let mut fresh: Vec<(&str, &RuntimeReport)> = runtime
             .iter()
             .filter(|(_, (at, _))| at.elapsed() < self.settings.down_after)
-            .map(|(se, (_, r))| (se.clone(), r.clone()))
+            .map(|(se, (_, r))| (se.as_str(), r))
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        fresh.sort_by_key(|(se, _)| *se);
+        read(&fresh)
     }
 
     fn forget(&self, se: &str) {
@@ -641,10 +641,22 @@ pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored)
     let group = cat.get_path(vs.value.get("se_group_ref").and_then(Value::as_str).unwrap_or_default());
     let requested = group.and_then(|g| g.value.get("min_scaleout_per_vs")).and_then(Value::as_u64).unwrap_or(1);
     let placed = app.engines.placed_on(uuid);
-    let reports = app.engines.fresh_runtime();
+    app.engines.with_fresh_runtime(|reports| runtime_answer(app, ctx, cat, vs, requested, &placed, reports))
+}
+
+fn runtime_answer(
+    app: &App,
+    ctx: &RequestContext,
+    cat: &Catalogue,
+    vs: &Stored,
+    requested: u64,
+    placed: &[String],
+    reports: &[(&str, &RuntimeReport)],
+) -> Value {
+    let uuid = vs.uuid.as_str();
     // What each SE's data plane says of this virtual service: where it listens, what it could not bind.
     let on_se = |se: &str| {
-        reports.iter().find(|(s, _)| s == se).and_then(|(_, r)| r.virtualservices.iter().find(|v| v.uuid == uuid))
+        reports.iter().find(|(s, _)| *s == se).and_then(|(_, r)| r.virtualservices.iter().find(|v| v.uuid == uuid))
     };
     let engines: Vec<Value> = placed
         .iter()
@@ -670,7 +682,7 @@ pub fn runtime_of(app: &App, ctx: &RequestContext, cat: &Catalogue, vs: &Stored)
         })
         .collect();
     let mut traffic = Traffic::default();
-    for (_, report) in &reports {
+    for (_, report) in reports {
         for v in report.virtualservices.iter().filter(|v| v.uuid == uuid) {
             traffic.add(&v.traffic);
         }
@@ -732,35 +744,37 @@ pub fn pool_runtime(app: &App, ctx: &RequestContext, uuid: &str, servers_only: b
     require(ctx, t, Level::Read)?;
     let cat = app.store.read();
     let pool = find_visible(&cat, ctx, t, uuid)?;
-    let reports = app.engines.fresh_runtime();
     let mut traffic = Traffic::default();
-    let servers: Vec<Value> = pool
-        .value
-        .get("servers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            let addr = s.pointer("/ip/addr").and_then(Value::as_str).unwrap_or_default();
-            let port = s.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
-            let key = server_key(addr, port);
-            let seen: Vec<(&str, &fulcrum_se_protocol::ServerRuntime)> = reports
-                .iter()
-                .flat_map(|(se, r)| r.pools.iter().filter(|p| p.uuid == uuid).map(move |p| (se.as_str(), p)))
-                .filter_map(|(se, p)| p.servers.iter().find(|r| server_key(&r.ip, r.port) == key).map(|r| (se, r)))
-                .collect();
-            let (answer, counted) = server_runtime(&cat, s, &seen);
-            traffic.add(&counted);
-            answer
-        })
-        .collect();
+    let mut states = Vec::new();
+    let servers: Vec<Value> = app.engines.with_fresh_runtime(|reports| {
+        // Each server as the SEs see it, indexed once (a pool may hold thousands).
+        let mut seen_by_key: HashMap<(&str, u16), Vec<(&str, &fulcrum_se_protocol::ServerRuntime)>> = HashMap::new();
+        for (se, report) in reports {
+            for p in report.pools.iter().filter(|p| p.uuid == uuid) {
+                for r in &p.servers {
+                    seen_by_key.entry((r.ip.as_str(), r.port)).or_default().push((se, r));
+                }
+            }
+        }
+        let servers = pool.value.get("servers").and_then(Value::as_array).into_iter().flatten();
+        servers
+            .map(|s| {
+                let addr = s.pointer("/ip/addr").and_then(Value::as_str).unwrap_or_default();
+                let port = s.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
+                let seen = seen_by_key.get(&(addr, port)).map_or(&[][..], Vec::as_slice);
+                let (answer, counted, state) = server_runtime(&cat, s, seen);
+                traffic.add(&counted);
+                states.push(state);
+                answer
+            })
+            .collect()
+    });
     if servers_only {
         return Ok(json_response(StatusCode::OK, &Value::Array(servers)));
     }
-    let state_is = |s: &Value, want: &str| s.pointer("/oper_status/state").and_then(Value::as_str) == Some(want);
-    let enabled = servers.iter().filter(|s| !state_is(s, "OPER_DISABLED")).count();
-    let up = servers.iter().filter(|s| state_is(s, "OPER_UP")).count();
-    let reported = servers.iter().any(|s| !state_is(s, "OPER_UNAVAILABLE") && !state_is(s, "OPER_DISABLED"));
+    let enabled = states.iter().filter(|s| **s != "OPER_DISABLED").count();
+    let up = states.iter().filter(|s| **s == "OPER_UP").count();
+    let reported = states.iter().any(|s| !matches!(*s, "OPER_UNAVAILABLE" | "OPER_DISABLED"));
     let (state, reason) = match (reported, enabled, up) {
         (_, 0, _) => ("OPER_DOWN", "no server is enabled"),
         (false, _, _) => ("OPER_UNAVAILABLE", "no service engine balances to this pool"),
@@ -783,13 +797,14 @@ pub fn pool_runtime(app: &App, ctx: &RequestContext, uuid: &str, servers_only: b
     ))
 }
 
-/// One server's runtime: UP when every SE reporting it can use it, DOWN when none can,
-/// PARTITIONED in between; DISABLED by configuration; UNAVAILABLE while no SE reports it.
+/// One server's runtime (with its traffic and state): UP when every SE reporting it can use it,
+/// DOWN when none can, PARTITIONED in between; DISABLED by configuration; UNAVAILABLE while no
+/// SE reports it.
 fn server_runtime(
     cat: &Catalogue,
     server: &Value,
     seen: &[(&str, &fulcrum_se_protocol::ServerRuntime)],
-) -> (Value, Traffic) {
+) -> (Value, Traffic, &'static str) {
     let configured = server.get("enabled").and_then(Value::as_bool) != Some(false);
     let up = seen.iter().filter(|(_, r)| r.state == ServerState::Up).count();
     let down: Vec<&str> =
@@ -825,7 +840,7 @@ fn server_runtime(
         "service_engines": per_se,
         "stats": traffic_json(&traffic),
     });
-    (answer, traffic)
+    (answer, traffic, state)
 }
 
 /// The background loop: liveness, licenses and placement, every half second and whenever
@@ -899,11 +914,10 @@ async fn reconcile(app: &App) -> Result<(), ApiError> {
                 let restarting = install_step(&s.value).and_then(Step::parse).is_some_and(Step::is_disruptive);
                 // A restart that is not disruptive hands the listening sockets to the new
                 // process: the SE goes on serving what it serves (and takes nothing new meanwhile).
-                let hands_over =
-                    restarting && s.value.pointer("/install_status/disruptive").and_then(Value::as_bool) != Some(true);
+                let disruptive = s.value.pointer("/install_status/disruptive").and_then(Value::as_bool) == Some(true);
+                let serving_through = !(restarting && disruptive);
                 let draining = engines.draining.lock().unwrap_or_else(|e| e.into_inner()).contains(&s.uuid);
                 let able = up[s.uuid.as_str()] && *licensed && !draining;
-                let serving_through = !restarting || hands_over;
                 placement::Candidate {
                     alive: up[s.uuid.as_str()] && serving_through,
                     uuid: s.uuid.clone(),
