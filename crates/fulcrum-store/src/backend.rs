@@ -18,6 +18,12 @@ pub trait Backend: Send + 'static {
     fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError>;
     /// Applies all changes atomically; returns only once they are durable.
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError>;
+    /// Whether `commit` may run on any thread, an async runtime's included: then a write that
+    /// finds nothing to group with commits on its caller's thread instead of the writer's.
+    /// A backend that drives its own runtime in `commit` (etcd) says no.
+    fn commits_on_any_thread(&self) -> bool {
+        true
+    }
     /// The most changes one commit may carry (the writer's batches stay within it).
     fn max_changes_per_commit(&self) -> usize {
         usize::MAX

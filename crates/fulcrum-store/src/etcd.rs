@@ -573,6 +573,11 @@ impl Backend for EtcdBackend {
         runtime.block_on(self.commit_async(changes))
     }
 
+    fn commits_on_any_thread(&self) -> bool {
+        // `commit` blocks on this backend's runtime, which panics inside another runtime.
+        false
+    }
+
     fn max_changes_per_commit(&self) -> usize {
         MAX_CHANGES_PER_COMMIT
     }

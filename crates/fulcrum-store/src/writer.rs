@@ -1,15 +1,17 @@
-//! The single writer: every change goes through one thread that group-commits.
+//! The single committer: every change goes through one round at a time, which group-commits.
 //!
 //! A write is a closure run against a [`Txn`]: a view of the catalogue plus the changes already
-//! accepted into the current batch. The writer runs every pending closure, commits all accepted
+//! accepted into the current batch. A round runs every pending closure, commits all accepted
 //! changes in one backend transaction (one fsync), applies them to the catalogue, and only then
-//! answers the callers. So checks (unique names, existing references) are serialised with the
-//! commit, throughput grows with the number of concurrent writers, and readers never see a change
-//! that is not yet durable.
+//! answers the callers. A write that finds nothing running or queued runs its round on its own
+//! thread; otherwise it queues, and the writer thread takes what is queued as the next batch.
+//! So checks (unique names, existing references) are serialised with the commit, throughput
+//! grows with the number of concurrent writers, and readers never see a change that is not yet
+//! durable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use fulcrum_metrics::{Histogram, LATENCY_BUCKETS, SIZE_BUCKETS};
@@ -324,13 +326,64 @@ impl Txn<'_> {
     }
 }
 
-/// The catalogue plus the writer thread that is the only one to change it.
+/// The catalogue plus the one committer at a time that changes it.
 pub struct Store {
     catalogue: Arc<RwLock<Catalogue>>,
-    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    /// Whether a write may commit on its caller's thread when nothing else is committing or
+    /// waiting (see [`Backend::commits_on_any_thread`]).
+    inline: bool,
     health: Arc<std::sync::Mutex<Health>>,
     /// Set when the backend feeds the catalogue (etcd): how far it has got.
     applied: Option<Arc<crate::catalogue::Applied>>,
+}
+
+/// What the store's callers and its writer thread share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer thread when a job is queued while nobody commits.
+    queued: Condvar,
+    /// Locked only by whoever set `Queue::busy`, so never contended.
+    committer: Mutex<Committer>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Someone (the writer thread or an inline caller) is running a round.
+    busy: bool,
+    /// A write queued behind the round now running.
+    queued_while_busy: bool,
+    /// The last round had company (it took more than one write, or writes waited behind it):
+    /// under such load writes go to the writer thread, so that batches stay whole and tokio
+    /// workers keep serving requests.
+    contended: bool,
+    /// The store was dropped: the writer thread ends once the queue is empty.
+    closed: bool,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a round starting with `first` (the caller set `busy`); returns whether jobs were
+    /// queued meanwhile that it had no room for.
+    fn round(&self, first: Job) -> bool {
+        let taken =
+            self.committer.lock().unwrap_or_else(|e| e.into_inner()).round(first, || self.queue().jobs.pop_front());
+        let mut queue = self.queue();
+        queue.busy = false;
+        queue.contended = std::mem::take(&mut queue.queued_while_busy) || taken > 1;
+        !queue.jobs.is_empty()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shared.queue().closed = true;
+        self.shared.queued.notify_one();
+    }
 }
 
 /// Whether the last commit succeeded; if not, since when commits fail and why.
@@ -378,16 +431,32 @@ impl Store {
         }
         let catalogue = Arc::new(RwLock::new(catalogue));
         let applied = backend.start_feed(catalogue.clone(), indexer.clone());
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let shared = catalogue.clone();
         let health = Arc::new(std::sync::Mutex::new(Health::default()));
-        let writer_health = health.clone();
-        let fed = applied.clone();
+        let inline = backend.commits_on_any_thread();
+        // A batch takes more writes only while it holds under half what the backend can commit
+        // at once, so that the write taken last still fits.
+        let fill_to = (backend.max_changes_per_commit() / 2).max(1);
+        let committer = Committer {
+            backend: Box::new(backend),
+            catalogue: catalogue.clone(),
+            indexer,
+            clock,
+            health: health.clone(),
+            fed: applied.clone(),
+            reclaim: reclaimer(),
+            fill_to,
+        };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
+            committer: Mutex::new(committer),
+        });
+        let writer = shared.clone();
         std::thread::Builder::new()
             .name("fulcrum-writer".into())
-            .spawn(move || run_writer(backend, shared, indexer, queue, clock, writer_health, fed))
+            .spawn(move || run_writer(&writer))
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        Ok(Store { catalogue, jobs, health, applied })
+        Ok(Store { catalogue, shared, inline, health, applied })
     }
 
     /// For a fed catalogue (etcd): how far it has got, to wait for a revision before a read.
@@ -412,7 +481,7 @@ impl Store {
         CatalogueView { guard: self.catalogue.read().unwrap_or_else(|e| e.into_inner()) }
     }
 
-    /// Runs `f` in the writer; its changes are durable and visible when this returns `Ok`.
+    /// Runs `f` in a commit round; its changes are durable and visible when this returns `Ok`.
     pub async fn write<R, E>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<R, E> + Send + 'static,
@@ -437,8 +506,38 @@ impl Store {
                 (false, Box::new(|_| {}))
             }
         });
-        self.jobs.send(job).map_err(|_| WriteError::Storage(StoreError::Closed))?;
+        self.submit(job).map_err(WriteError::Storage)?;
         rx.await.map_err(|_| WriteError::Storage(StoreError::Aborted))?
+    }
+
+    /// Runs `job` here when nothing else commits or waits (and nothing waited behind the last
+    /// round), or queues it for the writer thread.
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        let mut queue = self.shared.queue();
+        if queue.closed {
+            return Err(StoreError::Closed);
+        }
+        if self.inline && !queue.busy && queue.jobs.is_empty() && !queue.contended {
+            // Nothing to group with: commit here rather than wake the writer thread and be
+            // woken back, two hand-offs that cost a lone client more than its fsync. The
+            // worker blocks for one commit, as the writer thread would have.
+            queue.busy = true;
+            drop(queue);
+            debug_assert_eq!(VIEWS_HELD.with(|held| held.get()), 0, "a write while holding a view of the catalogue");
+            if self.shared.round(job) {
+                // What was queued meanwhile is the writer thread's.
+                self.shared.queued.notify_one();
+            }
+        } else {
+            queue.jobs.push_back(job);
+            queue.queued_while_busy |= queue.busy;
+            let idle = !queue.busy;
+            drop(queue);
+            if idle {
+                self.shared.queued.notify_one();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -477,26 +576,54 @@ pub(crate) fn reclaimer() -> mpsc::Sender<Vec<Arc<Stored>>> {
     tx
 }
 
-fn run_writer(
-    mut backend: impl Backend,
+/// The writer thread: runs a round whenever jobs wait and nobody else is committing.
+fn run_writer(shared: &Shared) {
+    loop {
+        let first = {
+            let mut queue = shared.queue();
+            loop {
+                if !queue.busy {
+                    if let Some(job) = queue.jobs.pop_front() {
+                        queue.busy = true;
+                        break job;
+                    }
+                    if queue.closed {
+                        return;
+                    }
+                }
+                queue = shared.queued.wait(queue).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        // Whatever was queued meanwhile is taken at the top of the loop.
+        shared.round(first);
+    }
+}
+
+/// What commits: owned by whoever runs the current round.
+struct Committer {
+    backend: Box<dyn Backend>,
     catalogue: Arc<RwLock<Catalogue>>,
     indexer: Indexer,
-    queue: mpsc::Receiver<Job>,
-    mut clock: u64,
+    clock: u64,
     health: Arc<std::sync::Mutex<Health>>,
     fed: Option<Arc<crate::catalogue::Applied>>,
-) {
-    let reclaim = reclaimer();
-    // A batch takes more writes only while it holds under half what the backend can commit at
-    // once, so that the write taken last still fits.
-    let fill_to = (backend.max_changes_per_commit() / 2).max(1);
-    while let Ok(first) = queue.recv() {
+    reclaim: mpsc::Sender<Vec<Arc<Stored>>>,
+    fill_to: usize,
+}
+
+impl Committer {
+    /// Runs `first` and, while the batch has room, the jobs `more` gives; commits what they
+    /// accepted in one backend transaction, applies it to the catalogue, then answers each.
+    /// Returns how many jobs it ran.
+    fn round(&mut self, first: Job, mut more: impl FnMut() -> Option<Job>) -> usize {
+        let Committer { backend, catalogue, indexer, clock, health, fed, reclaim, fill_to } = self;
+        let fill_to = *fill_to;
         let mut batch = Overlay::default();
         let mut finishers = Vec::new();
         let mut poisoned = false;
+        let mut taken = 0usize;
         {
             let base = catalogue.read().unwrap_or_else(|e| e.into_inner());
-            let mut taken = 0usize;
             let mut next = Some(first);
             while let Some(job) = next.take() {
                 taken += 1;
@@ -504,8 +631,8 @@ fn run_writer(
                     base: &base,
                     batch: &mut batch,
                     current: Overlay::default(),
-                    indexer: &indexer,
-                    clock: &mut clock,
+                    indexer,
+                    clock,
                     borrowed_from_batch: false,
                 };
                 // A write that panics is refused alone (its caller sees `Aborted`); the writer
@@ -529,7 +656,7 @@ fn run_writer(
                     Err(_) => tracing::error!("a write panicked; it was refused and nothing of it was stored"),
                 }
                 if taken < MAX_BATCH && batch.objects.len() < fill_to {
-                    next = queue.try_recv().ok();
+                    next = more();
                 }
             }
         }
@@ -585,6 +712,7 @@ fn run_writer(
         for finish in finishers {
             finish(&outcome);
         }
+        taken
     }
 }
 
@@ -720,6 +848,11 @@ mod tests {
             self.0.lock().unwrap().push(changes.to_vec());
             Ok(())
         }
+        fn commits_on_any_thread(&self) -> bool {
+            // Through the writer thread, writes that arrive together share a commit even on
+            // a single-threaded runtime, which is what these tests look at.
+            false
+        }
     }
 
     /// Commits at most four changes at once, as a backend with a transaction limit does.
@@ -740,6 +873,88 @@ mod tests {
         fn max_changes_per_commit(&self) -> usize {
             4
         }
+        fn commits_on_any_thread(&self) -> bool {
+            false
+        }
+    }
+
+    /// The committing thread's name and how many changes it committed.
+    type CommitLog = Arc<std::sync::Mutex<Vec<(Option<String>, usize)>>>;
+
+    /// Records which thread committed how many changes; its first commit waits for `gate`.
+    #[derive(Clone)]
+    struct Gated {
+        commits: CommitLog,
+        entered: std::sync::mpsc::SyncSender<()>,
+        gate: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl Backend for Gated {
+        fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
+            Ok(vec![])
+        }
+        fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+            let first = self.commits.lock().unwrap().is_empty();
+            if first {
+                self.entered.send(()).unwrap();
+                self.gate.lock().unwrap().recv().unwrap();
+            }
+            let thread = std::thread::current().name().map(String::from);
+            self.commits.lock().unwrap().push((thread, changes.len()));
+            Ok(())
+        }
+    }
+
+    fn put_pool(store: &Store, i: usize) -> impl Future<Output = Result<(), WriteError<()>>> {
+        store.write(move |txn| {
+            txn.put("pool", &format!("p{i}"), json!({"name": format!("p{i}")}));
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn a_lone_write_commits_on_its_callers_thread_and_writes_meanwhile_are_grouped() {
+        let (entered, entered_rx) = std::sync::mpsc::sync_channel(1);
+        let (open_gate, gate) = std::sync::mpsc::channel();
+        let log = CommitLog::default();
+        let backend = Gated { commits: log.clone(), entered, gate: Arc::new(std::sync::Mutex::new(gate)) };
+        let store = Arc::new(Store::open(backend, indexer()).unwrap());
+        let runtime = || tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let write_from = |thread: &str, i: usize| {
+            let store = store.clone();
+            std::thread::Builder::new()
+                .name(thread.into())
+                .spawn(move || runtime().block_on(put_pool(&store, i)))
+                .unwrap()
+        };
+        let lone = write_from("lone-caller", 0);
+        entered_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the lone write reached the backend");
+        // While that commit is held, ten more writes arrive; the gate opens once they wait.
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            open_gate.send(()).unwrap();
+        });
+        let outcomes = runtime().block_on(futures_join_all((1..=10).map(|i| put_pool(&store, i))));
+        assert!(outcomes.iter().all(Result::is_ok));
+        lone.join().unwrap().unwrap();
+        opener.join().unwrap();
+        let commits = log.lock().unwrap().clone();
+        assert_eq!(commits[0], (Some("lone-caller".to_string()), 1), "{commits:?}");
+        assert!(commits[1..].iter().all(|(thread, _)| thread.as_deref() == Some("fulcrum-writer")), "{commits:?}");
+        assert_eq!(commits[1..].iter().map(|(_, n)| n).sum::<usize>(), 10);
+        assert!(commits.len() - 1 < 10, "the writes that waited share commits: {commits:?}");
+        // The round after a busy one goes through the writer thread; once a round had no
+        // company, a lone write commits on its caller's thread again.
+        write_from("later-caller", 11).join().unwrap().unwrap();
+        write_from("last-caller", 12).join().unwrap().unwrap();
+        let commits = log.lock().unwrap().clone();
+        let tail: Vec<_> = commits.iter().rev().take(2).rev().cloned().collect();
+        assert_eq!(
+            tail,
+            [(Some("fulcrum-writer".to_string()), 1), (Some("last-caller".to_string()), 1)],
+            "{commits:?}"
+        );
+        assert_eq!(store.read().count("pool"), 13);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -805,7 +1020,14 @@ mod tests {
                 Ok(())
             })
         };
-        let (a, b) = tokio::join!(edit(1), edit(2));
+        // The writer is held by a first write until both edits are queued, so one batch takes both.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = store.write(move |_txn| -> Result<(), ()> {
+            held.recv_timeout(std::time::Duration::from_secs(10)).expect("released");
+            Ok(())
+        });
+        let (h, a, b, ()) = tokio::join!(hold, edit(1), edit(2), async { release.send(()).unwrap() });
+        h.unwrap();
         a.unwrap();
         b.unwrap();
         let commits = recorder.0.lock().unwrap().clone();
@@ -859,7 +1081,8 @@ mod tests {
                 .await
                 .unwrap();
         }
-        // The writer thread of the first store still holds the store (and its lock) until its channel closes.
+        // The first store's writer thread holds the backend (and its lock) until it sees the
+        // store closed.
         std::thread::sleep(std::time::Duration::from_millis(100));
         let store = Store::open(FjallBackend::open(&path).unwrap(), indexer()).unwrap();
         let cat = store.read();
