@@ -1,5 +1,6 @@
 //! Benchmarks of the real `fulcrum` binary, each printed next to a peer measured in the same run
-//! on the same disk: a local etcd (Debian's etcd-server) and a plain write+fdatasync loop.
+//! on the same disk: a local etcd (Debian's etcd-server), a plain write+fdatasync loop and, for a
+//! lone client, a minimal HTTP server that makes each request durable.
 //!
 //! Run with `bench/run` (builds release binaries, installs etcd-server when missing).
 
@@ -324,6 +325,15 @@ fn fulcrum_create(url: String, prefix: &'static str) -> impl Fn(&ureq::Agent, us
     }
 }
 
+/// The same request as [`fulcrum_create`], to the minimal durable server.
+fn minimal_create(url: String) -> impl Fn(&ureq::Agent, usize) + Send + Sync {
+    move |agent, i| {
+        let body = json!({"name": format!("serial-{i}"), "servers": [{"ip": {"addr": "10.0.0.1", "type": "V4"}}]});
+        let r = agent.post(&format!("{url}/api/pool")).send_json(body).expect("minimal create");
+        assert_eq!(r.status(), 201);
+    }
+}
+
 fn etcd_put(url: String, prefix: &'static str) -> impl Fn(&ureq::Agent, usize) + Send + Sync {
     move |agent, i| {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
@@ -344,6 +354,73 @@ fn fsync_rate(count: usize) -> f64 {
         f.sync_data().unwrap();
     }
     count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The disk's pace as an HTTP client sees it: a minimal keep-alive server (no routing, no JSON,
+/// no auth) that writes each request's body in place into a zero-filled, preallocated file and
+/// fdatasyncs it before answering 201 — one round trip plus the cheapest durable write. No
+/// HTTP API that stores its writes can beat it; it shows how much of a lone client's time is
+/// the round trip itself. Returns where it listens.
+fn start_minimal_durable_server() -> (String, tempfile::TempDir) {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    const CAPACITY: u64 = 256 << 20;
+    let dir = tempfile::Builder::new().prefix("minimal-http-").tempdir_in(".").unwrap();
+    let file = std::fs::File::create(dir.path().join("log")).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for offset in (0..CAPACITY).step_by(zeros.len()) {
+        file.write_all_at(&zeros, offset).unwrap();
+    }
+    file.sync_all().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let file = Arc::new(file);
+        let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        for stream in listener.incoming() {
+            let (Ok(mut stream), file, offset) = (stream, file.clone(), offset.clone()) else { continue };
+            std::thread::spawn(move || {
+                let _ = stream.set_nodelay(true);
+                let mut buf = Vec::with_capacity(4096);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request: headers, then Content-Length bytes of body.
+                    let (head, length) = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (end + 4, length);
+                        }
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    while buf.len() < head + length {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = &buf[head..head + length];
+                    let at = offset.fetch_add(body.len() as u64, Ordering::Relaxed) % (CAPACITY - 65536);
+                    file.write_all_at(body, at).unwrap();
+                    file.sync_data().unwrap();
+                    let answer =
+                        "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    if stream.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                    buf.drain(..head + length);
+                }
+            });
+        }
+    });
+    (url, dir)
 }
 
 fn row(name: &str, fulcrum: f64, peer_name: &str, peer: f64) {
@@ -390,6 +467,9 @@ fn config(common: &Common, args: &ConfigArgs) {
     let disk = fsync_rate(2000);
     let serial = run_load(1, args.serial_creates, fulcrum_create(fulcrum.url.clone(), "serial"));
     row("durable creates, 1 client", serial, "write+fdatasync loop", disk);
+    let (minimal, _minimal_dir) = start_minimal_durable_server();
+    let floor = run_load(1, args.serial_creates, minimal_create(minimal));
+    row("durable creates, 1 client", serial, "minimal HTTP+fdatasync", floor);
     if let Some(etcd) = &etcd {
         let e = run_load(1, args.serial_creates, etcd_put(etcd.url.clone(), "serial"));
         row("durable creates, 1 client", serial, "etcd put, 1 client", e);
