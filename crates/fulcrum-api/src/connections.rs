@@ -197,6 +197,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         polled
     }
 
+    // Forwarded so that hyper writes a big answer's body from where it lies (writev) instead
+    // of copying it into its own buffer first.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -258,6 +276,18 @@ pub fn with_error_body(data: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl<S: AsyncWrite + Unpin> ErrorBodies<S> {
+    /// Takes `data` whole when it is a bodiless error answer, writing the rewritten one instead.
+    fn take_error_answer(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Option<Poll<io::Result<usize>>> {
+        if !(data.starts_with(b"HTTP/1.1 4") || data.starts_with(b"HTTP/1.1 5")) {
+            return None;
+        }
+        self.pending = with_error_body(data)?;
+        Some(match self.poll_pending(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(data.len())),
+        })
+    }
+
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending.is_empty() {
             match Pin::new(&mut self.inner).poll_write(cx, &self.pending) {
@@ -285,14 +315,33 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ErrorBodies<S> {
         if this.poll_pending(cx)?.is_pending() {
             return Poll::Pending;
         }
-        if (data.starts_with(b"HTTP/1.1 4") || data.starts_with(b"HTTP/1.1 5"))
-            && let Some(rewritten) = with_error_body(data)
-        {
-            this.pending = rewritten;
-            let _ = this.poll_pending(cx)?;
-            return Poll::Ready(Ok(data.len()));
+        if let Some(taken) = this.take_error_answer(cx, data) {
+            return taken;
         }
         Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.poll_pending(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        // A bodiless answer comes as its head alone.
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (filled.next(), filled.next())
+            && let Some(taken) = this.take_error_answer(cx, only)
+        {
+            return taken;
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -471,6 +520,24 @@ mod tests {
         assert!(with_error_body(b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}").is_none());
         assert!(with_error_body(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").is_none());
         assert!(with_error_body(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nmore").is_none());
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_pass_through_and_a_bodiless_error_head_alone_gets_its_body() {
+        let tracked = Tracked::new(Vec::new(), Activity::new());
+        assert!(tracked.is_write_vectored(), "hyper writes bodies in place only through a vectored stream");
+        let mut stream = ErrorBodies::new(tracked);
+        assert!(stream.is_write_vectored());
+        let ok = [io::IoSlice::new(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"), io::IoSlice::new(b"{}")];
+        assert_eq!(stream.write_vectored(&ok).await.unwrap(), 40);
+        let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        let written = stream.write_vectored(&[io::IoSlice::new(b""), io::IoSlice::new(hyper_431)]).await.unwrap();
+        assert_eq!(written, hyper_431.len(), "the head is taken whole");
+        stream.flush().await.unwrap();
+        let out = String::from_utf8(stream.inner.inner).unwrap();
+        let (ok_answer, error_answer) = out.split_at(40);
+        assert_eq!(ok_answer, "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}");
+        assert_eq!(error_answer.as_bytes(), with_error_body(hyper_431).unwrap());
     }
 
     #[test]
