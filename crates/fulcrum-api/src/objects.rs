@@ -985,21 +985,14 @@ fn resolve_touched(
 ) -> Result<(), ApiError> {
     use fulcrum_patch::Touch;
     for field in fulcrum_patch::touched_fields(touched) {
-        let whole = touched.iter().any(|t| matches!(t, Touch::Field(f) | Touch::Remove(f, _) if *f == field));
+        let whole = touched.iter().any(|t| matches!(t, Touch::Field(f) if *f == field));
         if whole || !object.get(&field).is_some_and(Value::is_array) {
             resolve_fields(txn, type_def, object, std::slice::from_ref(&field), tenant)?;
             continue;
         }
-        let mut entries: Vec<usize> = touched
-            .iter()
-            .filter_map(|t| match t {
-                Touch::Append(f, i) | Touch::Entry(f, i) if *f == field => Some(*i),
-                _ => None,
-            })
-            .collect();
-        entries.sort_unstable();
-        entries.dedup();
-        for i in entries {
+        // Removing entries brings no new reference: only the entries added or updated (where
+        // they are now) are resolved, so deleting one server of a big pool does not walk it.
+        for i in fulcrum_patch::entries_now(touched, &field) {
             let Some(slot) = object.get_mut(&field).and_then(|l| l.get_mut(i)) else { continue };
             let mut part = Map::new();
             part.insert(field.clone(), Value::Array(vec![std::mem::take(slot)]));

@@ -801,6 +801,27 @@ pub fn touched_fields(touched: &[Touch]) -> Vec<String> {
     out
 }
 
+/// Where the entries of list `field` that a patch appended or updated are once it is done, in
+/// order: `touched` records each index as it was at the moment of the change, so a later
+/// removal moves the entries after it up by one, and drops the entry it removes. The list
+/// must not have been touched whole (an insert in the middle is recorded as `Touch::Field`).
+pub fn entries_now(touched: &[Touch], field: &str) -> Vec<usize> {
+    let mut entries: Vec<usize> = Vec::new();
+    for t in touched {
+        match t {
+            Touch::Append(f, i) | Touch::Entry(f, i) if f == field => entries.push(*i),
+            Touch::Remove(f, removed) if f == field => {
+                entries.retain(|i| i != removed);
+                entries.iter_mut().filter(|i| **i > *removed).for_each(|i| *i -= 1);
+            }
+            _ => {}
+        }
+    }
+    entries.sort_unstable();
+    entries.dedup();
+    entries
+}
+
 /// Validates a patched object, given that it was valid before: only what the patch touched is
 /// checked again (whole fields, or the touched entries of a list plus the list's own rules: its
 /// maximum and unique keys), then the schema's object hook runs. The cost follows the size of

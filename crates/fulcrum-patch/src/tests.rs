@@ -528,3 +528,56 @@ proptest! {
         }
     }
 }
+
+/// A list change for `entries_now`'s property: append, update entry `i % len`, remove entry
+/// `i % len`.
+#[derive(Debug, Clone)]
+enum ListStep {
+    Append,
+    Update(usize),
+    Remove(usize),
+}
+
+fn list_step() -> impl Strategy<Value = ListStep> {
+    prop_oneof![
+        Just(ListStep::Append),
+        any::<usize>().prop_map(ListStep::Update),
+        any::<usize>().prop_map(ListStep::Remove)
+    ]
+}
+
+proptest! {
+    /// Replaying touches as a patch records them finds exactly the entries still present that
+    /// were appended or updated, at their final positions.
+    #[test]
+    fn entries_now_follows_removals(initial in 0usize..6, steps in proptest::collection::vec(list_step(), 0..24)) {
+        // Each entry is (id, touched).
+        let mut list: Vec<(usize, bool)> = (0..initial).map(|id| (id, false)).collect();
+        let mut touched = Vec::new();
+        let mut next_id = initial;
+        for step in steps {
+            match step {
+                ListStep::Append => {
+                    list.push((next_id, true));
+                    next_id += 1;
+                    touched.push(Touch::Append("servers".into(), list.len() - 1));
+                }
+                ListStep::Update(i) if !list.is_empty() => {
+                    let i = i % list.len();
+                    list[i].1 = true;
+                    touched.push(Touch::Entry("servers".into(), i));
+                }
+                ListStep::Remove(i) if !list.is_empty() => {
+                    let i = i % list.len();
+                    list.remove(i);
+                    touched.push(Touch::Remove("servers".into(), i));
+                }
+                _ => {}
+            }
+            // Touches of another list never count.
+            touched.push(Touch::Entry("other".into(), 0));
+        }
+        let expected: Vec<usize> = list.iter().enumerate().filter(|(_, (_, t))| *t).map(|(i, _)| i).collect();
+        prop_assert_eq!(entries_now(&touched, "servers"), expected);
+    }
+}

@@ -93,6 +93,16 @@ fn pool_health_monitor_refs() {
     // The monitor is referred to now, so it cannot be deleted.
     let tcp = api.object("/api/healthmonitor?name=System-TCP")["results"][0]["uuid"].as_str().unwrap().to_string();
     assert!(api.delete(&format!("/api/healthmonitor/{tcp}")).status >= 400);
+    // One request that appends a monitor by name, then removes the entry before it: the new
+    // entry is resolved where it ends up.
+    let rfc = api.clone().header("Content-Type", "application/json-patch+json");
+    let ops = json!([
+        {"op": "add", "path": "/health_monitor_refs/-", "value": "/api/healthmonitor?name=System-HTTP"},
+        {"op": "remove", "path": "/health_monitor_refs/0"},
+    ]);
+    let r = rfc.send("PATCH", &path, Some(ops.to_string().as_bytes()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["health_monitor_refs"], json!([format!("{}/api/healthmonitor/{hm_uuid}#System-HTTP", c.url)]));
 }
 
 #[test]
