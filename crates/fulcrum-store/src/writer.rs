@@ -3,8 +3,9 @@
 //! A write is a closure run against a [`Txn`]: a view of the catalogue plus the changes already
 //! accepted into the current batch. A round runs every pending closure, commits all accepted
 //! changes in one backend transaction (one fsync), applies them to the catalogue, and only then
-//! answers the callers. A write that finds nothing running or queued runs its round on its own
-//! thread; otherwise it queues, and the writer thread takes what is queued as the next batch.
+//! answers the callers. A write that finds nothing running or queued (and a last round that had
+//! no company) runs its round on its own thread; otherwise it queues, and the writer thread
+//! takes what is queued as the next batch.
 //! So checks (unique names, existing references) are serialised with the commit, throughput
 //! grows with the number of concurrent writers, and readers never see a change that is not yet
 //! durable.
@@ -347,6 +348,7 @@ struct Shared {
     committer: Mutex<Committer>,
 }
 
+/// The writes waiting for a round, and whether one is running.
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<Job>,
@@ -370,8 +372,16 @@ impl Shared {
     /// Runs a round starting with `first` (the caller set `busy`); returns whether jobs were
     /// queued meanwhile that it had no room for.
     fn round(&self, first: Job) -> bool {
-        let taken =
-            self.committer.lock().unwrap_or_else(|e| e.into_inner()).round(first, || self.queue().jobs.pop_front());
+        // A panic outside the writes' own closures (the backend's, say) must not leave the
+        // store busy for ever: the round's callers see `Aborted` (their answers are dropped)
+        // and the next round starts afresh.
+        let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.committer.lock().unwrap_or_else(|e| e.into_inner()).round(first, || self.queue().jobs.pop_front())
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("a commit round panicked; its writes were refused");
+            0
+        });
         let mut queue = self.queue();
         queue.busy = false;
         queue.contended = std::mem::take(&mut queue.queued_while_busy) || taken > 1;
@@ -1049,6 +1059,35 @@ mod tests {
         both.await.unwrap();
         let commits = recorder.0.lock().unwrap().clone();
         assert!(matches!(&commits.last().unwrap()[0], Change::Put(s) if s.value["n"] == 1));
+    }
+
+    /// Panics in its first commit, as a bug in a backend would.
+    #[derive(Default)]
+    struct PanicsOnce {
+        inner: MemoryBackend,
+        panicked: bool,
+    }
+
+    impl Backend for PanicsOnce {
+        fn load(&mut self) -> Result<Vec<(String, String, Value)>, StoreError> {
+            self.inner.load()
+        }
+        fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+            if !std::mem::replace(&mut self.panicked, true) {
+                panic!("a bug in a backend");
+            }
+            self.inner.commit(changes)
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panicking_commit_refuses_its_round_and_the_store_carries_on() {
+        let store = Store::open(PanicsOnce::default(), indexer()).unwrap();
+        assert!(matches!(create(&store, "p1", "a").await, Err(WriteError::Storage(StoreError::Aborted))));
+        assert!(store.read().get("pool", "p1").is_none());
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), create(&store, "p2", "b"));
+        next.await.expect("the store was left busy").unwrap();
+        assert!(store.read().get("pool", "p2").is_some());
     }
 
     #[tokio::test(flavor = "current_thread")]
