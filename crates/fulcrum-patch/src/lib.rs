@@ -555,6 +555,16 @@ impl Engine<'_, '_> {
                 }
             }
         }
+        // A kept index came from earlier patches, possibly of an earlier commit: in debug
+        // builds (every test) it is checked against the list it claims to describe.
+        debug_assert!(
+            !record
+                || self.indexes.lists.get(name).is_none_or(|kept| {
+                    let items_now = object.get(name).and_then(Value::as_array).expect("made a list above");
+                    ListIndexes::build(items_now, &key_of).as_ref() == Some(kept)
+                }),
+            "the kept index of list '{name}' agrees with the list"
+        );
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut indexed = false;
         for (i, raw) in items.iter().enumerate() {

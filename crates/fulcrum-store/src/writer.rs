@@ -76,14 +76,21 @@ impl Pending {
         self.scratch = later.scratch;
     }
 
-    fn into_change(self, kind: String, uuid: String) -> Change {
-        match (self.stored, self.edits) {
+    fn into_change(self, kind: String, uuid: String) -> (Change, Scratch) {
+        let change = match (self.stored, self.edits) {
             (Some(stored), Some(edits)) => Change::Edit { stored, edits },
             (Some(stored), None) => Change::Put(stored),
             (None, _) => Change::Delete { kind, uuid },
-        }
+        };
+        (change, self.scratch)
     }
 }
+
+/// The scratch an in-place edit left with an object, kept past its commit: it describes the
+/// committed version, and so the copy of it the next batch's first edit makes (a copy keeps the
+/// order of lists), which then need not rebuild it. Only the last round's are kept, and none
+/// for a fed catalogue (the feed, not this round, makes its versions).
+type Carried = HashMap<(String, String), (std::sync::Weak<Stored>, Scratch)>;
 
 #[derive(Default)]
 struct Overlay {
@@ -120,6 +127,7 @@ impl Overlay {
 pub struct Txn<'a> {
     base: &'a Catalogue,
     batch: &'a mut Overlay,
+    carried: &'a mut Carried,
     current: Overlay,
     indexer: &'a Indexer,
     clock: &'a mut u64,
@@ -261,7 +269,13 @@ impl Txn<'_> {
             (value, meta, Origin::Batch, pending.scratch.take())
         } else {
             let stored = self.base.get(kind, uuid)?;
-            (stored.value.clone(), stored.meta.clone(), Origin::Base, None)
+            // The scratch kept from the commit that made this version (the address names it:
+            // the weak reference keeps it from being reused).
+            let scratch = match self.carried.remove(&key) {
+                Some((of, scratch)) if std::ptr::eq(of.as_ptr(), Arc::as_ptr(stored)) => scratch,
+                _ => None,
+            };
+            (stored.value.clone(), stored.meta.clone(), Origin::Base, scratch)
         };
         let outcome = f(self, &mut value, &mut scratch);
         let rebuild = |value: Value, meta: Meta| Arc::new(Stored { kind: kind.into(), uuid: uuid.into(), value, meta });
@@ -455,6 +469,7 @@ impl Store {
             fed: applied.clone(),
             reclaim: reclaimer(),
             fill_to,
+            carried: Carried::new(),
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -619,6 +634,7 @@ struct Committer {
     fed: Option<Arc<crate::catalogue::Applied>>,
     reclaim: mpsc::Sender<Vec<Arc<Stored>>>,
     fill_to: usize,
+    carried: Carried,
 }
 
 impl Committer {
@@ -626,7 +642,7 @@ impl Committer {
     /// accepted in one backend transaction, applies it to the catalogue, then answers each.
     /// Returns how many jobs it ran.
     fn round(&mut self, first: Job, mut more: impl FnMut() -> Option<Job>) -> usize {
-        let Committer { backend, catalogue, indexer, clock, health, fed, reclaim, fill_to } = self;
+        let Committer { backend, catalogue, indexer, clock, health, fed, reclaim, fill_to, carried } = self;
         let fill_to = *fill_to;
         let mut batch = Overlay::default();
         let mut finishers = Vec::new();
@@ -640,6 +656,7 @@ impl Committer {
                 let mut txn = Txn {
                     base: &base,
                     batch: &mut batch,
+                    carried,
                     current: Overlay::default(),
                     indexer,
                     clock,
@@ -675,8 +692,8 @@ impl Committer {
         } else if batch.objects.is_empty() {
             Ok(())
         } else {
-            let changes: Vec<Change> =
-                batch.objects.into_iter().map(|((kind, uuid), pending)| pending.into_change(kind, uuid)).collect();
+            let (changes, scratches): (Vec<Change>, Vec<Scratch>) =
+                batch.objects.into_iter().map(|((kind, uuid), pending)| pending.into_change(kind, uuid)).unzip();
             let started = Instant::now();
             let outcome = backend.commit(&changes);
             COMMIT_SECONDS.observe("", started.elapsed().as_secs_f64());
@@ -706,6 +723,17 @@ impl Committer {
                         let mut cat = catalogue.write().unwrap_or_else(|e| e.into_inner());
                         changes.iter().filter_map(|c| cat.apply(c)).collect()
                     };
+                    *carried = changes
+                        .iter()
+                        .zip(scratches)
+                        .filter_map(|(change, scratch)| match (change, scratch) {
+                            (Change::Edit { stored, .. }, Some(scratch)) => Some((
+                                (stored.kind.clone(), stored.uuid.clone()),
+                                (Arc::downgrade(stored), Some(scratch)),
+                            )),
+                            _ => None,
+                        })
+                        .collect();
                     // Old versions (possibly large, possibly many) are freed by another thread,
                     // off the writer's path (waking it only when there is something to free).
                     if !replaced.is_empty() {
@@ -1059,6 +1087,41 @@ mod tests {
         both.await.unwrap();
         let commits = recorder.0.lock().unwrap().clone();
         assert!(matches!(&commits.last().unwrap()[0], Change::Put(s) if s.value["n"] == 1));
+    }
+
+    /// Sets `n` of `uuid` in place and leaves `n` as the scratch; returns the scratch it found.
+    fn bump(store: &Store, uuid: &'static str, n: u32) -> impl Future<Output = Result<Option<u32>, WriteError<()>>> {
+        store.write(move |txn| {
+            txn.edit_with_scratch("pool", uuid, |_txn, value, scratch| {
+                let found = scratch.take().and_then(|s| s.downcast::<u32>().ok()).map(|b| *b);
+                value["n"] = json!(n);
+                *scratch = Some(Box::new(n));
+                Ok((Some(vec![json!({"op": "add", "path": "/n", "value": n})]), found, false))
+            })
+            .expect("the pool exists")
+        })
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_edits_scratch_is_kept_for_the_next_batch_until_something_else_writes() {
+        let store = Store::open(MemoryBackend::default(), indexer()).unwrap();
+        create(&store, "p1", "a").await.unwrap();
+        create(&store, "p2", "b").await.unwrap();
+        assert_eq!(bump(&store, "p1", 1).await.unwrap(), None);
+        assert_eq!(bump(&store, "p1", 2).await.unwrap(), Some(1), "kept past the commit");
+        // A whole write of the object drops it.
+        store
+            .write(|txn| -> Result<(), ()> {
+                txn.put("pool", "p1", json!({"name": "a", "n": 10}));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(bump(&store, "p1", 3).await.unwrap(), None);
+        // Only the last round's are kept.
+        assert_eq!(bump(&store, "p2", 1).await.unwrap(), None);
+        assert_eq!(bump(&store, "p1", 4).await.unwrap(), None);
+        assert_eq!(store.read().get("pool", "p1").unwrap().value["n"], 4);
     }
 
     /// Panics in its first commit, as a bug in a backend would.
