@@ -856,12 +856,9 @@ pub fn validate_indexed(
             matches!(field.kind, Kind::List(_)) && touched.iter().all(|t| !matches!(t, Touch::Field(f) if *f == name));
         match (&field.kind, object.get_mut(&name)) {
             (Kind::List(spec), Some(Value::Array(items))) if entries_only => {
-                for t in touched {
-                    if let Touch::Append(f, i) | Touch::Entry(f, i) = t
-                        && *f == name
-                        && *i < items.len()
-                    {
-                        items[*i] = normalize_value(reg, &spec.item, &items[*i], &format!("{name}[{i}]"))?;
+                for i in entries_now(touched, &name) {
+                    if i < items.len() {
+                        items[i] = normalize_value(reg, &spec.item, &items[i], &format!("{name}[{i}]"))?;
                     }
                 }
                 if let Some(max) = spec.max
@@ -927,17 +924,16 @@ pub fn validate_indexed(
                 entry_key_with(&spec.key, entry, &|p| key_part(entry, p, &fallbacks).cloned()).unwrap_or_default();
             indexes.position(&name, &key) == Some(Some(i))
         };
-        for t in touched {
-            if let Touch::Append(f, i) | Touch::Entry(f, i) = t
-                && *f == name
-                && let Some(entry) = items.get(*i)
-                && !unique_by_index(*i, entry)
+        // Where the added or updated entries are now: a later removal in the same patch moved them.
+        for i in entries_now(touched, &name) {
+            if let Some(entry) = items.get(i)
+                && !unique_by_index(i, entry)
                 && let Some(j) =
-                    items.iter().enumerate().position(|(j, e)| j != *i && same_key(spec, e, entry, &fallbacks))
+                    items.iter().enumerate().position(|(j, e)| j != i && same_key(spec, e, entry, &fallbacks))
             {
                 let key =
                     entry_key_with(&spec.key, entry, &|p| key_part(entry, p, &fallbacks).cloned()).unwrap_or_default();
-                return Err(invalid(format!("field '{name}[{}]': duplicate entry {key}", i.max(&j))));
+                return Err(invalid(format!("field '{name}[{}]': duplicate entry {key}", i.max(j))));
             }
         }
     }

@@ -358,6 +358,15 @@ fn json_patch_forms_of_the_sdk_and_rfc_6902() {
     assert_eq!(p["servers"][0]["ratio"], 3);
     assert_eq!(server_addrs(&p), ["1.1.1.1:80", "1.1.1.3:80", "1.1.1.4:80"]);
     assert_eq!(p["lb_algorithm"], "LB_ALGORITHM_ROUND_ROBIN");
+    // A duplicate appended in the same request as a removal before it is still a duplicate.
+    let ops = json!([
+        {"op": "add", "path": "/servers/-", "value": server("1.1.1.4")},
+        {"op": "remove", "path": "/servers/0"},
+    ]);
+    let r = rfc.send("PATCH", &format!("/api/pool/{uuid}"), Some(ops.to_string().as_bytes()));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("duplicate"), "{}", r.body);
+    assert_eq!(server_addrs(&api.object(&format!("/api/pool/{uuid}"))), ["1.1.1.1:80", "1.1.1.3:80", "1.1.1.4:80"]);
     let too_many: Vec<Value> = (0..10_001).map(|_| json!({"op": "test", "path": "/name", "value": "jp"})).collect();
     let r = rfc.send("PATCH", &format!("/api/pool/{uuid}"), Some(Value::Array(too_many).to_string().as_bytes()));
     assert_eq!(r.status, 400);
