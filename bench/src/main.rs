@@ -385,29 +385,17 @@ fn start_minimal_durable_server() -> (String, tempfile::TempDir) {
                 let mut buf = Vec::with_capacity(4096);
                 let mut chunk = [0u8; 4096];
                 loop {
-                    // One request: headers, then Content-Length bytes of body.
-                    let (head, length) = loop {
-                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                            let length = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            break (end + 4, length);
+                    // One whole request: its head, then Content-Length bytes of body.
+                    let (body_at, end) = loop {
+                        if let Some((body_at, end)) = message_extent(&buf).filter(|(_, end)| buf.len() >= *end) {
+                            break (body_at, end);
                         }
                         match stream.read(&mut chunk) {
                             Ok(0) | Err(_) => return,
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                     };
-                    while buf.len() < head + length {
-                        match stream.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body = &buf[head..head + length];
+                    let body = &buf[body_at..end];
                     let at = offset.fetch_add(body.len() as u64, Ordering::Relaxed) % (CAPACITY - 65536);
                     file.write_all_at(body, at).unwrap();
                     file.sync_data().unwrap();
@@ -416,12 +404,25 @@ fn start_minimal_durable_server() -> (String, tempfile::TempDir) {
                     if stream.write_all(answer.as_bytes()).is_err() {
                         return;
                     }
-                    buf.drain(..head + length);
+                    buf.drain(..end);
                 }
             });
         }
     });
     (url, dir)
+}
+
+/// Where the HTTP/1.1 message `data` starts with has its body and where it ends (head plus
+/// `Content-Length` bytes), once its head is in.
+pub(crate) fn message_extent(data: &[u8]) -> Option<(usize, usize)> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    Some((end + 4, end + 4 + length))
 }
 
 fn row(name: &str, fulcrum: f64, peer_name: &str, peer: f64) {

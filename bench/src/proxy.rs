@@ -155,14 +155,7 @@ fn load(vip: SocketAddr, connections: usize, seconds: u64, proxy_pid: u32) -> Ru
 
 /// Whether `data` holds a whole response (head plus `Content-Length` body).
 fn complete(data: &[u8]) -> bool {
-    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
-    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-    let length = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    data.len() >= end + 4 + length
+    crate::message_extent(data).is_some_and(|(_, end)| data.len() >= end)
 }
 
 fn wait_answers(vip: SocketAddr) {
