@@ -112,6 +112,22 @@ impl ObjectSchema {
         self.fields.iter().find(|f| f.name == name)
     }
 
+    /// Like [`field`](Self::field), searching from position `*from` on (wrapping round) and
+    /// leaving `*from` just past the match: walking an object's keys in schema order finds each
+    /// at once.
+    pub fn field_from(&self, name: &str, from: &mut usize) -> Option<&Field> {
+        let start = (*from).min(self.fields.len());
+        let (before, after) = self.fields.split_at(start);
+        let found = after
+            .iter()
+            .position(|f| f.name == name)
+            .map(|i| start + i)
+            .or_else(|| before.iter().position(|f| f.name == name));
+        let i = found?;
+        *from = i + 1;
+        Some(&self.fields[i])
+    }
+
     pub fn read_only_fields(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.fields.iter().filter(|f| f.read_only).map(|f| f.name)
     }
