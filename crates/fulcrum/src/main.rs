@@ -9,6 +9,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// Big objects are copied and freed whole once per commit batch (a 5,000-server pool is tens of
+/// thousands of small allocations); mimalloc does that two to three times faster than glibc's
+/// malloc, which also grows its per-thread heaps a page at a time with a system call each.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "fulcrum", version, about = "A controller for load-balancer fleets, compatible with the Avi REST API")]
 struct Cli {
