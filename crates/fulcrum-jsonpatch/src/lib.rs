@@ -143,6 +143,34 @@ pub fn apply_all(doc: &mut Value, ops: &[Value]) -> Result<(), OpError> {
     Ok(())
 }
 
+/// What an edit log (one that applies) did to the entries of the list at `/<field>`: for each
+/// entry after it, `Some(i)` if it is entry `i` of the `len_before` before, untouched, `None` if
+/// the log added, replaced or changed it. `None` as a whole when the log sets the field itself
+/// or says something this cannot follow. A renderer copies the untouched entries' text.
+pub fn list_origins(ops: &[Value], field: &str, len_before: usize) -> Option<Vec<Option<usize>>> {
+    let mut origins: Vec<Option<usize>> = (0..len_before).map(Some).collect();
+    for op in ops {
+        let kind = OpKind::parse(op.get("op")?.as_str()?)?;
+        let path = parse_pointer(op.get("path")?.as_str()?).ok()?;
+        match path.as_slice() {
+            [first, ..] if first != field => {}
+            [] | [_] => return None,
+            [_, entry, inside @ ..] => {
+                let at = index(entry, origins.len(), kind == OpKind::Add && inside.is_empty())?;
+                match (kind, inside.is_empty()) {
+                    (OpKind::Test, _) => {}
+                    (OpKind::Add, true) => origins.insert(at, None),
+                    (OpKind::Remove, true) => {
+                        origins.remove(at);
+                    }
+                    (OpKind::Replace, true) | (_, false) => origins[at] = None,
+                }
+            }
+        }
+    }
+    Some(origins)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +204,27 @@ mod tests {
         assert!(apply_all(&mut doc, &[json!({"op": "replace", "path": "/x", "value": 1})]).is_err());
         assert!(apply_all(&mut doc, &[json!({"op": "remove", "path": "/a/9"})]).is_err());
         assert!(apply_all(&mut doc, &[json!({"op": "add", "path": "/a/01", "value": 1})]).is_err());
+    }
+
+    #[test]
+    fn list_origins_follow_adds_removes_and_changes() {
+        let ops = [
+            json!({"op": "add", "path": "/servers/-", "value": {}}),
+            json!({"op": "remove", "path": "/servers/0"}),
+            json!({"op": "replace", "path": "/servers/1/enabled", "value": false}),
+            json!({"op": "add", "path": "/servers/0", "value": {}}),
+            json!({"op": "replace", "path": "/description", "value": "d"}),
+            json!({"op": "replace", "path": "/servers/3", "value": {}}),
+        ];
+        // Before: a b c. After: X b c' Y', where ' marks a change.
+        assert_eq!(list_origins(&ops, "servers", 3), Some(vec![None, Some(1), None, None]));
+        assert_eq!(list_origins(&ops[4..5], "servers", 2), Some(vec![Some(0), Some(1)]));
+        assert_eq!(list_origins(&[json!({"op": "replace", "path": "/servers", "value": []})], "servers", 2), None);
+        assert_eq!(
+            list_origins(&[json!({"op": "remove", "path": "/servers/2"})], "servers", 2),
+            None,
+            "a log that does not apply"
+        );
+        assert_eq!(list_origins(&[json!({"op": "move", "from": "/a", "path": "/servers/0"})], "servers", 1), None);
     }
 }

@@ -11,7 +11,9 @@ pub mod types;
 pub mod validate;
 
 pub use model::{Field, Kind, ListKey, ListSpec, ObjectSchema, Scope, TypeDef};
-pub use render::{RenderOptions, is_hidden, object_path, object_url, render, render_json};
+pub use render::{
+    ListExtents, Previous, RenderOptions, is_hidden, object_path, object_url, render, render_json, render_json_from,
+};
 pub use types::Registry;
 pub use validate::{
     SchemaError, check_unique_keys, entry_key, entry_key_with, for_each_ref, normalize, normalize_value, rewrite_refs,

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::model::{Kind, ObjectSchema, TypeDef};
+use crate::model::{Kind, ListSpec, ObjectSchema, TypeDef};
 use crate::refs;
 use crate::types::Registry;
 
@@ -96,7 +96,7 @@ impl<'a> Writer<'a> {
             (Kind::Ref(_), Value::String(s)) => self.reference(s),
             (Kind::Obj(name), Value::Object(map)) => {
                 let schema = self.schema(name);
-                self.object(schema, map, false);
+                self.object(schema, map);
             }
             (Kind::List(spec), Value::Array(items)) => {
                 self.raw("[");
@@ -112,11 +112,18 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Writes `{...}`; at the top level the object's own fields (`url`, `tenant_ref`) and the
-    /// `fields` view apply.
-    fn object(&mut self, schema: &ObjectSchema, map: &Map<String, Value>, top: bool) {
+    /// Writes `{...}` of a nested object.
+    fn object(&mut self, schema: &ObjectSchema, map: &Map<String, Value>) {
         self.raw("{");
-        let mut first = true;
+        self.fields(schema, map, None);
+        self.raw("}");
+    }
+
+    /// Writes an object's fields, each after a comma unless it is the first written. At the top
+    /// level (`top` says whether a field has been written already) the object's own fields
+    /// (`tenant_ref`) and the `fields` view apply, and each list's entries are placed on record.
+    fn fields(&mut self, schema: &ObjectSchema, map: &Map<String, Value>, mut top: Option<&mut TopLevel<'_>>) {
+        let mut first = top.as_ref().is_none_or(|t| t.first);
         // Stored objects keep their schema's field order, so each key's field is found where
         // the search for the previous one ended.
         let mut next_field = 0;
@@ -124,7 +131,7 @@ impl<'a> Writer<'a> {
             if is_hidden(key) {
                 continue;
             }
-            if top
+            if top.is_some()
                 && let Some(fields) = self.opts.fields
                 && key != "name"
                 && key != "uuid"
@@ -145,17 +152,72 @@ impl<'a> Writer<'a> {
             first = false;
             self.string(key);
             self.raw(":");
-            match field {
-                Some(f) => self.value(&f.kind, value),
-                None if top && key == "tenant_ref" => match value {
-                    Value::String(s) => self.reference(s),
-                    other => self.json(other),
-                },
-                None => self.json(value),
+            match (field.map(|f| &f.kind), value, top.as_deref_mut()) {
+                (Some(Kind::List(spec)), Value::Array(items), Some(top)) => self.top_list(key, spec, items, top),
+                (Some(kind), _, _) => self.value(kind, value),
+                (None, Value::String(s), Some(_)) if key == "tenant_ref" => self.reference(s),
+                (None, _, _) => self.json(value),
             }
         }
-        self.raw("}");
     }
+
+    /// A top-level list, recording where each entry lies; an entry the previous rendering
+    /// already holds, unchanged, is copied from it.
+    fn top_list(&mut self, key: &str, spec: &ListSpec, items: &[Value], top: &mut TopLevel<'_>) {
+        let reused = top.previous.and_then(|p| {
+            let origins = p.origins.iter().find(|(k, _)| k == key).map(|(_, o)| o)?;
+            let before = p.extents.of(key)?;
+            let fits = origins.len() == items.len() && origins.iter().flatten().all(|&i| i < before.len());
+            fits.then_some((p.json, origins, before))
+        });
+        let mut entries = Vec::with_capacity(items.len());
+        self.raw("[");
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                self.raw(",");
+            }
+            let at = self.out.len();
+            match reused.and_then(|(json, origins, before)| Some((json, before[origins[i]?]))) {
+                Some((json, (from, to))) => self.out.extend_from_slice(&json[from as usize..to as usize]),
+                None => self.value(&spec.item, item),
+            }
+            entries.push((at as u32, self.out.len() as u32));
+        }
+        self.raw("]");
+        top.extents.0.push((key.to_string(), entries));
+    }
+}
+
+/// Where the entries of each top-level list of an object lie in its rendering (byte ranges).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListExtents(Vec<(String, Vec<(u32, u32)>)>);
+
+impl ListExtents {
+    /// Each top-level list rendered, with how many entries it had.
+    pub fn lists(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.0.iter().map(|(k, e)| (k.as_str(), e.len()))
+    }
+
+    fn of(&self, list: &str) -> Option<&[(u32, u32)]> {
+        self.0.iter().find(|(k, _)| k == list).map(|(_, e)| e.as_slice())
+    }
+}
+
+/// A rendering of the object's previous version, seen the same way (same view, same names of
+/// referenced objects), and how each top-level list's entries relate to it: for each entry now,
+/// the entry it was then if the edit left it as it was (`None`: rendered afresh). Lists not
+/// named are rendered afresh, and so is everything outside the lists.
+#[derive(Debug, Clone, Copy)]
+pub struct Previous<'a> {
+    pub json: &'a [u8],
+    pub extents: &'a ListExtents,
+    pub origins: &'a [(String, Vec<Option<usize>>)],
+}
+
+struct TopLevel<'a> {
+    first: bool,
+    previous: Option<Previous<'a>>,
+    extents: ListExtents,
 }
 
 /// Renders a stored object as JSON text. `name_of` gives the name of a referenced object
@@ -167,22 +229,31 @@ pub fn render_json(
     opts: &RenderOptions<'_>,
     name_of: &dyn Fn(&str) -> Option<String>,
 ) -> Vec<u8> {
-    let mut w = Writer { reg, opts, name_of, out: Vec::with_capacity(256), schemas: Vec::new() };
+    render_json_from(reg, type_def, stored, opts, name_of, None).0
+}
+
+/// [`render_json`], copying what `previous` (the rendering of the version this one was edited
+/// from) holds of the entries the edit did not touch, so that a small edit of a big list costs
+/// about a copy of the text, not a rendering; and where this rendering's list entries lie, for
+/// the next. The text is the same as [`render_json`]'s, byte for byte, as long as `previous`
+/// is what it says it is.
+pub fn render_json_from(
+    reg: &Registry,
+    type_def: &TypeDef,
+    stored: &Map<String, Value>,
+    opts: &RenderOptions<'_>,
+    name_of: &dyn Fn(&str) -> Option<String>,
+    previous: Option<Previous<'_>>,
+) -> (Vec<u8>, ListExtents) {
+    let capacity = previous.map_or(256, |p| p.json.len() + 256);
+    let mut w = Writer { reg, opts, name_of, out: Vec::with_capacity(capacity), schemas: Vec::new() };
     let url = object_url(type_def, stored, opts);
-    // `{"url":...` then the stored fields.
     w.raw("{\"url\":");
     w.string(&url);
-    let before_fields = w.out.len();
-    w.object(reg.schema_of(type_def), stored, true);
-    // Splice: drop the inner object's `{`, and its `}` if it wrote nothing.
-    let inner = w.out.split_off(before_fields);
-    if inner.len() > 2 {
-        w.raw(",");
-        w.out.extend_from_slice(&inner[1..]);
-    } else {
-        w.raw("}");
-    }
-    w.out
+    let mut top = TopLevel { first: false, previous, extents: ListExtents::default() };
+    w.fields(reg.schema_of(type_def), stored, Some(&mut top));
+    w.raw("}");
+    (w.out, top.extents)
 }
 
 /// Like [`render_json`], as a `Value` (for the few places that need one).

@@ -233,7 +233,7 @@ impl RedbBackend {
                 match change {
                     Change::Edit { stored, edits: ops } => {
                         let key = format!("{}/{}", stored.kind, stored.uuid);
-                        let log = serde_json::to_vec(ops).map_err(io)?;
+                        let log = serde_json::to_vec(ops.as_slice()).map_err(io)?;
                         let state = self.edit_state.get(&key).copied().unwrap_or_default();
                         if state.base_bytes > 0 && !state.should_compact(log.len() as u64) {
                             edits.insert((key.as_str(), state.next_seq), log.as_slice()).map_err(io)?;
@@ -329,7 +329,8 @@ mod tests {
                 let server = json!({"addr": format!("10.0.0.{i}"), "pad": "x".repeat(100)});
                 servers.push(server.clone());
                 let op = json!({"op": "add", "path": "/servers/-", "value": server});
-                b.commit(&[Change::Edit { stored: stored(json!({"servers": servers})), edits: vec![op] }]).unwrap();
+                b.commit(&[Change::Edit { stored: stored(json!({"servers": servers})), edits: vec![op].into() }])
+                    .unwrap();
             }
             assert_eq!(b.edit_state["pool/p1"].next_seq, 50, "small edits are logged, not rewritten");
         }
@@ -339,7 +340,8 @@ mod tests {
         // Push the log past its limit: the object is written whole and the log emptied.
         let big = "y".repeat(COMPACT_MIN_BYTES as usize);
         let op = json!({"op": "add", "path": "/big", "value": big});
-        b.commit(&[Change::Edit { stored: stored(json!({"servers": servers, "big": big})), edits: vec![op] }]).unwrap();
+        b.commit(&[Change::Edit { stored: stored(json!({"servers": servers, "big": big})), edits: vec![op].into() }])
+            .unwrap();
         assert_eq!(b.edit_state["pool/p1"].next_seq, 0);
         drop(b);
         let mut b = RedbBackend::open(&path).unwrap();

@@ -2,8 +2,8 @@
 //! (tenant, name), and who refers to whom. Reads are served from here; only the writer changes it,
 //! and only with changes that are already durable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Weak};
 
 use serde_json::Value;
 
@@ -45,7 +45,8 @@ pub enum Change {
     /// stored object into it: the backend may write the log instead of the object.
     Edit {
         stored: Arc<Stored>,
-        edits: Vec<serde_json::Value>,
+        /// Shared with the catalogue's record of recent edits (see [`Catalogue::lineage`]).
+        edits: Arc<Vec<serde_json::Value>>,
     },
     Delete {
         kind: String,
@@ -66,12 +67,42 @@ pub struct Catalogue {
     referrers: HashMap<String, BTreeSet<String>>,
     /// How many changes were applied: what was rendered from one generation holds until the next.
     generation: u64,
+    /// Moves when an object's name may have gone or changed (a rename, a removal): what was
+    /// rendered with the names of the objects it refers to holds while this stays.
+    names_generation: u64,
+    /// The last few edits applied, oldest first.
+    recent_edits: VecDeque<Lineage>,
 }
+
+/// How a version of an object came about: by an edit log applied to the version before. A
+/// renderer that kept the rendering of that version renders this one from it.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    made: Weak<Stored>,
+    /// The version the edit was applied to (weak: the record keeps no object alive, and keeps
+    /// its address from being reused while it stands).
+    pub from: Weak<Stored>,
+    pub edits: Arc<Vec<Value>>,
+}
+
+/// How many edits [`Catalogue::lineage`] remembers: it is asked right after a commit, by the
+/// answers of the writes that made it.
+const RECENT_EDITS: usize = 16;
 
 impl Catalogue {
     /// Changes so far; any change (of any object, a rename of a referenced one included) moves it.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Moves when an object's name may have gone or changed (a rename, a removal).
+    pub fn names_generation(&self) -> u64 {
+        self.names_generation
+    }
+
+    /// How `stored` came about, if it is the version a recent edit made.
+    pub fn lineage(&self, stored: &Arc<Stored>) -> Option<&Lineage> {
+        self.recent_edits.iter().rev().find(|l| std::ptr::eq(l.made.as_ptr(), Arc::as_ptr(stored)))
     }
 
     pub fn get(&self, kind: &str, uuid: &str) -> Option<&Arc<Stored>> {
@@ -110,6 +141,19 @@ impl Catalogue {
         match change {
             Change::Put(stored) | Change::Edit { stored, .. } => {
                 let old = self.remove(&stored.kind, &stored.uuid);
+                if old.as_ref().is_some_and(|old| old.meta.name != stored.meta.name) {
+                    self.names_generation += 1;
+                }
+                if let (Change::Edit { edits, .. }, Some(old)) = (change, &old) {
+                    if self.recent_edits.len() == RECENT_EDITS {
+                        self.recent_edits.pop_front();
+                    }
+                    self.recent_edits.push_back(Lineage {
+                        made: Arc::downgrade(stored),
+                        from: Arc::downgrade(old),
+                        edits: edits.clone(),
+                    });
+                }
                 let path = stored.path();
                 for target in &stored.meta.refs {
                     self.referrers.entry(target.clone()).or_default().insert(path.clone());
@@ -121,7 +165,10 @@ impl Catalogue {
                 table.objects.insert(stored.uuid.clone(), stored.clone());
                 old
             }
-            Change::Delete { kind, uuid } => self.remove(kind, uuid),
+            Change::Delete { kind, uuid } => {
+                self.names_generation += 1;
+                self.remove(kind, uuid)
+            }
         }
     }
 
@@ -135,6 +182,8 @@ impl Catalogue {
         indexer: &Indexer,
         edit: impl FnOnce(&mut Value) -> Result<(), E>,
     ) -> Option<Result<(), E>> {
+        // Not while a weak reference is held either (a recorded edit's, a kept rendering's): those
+        // name this version by its address.
         let stored = Arc::get_mut(self.tables.get_mut(kind)?.objects.get_mut(uuid)?)?;
         self.generation += 1;
         if let Err(e) = edit(&mut stored.value) {

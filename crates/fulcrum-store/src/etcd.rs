@@ -269,7 +269,7 @@ impl EtcdBackend {
             match change {
                 Change::Edit { stored, edits } => {
                     let object = format!("{}/{}", stored.kind, stored.uuid);
-                    let log = serde_json::to_vec(edits).map_err(|e| StoreError::Io(e.to_string()))?;
+                    let log = serde_json::to_vec(edits.as_slice()).map_err(|e| StoreError::Io(e.to_string()))?;
                     let state = known.get(&object).copied().unwrap_or_default();
                     let fits = log.len() <= CHUNK_BYTES && plan.final_bytes + log.len() <= TXN_BUDGET_BYTES;
                     if state.base_bytes > 0 && fits && !state.should_compact(log.len() as u64) {

@@ -89,7 +89,7 @@ impl FjallBackend {
             match change {
                 Change::Edit { stored, edits: ops } => {
                     let key = format!("{}/{}", stored.kind, stored.uuid);
-                    let log = serde_json::to_vec(ops).map_err(io)?;
+                    let log = serde_json::to_vec(ops.as_slice()).map_err(io)?;
                     let state = self.edit_state.get(&key).copied().unwrap_or_default();
                     let log_bytes = log.len() as u64;
                     if state.base_bytes > 0 && !state.should_compact(log_bytes) {
@@ -312,7 +312,7 @@ mod tests {
                 let server = json!({"addr": format!("10.0.0.{i}"), "pad": "x".repeat(100)});
                 servers.push(server.clone());
                 let op = json!({"op": "add", "path": "/servers/-", "value": server});
-                b.commit(&[Change::Edit { stored: stored("p1", json!({"servers": servers})), edits: vec![op] }])
+                b.commit(&[Change::Edit { stored: stored("p1", json!({"servers": servers})), edits: vec![op].into() }])
                     .unwrap();
             }
             assert_eq!(b.edit_state["pool/p1"].next_seq, 50, "small edits are logged, not rewritten");
@@ -330,8 +330,11 @@ mod tests {
         // Push the log past its limit: the object is written whole and the log emptied.
         let big = "y".repeat(crate::backend::COMPACT_MIN_BYTES as usize);
         let op = json!({"op": "add", "path": "/big", "value": big});
-        b.commit(&[Change::Edit { stored: stored("p1", json!({"servers": servers, "big": big})), edits: vec![op] }])
-            .unwrap();
+        b.commit(&[Change::Edit {
+            stored: stored("p1", json!({"servers": servers, "big": big})),
+            edits: vec![op].into(),
+        }])
+        .unwrap();
         assert_eq!(b.edit_state["pool/p1"].next_seq, 0);
         drop(b);
         let mut b = FjallBackend::open(&path).unwrap();
@@ -349,7 +352,8 @@ mod tests {
                 (0..2500).map(|i| Change::Put(stored(&format!("p{i}"), json!({"name": format!("p{i}")})))).collect();
             old.commit(&changes).unwrap();
             let op = json!({"op": "replace", "path": "/name", "value": "renamed"});
-            old.commit(&[Change::Edit { stored: stored("p7", json!({"name": "renamed"})), edits: vec![op] }]).unwrap();
+            old.commit(&[Change::Edit { stored: stored("p7", json!({"name": "renamed"})), edits: vec![op].into() }])
+                .unwrap();
         }
         // An interrupted earlier attempt is started over.
         std::fs::create_dir_all(target.with_extension("migrating")).unwrap();

@@ -78,7 +78,7 @@ impl Pending {
 
     fn into_change(self, kind: String, uuid: String) -> (Change, Scratch) {
         let change = match (self.stored, self.edits) {
-            (Some(stored), Some(edits)) => Change::Edit { stored, edits },
+            (Some(stored), Some(edits)) => Change::Edit { stored, edits: Arc::new(edits) },
             (Some(stored), None) => Change::Put(stored),
             (None, _) => Change::Delete { kind, uuid },
         };

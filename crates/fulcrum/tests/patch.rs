@@ -504,3 +504,70 @@ fn acknowledged_patches_survive_kill_9_whole() {
     }
     println!("{} PATCHes acknowledged before kill -9, {} applied after restart", acked.len(), present.len() / 2);
 }
+
+/// `fulcrum_shared_renders_total{outcome=...}` as the controller counts it.
+fn renders_counted(api: &Api, outcome: &str) -> u64 {
+    let text = api.get("/metrics").body;
+    let line = format!("fulcrum_shared_renders_total{{outcome=\"{outcome}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&line)).map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[test]
+fn a_big_pool_rendered_from_its_last_rendering_reads_as_a_fresh_rendering_does() {
+    let dir = temp_dir();
+    let c = start(dir.path());
+    let api = c.admin();
+    let servers: Vec<Value> = (0..300).map(|i| server(&format!("10.7.{}.{}", i / 256, i % 256))).collect();
+    let pool = create(
+        &api,
+        "pool",
+        json!({"name": "big", "servers": servers, "health_monitor_refs": ["/api/healthmonitor?name=System-HTTP"]}),
+    );
+    let path = path_of("pool", &pool);
+    let mut expected = server_addrs(&pool);
+    let rfc = api.clone().header("Content-Type", "application/json-patch+json");
+    let (mut answer, mut read) = (String::new(), String::new());
+    for i in 0..40usize {
+        let r = match i % 4 {
+            0 => api.send(
+                "PATCH",
+                &path,
+                Some(json!({"add": {"servers": [server(&format!("10.8.0.{i}"))]}}).to_string().as_bytes()),
+            ),
+            1 => {
+                let gone = expected.remove((i * 7) % expected.len());
+                let addr = gone.split(':').next().unwrap();
+                api.send("PATCH", &path, Some(json!({"delete": {"servers": [server(addr)]}}).to_string().as_bytes()))
+            }
+            2 => {
+                let ops = json!([{"op": "replace", "path": format!("/servers/{}/ratio", i % 50), "value": 1 + i % 9}]);
+                rfc.send("PATCH", &path, Some(ops.to_string().as_bytes()))
+            }
+            _ => api.send(
+                "PATCH",
+                &path,
+                Some(json!({"replace": {"description": format!("step {i}")}}).to_string().as_bytes()),
+            ),
+        };
+        assert_eq!(r.status, 200, "{}", r.body);
+        if i % 4 == 0 {
+            expected.push(format!("10.8.0.{i}:80"));
+        }
+        assert_eq!(server_addrs(&r.json()), expected, "step {i}");
+        answer = r.body;
+        read = api.get(&path).body;
+        assert_eq!(api.get(&path).body, read, "a GET shares the rendering");
+        assert_eq!(api.get(&format!("{path}?include_name")).body, answer, "the answer's view, shared");
+        assert_eq!(server_addrs(&serde_json::from_str(&read).unwrap()), expected);
+    }
+    assert!(renders_counted(&api, "from_previous") >= 40, "answers and GETs were rendered from the ones before");
+    // A restarted controller has kept no rendering: what it renders afresh is the same text
+    // (but for its address).
+    let old_url = c.url.clone();
+    c.terminate();
+    let c = start(dir.path());
+    let api = c.admin();
+    assert_eq!(api.get(&path).body, read.replace(&old_url, &c.url));
+    assert_eq!(api.get(&format!("{path}?include_name")).body, answer.replace(&old_url, &c.url));
+    assert_eq!(renders_counted(&api, "from_previous"), 0);
+}
