@@ -406,7 +406,7 @@ struct Feed {
     applied: Arc<crate::Applied>,
     /// Chunk values seen but not yet claimed by a record.
     chunks: HashMap<String, Vec<u8>>,
-    reclaim: std::sync::mpsc::Sender<Vec<Arc<Stored>>>,
+    reclaim: std::sync::mpsc::Sender<crate::writer::Garbage>,
 }
 
 impl Feed {
@@ -506,7 +506,7 @@ impl Feed {
         // An object nobody reads at this moment is edited where it lies: a small change to a
         // big object costs the change (and indexing it), not a copy. Old versions are freed off
         // the feed's path.
-        let mut replaced: Vec<Arc<Stored>> = Vec::new();
+        let mut replaced: crate::writer::Garbage = Vec::new();
         let mut cat = self.catalogue.write().unwrap_or_else(|e| e.into_inner());
         for (object, action) in actions {
             let (kind, uuid) = object.split_once('/').unwrap_or_default();
@@ -535,7 +535,7 @@ impl Feed {
                     }
                 }
             };
-            replaced.extend(cat.apply(&change));
+            replaced.extend(cat.apply(&change).map(|old| Box::new(old) as Box<dyn Send>));
         }
         drop(cat);
         let _ = self.reclaim.send(replaced);
