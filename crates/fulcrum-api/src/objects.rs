@@ -194,6 +194,9 @@ pub struct SharedRenders {
 
 const SHARED_RENDERINGS: usize = 16;
 
+/// How many edits back a rendering may be made from.
+const LINEAGE_STEPS: usize = 8;
+
 type Rendering = Arc<std::sync::OnceLock<(bytes::Bytes, ListExtents)>>;
 
 #[derive(Debug)]
@@ -218,7 +221,6 @@ impl SharedRenders {
         render: impl FnOnce(Option<Previous<'_>>) -> (Vec<u8>, ListExtents),
     ) -> bytes::Bytes {
         let (generation, names_generation) = (cat.generation(), cat.names_generation());
-        let lineage = cat.lineage(stored);
         let (cell, previous) = {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let found = entries.iter().find(|e| {
@@ -227,17 +229,28 @@ impl SharedRenders {
             match found {
                 Some(e) => (e.rendering.clone(), None),
                 None => {
-                    let previous = lineage.and_then(|l| {
-                        entries
-                            .iter()
-                            .find(|e| {
-                                std::ptr::eq(e.object.as_ptr(), l.from.as_ptr())
-                                    && e.view == view
-                                    && e.names_generation == names_generation
-                                    && e.rendering.get().is_some()
-                            })
-                            .map(|e| e.rendering.clone())
-                    });
+                    // The closest earlier version with a rendering in this view, and the edits
+                    // since: a version whose answers were all given after the next commit was
+                    // never rendered, so look past it.
+                    let mut edits: Vec<&[Value]> = Vec::new();
+                    let mut at = cat.lineage(Arc::as_ptr(stored));
+                    let mut previous = None;
+                    while let Some(l) = at
+                        && edits.len() < LINEAGE_STEPS
+                    {
+                        edits.push(&l.edits);
+                        let kept = entries.iter().find(|e| {
+                            std::ptr::eq(e.object.as_ptr(), l.from.as_ptr())
+                                && e.view == view
+                                && e.names_generation == names_generation
+                        });
+                        if let Some(e) = kept {
+                            let since: Vec<Value> = edits.iter().rev().flat_map(|e| e.iter().cloned()).collect();
+                            previous = Some((e.rendering.clone(), since));
+                            break;
+                        }
+                        at = cat.lineage(l.from.as_ptr());
+                    }
                     if entries.len() >= SHARED_RENDERINGS
                         && let Some(oldest) =
                             entries.iter().enumerate().min_by_key(|(_, e)| e.generation).map(|(i, _)| i)
@@ -258,12 +271,12 @@ impl SharedRenders {
         };
         let mut outcome = "shared";
         let (bytes, _) = cell.get_or_init(|| {
-            let before = previous.as_ref().and_then(|p| p.get()).zip(lineage);
-            let origins: Vec<(String, Vec<Option<usize>>)> = before.map_or_else(Vec::new, |((_, extents), l)| {
+            let before = previous.as_ref().and_then(|(cell, since)| Some((made_soon(cell)?, since)));
+            let origins: Vec<(String, Vec<Option<usize>>)> = before.map_or_else(Vec::new, |((_, extents), since)| {
                 extents
                     .lists()
                     .filter_map(|(list, len)| {
-                        Some((list.to_string(), fulcrum_jsonpatch::list_origins(&l.edits, list, len)?))
+                        Some((list.to_string(), fulcrum_jsonpatch::list_origins(since, list, len)?))
                     })
                     .collect()
             });
@@ -282,6 +295,20 @@ impl SharedRenders {
         SHARED_RENDERS.add(&[outcome], 1);
         bytes.clone()
     }
+}
+
+/// A rendering another answer is making: the version before's, which the answers of the last
+/// commit may still be making while this commit's arrive. Worth a short wait (copying from it
+/// takes a fraction of rendering afresh); not an unbounded one (its maker may have failed).
+fn made_soon(cell: &std::sync::OnceLock<(bytes::Bytes, ListExtents)>) -> Option<&(bytes::Bytes, ListExtents)> {
+    const TRIES: u32 = 100;
+    for _ in 0..TRIES {
+        if let Some(made) = cell.get() {
+            return Some(made);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    cell.get()
 }
 
 fn bytes_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
@@ -1198,6 +1225,20 @@ mod tests {
         // Another view has no rendering before it.
         assert_eq!(render(&cat, &v2, "another view"), fresh(&cat, &v2));
         assert_eq!(seen.borrow().last(), Some(&false));
+        // A version nobody rendered (its answers came after the next commit): the next is
+        // rendered from the one before it, through both edit logs.
+        let mut unrendered = edited.clone();
+        let skipped = [json!({"op": "remove", "path": "/servers/0"})];
+        fulcrum_jsonpatch::apply_all(&mut unrendered, &skipped).unwrap();
+        let v3 = stored(unrendered.clone());
+        cat.apply(&fulcrum_store::Change::Edit { stored: v3.clone(), edits: Arc::new(skipped.to_vec()) });
+        let next = [json!({"op": "replace", "path": "/servers/40/ratio", "value": 3})];
+        let mut edited = unrendered.clone();
+        fulcrum_jsonpatch::apply_all(&mut edited, &next).unwrap();
+        let v4 = stored(edited.clone());
+        cat.apply(&fulcrum_store::Change::Edit { stored: v4.clone(), edits: Arc::new(next.to_vec()) });
+        assert_eq!(render(&cat, &v4, "view"), fresh(&cat, &v4));
+        assert_eq!(seen.borrow().last(), Some(&true), "made from v2's rendering");
         // A referenced object renamed since: the names kept in the entries may be stale.
         put(&mut cat, &monitor("renamed"));
         let mut again = edited.clone();

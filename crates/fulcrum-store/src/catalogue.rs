@@ -100,9 +100,10 @@ impl Catalogue {
         self.names_generation
     }
 
-    /// How `stored` came about, if it is the version a recent edit made.
-    pub fn lineage(&self, stored: &Arc<Stored>) -> Option<&Lineage> {
-        self.recent_edits.iter().rev().find(|l| std::ptr::eq(l.made.as_ptr(), Arc::as_ptr(stored)))
+    /// How the version at `version` (an `Arc`'s or a `Weak`'s address) came about, if a recent
+    /// edit made it.
+    pub fn lineage(&self, version: *const Stored) -> Option<&Lineage> {
+        self.recent_edits.iter().rev().find(|l| std::ptr::eq(l.made.as_ptr(), version))
     }
 
     pub fn get(&self, kind: &str, uuid: &str) -> Option<&Arc<Stored>> {
