@@ -120,8 +120,9 @@ impl<'a> Writer<'a> {
     }
 
     /// Writes an object's fields, each after a comma unless it is the first written. At the top
-    /// level (`top` says whether a field has been written already) the object's own fields
-    /// (`tenant_ref`) and the `fields` view apply, and each list's entries are placed on record.
+    /// level (`top`: whether a field was written before, the previous rendering, the extents
+    /// found) the object's own fields (`tenant_ref`) and the `fields` view apply, and each
+    /// list's entries are placed on record.
     fn fields(&mut self, schema: &ObjectSchema, map: &Map<String, Value>, mut top: Option<&mut TopLevel<'_>>) {
         let mut first = top.as_ref().is_none_or(|t| t.first);
         // Stored objects keep their schema's field order, so each key's field is found where

@@ -281,8 +281,8 @@ impl Txn<'_> {
             (value, meta, Origin::Batch, pending.scratch.take())
         } else {
             let stored = self.base.get(kind, uuid)?;
-            // The scratch kept from the commit that made this version (the address names it:
-            // the weak reference keeps it from being reused).
+            // The scratch and the spare copy kept from the commit that made this version (the
+            // address names it: the weak reference keeps it from being reused).
             let (scratch, spare) = match self.carried.remove(&key) {
                 Some(kept) if std::ptr::eq(kept.of.as_ptr(), Arc::as_ptr(stored)) => (kept.scratch, kept.spare),
                 _ => (None, None),
