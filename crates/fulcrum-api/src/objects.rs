@@ -197,7 +197,9 @@ const SHARED_RENDERINGS: usize = 16;
 /// How many edits back a rendering may be made from.
 const LINEAGE_STEPS: usize = 8;
 
-type Rendering = Arc<std::sync::OnceLock<(bytes::Bytes, ListExtents)>>;
+/// A rendering's text and where its list entries lie in it.
+type Made = (bytes::Bytes, ListExtents);
+type Rendering = Arc<std::sync::OnceLock<Made>>;
 
 #[derive(Debug)]
 struct SharedRender {
@@ -229,28 +231,7 @@ impl SharedRenders {
             match found {
                 Some(e) => (e.rendering.clone(), None),
                 None => {
-                    // The closest earlier version with a rendering in this view, and the edits
-                    // since: a version whose answers were all given after the next commit was
-                    // never rendered, so look past it.
-                    let mut edits: Vec<&[Value]> = Vec::new();
-                    let mut at = cat.lineage(Arc::as_ptr(stored));
-                    let mut previous = None;
-                    while let Some(l) = at
-                        && edits.len() < LINEAGE_STEPS
-                    {
-                        edits.push(&l.edits);
-                        let kept = entries.iter().find(|e| {
-                            std::ptr::eq(e.object.as_ptr(), l.from.as_ptr())
-                                && e.view == view
-                                && e.names_generation == names_generation
-                        });
-                        if let Some(e) = kept {
-                            let since: Vec<Value> = edits.iter().rev().flat_map(|e| e.iter().cloned()).collect();
-                            previous = Some((e.rendering.clone(), since));
-                            break;
-                        }
-                        at = cat.lineage(l.from.as_ptr());
-                    }
+                    let previous = closest_rendered(&entries, cat, stored, &view, names_generation);
                     if entries.len() >= SHARED_RENDERINGS
                         && let Some(oldest) =
                             entries.iter().enumerate().min_by_key(|(_, e)| e.generation).map(|(i, _)| i)
@@ -297,10 +278,40 @@ impl SharedRenders {
     }
 }
 
+/// The closest earlier version of `stored` with a rendering in `view` among `entries`, and the
+/// edits since: a version whose answers were all given after the next commit was never
+/// rendered, so look past it (up to [`LINEAGE_STEPS`] edits back).
+fn closest_rendered(
+    entries: &[SharedRender],
+    cat: &Catalogue,
+    stored: &Arc<Stored>,
+    view: &str,
+    names_generation: u64,
+) -> Option<(Rendering, Vec<Value>)> {
+    let mut edits: Vec<&[Value]> = Vec::new();
+    let mut at = cat.lineage(Arc::as_ptr(stored));
+    while let Some(lineage) = at
+        && edits.len() < LINEAGE_STEPS
+    {
+        edits.push(&lineage.edits);
+        let kept = entries.iter().find(|e| {
+            std::ptr::eq(e.object.as_ptr(), lineage.from.as_ptr())
+                && e.view == view
+                && e.names_generation == names_generation
+        });
+        if let Some(e) = kept {
+            let since = edits.iter().rev().flat_map(|e| e.iter().cloned()).collect();
+            return Some((e.rendering.clone(), since));
+        }
+        at = cat.lineage(lineage.from.as_ptr());
+    }
+    None
+}
+
 /// A rendering another answer is making: the version before's, which the answers of the last
 /// commit may still be making while this commit's arrive. Worth a short wait (copying from it
 /// takes a fraction of rendering afresh); not an unbounded one (its maker may have failed).
-fn made_soon(cell: &std::sync::OnceLock<(bytes::Bytes, ListExtents)>) -> Option<&(bytes::Bytes, ListExtents)> {
+fn made_soon(cell: &std::sync::OnceLock<Made>) -> Option<&Made> {
     const TRIES: u32 = 100;
     for _ in 0..TRIES {
         if let Some(made) = cell.get() {

@@ -607,9 +607,15 @@ proptest! {
         include_name in any::<bool>(),
     ) {
         use fulcrum_schema::{Previous, RenderOptions, render_json, render_json_from};
-        let servers: Vec<(String, u16)> = seed.iter().map(|h| (format!("10.1.0.{h}"), 80)).collect();
+        // Enough servers that the list's entries are recorded (short lists are rendered whole).
+        let servers: Vec<(String, u16)> = seed
+            .iter()
+            .map(|h| (format!("10.1.0.{h}"), 80))
+            .chain((0..20).map(|h| (format!("10.2.0.{h}"), 80)))
+            .collect();
         let mut object = pool(&servers.iter().map(|(a, p)| (a.as_str(), *p)).collect::<Vec<_>>());
         object.insert("uuid".into(), json!("pool-1"));
+        let mut any_copied = false;
         object.insert("health_monitor_refs".into(), json!(["/api/healthmonitor/hm-1", "/api/healthmonitor/hm-2"]));
         let t = reg().type_def("pool").unwrap();
         let opts = RenderOptions { base_url: "https://h:1", include_name, ..Default::default() };
@@ -637,7 +643,9 @@ proptest! {
             let previous = Previous { json: &tampered, extents: &extents, origins: &origins };
             let (from_tampered, _) = render_json_from(reg(), t, &object, &opts, &names, Some(previous));
             prop_assert_eq!(from_tampered != fresh, copied);
+            any_copied |= copied;
             (json, extents) = (next, next_extents);
         }
+        prop_assert!(any_copied, "no batch left an entry to copy");
     }
 }

@@ -119,12 +119,12 @@ impl<'a> Writer<'a> {
         self.raw("}");
     }
 
-    /// Writes an object's fields, each after a comma unless it is the first written. At the top
-    /// level (`top`: whether a field was written before, the previous rendering, the extents
-    /// found) the object's own fields (`tenant_ref`) and the `fields` view apply, and each
-    /// list's entries are placed on record.
+    /// Writes an object's fields, each after a comma unless it is the first written (at the top
+    /// level, `url` is always written before them). At the top level (`top`: the previous
+    /// rendering, the extents found) the object's own fields (`tenant_ref`) and the `fields`
+    /// view apply, and each list's entries are placed on record.
     fn fields(&mut self, schema: &ObjectSchema, map: &Map<String, Value>, mut top: Option<&mut TopLevel<'_>>) {
-        let mut first = top.as_ref().is_none_or(|t| t.first);
+        let mut first = top.is_none();
         // Stored objects keep their schema's field order, so each key's field is found where
         // the search for the previous one ended.
         let mut next_field = 0;
@@ -162,16 +162,18 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// A top-level list, recording where each entry lies; an entry the previous rendering
+    /// A top-level list, recording where each entry lies if it has [`RECORDED_ENTRIES`] or
+    /// more (a short list renders faster than it is recorded); an entry the previous rendering
     /// already holds, unchanged, is copied from it.
     fn top_list(&mut self, key: &str, spec: &ListSpec, items: &[Value], top: &mut TopLevel<'_>) {
+        let record = items.len() >= RECORDED_ENTRIES;
         let reused = top.previous.and_then(|p| {
             let origins = p.origins.iter().find(|(k, _)| k == key).map(|(_, o)| o)?;
             let before = p.extents.of(key)?;
             let fits = origins.len() == items.len() && origins.iter().flatten().all(|&i| i < before.len());
             fits.then_some((p.json, origins, before))
         });
-        let mut entries = Vec::with_capacity(items.len());
+        let mut entries = Vec::with_capacity(if record { items.len() } else { 0 });
         self.raw("[");
         for (i, item) in items.iter().enumerate() {
             if i > 0 {
@@ -182,14 +184,22 @@ impl<'a> Writer<'a> {
                 Some((json, (from, to))) => self.out.extend_from_slice(&json[from as usize..to as usize]),
                 None => self.value(&spec.item, item),
             }
-            entries.push((at as u32, self.out.len() as u32));
+            if record {
+                entries.push((at as u32, self.out.len() as u32));
+            }
         }
         self.raw("]");
-        top.extents.0.push((key.to_string(), entries));
+        if record {
+            top.extents.0.push((key.to_string(), entries));
+        }
     }
 }
 
-/// Where the entries of each top-level list of an object lie in its rendering (byte ranges).
+/// How long a top-level list must be for its entries' places to be recorded.
+const RECORDED_ENTRIES: usize = 16;
+
+/// Where the entries of each long top-level list of an object lie in its rendering (byte
+/// ranges).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListExtents(Vec<(String, Vec<(u32, u32)>)>);
 
@@ -216,7 +226,6 @@ pub struct Previous<'a> {
 }
 
 struct TopLevel<'a> {
-    first: bool,
     previous: Option<Previous<'a>>,
     extents: ListExtents,
 }
@@ -251,7 +260,7 @@ pub fn render_json_from(
     let url = object_url(type_def, stored, opts);
     w.raw("{\"url\":");
     w.string(&url);
-    let mut top = TopLevel { first: false, previous, extents: ListExtents::default() };
+    let mut top = TopLevel { previous, extents: ListExtents::default() };
     w.fields(reg.schema_of(type_def), stored, Some(&mut top));
     w.raw("}");
     (w.out, top.extents)

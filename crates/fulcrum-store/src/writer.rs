@@ -738,43 +738,39 @@ impl Committer {
                 }
                 Ok(()) => {
                     let mut garbage: Garbage = Vec::new();
-                    let mut spares: HashMap<(String, String), Value> = HashMap::new();
-                    {
+                    // The version an in-place edit replaced becomes the next batch's copy, if
+                    // nobody else holds it (one per change, in order).
+                    let replaced: Vec<Option<Value>> = {
                         let mut cat = catalogue.write().unwrap_or_else(|e| e.into_inner());
-                        for (change, scratch) in changes.iter().zip(&scratches) {
-                            let old = cat.apply(change);
-                            // The version an in-place edit replaced becomes the next batch's copy,
-                            // if nobody else holds it.
-                            match (change, old) {
-                                (Change::Edit { stored, .. }, Some(old)) if scratch.is_some() => {
-                                    match Arc::try_unwrap(old) {
-                                        Ok(old) => {
-                                            spares.insert((stored.kind.clone(), stored.uuid.clone()), old.value);
-                                        }
-                                        Err(shared) => garbage.push(Box::new(shared)),
-                                    }
-                                }
-                                (_, Some(old)) => garbage.push(Box::new(old)),
-                                (_, None) => {}
-                            }
-                        }
-                    }
-                    let kept = changes.iter().zip(scratches).filter_map(|(change, scratch)| match (change, scratch) {
-                        (Change::Edit { stored, edits }, Some(scratch)) => {
-                            let key = (stored.kind.clone(), stored.uuid.clone());
-                            let spare = spares.remove(&key).and_then(|mut spare| {
-                                let replayed = fulcrum_jsonpatch::apply_all(&mut spare, edits).is_ok();
-                                debug_assert!(replayed && spare == stored.value, "the spare copy replays to {key:?}");
-                                if replayed {
-                                    Some(spare)
-                                } else {
-                                    garbage.push(Box::new(spare));
+                        let mut spare_of = |change: &Change, scratch: &Scratch| match (change, cat.apply(change)) {
+                            (Change::Edit { .. }, Some(old)) if scratch.is_some() => match Arc::try_unwrap(old) {
+                                Ok(old) => Some(old.value),
+                                Err(shared) => {
+                                    garbage.push(Box::new(shared));
                                     None
                                 }
-                            });
-                            Some((key, Kept { of: Arc::downgrade(stored), scratch: Some(scratch), spare }))
-                        }
-                        _ => None,
+                            },
+                            (_, old) => {
+                                garbage.extend(old.map(|old| Box::new(old) as Box<dyn Send>));
+                                None
+                            }
+                        };
+                        changes.iter().zip(&scratches).map(|(change, scratch)| spare_of(change, scratch)).collect()
+                    };
+                    let kept = changes.iter().zip(scratches).zip(replaced).filter_map(|((change, scratch), old)| {
+                        let (Change::Edit { stored, edits }, Some(scratch)) = (change, scratch) else { return None };
+                        let key = (stored.kind.clone(), stored.uuid.clone());
+                        let spare = old.and_then(|mut spare| {
+                            let replayed = fulcrum_jsonpatch::apply_all(&mut spare, edits).is_ok();
+                            debug_assert!(replayed && spare == stored.value, "the spare copy replays to {key:?}");
+                            if replayed {
+                                Some(spare)
+                            } else {
+                                garbage.push(Box::new(spare));
+                                None
+                            }
+                        });
+                        Some((key, Kept { of: Arc::downgrade(stored), scratch: Some(scratch), spare }))
                     });
                     let before = std::mem::replace(carried, kept.collect());
                     garbage.extend(before.into_values().filter_map(|k| k.spare).map(|v| Box::new(v) as _));
@@ -1133,14 +1129,20 @@ mod tests {
         assert!(matches!(&commits.last().unwrap()[0], Change::Put(s) if s.value["n"] == 1));
     }
 
-    /// Sets `n` of `uuid` in place and leaves `n` as the scratch; returns the scratch it found.
-    fn bump(store: &Store, uuid: &'static str, n: u32) -> impl Future<Output = Result<Option<u32>, WriteError<()>>> {
+    /// Sets `n` of `uuid` in place and leaves `n` as the scratch; returns the scratch it found,
+    /// and where the copy it was given keeps its name (which copy it was).
+    fn bump(
+        store: &Store,
+        uuid: &'static str,
+        n: u32,
+    ) -> impl Future<Output = Result<(Option<u32>, usize), WriteError<()>>> {
         store.write(move |txn| {
             txn.edit_with_scratch("pool", uuid, |_txn, value, scratch| {
                 let found = scratch.take().and_then(|s| s.downcast::<u32>().ok()).map(|b| *b);
+                let copy = value["name"].as_str().unwrap().as_ptr() as usize;
                 value["n"] = json!(n);
                 *scratch = Some(Box::new(n));
-                Ok((Some(vec![json!({"op": "add", "path": "/n", "value": n})]), found, false))
+                Ok((Some(vec![json!({"op": "add", "path": "/n", "value": n})]), (found, copy), false))
             })
             .expect("the pool exists")
         })
@@ -1151,8 +1153,8 @@ mod tests {
         let store = Store::open(MemoryBackend::default(), indexer()).unwrap();
         create(&store, "p1", "a").await.unwrap();
         create(&store, "p2", "b").await.unwrap();
-        assert_eq!(bump(&store, "p1", 1).await.unwrap(), None);
-        assert_eq!(bump(&store, "p1", 2).await.unwrap(), Some(1), "kept past the commit");
+        assert_eq!(bump(&store, "p1", 1).await.unwrap().0, None);
+        assert_eq!(bump(&store, "p1", 2).await.unwrap().0, Some(1), "kept past the commit");
         // A whole write of the object drops it.
         store
             .write(|txn| -> Result<(), ()> {
@@ -1161,24 +1163,11 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(bump(&store, "p1", 3).await.unwrap(), None);
+        assert_eq!(bump(&store, "p1", 3).await.unwrap().0, None);
         // Only the last round's are kept.
-        assert_eq!(bump(&store, "p2", 1).await.unwrap(), None);
-        assert_eq!(bump(&store, "p1", 4).await.unwrap(), None);
+        assert_eq!(bump(&store, "p2", 1).await.unwrap().0, None);
+        assert_eq!(bump(&store, "p1", 4).await.unwrap().0, None);
         assert_eq!(store.read().get("pool", "p1").unwrap().value["n"], 4);
-    }
-
-    /// An in-place edit that says where the list of the copy it was given lies.
-    fn edit_noting_copy(store: &Store, n: u32) -> impl Future<Output = Result<usize, WriteError<()>>> {
-        store.write(move |txn| {
-            txn.edit_with_scratch("pool", "p1", |_txn, value, scratch| {
-                let copy = value["servers"].as_array().unwrap().as_ptr() as usize;
-                value["n"] = json!(n);
-                *scratch = Some(Box::new(()));
-                Ok((Some(vec![json!({"op": "add", "path": "/n", "value": n})]), copy, false))
-            })
-            .expect("the pool exists")
-        })
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -1191,19 +1180,19 @@ mod tests {
             })
             .await
             .unwrap();
-        let list_of = |store: &Store| {
-            store.read().get("pool", "p1").unwrap().value["servers"].as_array().unwrap().as_ptr() as usize
-        };
-        let first = list_of(&store);
-        let a = edit_noting_copy(&store, 1).await.unwrap();
+        let copy = async |n| bump(&store, "p1", n).await.unwrap().1;
+        let name_of =
+            |store: &Store| store.read().get("pool", "p1").unwrap().value["name"].as_str().unwrap().as_ptr() as usize;
+        let first = name_of(&store);
+        let a = copy(1).await;
         assert_ne!(a, first, "the first edit copies");
-        assert_eq!(edit_noting_copy(&store, 2).await.unwrap(), first, "the version edit 1 replaced");
-        assert_eq!(edit_noting_copy(&store, 3).await.unwrap(), a, "the version edit 2 replaced");
+        assert_eq!(copy(2).await, first, "the version edit 1 replaced");
+        assert_eq!(copy(3).await, a, "the version edit 2 replaced");
         assert_eq!(store.read().get("pool", "p1").unwrap().value, json!({"name": "a", "servers": [1, 2, 3], "n": 3}));
         // A version somebody still holds when it is replaced is theirs: the edit after copies.
         let held = store.read().get("pool", "p1").cloned().unwrap();
-        assert_eq!(edit_noting_copy(&store, 4).await.unwrap(), first);
-        let fresh = edit_noting_copy(&store, 5).await.unwrap();
+        assert_eq!(copy(4).await, first);
+        let fresh = copy(5).await;
         assert!(fresh != first && fresh != a, "a fresh copy");
         assert_eq!(held.value["n"], 3);
         assert_eq!(store.read().get("pool", "p1").unwrap().value["n"], 5);
@@ -1215,8 +1204,8 @@ mod tests {
             })
             .await
             .unwrap();
-        let whole = list_of(&store);
-        assert_ne!(edit_noting_copy(&store, 6).await.unwrap(), whole);
+        let whole = name_of(&store);
+        assert_ne!(copy(6).await, whole);
         assert_eq!(store.read().get("pool", "p1").unwrap().value, json!({"name": "a", "servers": [9], "n": 6}));
     }
 
