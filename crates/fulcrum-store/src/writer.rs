@@ -1024,6 +1024,13 @@ mod tests {
         // The round after a busy one goes through the writer thread; once a round had no
         // company, a lone write commits on its caller's thread again.
         write_from("later-caller", 11).join().unwrap().unwrap();
+        // A round answers its writes before it marks the store idle: wait for that, so the next
+        // write finds no round running.
+        let idle_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.shared.queue().busy {
+            assert!(std::time::Instant::now() < idle_by, "the writer thread's round did not end");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         write_from("last-caller", 12).join().unwrap().unwrap();
         let commits = log.lock().unwrap().clone();
         let tail: Vec<_> = commits.iter().rev().take(2).rev().cloned().collect();
