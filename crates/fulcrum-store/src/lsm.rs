@@ -342,6 +342,49 @@ mod tests {
         assert_eq!(b.db.get().unwrap().edits.iter().count(), 0);
     }
 
+    /// The active journal's allocated bytes and where its data ends (its last byte that is not
+    /// zero, plus one).
+    fn active_journal(store: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let journal = std::fs::read_dir(store)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+            .max_by_key(|p| p.file_stem().unwrap().to_str().unwrap().parse::<u64>().unwrap())
+            .unwrap();
+        let bytes = std::fs::read(&journal).unwrap();
+        let data_end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1);
+        (std::fs::metadata(&journal).unwrap().blocks() * 512, data_end)
+    }
+
+    /// A commit overwrites zeros already written: no block to allocate, no size to change, so its
+    /// `fdatasync` writes the data alone. This holds for a journal reopened after recovery too
+    /// (which fjall itself would append to), and what every session wrote is there after each.
+    #[test]
+    fn commits_overwrite_zeros_written_ahead_also_in_a_reopened_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let pad = "x".repeat(2000);
+        for session in 0..3 {
+            let mut b = FjallBackend::open(&path).unwrap();
+            assert_eq!(b.load().unwrap().len(), session * 300, "what the sessions before wrote is there");
+            for i in 0..300 {
+                let uuid = format!("s{session}-{i}");
+                b.commit(&[Change::Put(stored(&uuid, json!({"name": uuid, "pad": pad})))]).unwrap();
+            }
+            let (allocated, data_end) = active_journal(&path);
+            assert!(data_end > 300 * 2000, "session {session}: the journal holds this session's commits");
+            assert!(
+                allocated >= data_end + (256 << 10),
+                "session {session}: {allocated} bytes allocated, data up to {data_end}: no zeros written ahead"
+            );
+        }
+        let mut b = FjallBackend::open(&path).unwrap();
+        let loaded = b.load().unwrap();
+        assert_eq!(loaded.len(), 900);
+        assert!(loaded.iter().all(|(_, uuid, v)| v["name"] == uuid.as_str() && v["pad"] == pad.as_str()));
+    }
+
     #[test]
     fn a_redb_store_is_moved_once_and_whole() {
         let dir = tempfile::tempdir().unwrap();

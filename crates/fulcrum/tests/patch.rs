@@ -445,64 +445,77 @@ fn patched_objects_are_the_same_after_a_restart() {
 }
 
 /// 2,000 PATCHes from 16 clients, `kill -9` in the middle: every acknowledged PATCH is visible
-/// after the restart, and none is half-applied (each adds two servers at once).
+/// after the restart, and none is half-applied (each adds two servers at once). Twice: the
+/// second load writes into the journal the first start recovered.
 #[test]
 fn acknowledged_patches_survive_kill_9_whole() {
     const CLIENTS: usize = 16;
     const TOTAL: usize = 2000;
     let dir = temp_dir();
-    let c = start(dir.path());
+    let mut c = start(dir.path());
     let api = c.admin();
     let pools: Vec<String> =
         (0..4).map(|i| path_of("pool", &create(&api, "pool", json!({"name": format!("crash-{i}")})))).collect();
-    let next = Arc::new(AtomicUsize::new(0));
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let workers: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (api, next, acked, pools) = (api.clone(), next.clone(), acked.clone(), pools.clone());
-            std::thread::spawn(move || {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= TOTAL {
-                        return;
+    for round in 0..2 {
+        let api = c.admin();
+        let next = Arc::new(AtomicUsize::new(round * TOTAL));
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (api, next, acked, pools) = (api.clone(), next.clone(), acked.clone(), pools.clone());
+                std::thread::spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= (round + 1) * TOTAL {
+                            return;
+                        }
+                        let body = json!({"add": {"servers": [server(&first_of(i)), server(&second_of(i))]}});
+                        match api.try_send("PATCH", &pools[i % pools.len()], &body) {
+                            Ok(r) if r.status == 200 => acked.lock().unwrap().push(i),
+                            Ok(r) => panic!("unexpected {}: {}", r.status, r.body),
+                            Err(_) => return,
+                        }
                     }
-                    let pair = [
-                        server(&format!("10.{}.{}.1", i / 256, i % 256)),
-                        server(&format!("10.{}.{}.2", i / 256, i % 256)),
-                    ];
-                    let body = json!({"add": {"servers": pair}});
-                    match api.try_send("PATCH", &pools[i % pools.len()], &body) {
-                        Ok(r) if r.status == 200 => acked.lock().unwrap().push(i),
-                        Ok(r) => panic!("unexpected {}: {}", r.status, r.body),
-                        Err(_) => return,
-                    }
-                }
+                })
             })
-        })
-        .collect();
-    while acked.lock().unwrap().len() < TOTAL / 2 {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    c.kill9();
-    workers.into_iter().for_each(|w| w.join().unwrap());
-    let acked = acked.lock().unwrap().clone();
-    let c = start(dir.path());
-    let api = c.admin();
-    let mut present = HashSet::new();
-    for path in &pools {
-        for s in server_addrs(&api.object(path)) {
-            present.insert(s);
+            .collect();
+        while acked.lock().unwrap().len() < round * TOTAL / 2 + TOTAL / 2 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-    }
-    for i in 0..TOTAL {
-        let a = present.contains(&format!("10.{}.{}.1:80", i / 256, i % 256));
-        let b = present.contains(&format!("10.{}.{}.2:80", i / 256, i % 256));
-        assert_eq!(a, b, "PATCH {i} is half-applied");
-        if acked.contains(&i) {
-            assert!(a, "acknowledged PATCH {i} is lost");
+        c.kill9();
+        workers.into_iter().for_each(|w| w.join().unwrap());
+        c = start(dir.path());
+        let api = c.admin();
+        let acked = acked.lock().unwrap().clone();
+        let mut present = HashSet::new();
+        for path in &pools {
+            for s in server_addrs(&api.object(path)) {
+                present.insert(s);
+            }
         }
+        for i in 0..(round + 1) * TOTAL {
+            let a = present.contains(&format!("{}:80", first_of(i)));
+            let b = present.contains(&format!("{}:80", second_of(i)));
+            assert_eq!(a, b, "PATCH {i} is half-applied");
+            if acked.contains(&i) {
+                assert!(a, "acknowledged PATCH {i} is lost (round {round})");
+            }
+        }
+        println!(
+            "round {round}: {} PATCHes acknowledged before kill -9, {} applied after restart",
+            acked.len(),
+            present.len() / 2
+        );
     }
-    println!("{} PATCHes acknowledged before kill -9, {} applied after restart", acked.len(), present.len() / 2);
+}
+
+/// The two servers PATCH `i` of [`acknowledged_patches_survive_kill_9_whole`] adds.
+fn first_of(i: usize) -> String {
+    format!("10.{}.{}.1", i / 256, i % 256)
+}
+
+fn second_of(i: usize) -> String {
+    format!("10.{}.{}.2", i / 256, i % 256)
 }
 
 /// `fulcrum_shared_renders_total{outcome=...}` as the controller counts it.
