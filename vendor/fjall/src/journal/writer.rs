@@ -441,9 +441,13 @@ impl Writer {
 }
 
 /// Writes `len` zero bytes at `from`; returns where they end.
+///
+/// A page at a time: a larger write makes the page cache hold the range in large folios, and
+/// each small commit into one then counts as a whole folio written in the process's I/O
+/// accounting (`/proc/PID/io`), though the disk is sent only the blocks the commit dirtied.
 fn zero(file: &File, from: u64, len: u64) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
-    const CHUNK: [u8; 64 * 1_024] = [0; 64 * 1_024];
+    const CHUNK: [u8; 4 * 1_024] = [0; 4 * 1_024];
     let mut at = from;
     while at < from + len {
         let n = (from + len - at).min(CHUNK.len() as u64) as usize;
