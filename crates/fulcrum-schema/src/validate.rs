@@ -53,7 +53,9 @@ fn normalize_object(
     let Value::Object(input) = input else {
         return Err(err(&at.to_string(), format!("expected an object, got {}", type_name(input))));
     };
-    let mut out = Map::new();
+    // Sized once: grown by doubling, a pool's map would hold room for twice its fields, and an
+    // object is kept in memory as long as it exists.
+    let mut out = Map::with_capacity(schema.fields.len());
     for field in &schema.fields {
         let path = At::Field(&at, field.name);
         match input.get(field.name) {
