@@ -43,6 +43,9 @@ pub struct Writer {
 
     /// Where the written zeros (or data) ahead of `write_pos` end.
     zeroed_until: u64,
+
+    /// Whether the last attempt to write zeros ahead failed (and was logged).
+    zeros_refused: bool,
 }
 
 /// The persist mode allows setting the durability guarantee of previous writes
@@ -150,9 +153,7 @@ impl Writer {
             );
         })?;
 
-        let zeroed_until = zero(&file, 0, ZEROED_AHEAD_BYTES).inspect_err(|e| {
-            log::error!("Failed to zero journal file at {}: {e:?}", path.display());
-        })?;
+        let zeroed_until = zero_or_warn(&file, 0, ZEROED_AHEAD_BYTES, &path).unwrap_or(0);
 
         file.sync_all().inspect_err(|e| {
             log::error!("Failed to fsync journal file at {}: {e:?}", path.display());
@@ -167,6 +168,7 @@ impl Writer {
             compression_threshold: 0,
             write_pos: Some(0),
             zeroed_until,
+            zeros_refused: false,
         })
     }
 
@@ -189,9 +191,7 @@ impl Writer {
                 );
             })?;
 
-            let zeroed_until = zero(&file, 0, ZEROED_AHEAD_BYTES).inspect_err(|e| {
-                log::error!("Failed to zero journal file at {}: {e:?}", path.display());
-            })?;
+            let zeroed_until = zero_or_warn(&file, 0, ZEROED_AHEAD_BYTES, path).unwrap_or(0);
 
             file.sync_all().inspect_err(|e| {
                 log::error!("Failed to fsync journal file at {}: {e:?}", path.display());
@@ -206,6 +206,7 @@ impl Writer {
                 compression_threshold: 0,
                 write_pos: Some(0),
                 zeroed_until,
+                zeros_refused: false,
             });
         }
 
@@ -226,6 +227,7 @@ impl Writer {
             compression_threshold: 0,
             write_pos: None,
             zeroed_until: 0,
+            zeros_refused: false,
         })
     }
 
@@ -241,16 +243,29 @@ impl Writer {
     }
 
     /// Keeps at least half of [`ZEROED_AHEAD_BYTES`] of written zeros ahead of the write
-    /// position. Never writes below the position, so it cannot touch a batch.
-    fn zero_ahead(&mut self) -> std::io::Result<()> {
+    /// position. Never writes below the position, so it cannot touch a batch. The zeros only
+    /// make commits cheaper: when they cannot be written (a full disk), commits go on into
+    /// holes as they would without them, and the zeros are tried again at the next one.
+    fn zero_ahead(&mut self) {
         let Some(pos) = self.write_pos else {
-            return Ok(());
+            return;
         };
         if self.zeroed_until.saturating_sub(pos) < ZEROED_AHEAD_BYTES / 2 {
             let from = self.zeroed_until.max(pos);
-            self.zeroed_until = zero(self.file.get_ref(), from, pos + ZEROED_AHEAD_BYTES - from)?;
+            let len = pos + ZEROED_AHEAD_BYTES - from;
+            match zero(self.file.get_ref(), from, len) {
+                Ok(end) => {
+                    self.zeroed_until = end;
+                    self.zeros_refused = false;
+                }
+                // Said once, not at every commit while the disk stays full.
+                Err(e) if !self.zeros_refused => {
+                    self.zeros_refused = true;
+                    log::warn!("Failed to write zeros ahead in journal file at {}: {e:?}", self.path.display());
+                }
+                Err(_) => {}
+            }
         }
-        Ok(())
     }
 
     /// Persists the journal file.
@@ -271,7 +286,7 @@ impl Writer {
             if self.write_pos.is_some() {
                 self.write_pos = Some(self.file.get_mut().stream_position()?);
             }
-            self.zero_ahead()?;
+            self.zero_ahead();
         }
 
         match mode {
@@ -438,6 +453,13 @@ impl Writer {
 
         Ok(byte_count)
     }
+}
+
+/// [`zero`], logging a failure instead of returning it.
+fn zero_or_warn(file: &File, from: u64, len: u64, path: &Path) -> Option<u64> {
+    zero(file, from, len)
+        .inspect_err(|e| log::warn!("Failed to write zeros ahead in journal file at {}: {e:?}", path.display()))
+        .ok()
 }
 
 /// Writes `len` zero bytes at `from`; returns where they end.
