@@ -295,7 +295,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
                 ended.request_ended();
                 response
             });
-        let service = hyper_util::service::TowerToHyperService::new(service);
+        let service = hyper_util::service::TowerToHyperService::new(tower::service_fn(move |req| {
+            handled_in_own_task(service.clone().oneshot(req))
+        }));
         let served = Served {
             builder: builder.clone(),
             activity,
@@ -342,6 +344,35 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         tracing::warn!(open = connections.open(), "connections still open after 10 s; closing");
     }
     Ok(())
+}
+
+/// Runs a request's handling as a task of its own, which the connection's task awaits.
+///
+/// Handled inside the connection's task, a request that reads a body wakes that very task
+/// (hyper's body channel wakes its sender, the connection), and tokio takes a task woken
+/// while it runs for one that yielded: it queues it and wakes the other worker to take it,
+/// so every such request crossed to the other core and woke it. Between two tasks the wake
+/// is an ordinary one, which the worker keeps for itself. Dropped (the client went away), it
+/// aborts the handling, as dropping the handling itself did; a panic in it answers 500.
+async fn handled_in_own_task<F>(handling: F) -> Result<axum::response::Response, std::convert::Infallible>
+where
+    F: std::future::Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send + 'static,
+{
+    struct AbortOnDrop(tokio::task::JoinHandle<Result<axum::response::Response, std::convert::Infallible>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(tokio::spawn(handling));
+    match (&mut task.0).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            use axum::response::IntoResponse;
+            tracing::error!(error = %e, "a request's handling failed");
+            Ok(crate::error::ApiError::internal("the request's handling failed").into_response())
+        }
+    }
 }
 
 /// Keeps what this cluster node says of itself current for the others: its host (for the
@@ -415,5 +446,59 @@ impl Served {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::{IntoResponse, Response};
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test]
+    async fn a_handling_runs_to_its_answer_and_a_panic_in_it_answers_500() {
+        let answer = handled_in_own_task(async {
+            Ok::<_, Infallible>((axum::http::StatusCode::CREATED, "made").into_response())
+        });
+        assert_eq!(answer.await.unwrap().status(), axum::http::StatusCode::CREATED);
+        let boom = handled_in_own_task(async {
+            if true {
+                panic!("a bug in a handler");
+            }
+            Ok::<Response, Infallible>(().into_response())
+        });
+        assert_eq!(boom.await.unwrap().status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[tokio::test]
+    async fn a_handling_whose_connection_went_away_is_stopped() {
+        struct Dropped(Arc<AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let (dropped, started) = (Arc::new(AtomicBool::new(false)), Arc::new(tokio::sync::Notify::new()));
+        let handling = {
+            let (guard, started) = (Dropped(dropped.clone()), started.clone());
+            async move {
+                let _guard = guard;
+                started.notify_one();
+                std::future::pending::<()>().await;
+                Ok::<Response, Infallible>(().into_response())
+            }
+        };
+        let outer = tokio::spawn(handled_in_own_task(handling));
+        started.notified().await;
+        outer.abort();
+        let _ = outer.await;
+        for _ in 0..100 {
+            if dropped.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the handling went on after its connection's task was dropped");
     }
 }

@@ -233,7 +233,8 @@ impl Drop for SmallDisk {
 
 /// `len` letters that depend on `seed` and do not repeat in any way a compressor could use.
 fn incompressible(seed: &str, len: usize) -> String {
-    let mut state = seed.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let mut state =
+        seed.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     (0..len)
         .map(|_| {
             state ^= state << 13;
