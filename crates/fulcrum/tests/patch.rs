@@ -479,7 +479,9 @@ fn acknowledged_patches_survive_kill_9_whole() {
                 })
             })
             .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while acked.lock().unwrap().len() < round * TOTAL / 2 + TOTAL / 2 {
+            assert!(std::time::Instant::now() < deadline, "round {round}: half the PATCHes not acknowledged in 120 s");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         c.kill9();
