@@ -346,6 +346,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     Ok(())
 }
 
+/// What the router's service answers a request with.
+type Answer = Result<axum::response::Response, std::convert::Infallible>;
+
 /// Runs a request's handling as a task of its own, which the connection's task awaits.
 ///
 /// Handled inside the connection's task, a request that reads a body wakes that very task
@@ -354,11 +357,11 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
 /// so every such request crossed to the other core and woke it. Between two tasks the wake
 /// is an ordinary one, which the worker keeps for itself. Dropped (the client went away), it
 /// aborts the handling, as dropping the handling itself did; a panic in it answers 500.
-async fn handled_in_own_task<F>(handling: F) -> Result<axum::response::Response, std::convert::Infallible>
+async fn handled_in_own_task<F>(handling: F) -> Answer
 where
-    F: std::future::Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send + 'static,
+    F: std::future::Future<Output = Answer> + Send + 'static,
 {
-    struct AbortOnDrop(tokio::task::JoinHandle<Result<axum::response::Response, std::convert::Infallible>>);
+    struct AbortOnDrop(tokio::task::JoinHandle<Answer>);
     impl Drop for AbortOnDrop {
         fn drop(&mut self) {
             self.0.abort();

@@ -231,20 +231,6 @@ impl Drop for SmallDisk {
     }
 }
 
-/// `len` letters that depend on `seed` and do not repeat in any way a compressor could use.
-fn incompressible(seed: &str, len: usize) -> String {
-    let mut state =
-        seed.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            char::from(b'a' + (state % 26) as u8)
-        })
-        .collect()
-}
-
 #[test]
 fn a_full_disk_is_survived_and_recovered_from_without_a_restart() {
     let Some(disk) = SmallDisk::mount("24m") else {
@@ -257,7 +243,7 @@ fn a_full_disk_is_survived_and_recovered_from_without_a_restart() {
     // 20 KB each, and not compressible (the journal compresses large values): the journal keeps
     // up to 1.5 MiB of zeros written ahead, room the store goes on using once the disk is full,
     // and 200 of these outgrow it.
-    let pool = |name: &str| json!({"name": name, "description": incompressible(name, 20_000)});
+    let pool = |name: &str| json!({"name": name, "description": fulcrum_api::auth::random_token(20_000)});
     assert_eq!(api.post("/api/pool", &pool("before")).status, 201);
     // Fill the disk.
     let filler = disk.0.join("filler");

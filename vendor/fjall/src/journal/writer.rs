@@ -41,7 +41,8 @@ pub struct Writer {
     /// its first write: recovery truncates the file after the writer has opened it.
     write_pos: Option<u64>,
 
-    /// Where the written zeros (or data) ahead of `write_pos` end.
+    /// Where the written zeros (or data) ahead of `write_pos` end. A new journal has none yet:
+    /// its first commit writes them, after its batch.
     zeroed_until: u64,
 
     /// Whether the last attempt to write zeros ahead failed (and was logged).
@@ -153,8 +154,6 @@ impl Writer {
             );
         })?;
 
-        let zeroed_until = zero_or_warn(&file, 0, ZEROED_AHEAD_BYTES, &path).unwrap_or(0);
-
         file.sync_all().inspect_err(|e| {
             log::error!("Failed to fsync journal file at {}: {e:?}", path.display());
         })?;
@@ -167,7 +166,7 @@ impl Writer {
             compression: CompressionType::None,
             compression_threshold: 0,
             write_pos: Some(0),
-            zeroed_until,
+            zeroed_until: 0,
             zeros_refused: false,
         })
     }
@@ -191,8 +190,6 @@ impl Writer {
                 );
             })?;
 
-            let zeroed_until = zero_or_warn(&file, 0, ZEROED_AHEAD_BYTES, path).unwrap_or(0);
-
             file.sync_all().inspect_err(|e| {
                 log::error!("Failed to fsync journal file at {}: {e:?}", path.display());
             })?;
@@ -205,7 +202,7 @@ impl Writer {
                 compression: CompressionType::None,
                 compression_threshold: 0,
                 write_pos: Some(0),
-                zeroed_until,
+                zeroed_until: 0,
                 zeros_refused: false,
             });
         }
@@ -453,13 +450,6 @@ impl Writer {
 
         Ok(byte_count)
     }
-}
-
-/// [`zero`], logging a failure instead of returning it.
-fn zero_or_warn(file: &File, from: u64, len: u64, path: &Path) -> Option<u64> {
-    zero(file, from, len)
-        .inspect_err(|e| log::warn!("Failed to write zeros ahead in journal file at {}: {e:?}", path.display()))
-        .ok()
 }
 
 /// Writes `len` zero bytes at `from`; returns where they end.
